@@ -1,0 +1,524 @@
+"""Time samplers, time shifts and sampling grids.
+
+Convention: ``t = 0`` is data, ``t = 1`` is noise, ``z_t = (1 - t) x + t eps``.
+
+Training draws times from a *sampler*: a callable
+``sampler(batch_size, *, device=None, dtype=torch.float32, generator=None) -> (B,)``.
+The samplers here are small frozen dataclasses (so they compare, print and pickle):
+
+- :class:`UniformTime` and :class:`LogitNormalTime` (``t = sigmoid(n)``, ``n ~ N(mean, std)``;
+  SD3, Esser et al., arXiv 2403.03206, sec. 3.1);
+- :class:`ShiftedTime` applies the static shift :func:`shift_time` (SD3, eq. 23);
+- :class:`ResolutionShiftedTime` applies the resolution-dependent shift
+  :func:`exponential_shift` with a ``mu`` from :func:`resolution_shift_mu` (as FLUX.1 does);
+- :class:`TimePairSampler` draws the ``(r, t)`` pairs of MeanFlow (Geng et al., arXiv 2505.13447,
+  sec. 4.3 and Table 1: logit-normal(-0.4, 1.0) with 25% of the pairs ``r != t``).
+
+Both shifts are the same map in logit space: ``logit(shift_time(t, s)) = logit(t) + log(s)``
+and ``exponential_shift(t, mu) = shift_time(t, exp(mu))``; a shift above 1 (``mu > 0``) moves
+time towards the noise end.
+
+Few-step samplers run along a decreasing grid from exactly 1 to exactly 0:
+:func:`uniform_grid` and :func:`shifted_grid`.
+
+Draws and time coefficients are computed in fp32 at least (fp64 stays fp64) and cast to the
+requested dtype at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from mfcore._checks import check_positive_int, check_tensor, compute_dtype
+
+__all__ = [
+    "TimeSampler",
+    "UniformTime",
+    "LogitNormalTime",
+    "ShiftedTime",
+    "ResolutionShiftedTime",
+    "TimePairSampler",
+    "shift_time",
+    "exponential_shift",
+    "resolution_shift_mu",
+    "uniform_grid",
+    "shifted_grid",
+]
+
+DeviceLike = str | torch.device | None
+
+
+@runtime_checkable
+class TimeSampler(Protocol):
+    """A sampler of times in ``[0, 1]``.
+
+    Args:
+        batch_size: number of times ``B`` to draw.
+        device: device of the result (default: torch's default device).
+        dtype: floating dtype of the result.
+        generator: optional :class:`torch.Generator` on ``device``, for reproducible draws.
+
+    Returns:
+        times ``(B,)`` in ``[0, 1]``.
+    """
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> Tensor: ...
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_real(name: str, x: object, *, positive: bool = False) -> float:
+    """Raise unless ``x`` is a finite real number (``> 0`` when ``positive``)."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if positive and x <= 0:
+        raise ValueError(f"{name} must be > 0, got {x}")
+    return x
+
+
+def _check_dtype(dtype: object) -> torch.dtype:
+    """Raise unless ``dtype`` is a floating-point torch dtype."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    return dtype
+
+
+def _check_device(device: object) -> torch.device:
+    """Resolve ``device`` (``None`` means torch's default device)."""
+    if device is None:
+        return torch.get_default_device()
+    if not isinstance(device, str | torch.device):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a valid torch device") from err
+
+
+def _check_generator(generator: object, device: torch.device) -> torch.Generator | None:
+    """Raise unless ``generator`` is ``None`` or a :class:`torch.Generator` on ``device``."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    gen = generator.device
+    if gen.type != device.type or (
+        device.index is not None and gen.index is not None and gen.index != device.index
+    ):
+        raise ValueError(f"generator is on {gen} but the times are drawn on {device}")
+    return generator
+
+
+def _check_draw(
+    batch_size: object, device: object, dtype: object, generator: object
+) -> tuple[int, torch.device, torch.dtype, torch.Generator | None]:
+    """Validate the common arguments of every sampler call."""
+    batch_size = check_positive_int("batch_size", batch_size)
+    dev = _check_device(device)
+    return batch_size, dev, _check_dtype(dtype), _check_generator(generator, dev)
+
+
+def _check_sampler(name: str, sampler: object) -> None:
+    """Raise unless ``sampler`` is callable."""
+    if not callable(sampler):
+        raise TypeError(f"{name} must be a callable time sampler, got {type(sampler).__name__}")
+
+
+def _check_unit(name: str, t: object) -> Tensor:
+    """Raise unless ``t`` is a floating tensor (any shape) with finite values in ``[0, 1]``."""
+    check_tensor(name, t)
+    assert isinstance(t, Tensor)
+    if t.device.type != "meta":
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be finite")
+        if bool(((t < 0) | (t > 1)).any()):
+            raise ValueError(f"{name} must lie in [0, 1] (t = 0 data, t = 1 noise)")
+    return t
+
+
+def _exp_of_mu(mu: object) -> float:
+    """``exp(mu)`` for a finite ``mu`` whose exponential is a finite positive float."""
+    mu = _check_real("mu", mu)
+    scale = math.exp(mu) if mu < 709.0 else math.inf
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"mu must keep exp(mu) a finite positive float, got mu = {mu}")
+    return scale
+
+
+# --------------------------------------------------------------------------- shifts
+
+
+def _shift(t: Tensor, scale: float) -> Tensor:
+    """``s t / (s t + 1 - t)`` in fp32 at least; exact at ``t = 0`` and ``t = 1``."""
+    tc = t.to(compute_dtype(t.dtype))
+    st = scale * tc
+    return (st / (st + (1.0 - tc))).to(t.dtype)
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """Static time shift ``t' = s t / (1 + (s - 1) t)`` (SD3, arXiv 2403.03206, eq. 23).
+
+    Equivalently ``logit(t') = logit(t) + log(s)``: ``s > 1`` moves times towards noise
+    (``t = 1``), ``s < 1`` towards data, ``s = 1`` is the identity; the inverse map is the
+    shift by ``1 / s``. Computed as ``s t / (s t + (1 - t))``, so 0 and 1 map to themselves exactly.
+
+    Args:
+        t: times of any shape, floating, in ``[0, 1]``.
+        shift: the factor ``s > 0``.
+
+    Returns:
+        shifted times, shape and dtype of ``t`` (computed in fp32 at least).
+    """
+    _check_unit("t", t)
+    return _shift(t, _check_real("shift", shift, positive=True))
+
+
+def exponential_shift(t: Tensor, mu: float) -> Tensor:
+    """Resolution-dependent shift ``t' = e^mu / (e^mu + (1/t - 1))`` (FLUX.1's ``time_shift``).
+
+    This is :func:`shift_time` with ``s = exp(mu)``; it is evaluated as
+    ``e^mu t / (e^mu t + (1 - t))``, which never divides by ``t``: ``t = 0`` gives 0 and
+    ``t = 1`` gives 1, with no NaN.
+
+    Args:
+        t: times of any shape, floating, in ``[0, 1]``.
+        mu: the log-shift (see :func:`resolution_shift_mu`); any finite real with finite
+            ``exp(mu) > 0``.
+
+    Returns:
+        shifted times, shape and dtype of ``t`` (computed in fp32 at least).
+    """
+    _check_unit("t", t)
+    return _shift(t, _exp_of_mu(mu))
+
+
+def resolution_shift_mu(
+    seq_len: int,
+    *,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """The log-shift ``mu`` of FLUX.1, linear in the image's token count.
+
+    ``mu = base_shift + (max_shift - base_shift) * (seq_len - base_seq_len) /
+    (max_seq_len - base_seq_len)``: ``base_shift`` at ``base_seq_len`` tokens, ``max_shift``
+    at ``max_seq_len`` tokens, extrapolated linearly outside (as FLUX.1 does). The defaults are
+    FLUX.1's (256 tokens for 256x256 images, 4096 for 1024x1024 with 2x2 patches of a 16x latent).
+
+    Args:
+        seq_len: number of image tokens, ``>= 1``.
+        base_seq_len: token count where ``mu = base_shift``.
+        max_seq_len: token count where ``mu = max_shift``; ``> base_seq_len``.
+        base_shift: ``mu`` at ``base_seq_len``.
+        max_shift: ``mu`` at ``max_seq_len``.
+
+    Returns:
+        ``mu`` as a Python float; use it with :func:`exponential_shift`.
+    """
+    seq_len = check_positive_int("seq_len", seq_len)
+    base_seq_len = check_positive_int("base_seq_len", base_seq_len)
+    max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+    if max_seq_len <= base_seq_len:
+        raise ValueError(f"max_seq_len must be > base_seq_len, got {max_seq_len} <= {base_seq_len}")
+    base = _check_real("base_shift", base_shift)
+    slope = (_check_real("max_shift", max_shift) - base) / (max_seq_len - base_seq_len)
+    return base + slope * (seq_len - base_seq_len)
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+@dataclass(frozen=True)
+class UniformTime:
+    """Times uniform on ``[low, high]`` (the rectified-flow default).
+
+    Args:
+        low: lower end, ``0 <= low < high``.
+        high: upper end, ``high <= 1``.
+    """
+
+    low: float = 0.0
+    high: float = 1.0
+
+    def __post_init__(self) -> None:
+        low, high = _check_real("low", self.low), _check_real("high", self.high)
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"low and high must satisfy 0 <= low < high <= 1, got {low}, {high}")
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
+        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
+        u = torch.rand(n, device=dev, dtype=compute_dtype(dtype), generator=gen)
+        return (self.low + (self.high - self.low) * u).to(dtype)
+
+
+@dataclass(frozen=True)
+class LogitNormalTime:
+    """Logit-normal times ``t = sigmoid(n)``, ``n ~ N(mean, std^2)`` (SD3, arXiv 2403.03206).
+
+    MeanFlow (arXiv 2505.13447) uses ``mean = -0.4, std = 1.0``: slightly more mass near the
+    data end.
+
+    Args:
+        mean: mean of ``logit(t)``.
+        std: standard deviation of ``logit(t)``, ``> 0``.
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", _check_real("mean", self.mean))
+        object.__setattr__(self, "std", _check_real("std", self.std, positive=True))
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
+        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
+        normal = torch.randn(n, device=dev, dtype=compute_dtype(dtype), generator=gen)
+        return torch.sigmoid(self.mean + self.std * normal).to(dtype)
+
+
+def _draw_shifted(
+    base: Callable[..., Tensor],
+    scale: float,
+    batch_size: int,
+    device: DeviceLike,
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Draw from ``base`` in fp32 at least, shift by ``scale``, cast to ``dtype``."""
+    dtype = _check_dtype(dtype)
+    t = base(batch_size, device=device, dtype=compute_dtype(dtype), generator=generator)
+    return _shift(t, scale).to(dtype)
+
+
+@dataclass(frozen=True)
+class ShiftedTime:
+    """Times of ``base`` passed through the static shift :func:`shift_time`.
+
+    If ``base`` has CDF ``F``, the shifted times have CDF ``F(shift_time(t, 1 / shift))``.
+
+    Args:
+        base: the time sampler to shift.
+        shift: the factor ``s > 0`` (``s > 1`` moves times towards noise).
+    """
+
+    base: Callable[..., Tensor]
+    shift: float
+
+    def __post_init__(self) -> None:
+        _check_sampler("base", self.base)
+        object.__setattr__(self, "shift", _check_real("shift", self.shift, positive=True))
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
+        return _draw_shifted(self.base, self.shift, batch_size, device, dtype, generator)
+
+
+@dataclass(frozen=True)
+class ResolutionShiftedTime:
+    """Times of ``base`` passed through :func:`exponential_shift` with log-shift ``mu``.
+
+    Get ``mu`` for an image from :func:`resolution_shift_mu` (FLUX.1's schedule).
+
+    Args:
+        base: the time sampler to shift.
+        mu: the log-shift (``mu > 0`` moves times towards noise).
+    """
+
+    base: Callable[..., Tensor]
+    mu: float
+
+    def __post_init__(self) -> None:
+        _check_sampler("base", self.base)
+        _exp_of_mu(self.mu)
+        object.__setattr__(self, "mu", float(self.mu))
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
+        return _draw_shifted(self.base, math.exp(self.mu), batch_size, device, dtype, generator)
+
+
+def _default_t_sampler() -> LogitNormalTime:
+    """MeanFlow's choice for ImageNet 256 (arXiv 2505.13447, Table 1b)."""
+    return LogitNormalTime(-0.4, 1.0)
+
+
+@dataclass(frozen=True)
+class TimePairSampler:
+    """Pairs ``(r, t)`` with ``r <= t`` for the average velocity ``u(z_t, r, t)`` (MeanFlow).
+
+    Two times are drawn (the first from ``t_sampler``, the second from ``r_sampler``, or
+    ``t_sampler`` again when it is ``None``) and ordered so ``r <= t``; then ``r`` is set
+    to ``t`` on a randomly placed subset of the batch of size ``equal_fraction * B``, rounded
+    *stochastically*: ``floor(f B)`` pairs, plus one more with probability ``frac(f B)``. The
+    count is therefore within one of ``f B`` in every batch (exact when ``f B`` is an integer)
+    and right on average, which a Bernoulli mask per pair is not for small batches. MeanFlow
+    (arXiv 2505.13447, Table 1a) works best with 25% of the pairs ``r != t``
+    (``equal_fraction = 0.75``) and logit-normal(-0.4, 1.0) times (Table 1b).
+
+    Args:
+        t_sampler: sampler of the first time; ``None`` means ``LogitNormalTime(-0.4, 1.0)``.
+        r_sampler: sampler of the second time; ``None`` means ``t_sampler``.
+        equal_fraction: fraction of the pairs with ``r = t``, in ``[0, 1]``.
+    """
+
+    t_sampler: Callable[..., Tensor] | None = None
+    r_sampler: Callable[..., Tensor] | None = None
+    equal_fraction: float = 0.75
+
+    def __post_init__(self) -> None:
+        if self.t_sampler is None:
+            object.__setattr__(self, "t_sampler", _default_t_sampler())
+        _check_sampler("t_sampler", self.t_sampler)
+        if self.r_sampler is not None:
+            _check_sampler("r_sampler", self.r_sampler)
+        fraction = _check_real("equal_fraction", self.equal_fraction)
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"equal_fraction must lie in [0, 1], got {fraction}")
+        object.__setattr__(self, "equal_fraction", fraction)
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``batch_size`` pairs.
+
+        Args:
+            batch_size: number of pairs ``B``.
+            device: device of the result (default: torch's default device).
+            dtype: floating dtype of the result.
+            generator: optional :class:`torch.Generator` on ``device``.
+
+        Returns:
+            ``(r, t)``, each ``(B,)`` in ``[0, 1]`` with ``r <= t``.
+        """
+        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
+        kw = {"device": dev, "dtype": dtype, "generator": gen}
+        first = self.t_sampler(n, **kw)
+        second = (self.r_sampler or self.t_sampler)(n, **kw)
+        r, t = torch.minimum(first, second), torch.maximum(first, second)
+        return torch.where(self._equal_mask(n, dev, gen), t, r), t
+
+    def _equal_mask(self, n: int, device: torch.device, gen: torch.Generator | None) -> Tensor:
+        """A ``(n,)`` bool mask with a stochastically rounded ``equal_fraction * n`` trues."""
+        target = self.equal_fraction * n
+        whole = round(target) if abs(target - round(target)) < 1e-9 else math.floor(target)
+        coin = torch.rand((), device=device, generator=gen)
+        count = whole + (coin < target - whole).to(torch.int64)
+        return torch.randperm(n, device=device, generator=gen) < count
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def _unit_grid(steps: int) -> Tensor:
+    """``(steps + 1,)`` float64 CPU grid from exactly 1 down to exactly 0."""
+    return torch.arange(steps, -1, -1, dtype=torch.float64) / steps
+
+
+def uniform_grid(
+    steps: int, *, device: DeviceLike = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Uniform sampling grid ``t_i = 1 - i / steps``, ``i = 0, ..., steps``.
+
+    Built in float64 and cast, so the endpoints are exactly 1 and 0.
+
+    Args:
+        steps: number of steps ``N >= 1``.
+        device: device of the result (default: torch's default device).
+        dtype: floating dtype of the result.
+
+    Returns:
+        times ``(N + 1,)``, decreasing from 1 (noise) to 0 (data).
+    """
+    steps = check_positive_int("steps", steps)
+    dev, dtype = _check_device(device), _check_dtype(dtype)
+    return _unit_grid(steps).to(device=dev, dtype=dtype)
+
+
+def shifted_grid(
+    steps: int,
+    *,
+    shift: float | None = None,
+    mu: float | None = None,
+    device: DeviceLike = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The uniform grid, shifted by :func:`shift_time` or :func:`exponential_shift`.
+
+    With ``shift > 1`` (``mu > 0``) the steps are denser near the noise end ``t = 1`` (the
+    sampling schedule of SD3 and FLUX.1); with ``shift < 1`` denser near the data end. The
+    endpoints stay exactly 1 and 0.
+
+    Args:
+        steps: number of steps ``N >= 1``.
+        shift: static shift factor ``s > 0``; exactly one of ``shift`` and ``mu``.
+        mu: log-shift (e.g. from :func:`resolution_shift_mu`); exactly one of ``shift`` and ``mu``.
+        device: device of the result (default: torch's default device).
+        dtype: floating dtype of the result.
+
+    Returns:
+        times ``(N + 1,)``, decreasing from 1 to 0.
+    """
+    steps = check_positive_int("steps", steps)
+    dev, dtype = _check_device(device), _check_dtype(dtype)
+    if (shift is None) == (mu is None):
+        raise ValueError("shifted_grid needs exactly one of shift and mu")
+    scale = _check_real("shift", shift, positive=True) if mu is None else _exp_of_mu(mu)
+    return _shift(_unit_grid(steps), scale).to(device=dev, dtype=dtype)
