@@ -1,0 +1,391 @@
+"""Teacher ODE solvers and few-step samplers.
+
+Convention: ``t = 0`` data, ``t = 1`` noise; the probability-flow ODE is
+``dz/dt = v(z, t)`` and sampling integrates it from ``t = 1`` down to ``t = 0``.
+
+- :func:`odeint` integrates a teacher :class:`~mfcore.fields.VelocityField` over
+  *per-sample* spans ``[t_start, t_end]`` (either direction) with a fixed-step method from
+  :data:`ODE_METHODS` (the discrete MeanFlow target needs ``z_r`` from ``z_t`` for a different
+  ``(r, t)`` in every sample).
+- :func:`sample_teacher` runs the teacher along a sampling grid from 1 to 0.
+- :func:`sample_meanflow` runs a student :class:`~mfcore.fields.MeanVelocityField` with the
+  MeanFlow step ``z_r = z_t - (t - r) u(z_t, r, t)`` (Geng et al., arXiv 2505.13447, eq. 12).
+
+Each method is a step function ``step(f, z, t0, t1) -> dz`` with an ``order`` attribute. The
+state and all time coefficients are kept in fp32 at least (fp64 stays fp64); the model is
+called with the state cast to the input's dtype and with times in that compute dtype, and the
+results are cast back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mfcore._checks import (
+    check_choice,
+    check_finite,
+    check_like,
+    check_positive_int,
+    check_tensor,
+    check_time,
+    compute_dtype,
+    expand_time,
+)
+from mfcore.time import shift_time, shifted_grid, uniform_grid
+
+__all__ = ["ODE_METHODS", "solver_order", "odeint", "sample_teacher", "sample_meanflow"]
+
+_Field = Callable[[Tensor, Tensor], Tensor]
+_Step = Callable[[_Field, Tensor, Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- step functions
+# f(z, t) is the velocity in the compute dtype; t0, t1 are (B,); each returns the increment dz.
+
+
+def _euler(f: _Field, z: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+    """Forward Euler: ``dz = h v(z, t0)``."""
+    return expand_time(t1 - t0, z) * f(z, t0)
+
+
+def _heun(f: _Field, z: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+    """Heun (explicit trapezoid): average of the slopes at both ends of an Euler step."""
+    h = expand_time(t1 - t0, z)
+    k1 = f(z, t0)
+    k2 = f(z + h * k1, t1)
+    return 0.5 * h * (k1 + k2)
+
+
+def _midpoint(f: _Field, z: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+    """Explicit midpoint: the slope half an Euler step ahead."""
+    h = expand_time(t1 - t0, z)
+    return h * f(z + 0.5 * h * f(z, t0), 0.5 * (t0 + t1))
+
+
+def _rk4(f: _Field, z: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+    """Classical fourth-order Runge-Kutta."""
+    h, tm = expand_time(t1 - t0, z), 0.5 * (t0 + t1)
+    k1 = f(z, t0)
+    k2 = f(z + 0.5 * h * k1, tm)
+    k3 = f(z + 0.5 * h * k2, tm)
+    k4 = f(z + h * k3, t1)
+    return h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+
+_euler.order = 1  # type: ignore[attr-defined]
+_heun.order = 2  # type: ignore[attr-defined]
+_midpoint.order = 2  # type: ignore[attr-defined]
+_rk4.order = 4  # type: ignore[attr-defined]
+
+_STEPS: dict[str, _Step] = {"euler": _euler, "heun": _heun, "midpoint": _midpoint, "rk4": _rk4}
+
+#: Names of the fixed-step methods, in order of accuracy.
+ODE_METHODS: tuple[str, ...] = tuple(_STEPS)
+
+
+def solver_order(method: str) -> int:
+    """Order of accuracy of a method in :data:`ODE_METHODS` (global error ``O(h^order)``)."""
+    return _STEPS[check_choice("method", method, ODE_METHODS)].order  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_callable(name: str, fn: object, *, optional: bool = False) -> None:
+    """Raise unless ``fn`` is callable (or ``None`` when ``optional``)."""
+    if optional and fn is None:
+        return
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+
+
+def _check_cond(cond: object) -> dict[str, Any]:
+    """Conditioning as a dict (``None`` means no conditioning)."""
+    if cond is None:
+        return {}
+    if not isinstance(cond, Mapping):
+        raise TypeError(f"cond must be a dict of keyword arguments or None, got {type(cond)}")
+    return dict(cond)
+
+
+def _check_shift(shift: object) -> float | None:
+    """``None`` or a finite real ``shift > 0``."""
+    if shift is None:
+        return None
+    if isinstance(shift, bool) or not isinstance(shift, int | float):
+        raise TypeError(f"shift must be a real number or None, got {type(shift).__name__}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be finite and > 0, got {shift}")
+    return float(shift)
+
+
+def _check_grid(grid: object, ref: Tensor) -> Tensor:
+    """Raise unless ``grid`` is ``(N + 1,)``, strictly decreasing from exactly 1 to exactly 0."""
+    check_tensor("grid", grid)
+    assert isinstance(grid, Tensor)
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f"grid must have shape (N + 1,) with N >= 1, got {tuple(grid.shape)}")
+    if grid.device != ref.device:
+        raise ValueError(f"grid is on {grid.device} but noise is on {ref.device}")
+    if not bool(torch.isfinite(grid).all()):
+        raise ValueError("grid must be finite")
+    if grid[0].item() != 1.0 or grid[-1].item() != 0.0:
+        raise ValueError(
+            f"grid must run from exactly 1 (noise) to exactly 0 (data), "
+            f"got {grid[0].item():.6g} to {grid[-1].item():.6g}"
+        )
+    if not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError("grid must be strictly decreasing")
+    return grid
+
+
+def _sampling_grid(
+    steps: object, grid: object, shift: object, default_steps: int, ref: Tensor
+) -> Tensor:
+    """The ``(N + 1,)`` grid of a sampler, in the compute dtype of ``ref``."""
+    cd = compute_dtype(ref.dtype)
+    if grid is None:
+        n = default_steps if steps is None else check_positive_int("steps", steps)
+        if shift is None:
+            return uniform_grid(n, device=ref.device, dtype=cd)
+        return shifted_grid(n, shift=shift, device=ref.device, dtype=cd)  # type: ignore[arg-type]
+    if shift is not None:
+        raise ValueError("pass either grid or shift, not both (shift the grid yourself)")
+    grid = _check_grid(grid, ref)
+    if steps is not None and check_positive_int("steps", steps) != grid.shape[0] - 1:
+        raise ValueError(
+            f"steps={steps} does not match the grid's {grid.shape[0] - 1} steps; "
+            "pass steps=None with a grid"
+        )
+    return grid.to(cd)
+
+
+# --------------------------------------------------------------------------- integration core
+
+
+def _field(fn: Callable[..., Tensor], name: str, ref: Tensor, cond: dict[str, Any]) -> _Field:
+    """Wrap ``fn(z, t, **cond)``: cast the state to ``ref``'s dtype, check and upcast the output."""
+    cd = compute_dtype(ref.dtype)
+
+    def f(z: Tensor, t: Tensor) -> Tensor:
+        x = z.to(ref.dtype)
+        return check_like(f"the output of {name}", fn(x, t, **cond), x).to(cd)
+
+    return f
+
+
+def _integrate(
+    f: _Field,
+    z: Tensor,
+    times: Tensor,
+    step: _Step,
+    callback: Callable[[dict[str, Any]], None] | None,
+    return_trajectory: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Take ``len(times) - 1`` steps along per-sample ``times`` ``(N + 1, B)`` from ``z``."""
+    out_dtype = z.dtype
+    state = z.to(compute_dtype(out_dtype))
+    trajectory = [z] if return_trajectory else None
+    for i in range(times.shape[0] - 1):
+        state = state + step(f, state, times[i], times[i + 1])
+        current = state.to(out_dtype)
+        if trajectory is not None:
+            trajectory.append(current)
+        if callback is not None:
+            callback({"step": i, "t": times[i], "t_next": times[i + 1], "z": current})
+    z_end = check_finite("the solution (did the model return NaN or inf?)", state.to(out_dtype))
+    return z_end, None if trajectory is None else torch.stack(trajectory)
+
+
+def _span_times(
+    t_start: Tensor, t_end: Tensor, steps: int, shift: float | None, cd: torch.dtype
+) -> Tensor:
+    """Per-sample grids ``(steps + 1, B)`` from ``t_start`` to ``t_end`` in the compute dtype.
+
+    Uniform in ``shift_time^{-1}(t)`` (plain ``t`` without a shift), so a span's grid is the
+    restriction of the shifted sampling schedule; the endpoints are exactly the inputs.
+    """
+    start, end = t_start.to(cd), t_end.to(cd)
+    a, b = start, end
+    if shift is not None:
+        a, b = shift_time(start, 1.0 / shift), shift_time(end, 1.0 / shift)
+    g = (torch.arange(1, steps, dtype=torch.float64) / steps).to(device=a.device, dtype=cd)
+    inner = ((1.0 - g[:, None]) * a + g[:, None] * b).clamp(0.0, 1.0)
+    if shift is not None:
+        inner = shift_time(inner, shift)
+    return torch.cat([start[None], inner, end[None]])
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def odeint(
+    v_fn: Callable[..., Tensor],
+    z: Tensor,
+    t_start: Tensor,
+    t_end: Tensor,
+    steps: int,
+    *,
+    method: str = "euler",
+    shift: float | None = None,
+    return_trajectory: bool = False,
+    cond: Mapping[str, Any] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Integrate ``dz/dt = v(z, t)`` from ``t_start`` to ``t_end``, per sample, in fixed steps.
+
+    Sample ``b`` takes ``steps`` steps of ``method`` along its own grid from ``t_start[b]`` to
+    ``t_end[b]``, in either direction; a sample with ``t_start[b] == t_end[b]`` stays where it
+    is. The grid is uniform in ``t``, or with ``shift`` uniform in ``shift_time(t, 1 / shift)``:
+    the restriction of :func:`mfcore.time.shifted_grid` to the span, so ``shift > 1`` puts the
+    steps closer together near ``t = 1`` (noise) and ``shift < 1`` near ``t = 0`` (data). For
+    FLUX.1's ``mu`` pass ``shift = exp(mu)``. Gradients are left on: call it under
+    :func:`torch.no_grad` when the solution is a target.
+
+    Args:
+        v_fn: velocity field ``v(z, t, **cond) -> (B, ...)``.
+        z: state ``(B, ...)`` at ``t_start``, floating.
+        t_start: start times ``(B,)`` in ``[0, 1]``.
+        t_end: end times ``(B,)`` in ``[0, 1]``.
+        steps: number of steps ``N >= 1``.
+        method: one of :data:`ODE_METHODS` (``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``).
+        shift: optional static shift ``> 0`` of the grid (see above).
+        return_trajectory: also return every state on the grid.
+        cond: keyword arguments passed to ``v_fn`` unchanged.
+
+    Returns:
+        ``z_end`` ``(B, ...)`` at ``t_end`` in ``z``'s dtype, or ``(z_end, trajectory)`` with
+        ``trajectory`` ``(N + 1, B, ...)`` (``trajectory[0] = z``, ``trajectory[-1] = z_end``).
+    """
+    _check_callable("v_fn", v_fn)
+    check_tensor("z", z, ndim_min=1)
+    check_time("t_start", t_start, z)
+    check_time("t_end", t_end, z)
+    steps = check_positive_int("steps", steps)
+    step = _STEPS[check_choice("method", method, ODE_METHODS)]
+    shift = _check_shift(shift)
+    times = _span_times(t_start, t_end, steps, shift, compute_dtype(z.dtype))
+    f = _field(v_fn, "v_fn", z, _check_cond(cond))
+    z_end, trajectory = _integrate(f, z, times, step, None, return_trajectory)
+    return z_end if trajectory is None else (z_end, trajectory)
+
+
+def sample_teacher(
+    v_fn: Callable[..., Tensor],
+    noise: Tensor,
+    steps: int | None = None,
+    *,
+    method: str = "euler",
+    shift: float | None = None,
+    grid: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+    return_trajectory: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Sample with a teacher velocity field: integrate ``dz/dt = v`` from ``t = 1`` to ``t = 0``.
+
+    Runs under :func:`torch.no_grad`. The grid is ``grid`` if given, else
+    :func:`~mfcore.time.shifted_grid` with ``shift`` (``shift > 1``: steps closer together near
+    noise, as SD3 and FLUX.1 sample; ``shift = exp(mu)`` for FLUX.1's ``mu``), else
+    :func:`~mfcore.time.uniform_grid`.
+
+    Args:
+        v_fn: velocity field ``v(z, t, **cond) -> (B, ...)``.
+        noise: starting state ``z_1`` ``(B, ...)``, floating.
+        steps: number of steps ``N`` (default 50); with ``grid``, ``None`` or ``len(grid) - 1``.
+        method: one of :data:`ODE_METHODS`.
+        shift: optional static shift ``> 0`` of the uniform grid; not with ``grid``.
+        grid: optional times ``(N + 1,)`` strictly decreasing from exactly 1 to exactly 0, on
+            ``noise``'s device.
+        cond: keyword arguments passed to ``v_fn`` unchanged.
+        return_trajectory: also return every state on the grid.
+        callback: called after each step with a dict ``step`` (int), ``t`` and ``t_next``
+            (``(B,)``) and ``z`` (the new state).
+
+    Returns:
+        samples ``z_0`` ``(B, ...)`` in ``noise``'s dtype, or ``(z_0, trajectory)`` with
+        ``trajectory`` ``(N + 1, B, ...)`` from ``noise`` to ``z_0``.
+    """
+    _check_callable("v_fn", v_fn)
+    _check_callable("callback", callback, optional=True)
+    check_tensor("noise", noise, ndim_min=1)
+    step = _STEPS[check_choice("method", method, ODE_METHODS)]
+    grid = _sampling_grid(steps, grid, _check_shift(shift), 50, noise)
+    times = grid[:, None].repeat(1, noise.shape[0])
+    f = _field(v_fn, "v_fn", noise, _check_cond(cond))
+    with torch.no_grad():
+        z_end, trajectory = _integrate(f, noise, times, step, callback, return_trajectory)
+    return z_end if trajectory is None else (z_end, trajectory)
+
+
+def sample_meanflow(
+    u_fn: Callable[..., Tensor],
+    noise: Tensor,
+    steps: int | None = None,
+    *,
+    grid: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+    return_trajectory: bool = False,
+    enable_grad: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Few-step MeanFlow sampling: ``z_r = z_t - (t - r) u(z_t, r, t)`` along a grid.
+
+    One step per grid interval ``[t_{i+1}, t_i]`` (MeanFlow, arXiv 2505.13447, eq. 12; with an
+    exact ``u`` every grid lands exactly on the ODE's solution). Runs under
+    :func:`torch.no_grad` unless ``enable_grad`` (e.g. to back-propagate through the samples).
+
+    Args:
+        u_fn: average-velocity field ``u(z, r, t, **cond) -> (B, ...)``.
+        noise: starting state ``z_1`` ``(B, ...)``, floating.
+        steps: number of steps ``N`` on a uniform grid (default 1); with ``grid``, ``None`` or
+            ``len(grid) - 1``.
+        grid: optional times ``(N + 1,)`` strictly decreasing from exactly 1 to exactly 0, on
+            ``noise``'s device.
+        cond: keyword arguments passed to ``u_fn`` unchanged.
+        return_trajectory: also return every state on the grid.
+        enable_grad: run with gradients enabled instead of under :func:`torch.no_grad`.
+        callback: called after each step with a dict ``step`` (int), ``t`` and ``t_next``
+            (``(B,)``), ``z`` (the new state) and ``u`` (the average velocity used).
+
+    Returns:
+        samples ``z_0`` ``(B, ...)`` in ``noise``'s dtype, or ``(z_0, trajectory)`` with
+        ``trajectory`` ``(N + 1, B, ...)`` from ``noise`` to ``z_0``.
+    """
+    _check_callable("u_fn", u_fn)
+    _check_callable("callback", callback, optional=True)
+    check_tensor("noise", noise, ndim_min=1)
+    grid = _sampling_grid(steps, grid, None, 1, noise)
+    cond = _check_cond(cond)
+    with torch.enable_grad() if enable_grad else torch.no_grad():
+        z_end, trajectory = _meanflow_loop(u_fn, noise, grid, cond, callback, return_trajectory)
+    return z_end if trajectory is None else (z_end, trajectory)
+
+
+def _meanflow_loop(
+    u_fn: Callable[..., Tensor],
+    noise: Tensor,
+    grid: Tensor,
+    cond: dict[str, Any],
+    callback: Callable[[dict[str, Any]], None] | None,
+    return_trajectory: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The loop of :func:`sample_meanflow`; ``grid`` is in the compute dtype."""
+    batch, state = noise.shape[0], noise.to(grid.dtype)
+    trajectory = [noise] if return_trajectory else None
+    for i in range(grid.shape[0] - 1):
+        t, r = grid[i].repeat(batch), grid[i + 1].repeat(batch)
+        x = state.to(noise.dtype)
+        u = check_like("the output of u_fn", u_fn(x, r, t, **cond), x)
+        state = state - expand_time(t - r, state) * u.to(grid.dtype)
+        current = state.to(noise.dtype)
+        if trajectory is not None:
+            trajectory.append(current)
+        if callback is not None:
+            callback({"step": i, "t": t, "t_next": r, "z": current, "u": u})
+    z_end = check_finite("the samples (did u_fn return NaN or inf?)", state.to(noise.dtype))
+    return z_end, None if trajectory is None else torch.stack(trajectory)
