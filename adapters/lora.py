@@ -1,0 +1,243 @@
+"""LoRA adapters on diffusers transformers through peft, saved in diffusers' own format.
+
+A student built from a teacher keeps the teacher's base weights frozen and trains low-rank
+updates ``W + (alpha / rank) B A`` (LoRA, arXiv 2106.09685) on chosen linear layers. The
+teacher is the same module with the updates switched off (:func:`lora_disabled`), so the
+two never need a second copy of the base weights.
+
+The weights are written with the pipeline's ``save_lora_weights`` (keys
+``transformer.<module>.lora_A.weight``, the LoRA config in the safetensors metadata), so a
+plain diffusers pipeline loads them with ``load_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+__all__ = [
+    "FLUX_LORA_TARGETS",
+    "LORA_WEIGHT_NAME",
+    "LoraSpec",
+    "add_lora",
+    "lora_disabled",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "save_lora",
+    "load_lora",
+]
+
+#: The linear layers of a FLUX transformer that get LoRA updates: every attention
+#: projection of the double- and single-stream blocks, their MLPs, and the output layers.
+FLUX_LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+)
+
+#: File name diffusers' LoRA loaders look for first in a folder.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Which layers get LoRA and how large.
+
+    Attributes:
+        rank: rank ``r`` of each update ``B A`` (``A: (r, in)``, ``B: (out, r)``).
+        alpha: scale numerator; the update is multiplied by ``alpha / rank``. Defaults to
+            ``rank`` (scale 1).
+        target_modules: module-name suffixes matched by peft.
+        dropout: dropout on the LoRA branch input (0 keeps training deterministic).
+    """
+
+    rank: int = 64
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = field(default=FLUX_LORA_TARGETS)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError("target_modules must be a non-empty sequence of module names")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def to_peft(self) -> LoraConfig:
+        """The ``peft.LoraConfig`` (Gaussian ``A``, zero ``B``: the update starts at 0)."""
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.rank if self.alpha is None else self.alpha,
+            target_modules=list(self.target_modules),
+            lora_dropout=self.dropout,
+            init_lora_weights="gaussian",
+        )
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable form (inverse of ``LoraSpec(**d)``)."""
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+def add_lora(
+    model: nn.Module, spec: LoraSpec, *, adapter_name: str = "mfcore"
+) -> list[nn.Parameter]:
+    """Freeze ``model`` and inject LoRA updates (zero at initialisation) into it, in place.
+
+    Args:
+        model: a diffusers model with ``PeftAdapterMixin`` (``add_adapter``).
+        spec: ranks and target modules.
+        adapter_name: peft's name for the adapter.
+
+    Returns:
+        the new trainable LoRA parameters.
+
+    Raises:
+        TypeError: if ``model`` cannot take peft adapters.
+        ValueError: if no module of ``model`` matches ``spec.target_modules``.
+    """
+    if not hasattr(model, "add_adapter"):
+        raise TypeError(
+            f"model must be a diffusers model with add_adapter, got {type(model).__name__}"
+        )
+    model.requires_grad_(False)
+    try:
+        model.add_adapter(spec.to_peft(), adapter_name=adapter_name)
+    except ValueError as err:
+        raise ValueError(f"no module of the model matches target_modules: {err}") from err
+    params = [p for n, p in model.named_parameters() if ".lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base (every LoRA update off) inside the block.
+
+    Only the layers' on/off switch is flipped: unlike peft's ``enable_adapters(False)`` it
+    leaves ``requires_grad`` alone, so a student graph built before the block still
+    back-propagates into its LoRA weights afterwards.
+    """
+    layers = _tuner_layers(model)
+    saved = [layer._disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = True
+        yield
+    finally:
+        for layer, state in zip(layers, saved, strict=True):
+            layer._disable_adapters = state
+
+
+def lora_state_dict(model: nn.Module, *, adapter_name: str = "mfcore") -> dict[str, Tensor]:
+    """The LoRA weights of ``model`` keyed by module (``<module>.lora_A.weight``), detached."""
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def load_lora_state_dict(
+    model: nn.Module, state: dict[str, Tensor], *, adapter_name: str = "mfcore"
+) -> None:
+    """Copy LoRA weights (as from :func:`lora_state_dict`) into ``model``; every key must match.
+
+    Raises:
+        ValueError: on a missing or unexpected LoRA key, or a shape mismatch.
+    """
+    expected = lora_state_dict(model, adapter_name=adapter_name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state does not match the model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(
+                f"LoRA weight {k} has shape {tuple(v.shape)}, the model {tuple(expected[k].shape)}"
+            )
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+
+
+def save_lora(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    *,
+    loader_cls: type,
+    adapter_name: str = "mfcore",
+) -> str:
+    """Write the LoRA weights of ``model`` so that ``loader_cls.load_lora_weights`` reads them.
+
+    Args:
+        directory: output folder (created).
+        model: the transformer holding the adapter.
+        loader_cls: the diffusers pipeline class whose LoRA format to use (e.g. ``FluxPipeline``).
+        adapter_name: peft's name for the adapter.
+
+    Returns:
+        the path of the safetensors file.
+    """
+    config = model.peft_config[adapter_name].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    json.dumps(config)  # fail here, not inside diffusers, if something is not serialisable
+    loader_cls.save_lora_weights(
+        directory,
+        transformer_lora_layers=lora_state_dict(model, adapter_name=adapter_name),
+        weight_name=LORA_WEIGHT_NAME,
+        transformer_lora_adapter_metadata=config,
+    )
+    return os.path.join(directory, LORA_WEIGHT_NAME)
+
+
+def load_lora(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    *,
+    adapter_name: str = "mfcore",
+    prefix: str = "transformer",
+) -> None:
+    """Load weights written by :func:`save_lora` into a model that already holds the adapter.
+
+    Raises:
+        FileNotFoundError: if the folder has no LoRA file.
+        ValueError: if the keys do not match the model's adapter.
+    """
+    path = os.path.join(directory, LORA_WEIGHT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no LoRA weights at {path}")
+    raw = load_file(path)
+    head = prefix + "."
+    state = {k[len(head) :]: v for k, v in raw.items() if k.startswith(head)}
+    if len(state) != len(raw):
+        other = sorted(k for k in raw if not k.startswith(head))[:3]
+        raise ValueError(f"{path} holds keys outside the {prefix!r} prefix: {other}")
+    load_lora_state_dict(model, state, adapter_name=adapter_name)
