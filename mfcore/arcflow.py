@@ -47,6 +47,7 @@ from mfcore._checks import (
     expand_time,
 )
 from mfcore.fields import VelocityField
+from mfcore.time import uniform_grid
 
 __all__ = [
     "MAX_RATE",
@@ -496,7 +497,7 @@ def _check_shape(name: str, x: object, shape: tuple[int, ...]) -> None:
 
 
 def _check_grid(grid: object, ref: Tensor) -> Tensor:
-    """A non-increasing ``(N+1,)`` grid in ``[0, 1]`` with ``N >= 1``."""
+    """A strictly decreasing ``(N+1,)`` grid in ``[0, 1]`` with ``N >= 1``."""
     check_tensor("grid", grid)
     assert isinstance(grid, Tensor)
     if grid.ndim != 1 or grid.shape[0] < 2:
@@ -505,16 +506,23 @@ def _check_grid(grid: object, ref: Tensor) -> Tensor:
         raise ValueError(f"grid is on {grid.device} but noise is on {ref.device}")
     if not bool(torch.isfinite(grid).all()) or bool(((grid < 0) | (grid > 1)).any()):
         raise ValueError("grid must be finite and lie in [0, 1]")
-    if bool((grid[1:] > grid[:-1]).any()):
-        raise ValueError("grid must be non-increasing (sampling runs from 1 towards 0)")
+    if bool((grid[1:] >= grid[:-1]).any()):
+        raise ValueError("grid must be strictly decreasing (sampling runs from 1 towards 0)")
     return grid
 
 
-def _resolve_grid(steps: int, grid: Tensor | None, ref: Tensor) -> Tensor:
+def _resolve_grid(steps: int | None, grid: Tensor | None, ref: Tensor) -> Tensor:
+    """The ``(N+1,)`` float64 grid: uniform with ``steps`` (2 when None), or ``grid``."""
     if grid is None:
-        n = check_positive_int("steps", steps)
-        return torch.linspace(1.0, 0.0, n + 1, device=ref.device, dtype=torch.float64)
-    return _check_grid(grid, ref)
+        n = 2 if steps is None else check_positive_int("steps", steps)
+        return uniform_grid(n, device=ref.device, dtype=torch.float64)
+    grid = _check_grid(grid, ref)
+    if steps is not None and check_positive_int("steps", steps) != grid.shape[0] - 1:
+        raise ValueError(
+            f"steps={steps} does not match the grid's {grid.shape[0] - 1} steps; "
+            "pass steps=None with a grid"
+        )
+    return grid.double()
 
 
 def _batch_time(value: Tensor, z: Tensor) -> Tensor:
@@ -541,14 +549,14 @@ def _check_cond(cond: object) -> dict:
 def sample_arcflow(
     student: ArcFlowStudent,
     noise: Tensor,
-    steps: int = 2,
+    steps: int | None = None,
     *,
     grid: Tensor | None = None,
     cond: dict | None = None,
     return_trajectory: bool = False,
     substeps: int = 1,
     enable_grad: bool = False,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Few-step ArcFlow sampling: one network call and one closed-form step per interval.
 
     For each interval ``[s_{i+1}, s_i]`` of the grid the student predicts the mixture at
@@ -559,16 +567,20 @@ def sample_arcflow(
     Args:
         student: ``f(z, s0, **cond) -> ArcParams``.
         noise: initial state ``(B, *Z)`` at ``grid[0]`` (1 by default).
-        steps: number of network calls ``N``; ignored when ``grid`` is given.
-        grid: non-increasing times ``(N+1,)`` in ``[0, 1]``; uniform from 1 to 0 by default.
+        steps: number of network calls ``N`` on a uniform grid (2 when None); with
+            ``grid``, None or ``len(grid) - 1``.
+        grid: strictly decreasing times ``(N+1,)`` in ``[0, 1]`` (they need not start at 1
+            or end at 0); uniform from 1 to 0 by default.
         cond: conditioning passed to the student.
         return_trajectory: also return every (sub)step's state.
         substeps: closed-form sub-steps per interval, for the trajectory.
         enable_grad: keep the autograd graph (sampling runs under no_grad otherwise).
 
     Returns:
-        the final state ``(B, *Z)``, or the trajectory ``(N*substeps+1, B, *Z)`` when
-        ``return_trajectory``, in the dtype of ``noise``.
+        the final state ``(B, *Z)`` in the dtype of ``noise``, or, when
+        ``return_trajectory``, ``(final, trajectory)`` with ``trajectory``
+        ``(N*substeps+1, B, *Z)`` from ``noise`` to the final state (as
+        :func:`mfcore.solvers.sample_meanflow`).
     """
     check_tensor("noise", noise, ndim_min=1)
     cond = _check_cond(cond)
@@ -579,7 +591,7 @@ def sample_arcflow(
         for i in range(times.shape[0] - 1):
             params = _call_student(student, z, _batch_time(times[i], z), cond)
             z = _substeps(params, z, times[i], times[i + 1], n_sub, states)
-    return torch.stack(states) if return_trajectory else z
+    return (z, torch.stack(states)) if return_trajectory else z
 
 
 def _substeps(
@@ -667,8 +679,10 @@ class ArcFlowDistillationLoss:
     teacher Euler steps over the same interval.
 
     Args:
-        steps: number of student steps ``N`` (when ``grid`` is None).
-        grid: non-increasing times ``(N+1,)`` in ``[0, 1]``; uniform from 1 to 0 by default.
+        steps: number of student steps ``N`` on a uniform grid (2 when None); with
+            ``grid``, None or ``len(grid) - 1``.
+        grid: strictly decreasing times ``(N+1,)`` in ``[0, 1]``; uniform from 1 to 0 by
+            default.
         points_per_step: velocity-matching times per step.
         mix_schedule: teacher mixing schedule (``TeacherMixSchedule()`` by default;
             ``TeacherMixSchedule(start=0.0)`` switches mixing off).
@@ -685,17 +699,16 @@ class ArcFlowDistillationLoss:
     def __init__(
         self,
         *,
-        steps: int = 2,
+        steps: int | None = None,
         grid: Tensor | None = None,
         points_per_step: int = 2,
         mix_schedule: TeacherMixSchedule | None = None,
         teacher_substeps: int = 4,
         weighting: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        self.steps = check_positive_int("steps", steps)
-        if grid is not None:
-            _check_grid(grid, grid)
-        self.grid = grid
+        if grid is not None or steps is not None:
+            _resolve_grid(steps, grid, grid if grid is not None else torch.zeros(()))
+        self.steps, self.grid = steps, grid
         self.points_per_step = check_positive_int("points_per_step", points_per_step)
         self.teacher_substeps = check_positive_int("teacher_substeps", teacher_substeps)
         if mix_schedule is not None and not isinstance(mix_schedule, TeacherMixSchedule):
