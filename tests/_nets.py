@@ -12,7 +12,11 @@ class MLPStudent(nn.Module):
     def __init__(self, dim: int, hidden: int = 32, act: type[nn.Module] = nn.SiLU) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim + 2, hidden), act(), nn.Linear(hidden, hidden), act(), nn.Linear(hidden, dim)
+            nn.Linear(dim + 2, hidden),
+            act(),
+            nn.Linear(hidden, hidden),
+            act(),
+            nn.Linear(hidden, dim),
         )
 
     def forward(self, z, r, t, scale=1.0):

@@ -1,0 +1,524 @@
+"""Average-velocity targets for training a MeanFlow student, and the warm-up switch.
+
+Every target turns a state ``z_t``, an interval ``[r, t]`` and the velocity ``v`` at
+``(z_t, t)`` into a detached regression target ``u_tgt`` for the student
+``u(z_t, r, t)``:
+
+- **differential** (MeanFlow, Geng et al., arXiv 2505.13447, eq. 10):
+  ``u_tgt = v - (t - r) du/dt`` with ``du/dt`` the JVP along ``(v, 0, 1)``; exact at the
+  fixed point, but its stop-gradient term is only as good as the current student;
+- **teacher ODE** (discrete): integrate the teacher from t to r and take the secant,
+  ``u_tgt = (z_t - z_r) / (t - r)`` (``v`` where ``r = t``): no JVP, no student in the
+  target;
+- **interval splitting** (discrete; SplitMeanFlow, arXiv 2507.16884, eq. 6): for
+  ``r <= s <= t``, ``(t - r) u(z_t, r, t) = (t - s) u(z_t, s, t) + (s - r) u(z_s, r, s)``,
+  with the teacher on the first piece, on both, or on neither (pure self-consistency).
+
+The warm-up switch (arXiv 2605.17834, Sec. 3) trains on a discrete target first, then
+switches to the differential one once the student fits the average velocity: the
+stop-gradient term of an untrained student otherwise collapses training at scale.
+
+Pure functions come first; the target objects on top share one call signature,
+``target(student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None)
+-> TargetOutput``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mfcore._checks import (
+    check_choice,
+    check_interval,
+    check_like,
+    check_positive_int,
+    check_tensor,
+    compute_dtype,
+    expand_time,
+)
+from mfcore.jvp import JVP_METHODS, total_derivative
+from mfcore.solvers import odeint
+
+__all__ = [
+    "TargetOutput",
+    "differential_target",
+    "teacher_ode_target",
+    "split_target",
+    "DifferentialTarget",
+    "TeacherODETarget",
+    "SplitTarget",
+    "WarmupTarget",
+]
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    """What a target object returns.
+
+    Attributes:
+        pred: the student's ``u(z_t, r, t)``, ``(B, ...)``, attached to the graph.
+        target: the regression target ``u_tgt``, ``(B, ...)``, detached.
+        metrics: detached scalars for logging.
+    """
+
+    pred: Tensor
+    target: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def differential_target(u: Tensor, dudt: Tensor, v: Tensor, r: Tensor, t: Tensor) -> Tensor:
+    """MeanFlow's target ``u_tgt = sg(v - (t - r) du/dt)`` (arXiv 2505.13447, eq. 10).
+
+    Args:
+        u: the student's prediction ``(B, ...)`` (fixes the output dtype and shape).
+        dudt: total derivative ``(B, ...)`` along ``(v, 0, 1)``.
+        v: velocity at ``(z_t, t)``, ``(B, ...)``.
+        r, t: ``(B,)`` times with ``r <= t``.
+
+    Returns:
+        the detached target ``(B, ...)`` in the dtype of ``u``, computed in at least fp32.
+    """
+    check_tensor("u", u, ndim_min=1)
+    check_like("dudt", dudt, u, "u")
+    check_like("v", v, u, "u")
+    r, t = check_interval(r, t, u)
+    work = compute_dtype(u.dtype)
+    gap = expand_time((t - r).to(work), u)
+    return (v.to(work) - gap * dudt.to(work)).detach().to(u.dtype)
+
+
+def teacher_ode_target(
+    teacher: Callable[..., Tensor],
+    z_t: Tensor,
+    r: Tensor,
+    t: Tensor,
+    *,
+    steps: int = 8,
+    method: str = "heun",
+    v: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """The teacher's average velocity over ``[r, t]`` by integrating its ODE.
+
+    ``u_tgt = (z_t - z_r) / (t - r)`` with ``z_r`` from ``steps`` fixed steps of
+    ``method`` per sample (each sample on its own grid from ``t`` to ``r``); where
+    ``r = t`` the limit ``u = v(z_t, t)``. The error is ``O(((t - r) / steps)^order)``.
+
+    Args:
+        teacher: velocity field ``teacher(z, t, **cond)``.
+        z_t: states ``(B, ...)`` at time ``t``.
+        r, t: ``(B,)`` times with ``r <= t``.
+        steps: solver steps per sample.
+        method: a solver of :mod:`mfcore.solvers` ("euler", "heun", "midpoint", "rk4").
+        v: the teacher's velocity at ``(z_t, t)`` if already computed (used where ``r = t``).
+        cond: conditioning for the teacher.
+
+    Returns:
+        the detached target ``(B, ...)`` in the dtype of ``z_t`` (computed in at least fp32).
+    """
+    check_tensor("z_t", z_t, ndim_min=1)
+    r, t = check_interval(r, t, z_t)
+    check_positive_int("steps", steps)
+    if v is not None:
+        check_like("v", v, z_t, "z_t")
+    cond = dict(cond or {})
+    work = compute_dtype(z_t.dtype)
+    with torch.no_grad():
+        z_r = odeint(teacher, z_t, t, r, steps, method=method, cond=cond)
+        gap = (t - r).to(work)
+        safe = torch.where(gap > 0, gap, torch.ones_like(gap))
+        u = (z_t.to(work) - z_r.to(work)) / expand_time(safe, z_t)
+        equal = gap == 0
+        if bool(equal.any()):
+            if v is None:
+                v = teacher(z_t, t, **cond)
+            u = torch.where(expand_time(equal, z_t), v.to(work), u)
+    return u.to(z_t.dtype)
+
+
+_PIECES = ("first", "both", "none")
+
+
+def split_target(
+    student: Callable[..., Tensor],
+    teacher: Callable[..., Tensor] | None,
+    z_t: Tensor,
+    r: Tensor,
+    t: Tensor,
+    s: Tensor,
+    v: Tensor,
+    *,
+    teacher_pieces: str = "first",
+    teacher_steps: int = 1,
+    method: str = "euler",
+    cond: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """Interval-splitting target (SplitMeanFlow, arXiv 2507.16884, eq. 6).
+
+    For ``r <= s <= t`` the average velocity is additive over sub-intervals:
+
+        (t - r) u(z_t, r, t) = (t - s) u_1 + (s - r) u_2,
+        u_1 = u(z_t, s, t),  z_s = z_t - (t - s) u_1,  u_2 = u(z_s, r, s).
+
+    ``teacher_pieces`` picks who supplies ``u_1`` and ``u_2``: ``"first"`` (teacher ODE on
+    ``[s, t]``, stop-gradient student on ``[r, s]``), ``"both"`` (teacher on both) or
+    ``"none"`` (stop-gradient student on both: pure self-consistency, which needs the
+    ``r = t`` pairs' flow-matching signal to be anchored). Where ``r = t`` the target is ``v``.
+
+    Args:
+        student: ``u(z, r, t, **cond)``; evaluated without gradient.
+        teacher: ``v(z, t, **cond)``; required unless ``teacher_pieces == "none"``.
+        z_t: states ``(B, ...)``.
+        r, t, s: ``(B,)`` times with ``r <= s <= t``.
+        v: velocity at ``(z_t, t)``, ``(B, ...)``.
+        teacher_pieces: ``"first"``, ``"both"`` or ``"none"``.
+        teacher_steps, method: the teacher's ODE solve on each of its pieces.
+        cond: conditioning for both models.
+
+    Returns:
+        the detached target ``(B, ...)`` in the dtype of ``z_t``.
+    """
+    check_tensor("z_t", z_t, ndim_min=1)
+    r, t = check_interval(r, t, z_t)
+    check_interval(s, t, z_t)
+    if bool((s < r).any()):
+        raise ValueError("s must satisfy r <= s <= t elementwise")
+    check_like("v", v, z_t, "z_t")
+    check_choice("teacher_pieces", teacher_pieces, _PIECES)
+    if teacher_pieces != "none" and teacher is None:
+        raise ValueError(f"teacher_pieces={teacher_pieces!r} needs a teacher")
+    cond = dict(cond or {})
+    work = compute_dtype(z_t.dtype)
+
+    def piece(z, lo, hi, use_teacher, v_hi=None):
+        if use_teacher:
+            return teacher_ode_target(
+                teacher, z, lo, hi, steps=teacher_steps, method=method, v=v_hi, cond=cond
+            ).to(work)
+        return student(z, lo, hi, **cond).to(work)
+
+    with torch.no_grad():
+        u1 = piece(z_t, s, t, teacher_pieces != "none", v)
+        z_s = (z_t.to(work) - expand_time((t - s).to(work), z_t) * u1).to(z_t.dtype)
+        u2 = piece(z_s, r, s, teacher_pieces == "both")
+        gap = (t - r).to(work)
+        safe = torch.where(gap > 0, gap, torch.ones_like(gap))
+        first, second = (t - s).to(work), (s - r).to(work)
+        u = (expand_time(first, z_t) * u1 + expand_time(second, z_t) * u2) / expand_time(safe, z_t)
+        u = torch.where(expand_time(gap == 0, z_t), v.to(work), u)
+    return u.to(z_t.dtype)
+
+
+# --------------------------------------------------------------------------- target objects
+
+
+def _check_call(z_t: Tensor, r: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    check_tensor("z_t", z_t, ndim_min=1)
+    r, t = check_interval(r, t, z_t)
+    check_like("v", v, z_t, "z_t")
+    return r, t
+
+
+class DifferentialTarget:
+    """The differential MeanFlow target, ``sg(v - (t - r) du/dt)``, with its prediction.
+
+    Args:
+        jvp_method: backend of :func:`mfcore.jvp.total_derivative`.
+        single_forward: take the prediction from the JVP's own forward (one forward,
+            the tangent's activations live until backward) rather than a separate
+            forward after a no-grad JVP (two forwards, lower peak memory).
+        clamp: if set, clamp the target elementwise to ``[-clamp, clamp]``.
+        tangent_norm: if set to ``c > 0``, replace the tangent term ``T = (t - r) du/dt``
+            by ``T / (rms(T) + c)`` per sample (the tangent normalisation of sCM,
+            arXiv 2410.11081, Sec. 4.2), which bounds its scale early in training.
+    """
+
+    discrete = False
+
+    def __init__(
+        self,
+        jvp_method: str = "func",
+        *,
+        single_forward: bool = True,
+        clamp: float | None = None,
+        tangent_norm: float | None = None,
+    ) -> None:
+        check_choice("jvp_method", jvp_method, JVP_METHODS)
+        if clamp is not None and not clamp > 0:
+            raise ValueError(f"clamp must be positive, got {clamp!r}")
+        if tangent_norm is not None and not tangent_norm > 0:
+            raise ValueError(f"tangent_norm must be positive, got {tangent_norm!r}")
+        self.jvp_method = jvp_method
+        self.single_forward = single_forward
+        self.clamp = clamp
+        self.tangent_norm = tangent_norm
+
+    def __call__(
+        self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
+    ) -> TargetOutput:
+        r, t = _check_call(z_t, r, t, v)
+        u, dudt = total_derivative(
+            student,
+            z_t,
+            r,
+            t,
+            v,
+            method=self.jvp_method,
+            cond=cond,
+            keep_graph=self.single_forward,
+        )
+        pred = u if self.single_forward else student(z_t, r, t, **dict(cond or {}))
+        work = compute_dtype(z_t.dtype)
+        tangent = expand_time((t - r).to(work), z_t) * dudt.to(work)
+        if self.tangent_norm is not None:
+            rms = tangent.flatten(1).pow(2).mean(1).sqrt()
+            tangent = tangent / expand_time(rms + self.tangent_norm, z_t)
+        target = (v.to(work) - tangent).detach()
+        if self.clamp is not None:
+            target = target.clamp(-self.clamp, self.clamp)
+        metrics = {"dudt_rms": dudt.detach().float().pow(2).mean().sqrt()}
+        return TargetOutput(pred, target.to(pred.dtype), metrics)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+
+class _DiscreteTarget(ABC):
+    """Shared shell of the discrete targets: the prediction is a plain forward."""
+
+    discrete = True
+
+    @abstractmethod
+    def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
+        """The detached target ``(B, ...)`` (no student prediction)."""
+
+    def __call__(
+        self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
+    ) -> TargetOutput:
+        r, t = _check_call(z_t, r, t, v)
+        target = self.compute(
+            student, z_t, r, t, v, teacher=teacher, cond=cond, generator=generator
+        )
+        pred = student(z_t, r, t, **dict(cond or {}))
+        return TargetOutput(pred, target.to(pred.dtype), {})
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+
+class TeacherODETarget(_DiscreteTarget):
+    """The teacher's ODE secant over ``[r, t]`` (see :func:`teacher_ode_target`).
+
+    Args:
+        steps: solver steps per sample.
+        method: solver name of :mod:`mfcore.solvers`.
+    """
+
+    def __init__(self, steps: int = 8, method: str = "heun") -> None:
+        self.steps = check_positive_int("steps", steps)
+        self.method = method
+
+    def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
+        if teacher is None:
+            raise ValueError("TeacherODETarget needs a teacher (pass teacher=...)")
+        return teacher_ode_target(
+            teacher, z_t, r, t, steps=self.steps, method=self.method, v=v, cond=cond
+        )
+
+
+class SplitTarget(_DiscreteTarget):
+    """Interval-splitting target at ``s = r + lambda (t - r)``, ``lambda ~ U(0, 1)`` per sample.
+
+    Args:
+        teacher_pieces: ``"first"``, ``"both"`` or ``"none"`` (see :func:`split_target`).
+        teacher_steps: the teacher's solver steps on each piece it covers.
+        method: solver name.
+    """
+
+    def __init__(
+        self, teacher_pieces: str = "first", teacher_steps: int = 1, method: str = "euler"
+    ) -> None:
+        self.teacher_pieces = check_choice("teacher_pieces", teacher_pieces, _PIECES)
+        self.teacher_steps = check_positive_int("teacher_steps", teacher_steps)
+        self.method = method
+
+    def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
+        lam = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+        s = torch.minimum(r + lam * (t - r), t)
+        return split_target(
+            student,
+            teacher,
+            z_t,
+            r,
+            t,
+            s,
+            v,
+            teacher_pieces=self.teacher_pieces,
+            teacher_steps=self.teacher_steps,
+            method=self.method,
+            cond=cond,
+        )
+
+
+_PHASES = ("discrete", "blend", "differential")
+
+
+class WarmupTarget:
+    """Warm-up switch: a discrete target first, then the differential one.
+
+    The switch fires at ``switch_step`` or, when ``threshold`` is set, as soon as the
+    student fits the discrete target well: the exponential moving average (decay
+    ``ema``) of the relative fit error
+
+        e = sum_i ||u_i - u_tgt_i||^2 / sum_i ||u_tgt_i||^2
+
+    over the batch drops below ``threshold`` after at least ``min_steps`` steps. The
+    rationale (arXiv 2605.17834, Sec. 3): the differential target's stop-gradient term
+    ``(t - r) du/dt`` is the student's own derivative; it is a useful target only once the
+    student already approximates the average velocity, which ``e`` measures directly and
+    for free. After the switch, ``blend_steps`` optionally ramps the target linearly from
+    the discrete to the differential one (computing both during the window).
+
+    Args:
+        discrete: a discrete target object (:class:`TeacherODETarget`, :class:`SplitTarget`).
+        differential: a :class:`DifferentialTarget`.
+        switch_step: step at which to switch at the latest (``None``: only the criterion).
+        threshold: relative-error threshold of the automatic criterion (``None``: off).
+        ema: decay of the moving average of the fit error.
+        min_steps: earliest step at which the criterion may fire.
+        blend_steps: length of the linear blend after the switch (0: switch at once).
+
+    The step is the ``step`` passed to ``__call__`` (the loss passes its own), or an
+    internal counter of calls when none is given. ``state_dict()`` holds the phase, the
+    switch step and the moving average, so a resumed run continues in the same phase.
+    """
+
+    def __init__(
+        self,
+        discrete,
+        differential: DifferentialTarget | None = None,
+        *,
+        switch_step: int | None = None,
+        threshold: float | None = None,
+        ema: float = 0.9,
+        min_steps: int = 0,
+        blend_steps: int = 0,
+    ) -> None:
+        if not getattr(discrete, "discrete", False):
+            raise TypeError("discrete must be a discrete target (TeacherODETarget, SplitTarget)")
+        differential = differential if differential is not None else DifferentialTarget()
+        if getattr(differential, "discrete", True):
+            raise TypeError("differential must be a DifferentialTarget")
+        if switch_step is None and threshold is None:
+            raise ValueError("give switch_step, threshold, or both: otherwise it never switches")
+        if switch_step is not None:
+            check_positive_int("switch_step", switch_step, minimum=0)
+        if threshold is not None and not threshold > 0:
+            raise ValueError(f"threshold must be positive, got {threshold!r}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must lie in [0, 1), got {ema!r}")
+        check_positive_int("min_steps", min_steps, minimum=0)
+        check_positive_int("blend_steps", blend_steps, minimum=0)
+        self.discrete_target = discrete
+        self.differential_target = differential
+        self.switch_step = switch_step
+        self.threshold = threshold
+        self.ema = ema
+        self.min_steps = min_steps
+        self.blend_steps = blend_steps
+        self.step = 0
+        self.switched_at: int | None = None
+        self.fit_error: float | None = None
+
+    @property
+    def phase(self) -> str:
+        """``"discrete"``, ``"blend"`` or ``"differential"`` at the current step."""
+        if self.switched_at is None:
+            return "discrete"
+        if self.step < self.switched_at + self.blend_steps:
+            return "blend"
+        return "differential"
+
+    def blend_weight(self) -> float:
+        """Weight of the differential target: 0 before the switch, ramping to 1 over the blend."""
+        if self.switched_at is None:
+            return 0.0
+        if self.blend_steps == 0:
+            return 1.0
+        return min(1.0, (self.step - self.switched_at + 1) / (self.blend_steps + 1))
+
+    def __call__(
+        self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
+    ) -> TargetOutput:
+        self.step = self.step + 1 if step is None else int(step)
+        if self.switched_at is None and self.switch_step is not None:
+            if self.step >= self.switch_step:
+                self.switched_at = self.step
+        kwargs = dict(teacher=teacher, cond=cond, generator=generator)
+        phase = self.phase
+        if phase == "discrete":
+            out = self.discrete_target(student, z_t, r, t, v, **kwargs)
+            self._observe(out)
+        else:
+            out = self.differential_target(student, z_t, r, t, v, **kwargs)
+            alpha = self.blend_weight()
+            if alpha < 1.0:
+                disc = self.discrete_target.compute(student, z_t, r, t, v, **kwargs)
+                mixed = alpha * out.target + (1.0 - alpha) * disc.to(out.target.dtype)
+                out = TargetOutput(out.pred, mixed, out.metrics)
+        metrics = dict(out.metrics)
+        metrics["warmup_phase"] = torch.tensor(float(_PHASES.index(phase)))
+        metrics["warmup_alpha"] = torch.tensor(self.blend_weight())
+        if self.fit_error is not None:
+            metrics["warmup_fit_error"] = torch.tensor(self.fit_error)
+        return TargetOutput(out.pred, out.target, metrics)
+
+    def _observe(self, out: TargetOutput) -> None:
+        err = (out.pred.detach().float() - out.target.float()).pow(2).sum()
+        ref = out.target.float().pow(2).sum().clamp_min(1e-12)
+        e = float(err / ref)
+        self.fit_error = (
+            e if self.fit_error is None else self.ema * self.fit_error + (1 - self.ema) * e
+        )
+        if (
+            self.threshold is not None
+            and self.step >= self.min_steps
+            and self.fit_error < self.threshold
+        ):
+            self.switched_at = self.step + 1
+
+    def state_dict(self) -> dict:
+        """Phase state plus the wrapped targets' states."""
+        return {
+            "step": self.step,
+            "switched_at": self.switched_at,
+            "fit_error": self.fit_error,
+            "discrete": self.discrete_target.state_dict(),
+            "differential": self.differential_target.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; raises ``KeyError`` naming a missing entry."""
+        for key in ("step", "switched_at", "fit_error", "discrete", "differential"):
+            if key not in state:
+                raise KeyError(f"WarmupTarget state is missing {key!r}")
+        self.step = int(state["step"])
+        self.switched_at = state["switched_at"]
+        self.fit_error = state["fit_error"]
+        self.discrete_target.load_state_dict(state["discrete"])
+        self.differential_target.load_state_dict(state["differential"])
