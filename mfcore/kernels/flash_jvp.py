@@ -1,0 +1,308 @@
+"""Fused Triton kernel for softmax attention and its forward-mode tangent.
+
+One program handles a block of ``BLOCK_M`` query rows of one (batch, head) and streams the
+keys and values in blocks of ``BLOCK_N`` (FlashAttention, Dao et al., arXiv 2205.14135,
+Alg. 1), so memory is O(S). With ``S = scale Q K^T`` (masked keys at ``-inf``) and
+``P = softmax(S)`` the kernel accumulates, with the same online-softmax rescaling::
+
+    l   = sum_j exp(S_j - m)                       (row sum)
+    A   = sum_j exp(S_j - m) V_j                   (output numerator)
+    g   = sum_j exp(S_j - m) dS_j                  (row sum of P * dS, unnormalised)
+    T   = sum_j exp(S_j - m) (dS_j V_j + dV_j)     (tangent numerator)
+
+with ``dS = scale (dQ K^T + Q dK^T)``, and finishes with ``O = A / l`` and
+``dO = T / l - (g / l) O``. Exponentials use ``exp2`` with ``log2(e)`` folded into the
+scale. Accumulators are fp32 whatever the input dtype (fp16, bf16, fp32; fp32 inputs use
+IEEE fp32 dots, not TF32).
+
+Three modes share the kernel (compile-time flags): primal only (``O`` and the natural
+logsumexp ``lse``, saved for the backward), fused primal + tangent in one pass, and tangent
+only, which reads a saved ``lse`` and ``O`` so ``P = exp(S - lse)`` needs no rescaling.
+An optional boolean key-padding mask ``(B, S_k)`` (True = attend) is supported; rows with
+every key masked give ``O = dO = 0`` and ``lse = +inf``. Any ``S_q``, ``S_k`` (blocks are
+bounds-checked) and head dims up to 256 (padded to a power of two, at least 16).
+
+The backward is not in this file: :mod:`mfcore.attention` computes it with the exact
+chunked reference formulas from the saved ``lse``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["attention_forward", "attention_tangent"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; ``UPCAST`` computes it from fp32 copies (used under
+    the interpreter, whose bf16 dot multiplies raw bit patterns: triton-lang/triton#11584)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _attn_jvp_kernel(
+    Q, K, V, TQ, TK, TV, O, TO, LSE, KEEP,
+    s_qb, s_qh, s_qs, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_tqb, s_tqh, s_tqs, s_tqd,
+    s_tkb, s_tkh, s_tks, s_tkd,
+    s_tvb, s_tvh, s_tvs, s_tvd,
+    s_ob, s_oh, s_os, s_od,
+    s_mb, s_ms,
+    n_heads, seq_q, seq_k, head_dim, scale,
+    PRIMAL: tl.constexpr, TANGENT: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols0 = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < seq_q
+    dim_ok = dims < head_dim
+    q_tile = row_ok[:, None] & dim_ok[None, :]
+
+    q = tl.load(
+        Q + b * s_qb + h * s_qh + rows[:, None] * s_qs + dims[None, :] * s_qd,
+        mask=q_tile, other=0.0,
+    )  # fmt: skip
+    if TANGENT and HAS_TQ:
+        tq = tl.load(
+            TQ + b * s_tqb + h * s_tqh + rows[:, None] * s_tqs + dims[None, :] * s_tqd,
+            mask=q_tile, other=0.0,
+        )  # fmt: skip
+    qk_scale = scale * 1.4426950408889634  # scores in log2 units
+
+    if PRIMAL:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    else:
+        lse = tl.load(LSE + pid_bh * seq_q + rows, mask=row_ok, other=float("inf"))
+        m_i = lse * 1.4426950408889634
+    if TANGENT:
+        g_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start in range(0, seq_k, BLOCK_N):
+        cols = start + cols0
+        col_in = cols < seq_k
+        col_ok = col_in
+        if HAS_MASK:
+            keep = tl.load(KEEP + b * s_mb + cols * s_ms, mask=col_in, other=0)
+            col_ok = col_in & (keep != 0)
+        kv_tile = dim_ok[:, None] & col_in[None, :]
+        k_t = tl.load(
+            K + b * s_kb + h * s_kh + cols[None, :] * s_ks + dims[:, None] * s_kd,
+            mask=kv_tile, other=0.0,
+        )  # fmt: skip
+        v = tl.load(
+            V + b * s_vb + h * s_vh + cols[:, None] * s_vs + dims[None, :] * s_vd,
+            mask=col_in[:, None] & dim_ok[None, :], other=0.0,
+        )  # fmt: skip
+        s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if PRIMAL:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            m_i = m_new
+        else:
+            p = tl.exp2(s - m_i[:, None])
+        if TANGENT:
+            ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_TQ:
+                ds += _dot(tq, k_t, PRECISION, UPCAST)
+            if HAS_TK:
+                tk_t = tl.load(
+                    TK + b * s_tkb + h * s_tkh + cols[None, :] * s_tks + dims[:, None] * s_tkd,
+                    mask=kv_tile, other=0.0,
+                )  # fmt: skip
+                ds += _dot(q, tk_t, PRECISION, UPCAST)
+            pds = p * (ds * scale)
+            if PRIMAL:
+                g_i = g_i * alpha
+                acc_t = acc_t * alpha[:, None]
+            g_i += tl.sum(pds, 1)
+            acc_t += _dot(pds.to(v.dtype), v, PRECISION, UPCAST)
+            if HAS_TV:
+                tv = tl.load(
+                    TV + b * s_tvb + h * s_tvh + cols[:, None] * s_tvs + dims[None, :] * s_tvd,
+                    mask=col_in[:, None] & dim_ok[None, :], other=0.0,
+                )  # fmt: skip
+                acc_t += _dot(p.to(tv.dtype), tv, PRECISION, UPCAST)
+
+    o_offs = b * s_ob + h * s_oh + rows[:, None] * s_os + dims[None, :] * s_od
+    if PRIMAL:
+        empty = l_i == 0.0
+        l_use = tl.where(empty, 1.0, l_i)
+        o = acc / l_use[:, None]
+        tl.store(O + o_offs, o.to(O.dtype.element_ty), mask=q_tile)
+        lse_out = tl.where(empty, float("inf"), (m_i + tl.log2(l_use)) * 0.6931471805599453)
+        tl.store(LSE + pid_bh * seq_q + rows, lse_out, mask=row_ok)
+        if TANGENT:
+            t_out = acc_t / l_use[:, None] - (g_i / l_use)[:, None] * o
+            tl.store(TO + o_offs, t_out.to(TO.dtype.element_ty), mask=q_tile)
+    else:
+        o = tl.load(O + o_offs, mask=q_tile, other=0.0).to(tl.float32)
+        t_out = acc_t - g_i[:, None] * o
+        tl.store(TO + o_offs, t_out.to(TO.dtype.element_ty), mask=q_tile)
+
+
+def _configs() -> list[triton.Config]:
+    """Tile shapes for the autotuner (Hopper/Ampere-sized; the tangent holds two tiles)."""
+    shapes = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3),
+              (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2)]  # fmt: skip
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in shapes
+    ]
+
+
+_tuned_kernel = triton.autotune(
+    configs=_configs(),
+    key=["seq_q", "seq_k", "head_dim", "PRIMAL", "TANGENT", "HAS_TQ", "HAS_TK", "HAS_TV"],
+)(_attn_jvp_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _strides(x: Tensor | None, like: Tensor) -> tuple[int, ...]:
+    return tuple((like if x is None else x).stride())
+
+
+def _launch(
+    q: Tensor, k: Tensor, v: Tensor, tangents: tuple[Tensor | None, ...], o: Tensor,
+    t_out: Tensor | None, lse: Tensor, key_mask: Tensor | None, scale: float, primal: bool,
+) -> None:  # fmt: skip
+    """Launch the kernel; ``o``/``lse`` are outputs when ``primal``, inputs otherwise."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    tq, tk, tv = tangents
+    tangent = t_out is not None
+    keep = key_mask.to(torch.int8) if key_mask is not None else lse
+    mask_strides = (keep.stride(0), keep.stride(1)) if key_mask is not None else (0, 0)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    args = (
+        q, k, v, tq if tq is not None else q, tk if tk is not None else k,
+        tv if tv is not None else v, o, t_out if tangent else o, lse, keep,
+        *q.stride(), *k.stride(), *v.stride(), *_strides(tq, q), *_strides(tk, k),
+        *_strides(tv, v), *o.stride(), *mask_strides, heads, seq_q, seq_k, head_dim, scale,
+    )  # fmt: skip
+    flags = dict(
+        PRIMAL=primal, TANGENT=tangent, HAS_TQ=tq is not None, HAS_TK=tk is not None,
+        HAS_TV=tv is not None, HAS_MASK=key_mask is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=block_d,
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+    )  # fmt: skip
+    if _interpreting():
+        block = 16 if max(seq_q, seq_k) <= 16 else 32
+        grid = (triton.cdiv(seq_q, block), batch * heads)
+        _attn_jvp_kernel[grid](*args, **flags, BLOCK_M=block, BLOCK_N=block)
+    else:
+
+        def grid(meta: dict) -> tuple[int, int]:
+            return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+
+        _tuned_kernel[grid](*args, **flags)
+
+
+def _check_tangent(name: str, t: Tensor | None, ref: Tensor) -> Tensor | None:
+    if t is not None and (t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device):
+        raise ValueError(
+            f"{name} must match its primal ({tuple(ref.shape)}, {ref.dtype}, {ref.device}), "
+            f"got ({tuple(t.shape)}, {t.dtype}, {t.device})"
+        )
+    return t
+
+
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tangents: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
+    *,
+    key_mask: Tensor | None = None,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Attention output, logsumexp and (optionally) the tangent, in one pass.
+
+    Args:
+        q: queries ``(B, H, S_q, D)``, fp16/bf16/fp32, any strides.
+        k: keys ``(B, H, S_k, D)``.
+        v: values ``(B, H, S_k, D)``.
+        tangents: ``(dq, dk, dv)`` shaped like ``q, k, v`` (entries may be None = zero),
+            or None for the primal only.
+        key_mask: boolean ``(B, S_k)``, True = attend.
+        scale: score scale.
+
+    Returns:
+        ``O (B, H, S_q, D)`` in the input dtype, the natural logsumexp ``(B, H, S_q)`` in
+        fp32 (+inf on all-masked rows), and the tangent ``dO`` (or None).
+    """
+    tangents = tangents if tangents is not None else (None, None, None)
+    for name, t, ref in zip(("dq", "dk", "dv"), tangents, (q, k, v), strict=True):
+        _check_tangent(name, t, ref)
+    batch, heads, seq_q, _ = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    wants_tangent = any(t is not None for t in tangents)
+    t_out = torch.empty_like(o) if wants_tangent else None
+    _launch(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal=True)
+    return o, lse, t_out
+
+
+def attention_tangent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
+    *,
+    key_mask: Tensor | None = None,
+    scale: float,
+) -> Tensor:
+    """Tangent ``dO`` from a saved output and logsumexp (one pass, no rescaling).
+
+    Args:
+        q, k, v: as in :func:`attention_forward`.
+        o: the output ``(B, H, S_q, D)`` of :func:`attention_forward`.
+        lse: its logsumexp ``(B, H, S_q)``, fp32.
+        tangents: ``(dq, dk, dv)``, entries may be None (zero).
+        key_mask: boolean ``(B, S_k)``, True = attend.
+        scale: score scale.
+
+    Returns:
+        ``dO = (P * dS) V + P dV - rowsum(P * dS) O``, ``(B, H, S_q, D)``, input dtype.
+    """
+    for name, t, ref in zip(("dq", "dk", "dv"), tangents, (q, k, v), strict=True):
+        _check_tangent(name, t, ref)
+    o, lse = o.contiguous(), lse.contiguous()
+    t_out = torch.empty(o.shape, dtype=q.dtype, device=q.device)
+    if all(t is None for t in tangents):
+        return t_out.zero_()
+    _launch(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal=False)
+    return t_out
