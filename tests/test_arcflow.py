@@ -74,7 +74,14 @@ def test_step_equals_quadrature_of_velocity(rates, draws):
     expected = z.numpy().copy()
     scale = np.abs(z.numpy()).copy()
     for b, k, d in np.ndindex(*m.shape):
-        integral, _ = quad(lambda s, gg=g[b, k, d]: math.exp(gg * (s0 - s)), s_b, s_a, epsrel=1e-13)
+        integral, _ = quad(
+            lambda s, gg=g[b, k, d]: math.exp(gg * (s0 - s)),
+            s_b,
+            s_a,
+            epsabs=0.0,
+            epsrel=1e-12,
+            limit=200,
+        )
         expected[b, d] -= w[b, k, d] * m[b, k, d] * integral
         scale[b, d] += abs(w[b, k, d] * m[b, k, d] * integral)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-11 * (1 + scale.max()))
