@@ -34,6 +34,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch.autograd import forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 
@@ -360,12 +361,30 @@ def _path_forward(path: str, q, k, v, tangents, kind, mask, scale, chunk_size):
     return _ref_forward(q, k, v, tangents, kind, mask, scale, chunk_size)
 
 
+def _raw(x: Tensor | None) -> Tensor | None:
+    """Peel the functorch wrappers ``torch.func.jvp`` puts on the tensors a ``jvp`` rule sees.
+
+    A Triton kernel needs plain storage; the plain tangent it returns is lifted back by
+    functorch. Batched (vmap) tensors cannot be peeled without changing their shape.
+    """
+    functorch = torch._C._functorch
+    while x is not None and functorch.is_functorch_wrapped_tensor(x):
+        if functorch.is_batchedtensor(x):
+            raise RuntimeError("attention: the Triton path does not support vmap")
+        x = functorch.get_unwrapped(x)
+    return x
+
+
 def _path_tangent(path: str, q, k, v, o, lse, tq, tk, tv, kind, mask, scale, chunk_size):
     if path == "triton":
         from mfcore.kernels import flash_jvp
 
+        q, k, v, o, lse, tq, tk, tv = (_raw(x) for x in (q, k, v, o, lse, tq, tk, tv))
         kpm = mask if kind == "keys" else None
-        return flash_jvp.attention_tangent(q, k, v, o, lse, (tq, tk, tv), key_mask=kpm, scale=scale)
+        with temporarily_clear_interpreter_stack():  # plain tensors for the kernel's buffers
+            return flash_jvp.attention_tangent(
+                q, k, v, o, lse, (tq, tk, tv), key_mask=kpm, scale=scale
+            )
     return _ref_tangent(q, k, v, o, lse, tq, tk, tv, kind, mask, scale, chunk_size)
 
 
