@@ -1,0 +1,761 @@
+"""Trajectory distribution alignment: critics that pull a few-step student toward the teacher.
+
+MeanFlow regression alone is mean-seeking at one or two steps on multi-modal targets
+(arXiv 2605.17834, Sec. 4): where the teacher's flow map is nearly discontinuous the
+student averages it and puts samples between the modes. These objectives add a
+*distribution-level* signal on the states of the student's own K-step trajectory
+``z_{t_0} = eps, z_{t_1}, ..., z_{t_K}`` (grid ``1 = t_0 > ... > t_K = 0``), so every
+segment end ``z_{t_{i+1}}`` is pushed toward the teacher's marginal at ``t_{i+1}``
+(trajectory distribution matching, TDM, arXiv 2503.06674).
+
+**Re-noising within a segment.** A state ``z_r`` of the path ``z_r = (1 - r) x + r e``
+moves to ``s >= r`` along the same path by the Gaussian transition
+
+    z_s = a z_r + sigma eps,   a = (1 - s) / (1 - r),   sigma^2 = s^2 - a^2 r^2,
+
+(:func:`renoise`), so ``z_s = (1 - s) x + s e'`` with ``e' ~ N(0, I)``. Its velocity
+``dz_s/ds = a' z_r + sigma' eps`` (:func:`renoise_velocity`) has, conditionally on ``z_s``,
+the mean of the path's velocity ``E[e' - x | z_s]``: regressing a network onto it is flow
+matching of the re-noised distribution (for ``r = 0`` it is the usual ``eps - x``).
+
+**Velocity critics** (DMD arXiv 2311.18828, TDM arXiv 2503.06674). A *fake* velocity field
+``v_fake(z, s)`` is fitted by that flow matching to detached student states; the teacher
+``v`` describes the teacher's marginals. Both transport ``z_s`` back to ``r``:
+
+    zhat_fake = z_s - (s - r) v_fake(z_s, s),   zhat_teacher = z_s - (s - r) v(z_s, s),
+
+and the student's state receives the gradient ``g = w(s, r) (zhat_fake - zhat_teacher) / n``
+through the surrogate ``L = 1/2 ||z_r - sg(z_r - g)||^2`` (so ``dL/dz_r = g``), with the
+normaliser ``n = mean |z_r - zhat_teacher|`` per sample (DMD, eq. 8). In the velocity
+convention ``zhat_fake - zhat_teacher = (s - r) (v - v_fake)``, which is a positive multiple
+of the gradient of ``KL(p_student || p_teacher)`` at ``s`` with respect to ``z_r``
+(``score = -(z + (1 - s) v) / s``, ``dz_s/dz_r = a``): a step against ``g`` lowers the KL.
+
+**Mean-flow critic** (Mean Flow Distillation, arXiv 2606.11155): the same with both
+transports taken by an ODE solve from ``s`` to ``r`` in a few steps, i.e. comparing the
+*average* velocities ``u(z_s, r, s)`` of teacher and fake instead of their velocities at
+one time; the paper shows this difference has a lower variance.
+
+**Kernel critic**: no network; the squared MMD (mixture of RBF bandwidths, Gretton et al.,
+arXiv 0805.2368) or the energy distance (Szekely & Rizzo 2013) between the student's
+segment-end states and teacher samples noised to the same time. Useful in low dimensions
+and as a cross-check of the network critics.
+
+:class:`AlignmentLoss` composes a critic with the student's K-step sampler
+(:func:`mfcore.solvers.sample_meanflow` with ``enable_grad=True``) and exposes
+``critic_step(...)`` and ``student_loss(...)``, each returning ``(loss, metrics)``; the seed
+method trains ``MeanFlowLoss + lambda * AlignmentLoss``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mfcore._checks import (
+    check_choice,
+    check_finite,
+    check_like,
+    check_positive_int,
+    check_tensor,
+    check_time,
+    compute_dtype,
+    expand_time,
+)
+from mfcore.solvers import ODE_METHODS, odeint, sample_meanflow, sample_teacher
+from mfcore.time import uniform_grid
+
+__all__ = [
+    "renoise",
+    "renoise_velocity",
+    "renoise_weight",
+    "surrogate_loss",
+    "kernel_discrepancy",
+    "FakeVelocityCritic",
+    "MeanFlowCritic",
+    "KernelCritic",
+    "AlignmentLoss",
+]
+
+Weighting = Callable[[Tensor, Tensor], Tensor]
+_MIN_FRACTION = 1e-3  # smallest (s - r) / (t - r) drawn, keeping sigma > 0
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_cond(cond: object) -> dict[str, Any]:
+    if cond is None:
+        return {}
+    if not isinstance(cond, Mapping):
+        raise TypeError(f"cond must be a dict of keyword arguments or None, got {type(cond)}")
+    return dict(cond)
+
+
+def _check_callable(name: str, fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+
+
+def _check_segment(z_r: Tensor, r: Tensor, t: Tensor) -> None:
+    """``z_r`` ``(B, ...)`` with segment ends ``r < t`` and ``r < 1``, both ``(B,)``."""
+    check_tensor("z_r", z_r, ndim_min=1)
+    check_time("r", r, z_r)
+    check_time("t", t, z_r)
+    if bool((r >= t).any()):
+        raise ValueError("a segment needs r < t elementwise (r: its end, t: its start)")
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- re-noising
+
+
+def _transition(r: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(a, sigma, da/ds, dsigma/ds)`` of the path's transition from ``r`` to ``s``."""
+    one_minus_r = 1.0 - r
+    a = (1.0 - s) / one_minus_r
+    var = (s * s - (a * r) ** 2).clamp_min(0.0)
+    sigma = var.sqrt()
+    da = -1.0 / one_minus_r
+    dvar_half = s - a * da * r * r  # (1/2) d(sigma^2)/ds
+    dsigma = dvar_half / sigma
+    return a, sigma, da.expand_as(a), dsigma
+
+
+def _check_renoise(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor, strict: bool) -> None:
+    check_tensor("z_r", z_r, ndim_min=1)
+    check_time("r", r, z_r)
+    check_time("s", s, z_r)
+    check_like("noise", noise, z_r, "z_r")
+    if bool((r >= 1).any()):
+        raise ValueError("r must be < 1 (the transition from pure noise is undefined)")
+    if strict and bool((s <= r).any()):
+        raise ValueError("s must satisfy s > r elementwise (the velocity is singular at s = r)")
+    if not strict and bool((s < r).any()):
+        raise ValueError("s must satisfy s >= r elementwise (re-noising only adds noise)")
+
+
+def renoise(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor) -> Tensor:
+    """Move ``z_r`` from time ``r`` to ``s >= r`` along the path ``z = (1 - t) x + t e``.
+
+    ``z_s = a z_r + sigma eps`` with ``a = (1 - s) / (1 - r)`` and
+    ``sigma^2 = s^2 - a^2 r^2``: if ``z_r = (1 - r) x + r e`` then
+    ``z_s = (1 - s) x + s e'`` with ``e' ~ N(0, I)`` (TDM's in-segment re-noising,
+    arXiv 2503.06674). ``s = r`` returns ``z_r``; ``r = 0`` gives ``(1 - s) z_0 + s eps``.
+
+    Args:
+        z_r: states ``(B, ...)`` at time ``r``.
+        r: times ``(B,)`` in ``[0, 1)``.
+        s: times ``(B,)`` with ``r <= s <= 1``.
+        noise: ``eps`` ``(B, ...)``, standard normal.
+
+    Returns:
+        ``z_s`` ``(B, ...)`` in ``z_r``'s dtype (coefficients in fp32 at least); differentiable
+        with respect to ``z_r``.
+    """
+    _check_renoise(z_r, r, s, noise, strict=False)
+    work = compute_dtype(z_r.dtype)
+    a, sigma, _, _ = _transition(r.to(work), s.to(work))
+    z_s = expand_time(a, z_r) * z_r.to(work) + expand_time(sigma, z_r) * noise.to(work)
+    return z_s.to(z_r.dtype)
+
+
+def renoise_velocity(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor) -> Tensor:
+    """Velocity ``dz_s/ds = a' z_r + sigma' eps`` of :func:`renoise` (the critic's target).
+
+    With ``a' = -1 / (1 - r)`` and ``sigma' = (s + (1 - s) r^2 / (1 - r)^2) / sigma``. Given
+    ``z_s`` its mean is the path's velocity ``E[e' - x | z_s]`` (because
+    ``a a' r^2 + sigma sigma' = s``), so it is an unbiased flow-matching target for the
+    re-noised distribution; for ``r = 0`` it is ``eps - z_0``.
+
+    Args:
+        z_r: states ``(B, ...)`` at time ``r``.
+        r: times ``(B,)`` in ``[0, 1)``.
+        s: times ``(B,)`` with ``r < s <= 1`` (``sigma' = inf`` at ``s = r``).
+        noise: ``eps`` ``(B, ...)``, the same as given to :func:`renoise`.
+
+    Returns:
+        the velocity ``(B, ...)`` in ``z_r``'s dtype.
+    """
+    _check_renoise(z_r, r, s, noise, strict=True)
+    work = compute_dtype(z_r.dtype)
+    _, _, da, dsigma = _transition(r.to(work), s.to(work))
+    vel = expand_time(da, z_r) * z_r.to(work) + expand_time(dsigma, z_r) * noise.to(work)
+    return vel.to(z_r.dtype)
+
+
+def renoise_weight(r: Tensor, s: Tensor) -> Tensor:
+    """Flow-matching weight ``sigma^2 / s^2`` of the re-noised target, ``(B,)`` in ``(0, 1]``.
+
+    The share of ``s^2`` contributed by fresh noise: 1 for ``r = 0`` (plain flow matching),
+    and it cancels the ``1 / sigma^2`` growth of the target's variance as ``s -> r``.
+    """
+    check_time("r", r)
+    check_time("s", s, batch=r.shape[0])
+    work = compute_dtype(r.dtype)
+    _, sigma, _, _ = _transition(r.to(work), s.to(work))
+    return (sigma / s.to(work)).square().to(r.dtype)
+
+
+def _draw_renoise_time(r: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``s = r + (t - r) u`` with ``u ~ U[1e-3, 1]``: a time inside each segment, above ``r``."""
+    u = torch.rand(r.shape, generator=generator, device=r.device, dtype=compute_dtype(r.dtype))
+    u = _MIN_FRACTION + (1.0 - _MIN_FRACTION) * u
+    return (r + (t - r) * u).clamp(max=1.0).to(r.dtype)
+
+
+def surrogate_loss(x: Tensor, g: Tensor) -> Tensor:
+    """Per-sample ``1/2 ||x - sg(x - g)||^2`` (summed over non-batch dims), ``(B,)``.
+
+    Its value is ``||g||^2 / 2`` and its gradient with respect to ``x`` is ``g`` (DMD,
+    arXiv 2311.18828): a way to inject a given gradient into any graph.
+
+    Args:
+        x: tensor ``(B, ...)`` attached to the graph.
+        g: the gradient to inject, ``(B, ...)`` (detached here).
+    """
+    check_tensor("x", x, ndim_min=1)
+    check_like("g", g, x, "x")
+    work = compute_dtype(x.dtype)
+    xw = x.to(work)
+    return 0.5 * (xw - (xw - g.to(work)).detach()).square().flatten(1).sum(1)
+
+
+# --------------------------------------------------------------------------- velocity critics
+
+
+class FakeVelocityCritic:
+    """Fake-velocity critic (DMD arXiv 2311.18828, TDM arXiv 2503.06674; see the module doc).
+
+    ``fake(z, s, **cond)`` is trained by flow matching (:meth:`critic_loss`) on detached
+    student states re-noised inside their segment (weight :func:`renoise_weight`); the
+    student's alignment gradient (:meth:`alignment_loss`) at a state ``z_r`` is
+
+        g = w(s, r) (zhat_fake - zhat_teacher) / n,   zhat = z_s - (s - r) v(z_s, s),
+
+    i.e. ``(s - r) (v_teacher - v_fake)`` in velocity terms, with ``n`` DMD's normaliser.
+
+    Args:
+        fake: the fake velocity network ``fake(z, t, **cond) -> (B, ...)``, an ``nn.Module``.
+        optimizer: the optimiser of ``fake``'s parameters (default Adam at ``lr``); it is
+            part of :meth:`state_dict`.
+        lr: learning rate of the default optimiser.
+        normalize: divide ``g`` per sample by ``mean |z_r - zhat_teacher| + 1e-4`` (DMD eq. 8).
+    """
+
+    has_network = True
+    needs_reference = False
+
+    def __init__(
+        self,
+        fake: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        lr: float = 1e-3,
+        normalize: bool = True,
+    ) -> None:
+        if not isinstance(fake, nn.Module):
+            raise TypeError(f"fake must be a torch.nn.Module, got {type(fake).__name__}")
+        if optimizer is None:
+            optimizer = torch.optim.Adam(fake.parameters(), lr=_check_positive("lr", lr))
+        elif not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        self.fake = fake
+        self.optimizer = optimizer
+        self.normalize = bool(normalize)
+
+    def _transport(self, v_fn, z_s: Tensor, s: Tensor, r: Tensor, cond: dict) -> Tensor:
+        """``z_s - (s - r) v(z_s, s)``: one Euler step of ``v`` from ``s`` back to ``r``."""
+        v = check_like("the critic's velocity", v_fn(z_s, s, **cond), z_s, "z_s")
+        work = compute_dtype(z_s.dtype)
+        return z_s.to(work) - expand_time((s - r).to(work), z_s) * v.to(work)
+
+    def critic_loss(
+        self,
+        z_r: Tensor,
+        r: Tensor,
+        t: Tensor,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Flow-matching loss of ``fake`` on the (detached) segment-end states ``z_r``.
+
+        Draws ``s`` in ``(r, t]`` and ``eps``, regresses ``fake(z_s, s)`` onto
+        :func:`renoise_velocity` with weight :func:`renoise_weight`; the minimiser is the
+        velocity of the student's re-noised marginal.
+
+        Args:
+            z_r: student states ``(B, ...)`` at the segment ends ``r``.
+            r: segment ends ``(B,)``, ``r < t``.
+            t: segment starts ``(B,)``.
+            cond: conditioning for ``fake``.
+            generator: random generator for ``s`` and ``eps``.
+
+        Returns:
+            ``(loss, metrics)``: the weighted mean over the batch of the squared error
+            summed over non-batch dims, and ``{"critic_fm": loss}`` detached.
+        """
+        _check_segment(z_r, r, t)
+        cond = _check_cond(cond)
+        z_r = z_r.detach()
+        s = _draw_renoise_time(r, t, generator)
+        noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
+        z_s = renoise(z_r, r, s, noise)
+        target = renoise_velocity(z_r, r, s, noise)
+        pred = check_like("the output of fake", self.fake(z_s, s, **cond), z_s, "z_s")
+        work = compute_dtype(pred.dtype)
+        sq = (pred.to(work) - target.to(work)).square().flatten(1).sum(1)
+        loss = (renoise_weight(r, s).to(work) * sq).mean()
+        check_finite("the critic's flow-matching loss", loss)
+        return loss, {"critic_fm": loss.detach()}
+
+    def alignment_loss(
+        self,
+        z_r: Tensor,
+        r: Tensor,
+        t: Tensor,
+        *,
+        teacher: Callable[..., Tensor],
+        weighting: Weighting | None = None,
+        reference: Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's surrogate loss at segment-end states ``z_r`` (attached).
+
+        Args:
+            z_r: student states ``(B, ...)`` at ``r``, attached to the student's graph.
+            r: segment ends ``(B,)``; ``t``: segment starts ``(B,)``, ``r < t``.
+            teacher: velocity field ``teacher(z, t, **cond)``.
+            weighting: optional ``w(s, r) -> (B,)`` multiplying ``g`` (default 1).
+            reference: unused (kept for a common call with :class:`KernelCritic`).
+            cond: conditioning for teacher and fake.
+            generator: random generator for ``s`` and ``eps``.
+
+        Returns:
+            ``(loss, metrics)``: the batch mean of :func:`surrogate_loss` and detached
+            ``align_g_rms`` (rms of ``g``) and ``align_gap_rms`` (rms of the unnormalised
+            difference ``zhat_fake - zhat_teacher``).
+        """
+        del reference
+        _check_segment(z_r, r, t)
+        _check_callable("teacher", teacher)
+        cond = _check_cond(cond)
+        s = _draw_renoise_time(r, t, generator)
+        noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
+        with torch.no_grad():
+            z_s = renoise(z_r.detach(), r, s, noise)
+            hat_teacher = self._transport(teacher, z_s, s, r, cond)
+            hat_fake = self._transport(self.fake, z_s, s, r, cond)
+            gap = hat_fake - hat_teacher
+            g = gap
+            if self.normalize:
+                scale = (z_r.detach().to(gap.dtype) - hat_teacher).abs().flatten(1).mean(1)
+                g = g / expand_time(scale + 1e-4, g)
+            if weighting is not None:
+                _check_callable("weighting", weighting)
+                w = check_like("the output of weighting", weighting(s, r), s, "s")
+                g = g * expand_time(w.to(g.dtype), g)
+        check_finite("the alignment gradient", g)
+        loss = surrogate_loss(z_r, g).mean()
+        metrics = {
+            "align_g_rms": g.square().mean().sqrt(),
+            "align_gap_rms": gap.square().mean().sqrt(),
+        }
+        return loss, metrics
+
+    def state_dict(self) -> dict:
+        """The fake network's and its optimiser's states."""
+        return {"fake": self.fake.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; raises ``KeyError`` naming a missing entry."""
+        for key in ("fake", "optimizer"):
+            if key not in state:
+                raise KeyError(f"critic state is missing {key!r}")
+        self.fake.load_state_dict(state["fake"])
+        # torch's optimiser keeps the given tensors (no copy): copy, so two critics never alias
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+
+class MeanFlowCritic(FakeVelocityCritic):
+    """Mean-flow critic (Mean Flow Distillation, arXiv 2606.11155).
+
+    As :class:`FakeVelocityCritic`, but both transports from ``s`` back to ``r`` integrate
+    their ODE in ``ode_steps`` steps of ``method``, so ``zhat_fake - zhat_teacher =
+    (s - r) (u_teacher(z_s, r, s) - u_fake(z_s, r, s))``: the difference of the two *average*
+    velocities over ``[r, s]``. With ``ode_steps = 1`` and ``"euler"`` it is the fake-velocity
+    critic.
+
+    Args:
+        fake, optimizer, lr, normalize: as :class:`FakeVelocityCritic`.
+        ode_steps: solver steps of each transport.
+        method: a solver of :data:`mfcore.solvers.ODE_METHODS`.
+    """
+
+    def __init__(
+        self,
+        fake: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        lr: float = 1e-3,
+        normalize: bool = True,
+        ode_steps: int = 4,
+        method: str = "heun",
+    ) -> None:
+        super().__init__(fake, optimizer, lr=lr, normalize=normalize)
+        self.ode_steps = check_positive_int("ode_steps", ode_steps)
+        self.method = check_choice("method", method, ODE_METHODS)
+
+    def _transport(self, v_fn, z_s: Tensor, s: Tensor, r: Tensor, cond: dict) -> Tensor:
+        """The ODE solution of ``v`` from ``s`` back to ``r`` (``ode_steps`` steps)."""
+        z = odeint(v_fn, z_s, s, r, self.ode_steps, method=self.method, cond=cond)
+        return z.to(compute_dtype(z_s.dtype))
+
+
+# --------------------------------------------------------------------------- kernel critic
+
+_KERNELS = ("mmd", "energy")
+
+
+def _pairwise_sq(a: Tensor, b: Tensor) -> Tensor:
+    """Squared Euclidean distances ``(N, M)`` between flattened rows (exact, no matmul trick)."""
+    return (a[:, None, :] - b[None, :, :]).square().sum(-1)
+
+
+def kernel_discrepancy(
+    a: Tensor,
+    b: Tensor,
+    *,
+    kind: str = "mmd",
+    bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0),
+) -> Tensor:
+    """A differentiable discrepancy between two clouds: squared MMD or energy distance.
+
+    - ``"mmd"``: the unbiased squared MMD (Gretton et al., arXiv 0805.2368, eq. 3) with
+      ``k(x, y) = mean_h exp(-||x - y||^2 / (2 h^2))`` over the ``bandwidths``;
+    - ``"energy"``: ``2 E||a - b|| - E||a - a'|| - E||b - b'||`` (Szekely & Rizzo 2013),
+      within-cloud means over distinct pairs, with ``||.||`` smoothed as
+      ``sqrt(d^2 + 1e-12)`` so its gradient exists at 0.
+
+    Both vanish in expectation iff the distributions agree (characteristic kernels).
+
+    Args:
+        a: points ``(N, ...)`` (flattened per sample), ``N >= 2``; gradients flow into it.
+        b: points ``(M, ...)`` with the same per-sample shape, ``M >= 2``.
+        kind: ``"mmd"`` or ``"energy"``.
+        bandwidths: positive RBF bandwidths for ``"mmd"``.
+
+    Returns:
+        a 0-dim tensor (fp32 at least).
+    """
+    check_tensor("a", a, ndim_min=1)
+    check_tensor("b", b, ndim_min=1)
+    check_choice("kind", kind, _KERNELS)
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"a and b must share the per-sample shape, got {a.shape} and {b.shape}")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"a and b need at least 2 points each, got {a.shape[0]}, {b.shape[0]}")
+    if a.device != b.device:
+        raise ValueError(f"a is on {a.device} but b is on {b.device}")
+    bw = [_check_positive("bandwidths", h) for h in bandwidths]
+    if not bw:
+        raise ValueError("bandwidths must not be empty")
+    work = compute_dtype(a.dtype)
+    x, y = a.flatten(1).to(work), b.flatten(1).to(work)
+    d_xx, d_yy, d_xy = _pairwise_sq(x, x), _pairwise_sq(y, y), _pairwise_sq(x, y)
+    if kind == "mmd":
+
+        def k(d):
+            return sum(torch.exp(-d / (2.0 * h * h)) for h in bw) / len(bw)
+    else:
+
+        def k(d):
+            return -(d + 1e-12).sqrt()
+
+    n, m = x.shape[0], y.shape[0]
+    off_x = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    off_y = ~torch.eye(m, dtype=torch.bool, device=y.device)
+    within_x = k(d_xx)[off_x].sum() / (n * (n - 1))
+    within_y = k(d_yy)[off_y].sum() / (m * (m - 1))
+    return within_x + within_y - 2.0 * k(d_xy).mean()
+
+
+class KernelCritic:
+    """Kernel critic: :func:`kernel_discrepancy` between student and teacher states.
+
+    At a segment end ``r`` it compares the student's states ``z_r`` with teacher samples
+    ``x`` noised to the same time, ``(1 - r) x + r eps`` (exact samples of the teacher's
+    marginal at ``r`` when ``x`` are the teacher's samples). No network, no critic step.
+
+    Args:
+        kind: ``"mmd"`` (mixture of RBF kernels) or ``"energy"``.
+        bandwidths: RBF bandwidths for ``"mmd"`` (suited to unit-variance data by default).
+    """
+
+    has_network = False
+    needs_reference = True
+
+    def __init__(
+        self, kind: str = "mmd", bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0)
+    ) -> None:
+        self.kind = check_choice("kind", kind, _KERNELS)
+        self.bandwidths = tuple(_check_positive("bandwidths", h) for h in bandwidths)
+        if not self.bandwidths:
+            raise ValueError("bandwidths must not be empty")
+
+    def alignment_loss(
+        self,
+        z_r: Tensor,
+        r: Tensor,
+        t: Tensor,
+        *,
+        teacher: Callable[..., Tensor] | None = None,
+        weighting: Weighting | None = None,
+        reference: Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Discrepancy between ``z_r`` and ``reference`` noised to ``r``.
+
+        Args:
+            z_r: student states ``(B, ...)`` at ``r`` (attached).
+            r: segment ends ``(B,)``; ``t``: segment starts ``(B,)``, ``r < t``.
+            teacher, cond: unused (the reference stands for the teacher).
+            weighting: optional ``w(s, r) -> (B,)``, evaluated at ``s = r``; its batch mean
+                multiplies the discrepancy.
+            reference: teacher samples at ``t = 0``, ``(B, ...)`` like ``z_r``.
+            generator: random generator for the noise.
+
+        Returns:
+            ``(loss, {"align_kernel": loss})``.
+        """
+        del teacher, cond
+        _check_segment(z_r, r, t)
+        if reference is None:
+            raise ValueError("KernelCritic needs reference (teacher samples at t = 0)")
+        check_like("reference", reference, z_r, "z_r")
+        noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
+        work = compute_dtype(z_r.dtype)
+        rr = expand_time(r.to(work), z_r)
+        ref_r = (1.0 - rr) * reference.detach().to(work) + rr * noise.to(work)
+        loss = kernel_discrepancy(z_r, ref_r, kind=self.kind, bandwidths=self.bandwidths)
+        if weighting is not None:
+            _check_callable("weighting", weighting)
+            loss = loss * check_like("the output of weighting", weighting(r, r), r, "r").mean()
+        check_finite("the kernel alignment loss", loss)
+        return loss, {"align_kernel": loss.detach()}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+
+# --------------------------------------------------------------------------- AlignmentLoss
+
+
+class AlignmentLoss:
+    """Trajectory distribution alignment of a few-step MeanFlow student (arXiv 2605.17834).
+
+    Runs the student for ``steps`` MeanFlow steps from noise (grid ``1 = t_0 > ... > t_K = 0``,
+    :func:`~mfcore.solvers.sample_meanflow`) and applies the critic at every segment end
+    ``z_{t_{i+1}}`` (segment ``[t_{i+1}, t_i]``), averaging over the ``K`` segments.
+
+    - :meth:`critic_step` trains the critic's network ``critic_updates`` times on the
+      detached trajectory (the second time scale; a no-op for :class:`KernelCritic`);
+    - :meth:`student_loss` is the student's loss, back-propagating through the whole
+      trajectory; add ``lambda *`` it to :class:`~mfcore.losses.MeanFlowLoss`.
+
+    Args:
+        critic: :class:`FakeVelocityCritic`, :class:`MeanFlowCritic` or :class:`KernelCritic`.
+        steps: student steps ``K`` on a uniform grid (1, 2, 4, ...); or give ``grid``.
+        grid: optional ``(K + 1,)`` grid strictly decreasing from 1 to 0.
+        weighting: optional ``w(s, r) -> (B,)`` over the critic's time ``s`` and segment
+            end ``r`` (see the critics).
+        critic_updates: optimiser steps of the critic per :meth:`critic_step`.
+        teacher_steps: Heun steps of the teacher when a kernel critic needs reference
+            samples and none are passed.
+    """
+
+    def __init__(
+        self,
+        critic: Any,
+        *,
+        steps: int = 1,
+        grid: Tensor | None = None,
+        weighting: Weighting | None = None,
+        critic_updates: int = 1,
+        teacher_steps: int = 32,
+    ) -> None:
+        if not isinstance(critic, FakeVelocityCritic | KernelCritic):
+            raise TypeError(
+                "critic must be a FakeVelocityCritic, MeanFlowCritic or KernelCritic, "
+                f"got {type(critic).__name__}"
+            )
+        if grid is None:
+            grid = uniform_grid(check_positive_int("steps", steps), dtype=torch.float64)
+        else:
+            check_tensor("grid", grid)
+            if grid.ndim != 1 or grid.shape[0] < 2:
+                raise ValueError(f"grid must have shape (K + 1,), K >= 1, got {tuple(grid.shape)}")
+            if grid[0].item() != 1.0 or grid[-1].item() != 0.0:
+                raise ValueError("grid must run from exactly 1 to exactly 0")
+            if not bool((grid[1:] < grid[:-1]).all()):
+                raise ValueError("grid must be strictly decreasing")
+        if weighting is not None:
+            _check_callable("weighting", weighting)
+        self.critic = critic
+        self.grid = grid.detach().to(torch.float64).cpu()
+        self.weighting = weighting
+        self.critic_updates = check_positive_int("critic_updates", critic_updates)
+        self.teacher_steps = check_positive_int("teacher_steps", teacher_steps)
+        self.updates_done = 0
+
+    @property
+    def steps(self) -> int:
+        """The number of student steps ``K``."""
+        return self.grid.shape[0] - 1
+
+    def _grid_for(self, noise: Tensor) -> Tensor:
+        return self.grid.to(device=noise.device, dtype=compute_dtype(noise.dtype))
+
+    def _segments(self, trajectory: Tensor, noise: Tensor):
+        """Yield ``(z_end, r, t)`` per segment, times ``(B,)`` in ``noise``'s dtype."""
+        grid, batch = self._grid_for(noise), noise.shape[0]
+        for i in range(self.steps):
+            t = grid[i].to(noise.dtype).repeat(batch)
+            r = grid[i + 1].to(noise.dtype).repeat(batch)
+            yield trajectory[i + 1], r, t
+
+    def _trajectory(self, student, noise: Tensor, cond: dict, grad: bool) -> Tensor:
+        _, traj = sample_meanflow(
+            student,
+            noise,
+            grid=self._grid_for(noise),
+            cond=cond,
+            return_trajectory=True,
+            enable_grad=grad,
+        )
+        return traj
+
+    def critic_step(
+        self,
+        student: Callable[..., Tensor],
+        noise: Tensor,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Train the critic's network on the student's (detached) trajectory from ``noise``.
+
+        Args:
+            student: ``u(z, r, t, **cond)``.
+            noise: starting states ``(B, ...)`` at ``t = 1``.
+            cond: conditioning for student and critic.
+            generator: random generator for the re-noising.
+
+        Returns:
+            ``(loss, metrics)``: the last update's loss (detached) and ``critic_fm`` /
+            ``critic_updates``; ``(0, {})`` for a critic without a network.
+        """
+        _check_callable("student", student)
+        check_tensor("noise", noise, ndim_min=1)
+        cond = _check_cond(cond)
+        if not self.critic.has_network:
+            return noise.new_zeros(()), {}
+        traj = self._trajectory(student, noise, cond, grad=False)
+        loss = noise.new_zeros(())
+        for _ in range(self.critic_updates):
+            losses = [
+                self.critic.critic_loss(z, r, t, cond=cond, generator=generator)[0]
+                for z, r, t in self._segments(traj, noise)
+            ]
+            loss = torch.stack(losses).mean()
+            self.critic.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.critic.optimizer.step()
+            self.updates_done += 1
+        loss = loss.detach()
+        return loss, {"critic_fm": loss, "critic_updates": torch.tensor(float(self.updates_done))}
+
+    def student_loss(
+        self,
+        student: Callable[..., Tensor],
+        noise: Tensor,
+        *,
+        teacher: Callable[..., Tensor] | None = None,
+        reference: Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's alignment loss on its K-step trajectory from ``noise``.
+
+        Args:
+            student: ``u(z, r, t, **cond)``; gradients flow through every step.
+            noise: starting states ``(B, ...)`` at ``t = 1``.
+            teacher: ``v(z, t, **cond)``; required by the velocity critics, and by the kernel
+                critic when ``reference`` is not given.
+            reference: teacher samples ``(B, ...)`` at ``t = 0`` for the kernel critic
+                (default: a ``teacher_steps``-step Heun solve from fresh noise).
+            cond: conditioning for all models.
+            generator: random generator.
+
+        Returns:
+            ``(loss, metrics)``; ``loss`` is the mean over segments, ``metrics`` the
+            critic's, averaged over segments, plus ``align_loss``.
+        """
+        _check_callable("student", student)
+        check_tensor("noise", noise, ndim_min=1)
+        cond = _check_cond(cond)
+        if teacher is None and not (self.critic.needs_reference and reference is not None):
+            raise ValueError("student_loss needs a teacher (or a reference for a KernelCritic)")
+        if self.critic.needs_reference and reference is None:
+            fresh = torch.randn(
+                noise.shape, generator=generator, device=noise.device, dtype=noise.dtype
+            )
+            reference = sample_teacher(teacher, fresh, self.teacher_steps, method="heun", cond=cond)
+        traj = self._trajectory(student, noise, cond, grad=True)
+        losses, sums = [], {}
+        for z, r, t in self._segments(traj, noise):
+            loss_i, m_i = self.critic.alignment_loss(
+                z,
+                r,
+                t,
+                teacher=teacher,
+                weighting=self.weighting,
+                reference=reference,
+                cond=cond,
+                generator=generator,
+            )
+            losses.append(loss_i)
+            for key, value in m_i.items():
+                sums[key] = sums.get(key, 0.0) + value / self.steps
+        loss = torch.stack(losses).mean()
+        check_finite("the alignment loss", loss)
+        return loss, {"align_loss": loss.detach(), **sums}
+
+    def state_dict(self) -> dict:
+        """The critic's state (network and optimiser) and the count of critic updates."""
+        return {"critic": self.critic.state_dict(), "updates_done": self.updates_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; raises ``KeyError`` naming a missing entry."""
+        for key in ("critic", "updates_done"):
+            if key not in state:
+                raise KeyError(f"AlignmentLoss state is missing {key!r}")
+        self.critic.load_state_dict(state["critic"])
+        self.updates_done = int(state["updates_done"])
