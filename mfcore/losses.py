@@ -1,0 +1,240 @@
+"""The losses users import: MeanFlowLoss, FlowMatchingLoss, and their weightings.
+
+Per-sample losses are squared L2 norms summed over the non-batch dimensions (as in
+MeanFlow, arXiv 2505.13447, Sec. 4.3), multiplied by a detached per-sample weight, and
+averaged over the batch. Each loss returns ``(loss, metrics)``: the scalar to
+backpropagate and a dict of detached 0-dim tensors for logging.
+
+A non-finite loss raises :class:`FloatingPointError` naming how many samples went bad;
+it is never averaged away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mfcore._checks import check_like, check_tensor, check_time, compute_dtype, expand_time
+from mfcore.targets import DifferentialTarget
+from mfcore.time import LogitNormalTime, TimePairSampler
+
+__all__ = [
+    "AdaptiveWeight",
+    "sample_path",
+    "per_sample_sq_error",
+    "MeanFlowLoss",
+    "FlowMatchingLoss",
+]
+
+Weighting = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class AdaptiveWeight:
+    """MeanFlow's adaptive weight ``w = sg(1 / (||delta||^2 + c)^p)`` (arXiv 2505.13447, eq. 22).
+
+    With ``p = 0`` it is plain L2; ``p = 1`` makes the loss roughly scale-free
+    (``||delta||^2 / (||delta||^2 + c)``); ``p = 0.5`` a pseudo-Huber loss.
+
+    Args:
+        p: the power, ``>= 0``.
+        c: the offset, ``> 0``.
+
+    Called as ``weight(sq_err, r, t) -> (B,)`` with ``sq_err`` the per-sample squared norm.
+    """
+
+    def __init__(self, p: float = 1.0, c: float = 1e-3) -> None:
+        if not p >= 0:
+            raise ValueError(f"p must be >= 0, got {p!r}")
+        if not c > 0:
+            raise ValueError(f"c must be > 0, got {c!r}")
+        self.p, self.c = float(p), float(c)
+
+    def __call__(self, sq_err: Tensor, r: Tensor, t: Tensor) -> Tensor:
+        del r, t
+        return (sq_err.detach() + self.c).pow(-self.p)
+
+    def __repr__(self) -> str:
+        return f"AdaptiveWeight(p={self.p}, c={self.c})"
+
+
+def sample_path(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """The rectified-flow path ``z_t = (1 - t) x + t eps`` (t = 0 data, t = 1 noise).
+
+    Args:
+        x: clean samples ``(B, ...)``.
+        noise: Gaussian noise ``(B, ...)``.
+        t: times ``(B,)``.
+
+    Returns:
+        ``z_t`` of shape ``(B, ...)`` in the dtype of ``x``.
+    """
+    work = compute_dtype(x.dtype)
+    tt = expand_time(t.to(work), x)
+    return ((1 - tt) * x.to(work) + tt * noise.to(work)).to(x.dtype)
+
+
+def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
+    """``||pred - target||^2`` summed over all but the batch dimension (fp32 at least): ``(B,)``."""
+    work = compute_dtype(pred.dtype)
+    return (pred.to(work) - target.to(work)).pow(2).flatten(1).sum(1)
+
+
+def _prepare(x, noise, generator):
+    check_tensor("x", x, ndim_min=1)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    else:
+        check_like("noise", noise, x, "x")
+    return noise
+
+
+def _reduce(sq_err: Tensor, weight: Tensor) -> Tensor:
+    per_sample = weight * sq_err
+    bad = ~torch.isfinite(per_sample)
+    if bool(bad.any()):
+        raise FloatingPointError(
+            f"non-finite loss in {int(bad.sum())} of {per_sample.numel()} samples "
+            "(check the learning rate, the target's scale, or the inputs)"
+        )
+    return per_sample.mean()
+
+
+def _velocity(teacher, z_t, t, x, noise, cond):
+    if teacher is None:
+        return noise - x
+    with torch.no_grad():
+        v = teacher(z_t, t, **cond)
+    check_like("teacher output", v, z_t, "z_t")
+    return v
+
+
+class MeanFlowLoss:
+    """MeanFlow loss composing a time-pair sampler, a target and a weighting.
+
+    Draws ``(r, t)`` and noise, forms ``z_t = (1 - t) x + t eps``, takes the velocity ``v``
+    at ``(z_t, t)`` from the teacher (distillation) or as ``eps - x`` (training from data,
+    as the original MeanFlow), asks the target for ``(pred, u_tgt)`` and returns
+    ``mean_B w * ||pred - u_tgt||^2``. With every pair at ``r = t`` the differential
+    target is ``v`` and the loss is flow matching.
+
+    Args:
+        time_sampler: returns ``(r, t)`` for a batch size (default MeanFlow's:
+            logit-normal(-0.4, 1.0), 25% of pairs with ``r != t``).
+        target: a target object of :mod:`mfcore.targets` (default the differential one
+            with ``torch.func.jvp``); a :class:`~mfcore.targets.WarmupTarget` gives the warm-up.
+        weighting: ``weighting(sq_err, r, t) -> (B,)`` detached weights (default
+            :class:`AdaptiveWeight` ``(p=1, c=1e-3)``; ``AdaptiveWeight(p=0)`` is plain L2).
+        guidance: optional ``guidance(v, student, z_t, t, cond) -> v`` applied to the
+            velocity before the target (e.g. :class:`mfcore.guidance.MeanFlowGuidance`).
+
+    Call: ``loss, metrics = mf(student, x, teacher=None, noise=None, cond=None, step=None,
+    generator=None)`` with ``x`` of shape ``(B, ...)``.
+    """
+
+    def __init__(
+        self,
+        time_sampler: Callable[..., tuple[Tensor, Tensor]] | None = None,
+        target: Any = None,
+        weighting: Weighting | None = None,
+        *,
+        guidance: Callable[..., Tensor] | None = None,
+    ) -> None:
+        self.time_sampler = time_sampler if time_sampler is not None else TimePairSampler()
+        self.target = target if target is not None else DifferentialTarget()
+        self.weighting = weighting if weighting is not None else AdaptiveWeight()
+        self.guidance = guidance
+
+    def __call__(
+        self,
+        student: Callable[..., Tensor],
+        x: Tensor,
+        *,
+        teacher: Callable[..., Tensor] | None = None,
+        noise: Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        step: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        noise = _prepare(x, noise, generator)
+        cond = dict(cond or {})
+        r, t = self.time_sampler(
+            x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator
+        )
+        z_t = sample_path(x, noise, t)
+        v = _velocity(teacher, z_t, t, x, noise, cond)
+        if self.guidance is not None:
+            with torch.no_grad():
+                v = self.guidance(v, student, z_t, t, cond)
+        out = self.target(
+            student, z_t, r, t, v, teacher=teacher, cond=cond, generator=generator, step=step
+        )
+        sq_err = per_sample_sq_error(out.pred, out.target)
+        weight = self.weighting(sq_err, r, t)
+        loss = _reduce(sq_err, weight)
+        metrics = {
+            "loss": loss.detach(),
+            "mse": (sq_err.detach() / out.pred[0].numel()).mean(),
+            "target_rms": out.target.detach().float().pow(2).mean().sqrt(),
+            "weight_mean": weight.detach().mean(),
+            "frac_r_neq_t": (r != t).float().mean(),
+            **out.metrics,
+        }
+        return loss, metrics
+
+    def state_dict(self) -> dict:
+        """The target's state (the warm-up phase lives there)."""
+        return {"target": self.target.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target.load_state_dict(state["target"])
+
+
+class FlowMatchingLoss:
+    """Flow matching for a velocity network ``model(z, t, **cond)`` (arXiv 2210.02747).
+
+    Regresses ``model(z_t, t)`` onto the teacher's velocity (distillation, or a critic's
+    own training on teacher/student samples) or onto ``eps - x`` (training from data).
+
+    Args:
+        time_sampler: ``sampler(B, device=, dtype=, generator=) -> (B,)`` (default
+            logit-normal(0, 1), SD3 arXiv 2403.03206).
+        weighting: ``weighting(sq_err, t, t) -> (B,)`` detached weights, or ``None`` (L2).
+    """
+
+    def __init__(
+        self, time_sampler: Callable[..., Tensor] | None = None, weighting: Weighting | None = None
+    ) -> None:
+        self.time_sampler = time_sampler if time_sampler is not None else LogitNormalTime()
+        self.weighting = weighting
+
+    def __call__(
+        self,
+        model: Callable[..., Tensor],
+        x: Tensor,
+        *,
+        teacher: Callable[..., Tensor] | None = None,
+        noise: Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        t: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss on clean samples ``x`` ``(B, ...)``; ``t`` ``(B,)`` overrides the sampler."""
+        noise = _prepare(x, noise, generator)
+        cond = dict(cond or {})
+        if t is None:
+            t = self.time_sampler(
+                x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator
+            )
+        else:
+            check_time("t", t, x)
+        z_t = sample_path(x, noise, t)
+        target = _velocity(teacher, z_t, t, x, noise, cond)
+        pred = model(z_t, t, **cond)
+        check_like("model output", pred, z_t, "z_t")
+        sq_err = per_sample_sq_error(pred, target)
+        weight = torch.ones_like(sq_err) if self.weighting is None else self.weighting(sq_err, t, t)
+        loss = _reduce(sq_err, weight)
+        return loss, {"loss": loss.detach(), "mse": (sq_err.detach() / pred[0].numel()).mean()}
