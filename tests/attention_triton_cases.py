@@ -1,0 +1,199 @@
+"""Interpreted-kernel cases for tests/test_attention_triton.py (not collected on its own).
+
+Triton decides at import time whether its jit functions (``tl.zeros`` included) are
+interpreted, so ``TRITON_INTERPRET=1`` must be set before triton is first imported.
+tests/test_attention_triton.py runs this file in a fresh process with the variable set;
+run directly, it skips unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run through tests/test_attention_triton.py", allow_module_level=True)
+
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import mfcore.attention as attn_mod  # noqa: E402
+from mfcore.attention import _ref_backward, _ref_forward, _ref_tangent, attention  # noqa: E402
+
+pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from mfcore.kernels import flash_jvp  # noqa: E402
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def fj():
+    """The kernel module, its kernels interpreted (CPU tensors)."""
+    assert isinstance(flash_jvp._attn_jvp_kernel, InterpretedFunction)
+    return flash_jvp
+
+
+def _data(b, h, s_q, s_k, d, dtype, *, seed=0, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s_q, d, generator=g)
+    k = torch.randn(b, h, s_k, d, generator=g)
+    v = torch.randn(b, h, s_k, d, generator=g)
+    tangents = tuple(torch.randn(x.shape, generator=g) for x in (q, k, v))
+    keep = None
+    if masked:
+        keep = torch.rand(b, s_k, generator=g) > 0.3
+        keep[:, 0] = True
+        if b > 1:
+            keep[-1] = False  # one sequence with every key masked
+    return tuple(x.to(dtype) for x in (q, k, v)), tuple(t.to(dtype) for t in tangents), keep
+
+
+def _exact(primals, tangents, keep, scale):
+    """float64 reference: output, logsumexp, tangent."""
+    p64 = tuple(x.double() for x in primals)
+    t64 = tuple(None if t is None else t.double() for t in tangents)
+    kind = "none" if keep is None else "keys"
+    return _ref_forward(*p64, t64, kind, keep, scale, None)
+
+
+def _rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+SHAPES = [  # (B, H, S_q, S_k, D): odd lengths, S_q != S_k, length 1, non-power-of-two D
+    (1, 1, 1, 1, 16),
+    (2, 2, 19, 23, 16),
+    (1, 2, 33, 7, 32),
+    (2, 1, 5, 40, 24),
+    (1, 1, 17, 17, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_forward_and_tangent_match_reference(fj, shape, dtype):
+    b, h, s_q, s_k, d = shape
+    primals, tangents, keep = _data(b, h, s_q, s_k, d, dtype, masked=b > 1 or s_k > 1)
+    scale = 1 / math.sqrt(d)
+    out, lse, tan = fj.attention_forward(*primals, tangents, key_mask=keep, scale=scale)
+    ref_out, ref_lse, ref_tan = _exact(primals, tangents, keep, scale)
+    assert out.dtype == tan.dtype == dtype and lse.dtype == torch.float32
+    assert _rel(out, ref_out) < TOL[dtype]
+    assert _rel(tan, ref_tan) < 2 * TOL[dtype]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)  # +inf exactly on all-masked rows
+    assert _rel(lse[finite], ref_lse[finite]) < 1e-5
+    if keep is not None and b > 1:
+        assert (out[-1] == 0).all() and (tan[-1] == 0).all()
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (0, 2)], ids=str)
+def test_tangent_from_lse_matches_reference(fj, which):
+    primals, tangents, keep = _data(2, 2, 21, 18, 16, torch.float32, seed=1)
+    tangents = tuple(t if i in which else None for i, t in enumerate(tangents))
+    scale = 0.37
+    out, lse, none = fj.attention_forward(*primals, None, key_mask=keep, scale=scale)
+    assert none is None
+    tan = fj.attention_tangent(*primals, out, lse, tangents, key_mask=keep, scale=scale)
+    ref_out, ref_lse, _ = _exact(primals, (None,) * 3, keep, scale)
+    t64 = [None if t is None else t.double() for t in tangents]
+    ref_tan = _ref_tangent(
+        *(x.double() for x in primals), ref_out, ref_lse, *t64, "keys", keep, scale, None
+    )
+    assert _rel(tan, ref_tan) < 4e-5
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    s_q=st.integers(1, 40), s_k=st.integers(1, 40), d=st.sampled_from([8, 16, 32]),
+    scale=st.floats(0.05, 2.0), seed=st.integers(0, 1000),
+)  # fmt: skip
+def test_kernel_property_any_lengths(fj, s_q, s_k, d, scale, seed):
+    primals, tangents, keep = _data(2, 1, s_q, s_k, d, torch.float32, seed=seed)
+    out, _, tan = fj.attention_forward(*primals, tangents, key_mask=keep, scale=scale)
+    ref_out, _, ref_tan = _exact(primals, tangents, keep, scale)
+    assert _rel(out, ref_out) < 1e-4 and _rel(tan, ref_tan) < 1e-4
+
+
+def test_non_contiguous_inputs(fj):
+    """(B, S, H, D) storage viewed as (B, H, S, D), as diffusers passes it."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 13, 3, 16, generator=g).transpose(1, 2) for _ in range(3))
+    tangents = tuple(torch.randn(2, 13, 3, 16, generator=g).transpose(1, 2) for _ in range(3))
+    out, _, tan = fj.attention_forward(q, k, v, tangents, scale=0.25)
+    ref_out, _, ref_tan = _exact((q, k, v), tangents, None, 0.25)
+    assert _rel(out, ref_out) < 2e-5 and _rel(tan, ref_tan) < 4e-5
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "from_lse"])
+def fuse(request, monkeypatch):
+    monkeypatch.setattr(attn_mod, "_FUSE_DUAL", request.param)
+
+
+def test_attention_triton_backend_jvp_and_backward(fj, fuse):
+    """torch.func.jvp then backward through the primal, against the reference backend."""
+    primals, tangents, keep = _data(2, 2, 11, 14, 16, torch.float32, seed=3)
+    results = {}
+    for backend in ("triton", "reference"):
+        inputs = tuple(p.clone().requires_grad_() for p in primals)
+
+        def fn(q, k, v, backend=backend):
+            return attention(q, k, v, attn_mask=keep, backend=backend)
+
+        out, tan = torch.func.jvp(fn, inputs, tangents)
+        grads = torch.autograd.grad((out * out).sum(), inputs)
+        results[backend] = (out, tan, *grads)
+    for a, r in zip(results["triton"], results["reference"], strict=True):
+        assert _rel(a, r.double()) < 1e-4
+
+
+def test_backward_uses_the_kernels_logsumexp(fj):
+    primals, _, keep = _data(2, 1, 9, 12, 16, torch.float32, seed=4)
+    out, lse, _ = fj.attention_forward(*primals, None, key_mask=keep, scale=0.25)
+    grad_o = torch.randn_like(out)
+    ours = _ref_backward(*primals, out, lse, grad_o, "keys", keep, 0.25, 4)
+    p64 = tuple(x.double() for x in primals)
+    ref_out, ref_lse, _ = _ref_forward(*p64, None, "keys", keep, 0.25, None)
+    ref = _ref_backward(*p64, ref_out, ref_lse, grad_o.double(), "keys", keep, 0.25, None)
+    for a, r in zip(ours, ref, strict=True):
+        assert _rel(a, r) < 1e-4
+
+
+def test_forward_ad_api(fj, fuse):
+    from torch.autograd import forward_ad as fwAD
+
+    primals, tangents, keep = _data(1, 2, 8, 9, 16, torch.float32, seed=5)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)]
+        out = attention(*duals, attn_mask=keep, backend="triton")
+        tan = fwAD.unpack_dual(out).tangent
+    _, _, ref = _exact(primals, tangents, keep, 0.25)
+    assert _rel(tan, ref) < 4e-5
+
+
+def test_compiled_module_tangents_match_eager(fj, fuse):
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(16, 48)
+
+    def model(x):
+        q, k, v = proj(x).reshape(1, 6, 3, 1, 16).permute(2, 0, 3, 1, 4)
+        return attention(q, k, v, backend="triton")
+
+    x, tx = torch.randn(1, 6, 16), torch.randn(1, 6, 16)
+    eager = torch.func.jvp(model, (x,), (tx,))
+    torch._dynamo.reset()
+    compiled = torch.func.jvp(torch.compile(model, backend="aot_eager"), (x,), (tx,))
+    for a, e in zip(compiled, eager, strict=True):
+        assert _rel(a, e.double()) < 1e-6
+
+
+def test_auto_backend_stays_on_reference_for_cpu(fj):
+    primals, _, _ = _data(1, 1, 3, 3, 16, torch.float32, masked=False)
+    assert attn_mod._select_path("auto", primals[0], primals[2], "none") == "reference"
+    assert attn_mod._select_path("triton", primals[0], primals[2], "none") == "triton"
