@@ -1,0 +1,1 @@
+"""Triton kernels (imported lazily: mfcore works without triton). See docs/attention.md."""
