@@ -36,6 +36,19 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.transformers.transformer_flux import FluxAttention
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.autograd import forward_ad as fwAD
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mfcore._checks import (
+    check_choice,
+    check_interval,
+    check_positive_int,
+    check_tensor,
+    check_time,
+)
 from mfcore.adapters.lora import (
     LoraSpec,
     add_lora,
@@ -45,10 +58,8 @@ from mfcore.adapters.lora import (
     lora_state_dict,
     save_lora,
 )
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
-
-from mfcore._checks import check_interval, check_positive_int, check_tensor, check_time
+from mfcore.attention import use_jvp_attention
+from mfcore.solvers import sample_meanflow
 from mfcore.time import resolution_shift_mu, shifted_grid, uniform_grid
 
 __all__ = [
@@ -62,6 +73,8 @@ __all__ = [
     "text_ids",
     "flux_mu",
     "check_flux_transformer",
+    "ATTENTION_MODES",
+    "attention_mode_for",
     "IntervalEmbedding",
     "FluxTeacher",
     "FluxStudent",
@@ -383,6 +396,96 @@ class FluxTeacher:
         return v
 
 
+# --------------------------------------------------------------------------- attention
+
+#: How the student's attention runs (see :class:`FluxStudent`).
+ATTENTION_MODES = ("auto", "math", "mfcore")
+
+# Which attention each backend of mfcore.jvp.total_derivative needs: forward-mode AD needs a
+# tangent rule (mfcore.attention; "auto" switches to it when tangents are present), the
+# double-backward trick needs attention whose backward is itself differentiable (torch's math
+# SDPA; neither the fused kernels nor mfcore.attention's backward are), and the finite
+# difference needs neither.
+_ATTENTION_FOR_JVP = {"func": "auto", "autograd": "math", "fd": "auto"}
+
+
+def attention_mode_for(jvp_method: str) -> str:
+    """The :class:`FluxStudent` attention mode that the JVP backend ``jvp_method`` needs."""
+    return _ATTENTION_FOR_JVP[check_choice("jvp_method", jvp_method, _ATTENTION_FOR_JVP)]
+
+
+def _has_tangent(*xs: Tensor) -> bool:
+    """Whether an input carries a forward-mode tangent (in ``torch.func.jvp`` or a dual level)."""
+    return any(fwAD.unpack_dual(x).tangent is not None for x in xs)
+
+
+def _attention_context(mode: str, x: Tensor) -> contextlib.AbstractContextManager:
+    """The attention for one call, from the mode, the tangent of ``x`` and the grad mode.
+
+    The choice depends only on state that is the same when gradient checkpointing
+    recomputes a block during backward (grad enabled, no tangents), so the recomputation
+    runs the same attention as the forward it replaces.
+    """
+    if mode == "math" and (_has_tangent(x) or torch.is_grad_enabled()):
+        return sdpa_kernel(SDPBackend.MATH)
+    if _has_tangent(x) or (mode == "mfcore" and torch.is_grad_enabled()):
+        return use_jvp_attention()
+    return contextlib.nullcontext()
+
+
+class _AttentionRouting:
+    """The mode shared by a student and the processors it wraps."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+
+class _RoutedAttnProcessor:
+    """Wraps a FLUX attention processor, running it inside the routing's attention context.
+
+    Its ``__call__`` has the signature of diffusers' ``FluxAttnProcessor`` (which
+    ``FluxAttention.forward`` inspects to filter keyword arguments).
+    """
+
+    def __init__(self, inner: Any, routing: _AttentionRouting) -> None:
+        self.inner = inner
+        self.routing = routing
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: Tensor | None = None,
+    ) -> Any:
+        with _attention_context(self.routing.mode, hidden_states):
+            return self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+
+
+def _route_attention(transformer: FluxTransformer2DModel, routing: _AttentionRouting) -> None:
+    for module in transformer.modules():
+        if isinstance(module, FluxAttention) and not isinstance(
+            module.processor, _RoutedAttnProcessor
+        ):
+            module.processor = _RoutedAttnProcessor(module.processor, routing)
+
+
+@contextlib.contextmanager
+def _checkpointing_off(transformer: FluxTransformer2DModel, off: bool) -> Iterator[None]:
+    """Switch gradient checkpointing off inside the block when ``off`` (restored after)."""
+    saved = transformer.gradient_checkpointing
+    if off and saved:
+        logger.debug("gradient checkpointing is off while a JVP with a graph is taken")
+        transformer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        transformer.gradient_checkpointing = saved
+
+
 # --------------------------------------------------------------------------- student
 
 
@@ -433,12 +536,25 @@ class FluxStudent(nn.Module):
     ``time_text_embed``. Both start at zero, so ``u(z, r, t) = v_teacher(z, t)`` for every
     ``r`` at initialisation. :meth:`teacher` returns the teacher on the same weights.
 
+    Attention: each FLUX attention processor is wrapped so that diffusers' native backend
+    (which calls ``F.scaled_dot_product_attention``) runs, per call, as ``attention`` says.
+    ``"auto"``: torch's SDPA (flash on a GPU), and :func:`mfcore.attention.use_jvp_attention`
+    while a JVP is taken (the hidden states carry a forward-mode tangent, as inside
+    ``mfcore.jvp.total_derivative(method="func")``). ``"math"``: torch's math SDPA whenever
+    gradients or tangents are tracked (twice differentiable, which the ``"autograd"`` JVP
+    backend needs). ``"mfcore"``: :mod:`mfcore.attention` whenever gradients or tangents are
+    tracked. Without either (the teacher, sampling) attention is torch's SDPA. Pick the mode
+    with :func:`attention_mode_for`. Gradient checkpointing is switched off for a call that
+    takes a JVP with a graph (it cannot recompute forward-mode AD); a no-grad JVP followed
+    by a separate forward keeps it (``DifferentialTarget(single_forward=False)``).
+
     Args:
         transformer: a diffusers ``FluxTransformer2DModel`` (modified in place).
         lora: LoRA rank and target modules.
         guidance_scale: guidance input of a guidance-distilled checkpoint (the student
             distils the teacher at this scale).
         adapter_name: peft's name for the adapter.
+        attention: ``"auto"``, ``"math"`` or ``"mfcore"`` (see above).
     """
 
     def __init__(
@@ -448,9 +564,12 @@ class FluxStudent(nn.Module):
         lora: LoraSpec | None = None,
         guidance_scale: float = 3.5,
         adapter_name: str = "mfcore",
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         check_flux_transformer(transformer)
+        self._routing = _AttentionRouting(check_choice("attention", attention, ATTENTION_MODES))
+        _route_attention(transformer, self._routing)
         self.lora_spec = lora if lora is not None else LoraSpec()
         self.guidance_scale = float(guidance_scale)
         self.adapter_name = adapter_name
@@ -460,6 +579,15 @@ class FluxStudent(nn.Module):
         self.interval = IntervalEmbedding(embed.time_proj, embed.timestep_embedder)
         self._delta: Tensor | None = None
         self._hook = embed.register_forward_hook(self._add_interval)
+
+    @property
+    def attention(self) -> str:
+        """How attention runs: ``"auto"``, ``"math"`` or ``"mfcore"``."""
+        return self._routing.mode
+
+    @attention.setter
+    def attention(self, mode: str) -> None:
+        self._routing.mode = check_choice("attention", mode, ATTENTION_MODES)
 
     def _add_interval(self, module: nn.Module, args: tuple, temb: Tensor) -> Tensor | None:
         if self._delta is None:
@@ -510,7 +638,9 @@ class FluxStudent(nn.Module):
         if guidance is None and tr.config.guidance_embeds:
             guidance = self.guidance_scale
         g = _guidance_tensor(tr, guidance, z)
-        with self._interval_on(t - r):
+        # checkpointing cannot recompute a forward-mode AD forward: off under a JVP with graph
+        jvp_graph = torch.is_grad_enabled() and _has_tangent(z, t)
+        with self._interval_on(t - r), _checkpointing_off(tr, jvp_graph):
             return _transformer_velocity(tr, z, t, prompt_embeds, pooled_prompt_embeds, g)
 
     def teacher(self, *, true_cfg_scale: float = 1.0) -> FluxTeacher:
@@ -682,8 +812,6 @@ def generate_latents(
     Returns:
         latents ``(B, C, H, W)`` at ``t = 0``, normalised as the VAE's training latents.
     """
-    from mfcore.solvers import sample_meanflow
-
     steps = check_positive_int("steps", steps)
     check_tensor("prompt_embeds", prompt_embeds, ndim_min=3)
     channels = student.transformer.config.in_channels // 4

@@ -17,6 +17,7 @@ from mfcore.adapters.flux import (
     TINY_FLUX_CONFIG,
     FluxStudent,
     FluxTeacher,
+    attention_mode_for,
     flux_mu,
     latent_image_ids,
     pack_latents,
@@ -25,6 +26,9 @@ from mfcore.adapters.flux import (
     unpack_latents,
 )
 from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec, lora_disabled
+
+from mfcore.jvp import JVP_METHODS, total_derivative
+from mfcore.targets import DifferentialTarget
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=8, deadline=None)
@@ -369,3 +373,84 @@ def test_load_errors(tmp_path):
         FluxStudent.from_pretrained(tiny(False), tmp_path)
     with pytest.raises(ValueError, match="unexpected"):
         student.load_trainable_state_dict({"other.x": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------- JVP through the model
+
+
+def jvp_setup(guidance: bool, seed: int):
+    student = FluxStudent(tiny(guidance), lora=LoraSpec(rank=2))
+    perturb(student, seed=seed)
+    z, _, t, cond = batch(seed=seed)
+    t = 0.2 + 0.6 * t  # keep the finite-difference stencil inside [r, 1]
+    r = 0.5 * t
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=F64)
+    return student, z, r, t, v, cond
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_dudt_agrees_across_jvp_backends(guidance, seed):
+    student, z, r, t, v, cond = jvp_setup(guidance, seed)
+    out = {}
+    for method in JVP_METHODS:
+        student.attention = attention_mode_for(method)
+        kw = {"fd_step": 3e-5} if method == "fd" else {}
+        out[method] = total_derivative(student, z, r, t, v, method=method, cond=cond, **kw)
+    u_ref = student(z, r, t, **cond).detach()
+    scale = out["func"][1].abs().max()
+    assert scale > 0
+    for method, (u, dudt) in out.items():
+        assert torch.allclose(u, u_ref, atol=1e-12, rtol=0), method
+        assert torch.isfinite(dudt).all()
+    assert torch.allclose(out["func"][1], out["autograd"][1], atol=1e-10 * scale, rtol=0)
+    # fd: FLUX embeds 1000 t with sinusoids of frequency up to 1 (so d/dt up to 1000) and
+    # diffusers computes them in fp32: the step trades curvature (h large) against that
+    # rounding (h small); 3e-5 gives ~1e-4 relative error, 1e-3 would give ~10%.
+    assert torch.allclose(out["func"][1], out["fd"][1], atol=2e-3 * scale, rtol=0)
+
+
+def test_auto_attention_routes_only_under_forward_ad(monkeypatch):
+    import mfcore.attention as mfa
+
+    calls = []
+    original = mfa.attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mfa, "attention", counting)
+    student, z, r, t, v, cond = jvp_setup(False, 0)
+    student(z, r, t, **cond)
+    assert not calls  # a plain forward keeps torch's SDPA
+    total_derivative(student, z, r, t, v, method="func", cond=cond)
+    assert len(calls) == 2  # one double-stream and one single-stream block
+    student.attention = "mfcore"
+    calls.clear()
+    student(z, r, t, **cond)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="attention"):
+        student.attention = "flash"
+    with pytest.raises(ValueError, match="jvp_method"):
+        attention_mode_for("exact")
+
+
+@pytest.mark.parametrize(
+    "method, single_forward", [("func", True), ("func", False), ("autograd", True), ("fd", False)]
+)
+def test_differential_target_gradients_with_checkpointing(method, single_forward):
+    """The differential target's gradients do not change with gradient checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        student, z, r, t, v, cond = jvp_setup(True, 3)
+        student.attention = attention_mode_for(method)
+        if checkpointing:
+            student.transformer.enable_gradient_checkpointing()
+        target = DifferentialTarget(method, single_forward=single_forward)
+        out = target(student, z, r, t, v, cond=cond)
+        ((out.pred - out.target) ** 2).mean().backward()
+        grads.append([p.grad.clone() for p in student.trainable_parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
