@@ -1,0 +1,232 @@
+"""Time and peak memory of each du/dt backend relative to one forward pass.
+
+Measures, for an MLP student and a small transformer-like student (attention through
+``mfcore.attention``), the median wall time and the peak memory of
+
+- ``forward``: one no-grad forward (the unit);
+- ``func`` / ``autograd`` / ``fd``: ``total_derivative(..., keep_graph=False)``;
+- ``func+loss``: ``total_derivative(..., keep_graph=True)`` then a backward through ``u``
+  (what one MeanFlow step costs with the single-forward path).
+
+Peak memory is ``torch.cuda.max_memory_allocated`` growth on CUDA; on CPU it is the growth
+of the process's peak resident set size, each case in a fresh subprocess (coarser: it
+includes allocator slack). Writes ``benchmarks/results/jvp_backends_<device>.json`` and
+replaces the ``jvp_backends`` table in ``docs/benchmarks.md``.
+
+Usage: ``python benchmarks/jvp_backends.py [--device cuda] [--repeats 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mfcore.attention import attention
+from mfcore.jvp import total_derivative
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = ("forward", "func", "autograd", "fd", "func+loss")
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim=64, hidden=1024, depth=4):
+        super().__init__()
+        layers, width = [], dim + 2
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
+
+    def forward(self, z, r, t):
+        return self.net(torch.cat([z, r[:, None], (t - r)[:, None]], 1))
+
+
+class _Block(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+        self.mod = nn.Linear(width, 2 * width)
+
+    def forward(self, h, emb):
+        b, s, w = h.shape
+        scale, shift = self.mod(emb).unsqueeze(1).chunk(2, -1)
+        x = self.norm1(h) * (1 + scale) + shift
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = attention(q, k, v).transpose(1, 2).reshape(b, s, w)
+        h = h + self.out(a)
+        return h + self.mlp(self.norm2(h))
+
+
+class _Transformer(nn.Module):
+    """A DiT-like student on tokens ``(B, S, C)`` with (r, t) through adaptive norms."""
+
+    def __init__(self, ch=16, width=256, heads=4, depth=4):
+        super().__init__()
+        self.inp, self.outp = nn.Linear(ch, width), nn.Linear(width, ch)
+        self.time = nn.Sequential(nn.Linear(2, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(depth))
+
+    def forward(self, z, r, t):
+        emb = self.time(torch.stack([t, t - r], 1))
+        h = self.inp(z)
+        for blk in self.blocks:
+            h = blk(h, emb)
+        return self.outp(h)
+
+
+def _build(model: str, device: str):
+    torch.manual_seed(0)
+    if model == "mlp":
+        net, shape = _MLP(), (512, 64)
+    else:
+        net, shape = _Transformer(), (8, 256, 16)
+    net = net.to(device)
+    z = torch.randn(shape, device=device)
+    v = torch.randn(shape, device=device)
+    t = torch.rand(shape[0], device=device)
+    return net, z, t * torch.rand(shape[0], device=device), t, v
+
+
+def _step(case, net, z, r, t, v):
+    if case == "forward":
+        with torch.no_grad():
+            net(z, r, t)
+    elif case == "func+loss":
+        u, _ = total_derivative(net, z, r, t, v, method="func", keep_graph=True)
+        u.square().mean().backward()
+    else:
+        total_derivative(net, z, r, t, v, method=case)
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(model, case, device, repeats):
+    net, z, r, t, v = _build(model, device)
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:  # the peak so far: model, inputs and torch itself
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    _step(case, net, z, r, t, v)  # warm-up (its peak counts: same work as the timed steps)
+    times = []
+    for _ in range(repeats):
+        net.zero_grad(set_to_none=True)
+        _sync(device)
+        start = time.perf_counter()
+        _step(case, net, z, r, t, v)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"ms": 1e3 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
+
+
+def _in_subprocess(args):
+    return _measure(*args)
+
+
+def run(device: str, repeats: int) -> dict:
+    results = {}
+    ctx = mp.get_context("spawn")
+    for model in ("mlp", "transformer"):
+        rows = {}
+        for case in CASES:
+            if device == "cpu":  # a fresh process per case so peak RSS means this case
+                with ctx.Pool(1) as pool:
+                    rows[case] = pool.apply(_in_subprocess, ((model, case, device, repeats),))
+            else:
+                rows[case] = _measure(model, case, device, repeats)
+        unit = rows["forward"]
+        for row in rows.values():
+            row["time_x_forward"] = row["ms"] / unit["ms"]
+            row["mem_x_forward"] = row["peak_mb"] / unit["peak_mb"] if unit["peak_mb"] else None
+        results[model] = rows
+    return results
+
+
+def _device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _table(meta, results) -> str:
+    lines = [
+        "<!-- jvp_backends:start -->",
+        f"Device: {meta['device_name']}; torch {meta['torch']}; {meta['date']}; "
+        f"command: `{meta['command']}`; median of {meta['repeats']}.",
+        "",
+        "| model | case | time (ms) | x forward | peak memory (MB) | x forward |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, rows in results.items():
+        for case, row in rows.items():
+            mem_x = "" if row["mem_x_forward"] is None else f"{row['mem_x_forward']:.2f}"
+            lines.append(
+                f"| {model} | {case} | {row['ms']:.2f} | {row['time_x_forward']:.2f} | "
+                f"{row['peak_mb']:.1f} | {mem_x} |"
+            )
+    lines.append("<!-- jvp_backends:end -->")
+    return "\n".join(lines)
+
+
+def _update_docs(table: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = "<!-- jvp_backends:start -->", "<!-- jvp_backends:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + table + rest.split(end, 1)[1]
+    else:
+        text = (
+            text.rstrip() + "\n\n## JVP backends (`benchmarks/jvp_backends.py`)\n\n" + table + "\n"
+        )
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    results = run(args.device, args.repeats)
+    meta = {
+        "device": args.device,
+        "device_name": _device_name(args.device),
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "repeats": args.repeats,
+        "command": f"python benchmarks/jvp_backends.py --device {args.device} "
+        f"--repeats {args.repeats}",
+    }
+    out = ROOT / "benchmarks" / "results" / f"jvp_backends_{args.device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    table = _table(meta, results)
+    _update_docs(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
