@@ -12,6 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mfcore.adapters.flux import (
     FLUX_DEV_CONFIG,
     TINY_FLUX_CONFIG,
@@ -26,7 +27,6 @@ from mfcore.adapters.flux import (
     unpack_latents,
 )
 from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec, lora_disabled
-
 from mfcore.jvp import JVP_METHODS, total_derivative
 from mfcore.targets import DifferentialTarget
 

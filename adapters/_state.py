@@ -1,0 +1,71 @@
+"""Nested training state <-> one safetensors file plus JSON, with no pickle (private).
+
+Optimiser states, RNG states and the warm-up switch are nested dicts and lists of tensors
+and plain values. :func:`save_state` stores every tensor in a safetensors file and the
+structure (with typed dict keys, tuples, ints and floats) in a JSON file next to it, so
+:func:`load_state` rebuilds the object exactly and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+_TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _encode(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:
+    if isinstance(obj, Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR: name}
+    if isinstance(obj, dict):
+        items = []
+        for k, v in obj.items():
+            if not isinstance(k, _SCALARS):
+                raise TypeError(f"state key {k!r} at {path} is not a plain value")
+            items.append([k, _encode(v, tensors, f"{path}.{k}")])
+        return {_DICT: items}
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, _SCALARS):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} without pickle")
+
+
+def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            return tensors[obj[_TENSOR]]
+        if _TUPLE in obj:
+            return tuple(_decode(v, tensors) for v in obj[_TUPLE])
+        return {k: _decode(v, tensors) for k, v in obj[_DICT]}
+    return obj
+
+
+def save_state(state: Any, stem: str | os.PathLike) -> None:
+    """Write ``state`` to ``<stem>.safetensors`` and ``<stem>.json``."""
+    tensors: dict[str, Tensor] = {}
+    skeleton = _encode(state, tensors, "state")
+    save_file(tensors, f"{stem}.safetensors")
+    with open(f"{stem}.json", "w") as f:
+        json.dump(skeleton, f)
+
+
+def load_state(stem: str | os.PathLike) -> Any:
+    """Read what :func:`save_state` wrote (tensors on the CPU)."""
+    for ext in (".safetensors", ".json"):
+        if not os.path.isfile(f"{stem}{ext}"):
+            raise FileNotFoundError(f"missing checkpoint file {stem}{ext}")
+    with open(f"{stem}.json") as f:
+        skeleton = json.load(f)
+    return _decode(skeleton, load_file(f"{stem}.safetensors"))

@@ -1,0 +1,191 @@
+"""The FLUX distillation entry point on a tiny random FLUX and synthetic data (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
+
+from mfcore.adapters._state import load_state, save_state
+from mfcore.adapters.flux import TINY_FLUX_CONFIG, FluxStudent
+from mfcore.adapters.flux_distill import (
+    DistillConfig,
+    LatentDataset,
+    distill,
+    latest_checkpoint,
+    main,
+    make_synthetic_data,
+)
+
+
+def config(tmp_path, name="run", **kw) -> DistillConfig:
+    base = dict(
+        data=str(tmp_path / "data"),
+        output=str(tmp_path / name),
+        tiny=True,
+        steps=4,
+        warmup_steps=2,
+        warmup_ode_steps=2,
+        checkpoint_every=2,
+        lora_rank=4,
+        batch_size=2,
+        device="cpu",
+        weights_dtype="fp32",
+        progress=False,
+        lr=1e-3,
+    )
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_synthetic_data(tmp_path / "data", num_files=2, per_file=3, height=4, width=4, seq_len=4)
+    return tmp_path / "data"
+
+
+def test_dataset_batches_are_deterministic(data):
+    ds = LatentDataset(data)
+    assert len(ds) == 6
+    x, cond = ds.batch(5, 2, seed=1, device="cpu")
+    x2, cond2 = ds.batch(5, 2, seed=1, device="cpu")
+    assert x.shape == (2, 1, 4, 4) and cond["prompt_embeds"].shape == (2, 4, 32)
+    assert torch.equal(x, x2) and torch.equal(
+        cond["pooled_prompt_embeds"], cond2["pooled_prompt_embeds"]
+    )
+    # every sample appears once per epoch
+    seen = sorted(i for step in range(3) for i in ds.indices(step, 2, seed=1))
+    assert seen == list(range(6))
+
+
+def test_state_round_trip_without_pickle(tmp_path):
+    state = {
+        "step": 3,
+        "opt": {0: {"m": torch.randn(2, 2), "step": torch.tensor(4.0)}, 1: {}},
+        "groups": [{"lr": 1e-3, "params": [0, 1], "betas": (0.9, 0.999)}],
+        "none": None,
+        "rng": torch.get_rng_state(),
+    }
+    save_state(state, tmp_path / "s")
+    back = load_state(tmp_path / "s")
+    assert back["step"] == 3 and back["none"] is None
+    assert set(back["opt"]) == {0, 1} and torch.equal(back["opt"][0]["m"], state["opt"][0]["m"])
+    assert back["groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(back["rng"], state["rng"])
+    with pytest.raises(TypeError, match="without pickle"):
+        save_state({"f": object()}, tmp_path / "bad")
+
+
+def test_one_step_changes_only_trainable_parameters(tmp_path, data):
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    student = distill(config(tmp_path, steps=1), transformer=transformer)
+    trainable = {id(p) for p in student.trainable_parameters()}
+    changed_trainable = 0
+    for name, p in student.named_parameters():
+        key = name.removeprefix("transformer.").replace(".base_layer", "")
+        if id(p) in trainable:
+            changed_trainable += int(not torch.equal(p, before.get(key, torch.zeros_like(p))))
+        else:
+            assert torch.equal(p, before[key]), name
+    assert changed_trainable > 0
+    assert os.path.isfile(tmp_path / "run" / "student" / "pytorch_lora_weights.safetensors")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["phase"] == "discrete"
+
+
+def test_resume_continues_exactly(tmp_path, data):
+    straight = distill(config(tmp_path, "a", steps=4))
+    distill(config(tmp_path, "b", steps=2))
+    with pytest.raises(FileExistsError, match="resume"):
+        distill(config(tmp_path, "b", steps=4))
+    resumed = distill(config(tmp_path, "b", steps=4, resume=True))
+    sa, sb = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert lines[-1]["phase"] == "differential"
+    assert os.path.basename(latest_checkpoint(tmp_path / "b")) == "step-0000004"
+    with pytest.raises(ValueError, match="lr"):
+        distill(config(tmp_path, "b", steps=6, resume=True, lr=5e-4))
+
+
+def test_final_student_reloads(tmp_path, data):
+    student = distill(config(tmp_path, steps=2))
+    torch.manual_seed(0)
+    fresh = FluxTransformer2DModel(**TINY_FLUX_CONFIG)  # the same seed as --tiny
+    loaded = FluxStudent.from_pretrained(fresh, tmp_path / "run" / "student")
+    x, cond = LatentDataset(tmp_path / "data").batch(0, 2, 0, "cpu")
+    r, t = torch.tensor([0.1, 0.3]), torch.tensor([0.5, 0.9])
+    assert torch.equal(loaded(x, r, t, **cond), student(x, r, t, **cond))
+
+
+def test_cli_make_data_and_train(tmp_path, capsys):
+    folder = tmp_path / "cli"
+    assert (
+        main(["make-data", str(folder), "--num-files", "1", "--height", "4", "--width", "4"]) == 0
+    )
+    assert "wrote 1 files" in capsys.readouterr().out
+    argv = [
+        "train",
+        "--tiny",
+        "--data",
+        str(folder),
+        "--output",
+        str(tmp_path / "out"),
+        "--steps",
+        "1",
+    ]
+    argv += ["--device", "cpu", "--weights-dtype", "fp32", "--no-progress", "--lora-rank", "2"]
+    assert main(argv) == 0
+    assert latest_checkpoint(tmp_path / "out") is not None
+
+
+def _cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_bad_input(tmp_path, capsys, data):
+    out = ["--output", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    err = _cli_error(["train", "--tiny", "--data", str(tmp_path / "missing"), *out], capsys)
+    assert "does not exist" in err
+    assert "--model" in _cli_error(["train", "--data", str(data), *out], capsys)
+    other = tmp_path / "sd3" / "transformer"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    err = _cli_error(["train", "--model", str(tmp_path / "sd3"), "--data", str(data), *out], capsys)
+    assert "not FLUX" in err
+    assert "no " in _cli_error(
+        ["train", "--model", str(tmp_path), "--data", str(data), *out], capsys
+    )
+    wrong = tmp_path / "wrong"
+    make_synthetic_data(wrong, num_files=1, channels=2, height=4, width=4)
+    assert "channels" in _cli_error(["train", "--tiny", "--data", str(wrong), *out], capsys)
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    save_file({"latents": torch.zeros(1, 1, 4, 4)}, str(torn / "x.safetensors"))
+    assert "prompt_embeds" in _cli_error(["train", "--tiny", "--data", str(torn), *out], capsys)
+    mixed = tmp_path / "mixed"
+    make_synthetic_data(mixed, num_files=1, height=4, width=4)
+    save_file(
+        {
+            "latents": torch.zeros(1, 1, 6, 6),
+            "prompt_embeds": torch.zeros(1, 8, 32),
+            "pooled_prompt_embeds": torch.zeros(1, 32),
+        },
+        str(mixed / "z.safetensors"),
+    )
+    assert "share" in _cli_error(["train", "--tiny", "--data", str(mixed), *out], capsys)
+    assert "jvp" in _cli_error(
+        ["train", "--tiny", "--data", str(data), "--jvp", "exact", *out], capsys
+    )
