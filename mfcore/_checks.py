@@ -18,7 +18,9 @@ def check_tensor(name: str, x: object, *, floating: bool = True, ndim_min: int =
     if floating and not x.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
     if x.ndim < ndim_min:
-        raise ValueError(f"{name} must have at least {ndim_min} dimensions, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have at least {ndim_min} dimensions, got shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -35,7 +37,9 @@ def check_like(name: str, x: object, ref: Tensor, ref_name: str = "z") -> Tensor
     return x
 
 
-def check_time(name: str, t: object, z: Tensor | None = None, *, batch: int | None = None) -> Tensor:
+def check_time(
+    name: str, t: object, z: Tensor | None = None, *, batch: int | None = None
+) -> Tensor:
     """Check a time tensor: floating, shape ``(B,)``, finite, in ``[0, 1]``.
 
     Args:
@@ -58,7 +62,9 @@ def check_time(name: str, t: object, z: Tensor | None = None, *, batch: int | No
         if t.device != z.device:
             raise ValueError(f"{name} is on {t.device} but z is on {z.device}")
     if batch is not None and t.shape[0] != batch:
-        raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({batch},) to match the batch, got {tuple(t.shape)}"
+        )
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite")
     if bool(((t < 0) | (t > 1)).any()):
@@ -107,7 +113,7 @@ def check_finite(name: str, x: Tensor) -> Tensor:
 
 
 def expand_time(t: Tensor, z: Tensor) -> Tensor:
-    """Reshape a ``(B,)`` time to ``(B, 1, ..., 1)`` so it broadcasts over ``z`` of shape ``(B, ...)``."""
+    """Reshape a ``(B,)`` time to ``(B, 1, ..., 1)`` to broadcast over ``z`` ``(B, ...)``."""
     if t.ndim != 1 or t.shape[0] != z.shape[0]:
         raise ValueError(
             f"time of shape {tuple(t.shape)} does not match the batch of z {tuple(z.shape)}"

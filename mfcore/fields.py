@@ -33,7 +33,9 @@ class VelocityField(Protocol):
 
 @runtime_checkable
 class MeanVelocityField(Protocol):
-    """Average velocity ``u(z_t, r, t) = (z_t - z_r) / (t - r)`` over ``[r, t]`` (MeanFlow, arXiv 2505.13447).
+    """Average velocity ``u(z_t, r, t) = (z_t - z_r) / (t - r)`` over ``[r, t]``.
+
+    MeanFlow, Geng et al., arXiv 2505.13447, eq. 3.
 
     Args:
         z: state ``(B, ...)`` at time ``t``.
