@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch.autograd import forward_ad as fwAD
-from torch.autograd.function import once_differentiable
 
 from mfcore._checks import check_choice, check_positive_int, check_tensor, compute_dtype
 
@@ -427,13 +426,29 @@ class _AttentionFunction(torch.autograd.Function):
         return t_out, None, None
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_o, *_):
         ctx.fused_tangent = None
         q, k, v, o, lse = ctx.saved_tensors
         kind, mask, scale, _, chunk_size = ctx.options
-        grads = _ref_backward(q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            grads = _differentiable_backward(q, k, v, grad_o, kind, mask, scale, chunk_size)
+        else:
+            grads = _ref_backward(q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)
         return (*grads, *([None] * 8))
+
+
+def _differentiable_backward(q, k, v, grad_o, kind, mask, scale, chunk_size):
+    """Gradients that autograd can differentiate again (double backward, e.g. the
+    ``"autograd"`` JVP backend): recompute the chunked reference forward with recorded ops
+    and differentiate it with ``create_graph=True``. Costs an extra forward; only taken
+    when a backward is asked to build a graph."""
+    needs = [x.requires_grad for x in (q, k, v)]
+    if not any(needs):
+        return None, None, None
+    o, _, _ = _ref_forward(q, k, v, None, kind, mask, scale, chunk_size)
+    inputs = [x for x, need in zip((q, k, v), needs, strict=True) if need]
+    found = iter(torch.autograd.grad(o, inputs, grad_o, create_graph=True))
+    return tuple(next(found) if need else None for need in needs)
 
 
 def _dual_tangents(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor | None, ...] | None:
