@@ -16,10 +16,16 @@ compute it:
   with only reverse-mode rules, about two backwards of extra work);
 - ``"fd"``: a central finite difference along the tangent, computed in at least fp32
   (approximate, two extra forwards, no AD at all).
+
+Models whose attention calls :func:`mfcore.attention.attention` work with ``"func"`` as
+they are (``"autograd"`` too: its backward is twice differentiable); for models calling
+``F.scaled_dot_product_attention`` (diffusers), pass ``route_sdpa=True`` so those calls go
+to :func:`mfcore.attention.attention` during the JVP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mfcore._checks import check_choice, check_interval, check_like, check_tensor, compute_dtype
+from mfcore.attention import use_jvp_attention
 
 __all__ = ["JVP_METHODS", "total_derivative", "fd_step_size"]
 
@@ -54,6 +61,7 @@ def total_derivative(
     cond: Mapping[str, Any] | None = None,
     keep_graph: bool = False,
     fd_step: float | None = None,
+    route_sdpa: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Evaluate ``u = u_fn(z, r, t, **cond)`` and its total derivative along ``(v, 0, 1)``.
 
@@ -69,7 +77,15 @@ def total_derivative(
         keep_graph: return ``u`` attached to the autograd graph, so the forward that gave
             the derivative also serves the loss. When False both outputs are detached and
             nothing is kept alive.
-        fd_step: step ``h`` of the finite difference (default :func:`fd_step_size`).
+        fd_step: step ``h`` of the finite difference (default :func:`fd_step_size`). Models
+            that embed ``1000 t`` in sinusoids (FLUX) need a much smaller step, chosen for
+            their time scale.
+        route_sdpa: with ``"func"`` or ``"autograd"``, route
+            ``F.scaled_dot_product_attention`` to :func:`mfcore.attention.attention` for the
+            duration of the JVP (torch's fused kernels have neither forward-mode rules nor
+            double backward); see :func:`mfcore.attention.use_jvp_attention` (process-wide,
+            not thread-safe). With ``keep_graph`` the backward through ``u`` then also runs
+            through :func:`mfcore.attention.attention`.
 
     Returns:
         ``(u, dudt)``, both shaped like ``z``; ``dudt`` is always detached (MeanFlow's
@@ -88,10 +104,13 @@ def total_derivative(
         raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
     cond = dict(cond or {})
     v = v.to(z.dtype)
+    routing = use_jvp_attention() if route_sdpa else contextlib.nullcontext()
     if method == "func":
-        u, dudt = _jvp_func(u_fn, z, r, t, v, cond, keep_graph)
+        with routing:
+            u, dudt = _jvp_func(u_fn, z, r, t, v, cond, keep_graph)
     elif method == "autograd":
-        u, dudt = _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph)
+        with routing:
+            u, dudt = _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph)
     else:
         u, dudt = _jvp_fd(u_fn, z, r, t, v, cond, keep_graph, fd_step)
     if u.shape != z.shape:
@@ -129,18 +148,22 @@ def _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph):
 
 
 def _jvp_fd(u_fn, z, r, t, v, cond, keep_graph, fd_step):
-    # Central difference along (v, 0, 1), with the stencil clipped to t in [0, 1]: a sample
-    # within h of an end uses an asymmetric two-point difference (first order there).
+    # Central difference along (v, 0, 1), with the stencil kept inside r <= t' <= 1, so the
+    # student only ever sees valid intervals: a sample within h of either end uses an
+    # asymmetric two-point difference (first order there). Where the stencil has no room
+    # at all (r = t = 1) du/dt is reported as 0; the target multiplies it by t - r = 0.
     work = compute_dtype(z.dtype)
     h = fd_step if fd_step is not None else fd_step_size(work)
     zw, vw, rw, tw = z.to(work), v.to(work), r.to(work), t.to(work)
     t_hi = (tw + h).clamp(max=1.0)
-    t_lo = (tw - h).clamp(min=0.0)
+    t_lo = torch.maximum(tw - h, rw)
+    width = t_hi - t_lo
     shape = (-1,) + (1,) * (z.ndim - 1)
     with torch.no_grad():
         u_hi = u_fn(zw + (t_hi - tw).view(shape) * vw, rw, t_hi, **cond).to(work)
         u_lo = u_fn(zw - (tw - t_lo).view(shape) * vw, rw, t_lo, **cond).to(work)
-        dudt = (u_hi - u_lo) / (t_hi - t_lo).view(shape)
+        safe = torch.where(width > 0, width, torch.ones_like(width)).view(shape)
+        dudt = torch.where(width.view(shape) > 0, (u_hi - u_lo) / safe, torch.zeros_like(u_hi))
     with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
         u = u_fn(z, r, t, **cond)
     return (u if keep_graph else u.detach()), dudt

@@ -116,6 +116,22 @@ def test_fd_in_fp32_for_half_inputs_and_boundaries():
     assert fd_step_size(torch.float32) == pytest.approx(torch.finfo(torch.float32).eps ** (1 / 3))
 
 
+def test_fd_stencil_stays_in_valid_intervals():
+    seen = []
+
+    def u_fn(z, r, t):
+        seen.append(bool((r <= t).all()) and bool((t <= 1).all()))
+        return z * t[:, None] ** 2
+
+    z, v = torch.ones(3, 2, dtype=F64), torch.zeros(3, 2, dtype=F64)
+    t = torch.tensor([0.3, 1.0, 1.0], dtype=F64)
+    r = torch.tensor([0.3, 0.5, 1.0], dtype=F64)  # r = t, t at the top end, r = t = 1
+    _, dudt = total_derivative(u_fn, z, r, t, v, method="fd")
+    assert all(seen)
+    torch.testing.assert_close(dudt[:2], 2 * t[:2, None].expand(2, 2), rtol=1e-4, atol=1e-4)
+    assert (dudt[2] == 0).all()
+
+
 def _good():
     z = torch.zeros(2, 3)
     return z, torch.zeros(2), torch.full((2,), 0.5), torch.zeros(2, 3)
@@ -154,3 +170,38 @@ def test_wrong_output_shape():
     z, r, t, v = _good()
     with pytest.raises(ValueError, match="u_fn returned shape"):
         total_derivative(lambda z, r, t: z[:, :1], z, r, t, v, method="fd")
+
+
+class _AttnStudent(torch.nn.Module):
+    """One attention block on tokens ``(B, S, C)``; ``sdpa`` picks torch's SDPA or ours."""
+
+    def __init__(self, ch: int, heads: int, sdpa: bool) -> None:
+        super().__init__()
+        self.heads, self.sdpa = heads, sdpa
+        self.qkv = torch.nn.Linear(ch, 3 * ch)
+        self.time = torch.nn.Linear(2, ch)
+
+    def forward(self, z, r, t):
+        from mfcore.attention import attention
+
+        b, s, c = z.shape
+        h = z + self.time(torch.stack([t, t - r], 1))[:, None]
+        q, k, v = self.qkv(h).view(b, s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        fn = torch.nn.functional.scaled_dot_product_attention if self.sdpa else attention
+        return fn(q, k, v).transpose(1, 2).reshape(b, s, c) * torch.cos(t)[:, None, None]
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["mfcore-attention", "routed-sdpa"])
+def test_backends_agree_on_attention_model(sdpa):
+    torch.manual_seed(0)
+    net = _AttnStudent(8, 2, sdpa).to(F64)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 5, 8, generator=gen, dtype=F64)
+    v = torch.randn(2, 5, 8, generator=gen, dtype=F64)
+    r, t = _times(gen, 2)
+    _, d_func = total_derivative(net, z, r, t, v, method="func", route_sdpa=sdpa)
+    _, d_auto = total_derivative(net, z, r, t, v, method="autograd", route_sdpa=sdpa)
+    _, d_fd = total_derivative(net, z, r, t, v, method="fd")
+    assert _rel(d_auto, d_func) < 1e-8
+    assert _rel(d_fd, d_func) < 1e-4
+    assert torch.nn.functional.scaled_dot_product_attention.__module__.startswith("torch")
