@@ -14,7 +14,8 @@ Methods, each at B=2, H=24, D=128, bf16 and S in {1536, 4608} by default:
 - ``mfcore_backward`` / ``flash_backward``: the backward through the primal output alone.
 
 Each tangent is also compared with a float64 reference (relative max error). Results go to
-``benchmarks/results/attention_jvp_<device>.json`` and a markdown table is printed. Needs
+``benchmarks/results/attention_jvp_<device>.json``; the table is printed and, on CUDA,
+written to the ``attention_jvp`` section of ``docs/benchmarks.md``. Needs
 CUDA for the real numbers; on CPU it runs the reference path at tiny sizes as a smoke test.
 
 Usage::
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import provenance, update_section  # benchmarks/ is on sys.path as the script's dir
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mfcore.attention as attn_mod
@@ -267,8 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         meta["triton"] = None
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(_table(rows))
+    table = _table(rows)
+    print(table)
     print(f"\nwrote {out}")
+    if device.type == "cuda":  # a CPU smoke run never overwrites the GPU numbers
+        body = provenance(meta["device"]) + f" Median of {args.repeats}.\n\n" + table
+        update_section("attention_jvp", "Attention JVP (`benchmarks/attention_jvp.py`)", body)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ be smoke-tested. Rows:
 - the discrete warm-up target (teacher Heun ODE over [r, t], then forward/backward);
 - generation: 1 and 2 student steps vs the 50-step teacher (transformer time only).
 
-Writes ``benchmarks/results/flux_step-<device>.json`` and prints a markdown table.
+Writes ``benchmarks/results/flux_step-<device>.json`` and prints a markdown table; on CUDA
+at the real slice it also writes the ``flux_step`` section of ``docs/benchmarks.md``.
 Usage: ``python benchmarks/flux_step.py [--reps 10] [--tiny]``.
 """
 
@@ -25,6 +26,7 @@ import statistics
 import time
 
 import torch
+from _report import provenance, update_section  # benchmarks/ is on sys.path as the script's dir
 from diffusers import FluxTransformer2DModel
 
 from mfcore.adapters.flux import FLUX_DEV_CONFIG, TINY_FLUX_CONFIG, FluxStudent, attention_mode_for
@@ -188,15 +190,22 @@ def main() -> None:
     )
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"| step ({result['config']}, {result['device']}) | time (ms) | x FM step | peak (GiB) |")
-    print("|---|---|---|---|")
+    lines = [
+        f"| step ({result['config']}) | time (ms) | x FM step | peak (GiB) |",
+        "|---|---|---|---|",
+    ]
     for row in rows:
         if "error" in row:
-            print(f"| {row['name']} | failed: {row['error'][:80]} | | |")
+            lines.append(f"| {row['name']} | failed: {row['error'][:80]} | | |")
             continue
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         ratio = row.get("x_flow_matching", 0.0)
-        print(f"| {row['name']} | {row['median_ms']:.1f} | {ratio:.2f} | {peak} |")
+        lines.append(f"| {row['name']} | {row['median_ms']:.1f} | {ratio:.2f} | {peak} |")
+    table = "\n".join(lines)
+    print(table)
+    if device.type == "cuda" and not tiny:  # a CPU smoke run never overwrites GPU numbers
+        update_section("flux_step", "FLUX training step (`benchmarks/flux_step.py`)",
+                       provenance(result["device"]) + "\n\n" + table)  # fmt: skip
     print(f"\nwrote {path}")
 
 

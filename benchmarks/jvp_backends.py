@@ -11,7 +11,7 @@ Measures, for an MLP student and a small transformer-like student (attention thr
 Peak memory is ``torch.cuda.max_memory_allocated`` growth on CUDA; on CPU it is the growth
 of the process's peak resident set size, each case in a fresh subprocess (coarser: it
 includes allocator slack). Writes ``benchmarks/results/jvp_backends_<device>.json`` and
-replaces the ``jvp_backends`` table in ``docs/benchmarks.md``.
+replaces the ``jvp_backends`` section of ``docs/benchmarks.md``.
 
 Usage: ``python benchmarks/jvp_backends.py [--device cuda] [--repeats 20]``.
 """
@@ -24,11 +24,13 @@ import multiprocessing as mp
 import platform
 import resource
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from _report import provenance, update_section  # benchmarks/ is on sys.path as the script's dir
 from torch import nn
 
 from mfcore.attention import attention
@@ -39,7 +41,7 @@ CASES = ("forward", "func", "autograd", "fd", "func+loss")
 
 
 class _MLP(nn.Module):
-    def __init__(self, dim=64, hidden=1024, depth=4):
+    def __init__(self, dim=64, hidden=512, depth=4):
         super().__init__()
         layers, width = [], dim + 2
         for _ in range(depth):
@@ -92,9 +94,9 @@ class _Transformer(nn.Module):
 def _build(model: str, device: str):
     torch.manual_seed(0)
     if model == "mlp":
-        net, shape = _MLP(), (512, 64)
+        net, shape = _MLP(), (256, 64)
     else:
-        net, shape = _Transformer(), (8, 256, 16)
+        net, shape = _Transformer(), (4, 256, 16)
     net = net.to(device)
     z = torch.randn(shape, device=device)
     v = torch.randn(shape, device=device)
@@ -173,9 +175,7 @@ def _device_name(device):
 
 def _table(meta, results) -> str:
     lines = [
-        "<!-- jvp_backends:start -->",
-        f"Device: {meta['device_name']}; torch {meta['torch']}; {meta['date']}; "
-        f"command: `{meta['command']}`; median of {meta['repeats']}.",
+        provenance(meta["device_name"]) + f" Median of {meta['repeats']}.",
         "",
         "| model | case | time (ms) | x forward | peak memory (MB) | x forward |",
         "|---|---|---|---|---|---|",
@@ -187,22 +187,7 @@ def _table(meta, results) -> str:
                 f"| {model} | {case} | {row['ms']:.2f} | {row['time_x_forward']:.2f} | "
                 f"{row['peak_mb']:.1f} | {mem_x} |"
             )
-    lines.append("<!-- jvp_backends:end -->")
     return "\n".join(lines)
-
-
-def _update_docs(table: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = "<!-- jvp_backends:start -->", "<!-- jvp_backends:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + table + rest.split(end, 1)[1]
-    else:
-        text = (
-            text.rstrip() + "\n\n## JVP backends (`benchmarks/jvp_backends.py`)\n\n" + table + "\n"
-        )
-    path.write_text(text)
 
 
 def main() -> None:
@@ -217,14 +202,13 @@ def main() -> None:
         "torch": torch.__version__,
         "date": date.today().isoformat(),
         "repeats": args.repeats,
-        "command": f"python benchmarks/jvp_backends.py --device {args.device} "
-        f"--repeats {args.repeats}",
+        "command": "python " + " ".join(sys.argv),
     }
     out = ROOT / "benchmarks" / "results" / f"jvp_backends_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     table = _table(meta, results)
-    _update_docs(table)
+    update_section("jvp_backends", "JVP backends (`benchmarks/jvp_backends.py`)", table)
     print(table)
 
 
