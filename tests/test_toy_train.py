@@ -1,0 +1,146 @@
+"""The toy distillation: run(config)'s documented keys and files, the CLI's smoke run, config
+errors, collapse reporting, and (slow) the default run's quality criteria on both presets."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mfcore.toys.gmm import GaussianMixture
+from mfcore.toys.train import METRIC_KEYS, ToyConfig, main, run, summary_table
+
+TINY = dict(
+    steps=12,
+    batch=32,
+    hidden=32,
+    critic_hidden=16,
+    warmup_steps=6,
+    align_start=4,
+    critic_lead=2,
+    discrete_steps=2,
+    eval_samples=64,
+    teacher_steps=4,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return run(dict(TINY, out_dir=str(out), name="tiny"))
+
+
+def _check_metrics(m: dict) -> None:
+    assert set(METRIC_KEYS) <= set(m)
+    for key in METRIC_KEYS:
+        assert isinstance(m[key], float) and math.isfinite(m[key])
+    assert 0.0 <= m["mode_precision"] <= 1.0 and 0.0 <= m["mode_recall"] <= 1.0
+
+
+def test_run_returns_the_documented_keys(tiny_run):
+    assert {"config", "teacher", "data_floor", "student", "training", "run_dir"} <= set(tiny_run)
+    assert tiny_run["teacher"]["nfe"] == 2 * TINY["teacher_steps"]
+    _check_metrics(tiny_run["teacher"])
+    _check_metrics(tiny_run["data_floor"])
+    assert sorted(tiny_run["student"]) == ["1", "2", "4"]
+    for k, m in tiny_run["student"].items():
+        assert m["nfe"] == int(k)
+        _check_metrics(m)
+    training = tiny_run["training"]
+    assert training["switch_step"] == TINY["warmup_steps"]
+    assert not training["collapsed"] and training["steps_done"] == TINY["steps"]
+    assert {"align_1", "align_2", "critic_1"} <= set(training["history"][-1])
+
+
+def test_run_writes_metrics_and_figures(tiny_run):
+    run_dir = tiny_run["run_dir"]
+    saved = json.loads((Path(run_dir) / "metrics.json").read_text())
+    assert saved["student"] == tiny_run["student"]
+    for name in ("samples.png", "trajectories.png", "losses.png"):
+        path = Path(run_dir) / name
+        assert path.stat().st_size > 1000
+
+
+def test_summary_table_lists_every_row(tiny_run):
+    table = summary_table(tiny_run)
+    for label in ("data floor", "teacher", "student 1-step", "student 4-step", "warm-up switch"):
+        assert label in table
+
+
+def test_run_accepts_any_gaussian_mixture_teacher():
+    teacher = GaussianMixture.isotropic(torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.5, 0.0]]), 0.3)
+    res = run(dict(TINY, out_dir=None, align="kernel", eval_steps=(1,)), teacher=teacher)
+    assert list(res["student"]) == ["1"] and res["run_dir"] is None
+    _check_metrics(res["student"]["1"])
+
+
+def test_cli_smoke_run(tmp_path, capsys):
+    main(
+        [
+            "--steps",
+            "6",
+            "--batch",
+            "32",
+            "--eval-samples",
+            "64",
+            "--align",
+            "none",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "cli",
+            "--no-figures",
+            "--quiet",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "student 1-step" in printed and "metrics.json" in printed
+    saved = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert saved["config"]["steps"] == 6 and saved["config"]["align"] == "none"
+
+
+def test_non_finite_teacher_is_reported_as_a_collapse():
+    class NaNTeacher(GaussianMixture):
+        # non-finite on training batches only, so the evaluation can still run
+        def velocity(self, z, t, **cond):
+            if z.shape[0] == TINY["batch"]:
+                return torch.full_like(z, float("nan"))
+            return super().velocity(z, t, **cond)
+
+    teacher = NaNTeacher(torch.zeros(1, 2), torch.ones(1))
+    res = run(dict(TINY, out_dir=None, align="none", eval_steps=(1,)), teacher=teacher)
+    assert res["training"]["collapsed"] and res["training"]["steps_done"] == 0
+    assert (
+        "not finite" in res["training"]["collapse"] or "non-finite" in res["training"]["collapse"]
+    )
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown config keys"):
+        run({"stepz": 3})
+    with pytest.raises(ValueError, match="target"):
+        run({"target": "jvp"})
+    with pytest.raises(ValueError, match="align"):
+        run(ToyConfig(align="gan"))
+    with pytest.raises(ValueError, match="steps"):
+        run({"steps": 0})
+    with pytest.raises(ValueError, match="eval_steps"):
+        run({"eval_steps": ()})
+    with pytest.raises(TypeError, match="config"):
+        run("default")
+    with pytest.raises(TypeError, match="teacher"):
+        run(dict(TINY, out_dir=None), teacher=lambda z, t: z)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ring8", "grid25"])
+def test_default_run_meets_the_quality_criteria(name):
+    res = run(ToyConfig(preset=name, out_dir=None, figures=False, progress=False))
+    one = res["student"]["1"]
+    assert one["mode_recall"] == 1.0
+    assert one["mode_precision"] >= 0.95
+    assert one["w2"] <= 1.5 * res["teacher"]["w2"]

@@ -1,0 +1,111 @@
+"""Figures of a toy run (matplotlib, Agg backend; small PNGs).
+
+- :func:`plot_samples`: student samples at each step count over the exact data density;
+- :func:`plot_trajectories`: student trajectories beside the teacher's ODE paths;
+- :func:`plot_losses`: loss curves with the warm-up switch and the alignment start marked;
+- :func:`write_run_figures`: all three for a run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .gmm import GaussianMixture  # noqa: E402
+
+__all__ = ["plot_samples", "plot_trajectories", "plot_losses", "write_run_figures"]
+
+_DPI = 90
+_LIMIT = 2.2
+
+
+def _density(ax, gmm: GaussianMixture, limit: float = _LIMIT) -> None:
+    """The exact data density as a light filled contour."""
+    grid = torch.linspace(-limit, limit, 160, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+    logp = gmm.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(xx.shape)
+    ax.contourf(xx.numpy(), yy.numpy(), logp.exp().numpy(), levels=12, cmap="Greys")
+    ax.set_xlim(-limit, limit)
+    ax.set_ylim(-limit, limit)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_samples(
+    gmm: GaussianMixture, panels: dict[str, torch.Tensor], path: Path, *, points: int = 1000
+) -> None:
+    """One panel per entry of ``panels`` (title -> samples ``(N, 2)``) over the density."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (title, x) in zip(axes, panels.items(), strict=True):
+        _density(ax, gmm)
+        pts = x[:points].detach().float().numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:red", alpha=0.6, linewidths=0)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def plot_trajectories(
+    gmm: GaussianMixture, panels: dict[str, torch.Tensor], path: Path, *, lines: int = 60
+) -> None:
+    """One panel per trajectory ``(N + 1, B, 2)``: paths from noise (dots) to samples."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (title, traj) in zip(axes, panels.items(), strict=True):
+        _density(ax, gmm, limit=3.0)
+        tr = traj[:, :lines].detach().float().numpy()
+        for b in range(tr.shape[1]):
+            ax.plot(tr[:, b, 0], tr[:, b, 1], lw=0.6, c="tab:blue", alpha=0.6)
+        ax.scatter(tr[0, :, 0], tr[0, :, 1], s=4, c="k")
+        ax.scatter(tr[-1, :, 0], tr[-1, :, 1], s=4, c="tab:red")
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def plot_losses(history: list[dict[str, float]], training: dict[str, Any], path: Path) -> None:
+    """Loss curves (log scale) with the warm-up switch and the alignment start marked."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.0))
+    steps = [row["step"] for row in history]
+    keys = sorted({k for row in history for k in row} - {"step", "phase"})
+    for key in keys:
+        pts = [(s, row[key]) for s, row in zip(steps, history, strict=True) if key in row]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, [abs(y) + 1e-8 for y in ys], lw=0.8, label=key)
+    if training.get("switch_step") is not None:
+        ax.axvline(training["switch_step"], c="k", ls="--", lw=1, label="warm-up switch")
+    if training.get("align_start") is not None:
+        ax.axvline(training["align_start"], c="tab:gray", ls=":", lw=1, label="alignment on")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def write_run_figures(
+    run_dir: Path, gmm: GaussianMixture, samples: dict[str, Any], results: dict[str, Any]
+) -> None:
+    """``samples.png``, ``trajectories.png`` and ``losses.png`` in ``run_dir``."""
+    run_dir = Path(run_dir)
+    panels = {"teacher (100 Heun)": samples["teacher"]}
+    trajs = {"teacher ODE": samples["teacher_traj"]}
+    for k in results["student"]:
+        if k in samples:
+            panels[f"student {k}-step"] = samples[k]
+            trajs[f"student {k}-step"] = samples[f"traj_{k}"]
+    plot_samples(gmm, panels, run_dir / "samples.png")
+    plot_trajectories(gmm, trajs, run_dir / "trajectories.png")
+    plot_losses(results["training"]["history"], results["training"], run_dir / "losses.png")
