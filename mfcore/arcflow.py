@@ -787,7 +787,7 @@ class ArcFlowDistillationLoss:
             s = s1 + u * (params.s0 - s1)
             with torch.no_grad():
                 z_s = _arc_step(detached, z, params.s0, s).to(z.dtype)
-                target = teacher(z_s, s.to(z.dtype), **cond)
+                target = teacher(z_s, s, **cond)
             check_finite("teacher velocity", target)
             total = total + _squared_error(_arc_velocity(params, s), target)
         return total
@@ -807,10 +807,11 @@ class ArcFlowDistillationLoss:
     def _teacher_euler(self, teacher, z, s0, s1, cond) -> Tensor:
         n = self.teacher_substeps
         h = (s1 - s0) / n
+        work = z.to(h.dtype)  # the Euler state stays in the time's (compute) dtype
         for j in range(n):
             s = s0 + j * h
-            z = (z.to(h.dtype) + expand_time(h, z) * teacher(z, s.to(z.dtype), **cond)).to(z.dtype)
-        return z
+            work = work + expand_time(h, z) * teacher(work.to(z.dtype), s, **cond).to(h.dtype)
+        return work.to(z.dtype)
 
     def _reduce(self, per_sample, stats, p_mix) -> tuple[Tensor, dict[str, Tensor]]:
         check_finite("ArcFlow distillation loss", per_sample)

@@ -15,7 +15,7 @@ compute it:
 - ``"autograd"``: the double-backward trick ``J t = d/dw <J^T w, t>`` (exact, works for ops
   with only reverse-mode rules, about two backwards of extra work);
 - ``"fd"``: a central finite difference along the tangent, computed in at least fp32
-  (approximate, two extra forwards, no AD at all).
+  (approximate, two extra forwards, no AD at all; the difference is taken in at least fp32).
 
 Models whose attention calls :func:`mfcore.attention.attention` work with ``"func"`` as
 they are (``"autograd"`` too: its backward is twice differentiable); for models calling
@@ -77,7 +77,8 @@ def total_derivative(
         keep_graph: return ``u`` attached to the autograd graph, so the forward that gave
             the derivative also serves the loss. When False both outputs are detached and
             nothing is kept alive.
-        fd_step: step ``h`` of the finite difference (default :func:`fd_step_size`). Models
+        fd_step: step ``h`` of the finite difference (default :func:`fd_step_size` of z's
+            dtype: coarse in half precision, where ``"func"`` is the better choice). Models
             that embed ``1000 t`` in sinusoids (FLUX) need a much smaller step, chosen for
             their time scale.
         route_sdpa: with ``"func"`` or ``"autograd"``, route
@@ -131,8 +132,9 @@ def _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph):
     # J (v, 1) = d/dw <J^T w, (v, 1)>: the vector-Jacobian product is linear in w, so its
     # gradient with respect to w is the Jacobian-vector product.
     with torch.enable_grad():
-        z_ = z.detach().requires_grad_(True)
-        t_ = t.detach().requires_grad_(True)
+        # Inputs that already carry a graph keep it, so u stays differentiable in z and t.
+        z_ = z if z.requires_grad else z.detach().requires_grad_(True)
+        t_ = t if t.requires_grad else t.detach().requires_grad_(True)
         u = u_fn(z_, r, t_, **cond)
         w = torch.zeros_like(u, requires_grad=True)
         g_z, g_t = torch.autograd.grad(u, (z_, t_), w, create_graph=True, allow_unused=True)
@@ -152,16 +154,20 @@ def _jvp_fd(u_fn, z, r, t, v, cond, keep_graph, fd_step):
     # student only ever sees valid intervals: a sample within h of either end uses an
     # asymmetric two-point difference (first order there). Where the stencil has no room
     # at all (r = t = 1) du/dt is reported as 0; the target multiplies it by t - r = 0.
+    # The model sees states in z's dtype (times in at least fp32, as the solvers give
+    # them); the step suits z's precision and the difference is taken in at least fp32.
     work = compute_dtype(z.dtype)
-    h = fd_step if fd_step is not None else fd_step_size(work)
+    h = fd_step if fd_step is not None else fd_step_size(z.dtype)
     zw, vw, rw, tw = z.to(work), v.to(work), r.to(work), t.to(work)
     t_hi = (tw + h).clamp(max=1.0)
     t_lo = torch.maximum(tw - h, rw)
     width = t_hi - t_lo
     shape = (-1,) + (1,) * (z.ndim - 1)
+    z_hi = (zw + (t_hi - tw).view(shape) * vw).to(z.dtype)
+    z_lo = (zw - (tw - t_lo).view(shape) * vw).to(z.dtype)
     with torch.no_grad():
-        u_hi = u_fn(zw + (t_hi - tw).view(shape) * vw, rw, t_hi, **cond).to(work)
-        u_lo = u_fn(zw - (tw - t_lo).view(shape) * vw, rw, t_lo, **cond).to(work)
+        u_hi = u_fn(z_hi, rw, t_hi, **cond).to(work)
+        u_lo = u_fn(z_lo, rw, t_lo, **cond).to(work)
         safe = torch.where(width > 0, width, torch.ones_like(width)).view(shape)
         dudt = torch.where(width.view(shape) > 0, (u_hi - u_lo) / safe, torch.zeros_like(u_hi))
     with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):

@@ -233,6 +233,9 @@ class DifferentialTarget:
 
     Args:
         jvp_method: backend of :func:`mfcore.jvp.total_derivative`.
+        fd_step: the finite-difference step for ``"fd"`` (see :func:`~mfcore.jvp.total_derivative`).
+        route_sdpa: route ``F.scaled_dot_product_attention`` to :mod:`mfcore.attention` during
+            the JVP (models that call torch's SDPA, e.g. diffusers').
         single_forward: take the prediction from the JVP's own forward (one forward,
             the tangent's activations live until backward) rather than a separate
             forward after a no-grad JVP (two forwards, lower peak memory).
@@ -251,6 +254,8 @@ class DifferentialTarget:
         single_forward: bool = True,
         clamp: float | None = None,
         tangent_norm: float | None = None,
+        fd_step: float | None = None,
+        route_sdpa: bool = False,
     ) -> None:
         check_choice("jvp_method", jvp_method, JVP_METHODS)
         if clamp is not None and not clamp > 0:
@@ -261,6 +266,8 @@ class DifferentialTarget:
         self.single_forward = single_forward
         self.clamp = clamp
         self.tangent_norm = tangent_norm
+        self.fd_step = fd_step
+        self.route_sdpa = route_sdpa
 
     def __call__(
         self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
@@ -275,6 +282,8 @@ class DifferentialTarget:
             method=self.jvp_method,
             cond=cond,
             keep_graph=self.single_forward,
+            fd_step=self.fd_step,
+            route_sdpa=self.route_sdpa,
         )
         pred = u if self.single_forward else student(z_t, r, t, **dict(cond or {}))
         work = compute_dtype(z_t.dtype)
@@ -482,10 +491,11 @@ class WarmupTarget:
                 mixed = alpha * out.target + (1.0 - alpha) * disc.to(out.target.dtype)
                 out = TargetOutput(out.pred, mixed, out.metrics)
         metrics = dict(out.metrics)
-        metrics["warmup_phase"] = torch.tensor(float(_PHASES.index(phase)))
-        metrics["warmup_alpha"] = torch.tensor(self.blend_weight())
+        device = out.target.device  # beside the other metrics, so they stack on any device
+        metrics["warmup_phase"] = torch.tensor(float(_PHASES.index(phase)), device=device)
+        metrics["warmup_alpha"] = torch.tensor(self.blend_weight(), device=device)
         if self.fit_error is not None:
-            metrics["warmup_fit_error"] = torch.tensor(self.fit_error)
+            metrics["warmup_fit_error"] = torch.tensor(self.fit_error, device=device)
         return TargetOutput(out.pred, out.target, metrics)
 
     def _observe(self, out: TargetOutput) -> None:

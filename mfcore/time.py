@@ -169,9 +169,15 @@ def _exp_of_mu(mu: object) -> float:
 
 def _shift(t: Tensor, scale: float) -> Tensor:
     """``s t / (s t + 1 - t)`` in fp32 at least; exact at ``t = 0`` and ``t = 1``."""
-    tc = t.to(compute_dtype(t.dtype))
-    st = scale * tc
-    return (st / (st + (1.0 - tc))).to(t.dtype)
+    work = compute_dtype(t.dtype)
+    tc = t.to(work)
+    # A shift beyond the dtype's range is capped there (s t stays finite, so t = 0 maps to
+    # 0 and not inf * 0); a tiny one underflows s t to 0, and the limit at t = 1 (0 / 0)
+    # is 1. Either way no NaN.
+    st = min(scale, torch.finfo(work).max) * tc
+    den = st + (1.0 - tc)
+    out = torch.where(den == 0, torch.ones_like(tc), st / torch.where(den == 0, 1.0, den))
+    return out.to(t.dtype)
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:

@@ -395,3 +395,12 @@ def test_constructors_reject_bad_arguments(make, exc, match):
 def test_functions_reject_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_extreme_shifts_stay_finite_with_exact_limits():
+    from mfcore.time import exponential_shift, shift_time
+
+    t = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(exponential_shift(t, 100.0), torch.tensor([0.0, 1.0, 1.0]))
+    torch.testing.assert_close(exponential_shift(t, -110.0), torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(shift_time(t, 1e-50), torch.tensor([0.0, 0.0, 1.0]))
