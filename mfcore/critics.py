@@ -212,7 +212,8 @@ def _draw_renoise_time(r: Tensor, t: Tensor, generator: torch.Generator | None) 
     """``s = r + (t - r) u`` with ``u ~ U[1e-3, 1]``: a time inside each segment, above ``r``."""
     u = torch.rand(r.shape, generator=generator, device=r.device, dtype=compute_dtype(r.dtype))
     u = _MIN_FRACTION + (1.0 - _MIN_FRACTION) * u
-    return (r + (t - r) * u).clamp(max=1.0).to(r.dtype)
+    # Kept in the compute dtype: cast back to bf16, s would round onto r for short segments.
+    return (r.to(u.dtype) + (t - r).to(u.dtype) * u).clamp(max=1.0)
 
 
 def surrogate_loss(x: Tensor, g: Tensor) -> Tensor:
@@ -634,11 +635,11 @@ class AlignmentLoss:
         return self.grid.to(device=noise.device, dtype=compute_dtype(noise.dtype))
 
     def _segments(self, trajectory: Tensor, noise: Tensor):
-        """Yield ``(z_end, r, t)`` per segment, times ``(B,)`` in ``noise``'s dtype."""
-        grid, batch = self._grid_for(noise), noise.shape[0]
+        """Yield ``(z_end, r, t)`` per segment, times ``(B,)`` in at least fp32."""
+        grid, batch = self._grid_for(noise), noise.shape[0]  # grid in the compute dtype
         for i in range(self.steps):
-            t = grid[i].to(noise.dtype).repeat(batch)
-            r = grid[i + 1].to(noise.dtype).repeat(batch)
+            t = grid[i].repeat(batch)
+            r = grid[i + 1].repeat(batch)
             yield trajectory[i + 1], r, t
 
     def _trajectory(self, student, noise: Tensor, cond: dict, grad: bool) -> Tensor:
@@ -690,7 +691,8 @@ class AlignmentLoss:
             self.critic.optimizer.step()
             self.updates_done += 1
         loss = loss.detach()
-        return loss, {"critic_fm": loss, "critic_updates": torch.tensor(float(self.updates_done))}
+        updates = torch.tensor(float(self.updates_done), device=loss.device)
+        return loss, {"critic_fm": loss, "critic_updates": updates}
 
     def student_loss(
         self,
