@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from mfcore.toys.gmm import GaussianMixture
+from mfcore.toys.nets import FourierPoints, MeanFlowMLP, VelocityMLP
 from mfcore.toys.train import METRIC_KEYS, ToyConfig, main, run, summary_table
 
 TINY = dict(
     steps=12,
+    target="warmup",
     batch=32,
     hidden=32,
     critic_hidden=16,
@@ -144,3 +146,15 @@ def test_default_run_meets_the_quality_criteria(name):
     assert one["mode_recall"] == 1.0
     assert one["mode_precision"] >= 0.95
     assert one["w2"] <= 1.5 * res["teacher"]["w2"]
+
+
+def test_networks_check_inputs_and_keep_shapes():
+    net = MeanFlowMLP(2, hidden=8, depth=1, point_features=4)
+    z, t = torch.randn(5, 2), torch.rand(5)
+    assert net(z, 0.5 * t, t).shape == (5, 2)
+    assert VelocityMLP(2, hidden=8).forward(z, t).shape == (5, 2)
+    assert torch.equal(FourierPoints(2, 0)(z), z)
+    with pytest.raises(ValueError, match="z must have shape"):
+        net(torch.randn(5, 3), t, t)
+    with pytest.raises(ValueError, match="act"):
+        MeanFlowMLP(2, act="tanh")

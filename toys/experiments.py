@@ -39,15 +39,17 @@ _COMMON = dict(
     progress=False,
     eval_samples=1000,
     eval_steps=(1, 2),
-    discrete_steps=32,
+    discrete_steps=16,
     lr=3e-3,
+    grid_fraction=0.5,
+    blend_steps=0,
 )
 
 _WARMUP_BASE = dict(
     _COMMON,
     preset="grid25",
-    steps=800,
-    warmup_steps=400,
+    steps=600,
+    warmup_steps=300,
     align="none",
     discrete_p=0.0,
     adaptive_p=0.0,
@@ -55,7 +57,7 @@ _WARMUP_BASE = dict(
     lr=1e-2,
 )
 
-_ALIGN_BASE = dict(_COMMON, steps=1200, warmup_steps=800, align_start=200, align_weight=0.3)
+_ALIGN_BASE = dict(_COMMON, steps=1000, target="discrete", align_start=200, align_weight=0.3)
 
 EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
     "warmup": {

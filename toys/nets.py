@@ -12,9 +12,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_positive_int, check_tensor
+from mfcore._checks import check_choice, check_positive_int, check_tensor
 
-__all__ = ["FourierTime", "MeanFlowMLP", "VelocityMLP"]
+__all__ = ["FourierTime", "FourierPoints", "MeanFlowMLP", "VelocityMLP"]
 
 
 class FourierTime(nn.Module):
@@ -38,10 +38,14 @@ class FourierTime(nn.Module):
         return torch.cat([angle.sin(), angle.cos()], dim=1).to(t.dtype)
 
 
-def _mlp(inputs: int, hidden: int, depth: int, outputs: int) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(inputs, hidden), nn.SiLU()]
+_ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def _mlp(inputs: int, hidden: int, depth: int, outputs: int, act: str = "silu") -> nn.Sequential:
+    check_choice("act", act, tuple(_ACTIVATIONS))
+    layers: list[nn.Module] = [nn.Linear(inputs, hidden), _ACTIVATIONS[act]()]
     for _ in range(depth - 1):
-        layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        layers += [nn.Linear(hidden, hidden), _ACTIVATIONS[act]()]
     layers.append(nn.Linear(hidden, outputs))
     return nn.Sequential(*layers)
 
@@ -50,6 +54,29 @@ def _check_points(z: Tensor, dim: int) -> None:
     check_tensor("z", z)
     if z.ndim != 2 or z.shape[1] != dim:
         raise ValueError(f"z must have shape (B, {dim}), got {tuple(z.shape)}")
+
+
+class FourierPoints(nn.Module):
+    """Fixed random Fourier features of points, ``[z, sin(z B), cos(z B)]`` (Tancik et al.,
+    arXiv 2006.10739): they let a small MLP draw sharp boundaries between modes.
+
+    ``B`` is ``(D, F)`` with ``N(0, scale^2)`` entries drawn from a fixed seed (a buffer, so
+    it is part of the state dict). ``F = 0`` is the identity.
+
+    Call: ``(B, D) -> (B, D + 2 F)``.
+    """
+
+    def __init__(self, dim: int, features: int = 0, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("proj", scale * torch.randn(dim, features, generator=gen))
+        self.out_features = dim + 2 * features
+
+    def forward(self, z: Tensor) -> Tensor:
+        if self.proj.shape[1] == 0:
+            return z
+        angle = z @ self.proj.to(z.dtype)
+        return torch.cat([z, angle.sin(), angle.cos()], dim=1)
 
 
 class MeanFlowMLP(nn.Module):
@@ -62,17 +89,31 @@ class MeanFlowMLP(nn.Module):
         hidden: width of the hidden layers.
         depth: number of hidden layers.
         features: Fourier frequencies per time input.
+        act: activation, ``"silu"``, ``"relu"`` or ``"gelu"``.
+        point_features: random Fourier features of ``z`` (:class:`FourierPoints`; 0: none).
+        point_scale: their frequency scale.
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, features: int = 8) -> None:
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 256,
+        depth: int = 3,
+        features: int = 8,
+        act: str = "silu",
+        point_features: int = 0,
+        point_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.embed = FourierTime(features)
-        self.net = _mlp(dim + 4 * features, hidden, check_positive_int("depth", depth), dim)
+        self.points = FourierPoints(dim, point_features, point_scale)
+        inputs = self.points.out_features + 4 * features
+        self.net = _mlp(inputs, hidden, check_positive_int("depth", depth), dim, act)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor) -> Tensor:
         _check_points(z, self.dim)
-        h = torch.cat([z, self.embed(t), self.embed(t - r)], dim=1)
+        h = torch.cat([self.points(z), self.embed(t), self.embed(t - r)], dim=1)
         return self.net(h)
 
 

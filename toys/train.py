@@ -2,9 +2,13 @@
 
 The seed method of arXiv 2605.17834 on a 2-D mixture where every answer is exact:
 
-1. MeanFlow regression (:class:`mfcore.losses.MeanFlowLoss`) on ``(r, t)`` pairs, with a
-   warm-up switch (:class:`mfcore.targets.WarmupTarget`): the discrete teacher-ODE target
-   first, the differential (JVP) target after ``warmup_steps``;
+1. MeanFlow regression (:class:`mfcore.losses.MeanFlowLoss`) on ``(r, t)`` pairs, with the
+   target chosen by ``target``: ``"warmup"`` is the warm-up switch
+   (:class:`mfcore.targets.WarmupTarget`: the discrete teacher-ODE target first, the
+   differential (JVP) target after ``warmup_steps``), ``"discrete"`` keeps the teacher-ODE
+   target throughout, ``"differential"`` uses the JVP target from scratch. The default is
+   ``"discrete"``: on these toys the teacher-ODE target is exact and cheap, and switching to
+   the differential target lowered the 1-step mode precision (docs/toys.md);
 2. plus ``align_weight *`` trajectory distribution alignment
    (:class:`mfcore.critics.AlignmentLoss`) of the student's ``K``-step samples for each
    ``K`` in ``align_steps``, with a fake-velocity, mean-flow or kernel critic.
@@ -69,12 +73,16 @@ class ToyConfig:
         steps: optimiser steps of the student.
         batch: batch size of the MeanFlow loss and of the alignment.
         lr, lr_final: Adam learning rate, decayed on a cosine to ``lr_final``.
-        hidden, depth: the student MLP.
+        hidden, depth, act: the student MLP (width, hidden layers, activation).
+        point_features, point_scale: random Fourier features of the student's input points
+            (:class:`~mfcore.toys.nets.FourierPoints`); they sharpen the 1-step map.
         equal_fraction: share of ``(r, t)`` pairs with ``r = t`` (times uniform on [0, 1]).
         grid_fraction: share of the pairs drawn as intervals of the ``eval_steps`` grids.
         target: ``"warmup"`` (discrete then differential), ``"discrete"`` or
             ``"differential"`` (from scratch).
         warmup_steps: step of the switch for ``"warmup"``.
+        blend_steps: after the switch, steps over which the target ramps linearly from the
+            discrete to the differential one (``WarmupTarget(blend_steps=...)``).
         discrete_steps: Heun steps of the teacher-ODE target.
         discrete_p: power of MeanFlow's adaptive weight on the discrete target (0: plain L2).
         adaptive_p: power of the adaptive weight on the differential target.
@@ -99,24 +107,28 @@ class ToyConfig:
     name: str | None = None
     out_dir: str | None = "runs"
     seed: int = 0
-    steps: int = 2500
+    steps: int = 2000
     batch: int = 256
-    lr: float = 2e-3
+    lr: float = 3e-3
     lr_final: float = 1e-4
     hidden: int = 256
     depth: int = 3
+    act: str = "relu"
+    point_features: int = 32
+    point_scale: float = 2.0
     equal_fraction: float = 0.25
-    grid_fraction: float = 0.25
-    target: str = "warmup"
-    warmup_steps: int = 800
-    discrete_steps: int = 8
+    grid_fraction: float = 0.5
+    target: str = "discrete"
+    warmup_steps: int = 1400
+    blend_steps: int = 0
+    discrete_steps: int = 16
     discrete_p: float = 0.0
     adaptive_p: float = 1.0
     grad_clip: float | None = 1.0
     align: str = "fake"
-    align_weight: float = 0.05
+    align_weight: float = 0.3
     align_steps: tuple[int, ...] = (1, 2)
-    align_start: int = 1000
+    align_start: int = 300
     critic_lead: int = 100
     critic_updates: int = 2
     critic_lr: float = 1e-3
@@ -160,7 +172,12 @@ def _mean_flow_loss(cfg: ToyConfig) -> MeanFlowLoss:
     elif cfg.target == "differential":
         target = DifferentialTarget()
     else:
-        target = WarmupTarget(discrete, DifferentialTarget(), switch_step=cfg.warmup_steps)
+        target = WarmupTarget(
+            discrete,
+            DifferentialTarget(),
+            switch_step=cfg.warmup_steps,
+            blend_steps=cfg.blend_steps,
+        )
     base = TimePairSampler(UniformTime(), equal_fraction=cfg.equal_fraction)
     pairs = _GridPairs(base, cfg.eval_steps, cfg.grid_fraction) if cfg.grid_fraction > 0 else base
     weighting = _PhaseWeight(
@@ -392,7 +409,14 @@ def run(
         raise TypeError(f"teacher must be a GaussianMixture, got {type(teacher).__name__}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    student = MeanFlowMLP(teacher.dim, hidden=cfg.hidden, depth=cfg.depth)
+    student = MeanFlowMLP(
+        teacher.dim,
+        hidden=cfg.hidden,
+        depth=cfg.depth,
+        act=cfg.act,
+        point_features=cfg.point_features,
+        point_scale=cfg.point_scale,
+    )
     training = _train(cfg, teacher, student, gen)
     results = _evaluate(cfg, teacher, student, torch.Generator().manual_seed(cfg.seed + 10_000))
     samples = results.pop("_samples")
