@@ -50,8 +50,8 @@ from mfcore.solvers import sample_teacher
 
 from .gmm import GaussianMixture, preset, presets
 from .metrics import evaluate
-from .nets import FourierTime
-from .train import run
+from .nets import FourierPoints, FourierTime, activation
+from .train import ToyConfig, run
 
 __all__ = [
     "METHODS",
@@ -82,11 +82,13 @@ _REPORTED = ("w2", "mode_precision", "mode_recall", "mmd")
 class ArcFlowMLP(nn.Module):
     """ArcFlow student ``f(z, s0) -> ArcParams`` for points ``z`` of shape ``(B, D)``.
 
-    A SiLU MLP on ``[z, phi(s0)]`` (:class:`~mfcore.toys.nets.FourierTime` features ``phi``)
-    gives ``hidden`` features per point; an :class:`~mfcore.arcflow.ArcFlowHead` maps them to
-    ``K`` velocity components, weights and rates (ArcFlow, arXiv 2602.09014). The sizes
-    match :class:`~mfcore.toys.nets.MeanFlowMLP` (same width and depth; the head replaces its
-    last layer).
+    An MLP on ``[P(z), phi(s0)]`` (random Fourier point features ``P``,
+    :class:`~mfcore.toys.nets.FourierPoints`, and :class:`~mfcore.toys.nets.FourierTime`
+    features ``phi``) gives ``hidden`` features per point; an
+    :class:`~mfcore.arcflow.ArcFlowHead` maps them to ``K`` velocity components, weights and
+    rates (ArcFlow, arXiv 2602.09014). Sizes, activation and point features default to the
+    toy trainer's MeanFlow student (:class:`~mfcore.toys.train.ToyConfig`), so the two
+    students differ only in what they output.
 
     Args:
         dim: data dimension ``D``.
@@ -95,23 +97,31 @@ class ArcFlowMLP(nn.Module):
         features: Fourier frequencies of ``s0``.
         num_components: momentum components ``K``.
         max_rate: the head's smooth cap on the rates.
+        act: activation of the hidden layers.
+        point_features, point_scale: random Fourier features of ``z`` (0: none).
     """
 
     def __init__(
         self,
         dim: int = 2,
-        hidden: int = 256,
-        depth: int = 3,
+        hidden: int = ToyConfig.hidden,
+        depth: int = ToyConfig.depth,
         features: int = 8,
         num_components: int = 2,
         max_rate: float = 10.0,
+        act: str = ToyConfig.act,
+        point_features: int = ToyConfig.point_features,
+        point_scale: float = ToyConfig.point_scale,
     ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.embed = FourierTime(features)
-        layers: list[nn.Module] = [nn.Linear(dim + 2 * features, hidden), nn.SiLU()]
-        for _ in range(check_positive_int("depth", depth) - 1):
-            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        self.points = FourierPoints(dim, point_features, point_scale)
+        width = self.points.out_features + 2 * features
+        layers: list[nn.Module] = []
+        for _ in range(check_positive_int("depth", depth)):
+            layers += [nn.Linear(width, hidden), activation(act)]
+            width = hidden
         self.trunk = nn.Sequential(*layers)
         self.head = ArcFlowHead(hidden, dim, num_components, max_rate=max_rate)
 
@@ -121,7 +131,7 @@ class ArcFlowMLP(nn.Module):
         if z.ndim != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z must have shape (B, {self.dim}), got {tuple(z.shape)}")
         check_time("s0", s0, z)
-        return self.head(self.trunk(torch.cat([z, self.embed(s0)], dim=1)), s0)
+        return self.head(self.trunk(torch.cat([self.points(z), self.embed(s0)], dim=1)), s0)
 
 
 @dataclass
@@ -194,7 +204,7 @@ def _arcflow_student(cfg: ArcFlowToyConfig, dim: int, seed: int) -> ArcFlowMLP:
     torch.manual_seed(seed)
     return ArcFlowMLP(
         dim, cfg.hidden, cfg.depth, num_components=cfg.num_components, max_rate=cfg.max_rate
-    )
+    )  # act and point features: the trainer's defaults, as the MeanFlow runs use
 
 
 def train_arcflow(

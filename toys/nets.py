@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_positive_int, check_tensor
 
-__all__ = ["FourierTime", "FourierPoints", "MeanFlowMLP", "VelocityMLP"]
+__all__ = ["FourierTime", "FourierPoints", "MeanFlowMLP", "VelocityMLP", "activation"]
 
 
 class FourierTime(nn.Module):
@@ -41,11 +41,16 @@ class FourierTime(nn.Module):
 _ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
-def _mlp(inputs: int, hidden: int, depth: int, outputs: int, act: str = "silu") -> nn.Sequential:
+def activation(act: str) -> nn.Module:
+    """A fresh activation module by name: ``"silu"``, ``"relu"`` or ``"gelu"``."""
     check_choice("act", act, tuple(_ACTIVATIONS))
-    layers: list[nn.Module] = [nn.Linear(inputs, hidden), _ACTIVATIONS[act]()]
+    return _ACTIVATIONS[act]()
+
+
+def _mlp(inputs: int, hidden: int, depth: int, outputs: int, act: str = "silu") -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(inputs, hidden), activation(act)]
     for _ in range(depth - 1):
-        layers += [nn.Linear(hidden, hidden), _ACTIVATIONS[act]()]
+        layers += [nn.Linear(hidden, hidden), activation(act)]
     layers.append(nn.Linear(hidden, outputs))
     return nn.Sequential(*layers)
 
