@@ -13,7 +13,8 @@
 
 The budgets are smaller than the default run's so that everything fits in about 30 minutes
 on 2 CPU cores. Run ``python -m mfcore.toys.experiments [--out runs/experiments]
-[--seeds 5]``; it writes ``results.json`` and ``tables.md`` in the output folder.
+[--seeds 5]``; it writes ``results.json``, ``tables.md`` and ``experiments.png`` in the
+output folder.
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     results["wall_s"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "tables.md").write_text(tables(results))
+    from . import plots
+
+    plots.plot_experiments(results, out / "experiments.png")
     print(tables(results))
     print(f"total {results['wall_s']:.0f} s; wrote {out}/results.json and tables.md")
 

@@ -3,7 +3,8 @@
 - :func:`plot_samples`: student samples at each step count over the exact data density;
 - :func:`plot_trajectories`: student trajectories beside the teacher's ODE paths;
 - :func:`plot_losses`: loss curves with the warm-up switch and the alignment start marked;
-- :func:`write_run_figures`: all three for a run folder.
+- :func:`write_run_figures`: all three for a run folder;
+- :func:`plot_experiments`: the summary figure of :mod:`mfcore.toys.experiments`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import torch  # noqa: E402
 
 from .gmm import GaussianMixture  # noqa: E402
 
-__all__ = ["plot_samples", "plot_trajectories", "plot_losses", "write_run_figures"]
+__all__ = [
+    "plot_samples",
+    "plot_trajectories",
+    "plot_losses",
+    "plot_experiments",
+    "write_run_figures",
+]
 
 _DPI = 90
 _LIMIT = 2.2
@@ -109,3 +116,37 @@ def write_run_figures(
     plot_samples(gmm, panels, run_dir / "samples.png")
     plot_trajectories(gmm, trajs, run_dir / "trajectories.png")
     plot_losses(results["training"]["history"], results["training"], run_dir / "losses.png")
+
+
+def plot_experiments(results: dict[str, Any], path: Path) -> None:
+    """Summary of :mod:`mfcore.toys.experiments`: one panel per experiment, a dot per seed."""
+    fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.2))
+    if "warmup" in results:
+        ax = axes[0]
+        for i, v in enumerate(results["warmup"].values()):
+            ys = [r["student"]["1"]["w2"] or float("inf") for r in v["runs"]]
+            ax.scatter([i] * len(ys), ys, s=12)
+            teacher = [r["teacher_w2"] for r in v["runs"]]
+            ax.hlines(5 * sum(teacher) / len(teacher), i - 0.3, i + 0.3, colors="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(results["warmup"])))
+        ax.set_xticklabels([n.replace(" -> ", "\n-> ") for n in results["warmup"]], fontsize=7)
+        ax.set_title("1. warm-up: 1-step W2 (line: 5x teacher)", fontsize=8)
+    for ax, exp in zip(axes[1:], ("alignment", "critics"), strict=True):
+        if exp not in results:
+            continue
+        names = list(results[exp])
+        for k, marker in (("1", "o"), ("2", "s")):
+            for i, name in enumerate(names):
+                ys = [r["student"][k]["mode_precision"] for r in results[exp][name]["runs"]]
+                xs = [i + (0.12 if k == "2" else -0.12)] * len(ys)
+                ax.scatter(xs, ys, s=10, marker=marker, c="tab:blue" if k == "1" else "tab:red")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.replace(" / ", "\n") for n in names], fontsize=7)
+        ax.set_title(f"{2 if exp == 'alignment' else 3}. {exp}: mode precision", fontsize=8)
+        ax.scatter([], [], marker="o", c="tab:blue", label="1 step")
+        ax.scatter([], [], marker="s", c="tab:red", label="2 steps")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
