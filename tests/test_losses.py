@@ -148,3 +148,44 @@ def test_bad_input():
         AdaptiveWeight(p=-1)
     with pytest.raises(ValueError, match="c must"):
         AdaptiveWeight(c=0)
+
+
+def test_exact_average_velocity_attracts_semi_gradient_training():
+    # Student = exact average velocity of a Gaussian's flow + theta . features. The
+    # differential target's stop-gradient makes training a fixed-point iteration; from a
+    # perturbed start it must return to theta = 0 (no sign error, a stable fixed point).
+    mu, s = torch.tensor([1.5, -1.0], dtype=F64), 0.5
+    data = GaussianMixture.isotropic(mu[None], std=s)
+
+    def sigma(t):
+        return ((1 - t) ** 2 * s**2 + t**2).sqrt()
+
+    def exact(z, r, t):
+        r_, t_ = r[:, None], t[:, None]
+        z_r = (1 - r_) * mu + sigma(r_) / sigma(t_) * (z - (1 - t_) * mu)
+        gap = t_ - r_
+        return torch.where(gap > 0, (z - z_r) / gap.clamp_min(1e-12), data.velocity(z, t))
+
+    start = torch.tensor([0.3, -0.2, 0.25, 0.1], dtype=F64)
+    theta = torch.nn.Parameter(start.clone())
+
+    def student(z, r, t):
+        gap = (t - r)[:, None]
+        feats = (z, z * t[:, None], z * gap, gap * torch.ones_like(z))
+        return exact(z, r, t) + sum(th * f for th, f in zip(theta, feats, strict=True))
+
+    opt = torch.optim.SGD([theta], lr=0.05)
+    mf = MeanFlowLoss(
+        TimePairSampler(UniformTime(), equal_fraction=0.25),
+        DifferentialTarget(),
+        AdaptiveWeight(p=0),
+    )
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss, _ = mf(
+            student, data.sample(256, generator=gen, dtype=F64), teacher=data, generator=gen
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert theta.detach().norm() < 0.25 * start.norm(), theta
