@@ -63,6 +63,7 @@ from mfcore.solvers import sample_meanflow
 from mfcore.time import resolution_shift_mu, shifted_grid, uniform_grid
 
 __all__ = [
+    "SharedWeightsStudent",
     "FLUX_DEV_CONFIG",
     "TINY_FLUX_CONFIG",
     "STUDENT_CONFIG_NAME",
@@ -527,7 +528,34 @@ class IntervalEmbedding(nn.Module):
         return h[:-1] - h[-1:]
 
 
-class FluxStudent(nn.Module):
+class SharedWeightsStudent(nn.Module):
+    """What every FLUX student shares: the transformer (with LoRA) and its teacher.
+
+    The teacher is the same transformer with the student's additions switched off, so no
+    second copy of the base weights exists. Subclasses set ``self.transformer`` and
+    ``self.guidance_scale``.
+    """
+
+    transformer: FluxTransformer2DModel
+    guidance_scale: float
+
+    def teacher(self, *, true_cfg_scale: float = 1.0) -> FluxTeacher:
+        """The teacher on the same base weights (LoRA and the student's additions off)."""
+        return FluxTeacher(
+            self.transformer, guidance_scale=self.guidance_scale, true_cfg_scale=true_cfg_scale
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters with ``requires_grad`` (the LoRA weights and the student's additions)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (works on the meta device)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class FluxStudent(SharedWeightsStudent):
     """A FLUX transformer as a MeanFlow student ``u(z, r, t, **cond)`` (arXiv 2505.13447).
 
     The transformer gets LoRA updates (:func:`mfcore.adapters.lora.add_lora`; its base
@@ -643,22 +671,7 @@ class FluxStudent(nn.Module):
         with self._interval_on(t - r), _checkpointing_off(tr, jvp_graph):
             return _transformer_velocity(tr, z, t, prompt_embeds, pooled_prompt_embeds, g)
 
-    def teacher(self, *, true_cfg_scale: float = 1.0) -> FluxTeacher:
-        """The teacher on the same base weights (LoRA and interval branch off)."""
-        return FluxTeacher(
-            self.transformer, guidance_scale=self.guidance_scale, true_cfg_scale=true_cfg_scale
-        )
-
     # ----------------------------------------------------------------------- trainable state
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters with ``requires_grad``: the LoRA weights and the interval MLP."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts (works on the meta device)."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Every trained tensor, keyed ``lora.<module>...`` and ``interval.<name>``, detached."""

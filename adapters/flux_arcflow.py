@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_time
 from mfcore.adapters.flux import (
-    FluxTeacher,
+    SharedWeightsStudent,
     _check_latents,
     _check_prompt,
     _guidance_tensor,
@@ -133,7 +133,7 @@ def _unpack_params(params: ArcParams, height: int, width: int, dtype: torch.dtyp
     return ArcParams(m=m, weights=per_pixel[0], rates=per_pixel[1], s0=params.s0)
 
 
-class FluxArcFlowStudent(nn.Module):
+class FluxArcFlowStudent(SharedWeightsStudent):
     """A FLUX transformer as an ArcFlow student ``f(z, s0, **cond) -> ArcParams``.
 
     ArcFlow, Yang et al., arXiv 2602.09014: LoRA on the backbone and a momentum-mixture head
@@ -268,22 +268,7 @@ class FluxArcFlowStudent(nn.Module):
             return_dict=False,
         )[0]
 
-    def teacher(self, *, true_cfg_scale: float = 1.0) -> FluxTeacher:
-        """The teacher on the same base weights (LoRA off, the pretrained ``proj_out``)."""
-        return FluxTeacher(
-            self.transformer, guidance_scale=self.guidance_scale, true_cfg_scale=true_cfg_scale
-        )
-
     # ----------------------------------------------------------------------- trainable state
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters with ``requires_grad``: the LoRA weights and the head."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts (works on the meta device)."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Every trained tensor, keyed ``lora.<module>...`` and ``head.<name>``, detached."""
