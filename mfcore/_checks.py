@@ -97,6 +97,28 @@ def check_positive_int(name: str, n: object, *, minimum: int = 1) -> int:
     return n
 
 
+def check_grid(grid: object, ref: Tensor, *, full_span: bool) -> Tensor:
+    """Check a sampling grid: ``(N + 1,)``, ``N >= 1``, on ``ref``'s device, finite, in
+    ``[0, 1]`` and strictly decreasing (sampling runs from noise towards data); with
+    ``full_span`` it must also run from exactly 1 to exactly 0. Returns ``grid``."""
+    check_tensor("grid", grid)
+    assert isinstance(grid, Tensor)
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f"grid must have shape (N + 1,) with N >= 1, got {tuple(grid.shape)}")
+    if grid.device != ref.device:
+        raise ValueError(f"grid is on {grid.device} but noise is on {ref.device}")
+    if not bool(torch.isfinite(grid).all()) or bool(((grid < 0) | (grid > 1)).any()):
+        raise ValueError("grid must be finite and lie in [0, 1]")
+    if full_span and (grid[0].item() != 1.0 or grid[-1].item() != 0.0):
+        raise ValueError(
+            f"grid must run from exactly 1 (noise) to exactly 0 (data), "
+            f"got {grid[0].item():.6g} to {grid[-1].item():.6g}"
+        )
+    if bool((grid[1:] >= grid[:-1]).any()):
+        raise ValueError("grid must be strictly decreasing (sampling runs from 1 towards 0)")
+    return grid
+
+
 def check_choice(name: str, value: object, choices: dict | tuple | list) -> str:
     """Raise unless ``value`` is one of ``choices`` (listing the valid ones)."""
     if not isinstance(value, str) or value not in choices:

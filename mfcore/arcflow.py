@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from mfcore._checks import (
     check_finite,
+    check_grid,
     check_positive_int,
     check_tensor,
     check_time,
@@ -496,27 +497,12 @@ def _check_shape(name: str, x: object, shape: tuple[int, ...]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_grid(grid: object, ref: Tensor) -> Tensor:
-    """A strictly decreasing ``(N+1,)`` grid in ``[0, 1]`` with ``N >= 1``."""
-    check_tensor("grid", grid)
-    assert isinstance(grid, Tensor)
-    if grid.ndim != 1 or grid.shape[0] < 2:
-        raise ValueError(f"grid must have shape (N+1,) with N >= 1, got {tuple(grid.shape)}")
-    if grid.device != ref.device:
-        raise ValueError(f"grid is on {grid.device} but noise is on {ref.device}")
-    if not bool(torch.isfinite(grid).all()) or bool(((grid < 0) | (grid > 1)).any()):
-        raise ValueError("grid must be finite and lie in [0, 1]")
-    if bool((grid[1:] >= grid[:-1]).any()):
-        raise ValueError("grid must be strictly decreasing (sampling runs from 1 towards 0)")
-    return grid
-
-
 def _resolve_grid(steps: int | None, grid: Tensor | None, ref: Tensor) -> Tensor:
     """The ``(N+1,)`` float64 grid: uniform with ``steps`` (2 when None), or ``grid``."""
     if grid is None:
         n = 2 if steps is None else check_positive_int("steps", steps)
         return uniform_grid(n, device=ref.device, dtype=torch.float64)
-    grid = _check_grid(grid, ref)
+    grid = check_grid(grid, ref, full_span=False)
     if steps is not None and check_positive_int("steps", steps) != grid.shape[0] - 1:
         raise ValueError(
             f"steps={steps} does not match the grid's {grid.shape[0] - 1} steps; "

@@ -29,6 +29,7 @@ from torch import Tensor
 from mfcore._checks import (
     check_choice,
     check_finite,
+    check_grid,
     check_like,
     check_positive_int,
     check_tensor,
@@ -124,26 +125,6 @@ def _check_shift(shift: object) -> float | None:
     return float(shift)
 
 
-def _check_grid(grid: object, ref: Tensor) -> Tensor:
-    """Raise unless ``grid`` is ``(N + 1,)``, strictly decreasing from exactly 1 to exactly 0."""
-    check_tensor("grid", grid)
-    assert isinstance(grid, Tensor)
-    if grid.ndim != 1 or grid.shape[0] < 2:
-        raise ValueError(f"grid must have shape (N + 1,) with N >= 1, got {tuple(grid.shape)}")
-    if grid.device != ref.device:
-        raise ValueError(f"grid is on {grid.device} but noise is on {ref.device}")
-    if not bool(torch.isfinite(grid).all()):
-        raise ValueError("grid must be finite")
-    if grid[0].item() != 1.0 or grid[-1].item() != 0.0:
-        raise ValueError(
-            f"grid must run from exactly 1 (noise) to exactly 0 (data), "
-            f"got {grid[0].item():.6g} to {grid[-1].item():.6g}"
-        )
-    if not bool((grid[1:] < grid[:-1]).all()):
-        raise ValueError("grid must be strictly decreasing")
-    return grid
-
-
 def _sampling_grid(
     steps: object, grid: object, shift: object, default_steps: int, ref: Tensor
 ) -> Tensor:
@@ -156,7 +137,7 @@ def _sampling_grid(
         return shifted_grid(n, shift=shift, device=ref.device, dtype=cd)  # type: ignore[arg-type]
     if shift is not None:
         raise ValueError("pass either grid or shift, not both (shift the grid yourself)")
-    grid = _check_grid(grid, ref)
+    grid = check_grid(grid, ref, full_span=True)
     if steps is not None and check_positive_int("steps", steps) != grid.shape[0] - 1:
         raise ValueError(
             f"steps={steps} does not match the grid's {grid.shape[0] - 1} steps; "
