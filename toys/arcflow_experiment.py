@@ -459,10 +459,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def write_figures(extras: dict[str, Any], directory: str | Path) -> list[Path]:
     """``arcflow_trajectories.png`` and ``arcflow_samples.png`` from :func:`compare`'s extras."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import density_background, plt  # matplotlib with the Agg backend
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -477,7 +474,7 @@ def write_figures(extras: dict[str, Any], directory: str | Path) -> list[Path]:
     fig, axes = plt.subplots(len(names), 3, figsize=(9.0, 3.0 * len(names)), squeeze=False)
     for row, name in zip(axes, names, strict=True):
         for ax, key in zip(row, ("data", "teacher_euler", "arcflow"), strict=True):
-            _density(ax, preset(name))
+            density_background(ax, preset(name), limit=3.0)
             pts = extras[name]["samples"][key][:1000].float().numpy()
             ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:red", alpha=0.6, linewidths=0)
             ax.set_title(f"{name}: {_SAMPLE_TITLES[key]}", fontsize=9)
@@ -494,21 +491,11 @@ _SAMPLE_TITLES = {
 }
 
 
-def _density(ax: Any, gmm: GaussianMixture, limit: float = 3.0) -> None:
-    grid = torch.linspace(-limit, limit, 150, dtype=torch.float64)
-    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
-    logp = gmm.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(xx.shape)
-    ax.contourf(xx.numpy(), yy.numpy(), logp.exp().numpy(), levels=12, cmap="Greys")
-    ax.set_xlim(-limit, limit)
-    ax.set_ylim(-limit, limit)
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def _plot_trajectories(ax: Any, gmm: GaussianMixture, trajs: dict[str, Tensor], name: str) -> None:
     """Teacher ODE paths (grey), teacher Euler (dashed) and ArcFlow's arcs (blue) per noise."""
-    _density(ax, gmm)
+    from .plots import density_background
+
+    density_background(ax, gmm, limit=3.0)
     styles = {
         "teacher_ode": {"c": "0.35", "lw": 1.0, "label": "teacher ODE (64 Heun)"},
         "teacher_euler": {"c": "tab:orange", "lw": 0.9, "ls": "--", "label": "teacher, 2 Euler"},

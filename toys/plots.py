@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from .gmm import GaussianMixture  # noqa: E402
 
 __all__ = [
+    "density_background",
     "plot_samples",
     "plot_trajectories",
     "plot_losses",
@@ -32,7 +33,7 @@ _DPI = 90
 _LIMIT = 2.2
 
 
-def _density(ax, gmm: GaussianMixture, limit: float = _LIMIT) -> None:
+def density_background(ax, gmm: GaussianMixture, limit: float = _LIMIT) -> None:
     """The exact data density as a light filled contour."""
     grid = torch.linspace(-limit, limit, 160, dtype=torch.float64)
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
@@ -52,7 +53,7 @@ def plot_samples(
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
     axes = [axes] if len(panels) == 1 else list(axes)
     for ax, (title, x) in zip(axes, panels.items(), strict=True):
-        _density(ax, gmm)
+        density_background(ax, gmm)
         pts = x[:points].detach().float().numpy()
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:red", alpha=0.6, linewidths=0)
         ax.set_title(title, fontsize=9)
@@ -68,7 +69,7 @@ def plot_trajectories(
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
     axes = [axes] if len(panels) == 1 else list(axes)
     for ax, (title, traj) in zip(axes, panels.items(), strict=True):
-        _density(ax, gmm, limit=3.0)
+        density_background(ax, gmm, limit=3.0)
         tr = traj[:, :lines].detach().float().numpy()
         for b in range(tr.shape[1]):
             ax.plot(tr[:, b, 0], tr[:, b, 1], lw=0.6, c="tab:blue", alpha=0.6)
