@@ -51,9 +51,11 @@ from mfcore._checks import (
 )
 from mfcore.adapters.lora import (
     LoraSpec,
+    adapter_parameters,
     add_lora,
     load_lora,
     load_lora_state_dict,
+    lora_active,
     lora_disabled,
     lora_state_dict,
     save_lora,
@@ -538,6 +540,7 @@ class SharedWeightsStudent(nn.Module):
 
     transformer: FluxTransformer2DModel
     guidance_scale: float
+    adapter_name: str
 
     def teacher(self, *, true_cfg_scale: float = 1.0) -> FluxTeacher:
         """The teacher on the same base weights (LoRA and the student's additions off)."""
@@ -545,13 +548,24 @@ class SharedWeightsStudent(nn.Module):
             self.transformer, guidance_scale=self.guidance_scale, true_cfg_scale=true_cfg_scale
         )
 
+    def _foreign_lora(self) -> set[int]:
+        """Ids of the LoRA weights of other adapters on the shared transformer (a critic's)."""
+        others = set(getattr(self.transformer, "peft_config", {})) - {self.adapter_name}
+        return {
+            id(p) for name in others for p in adapter_parameters(self.transformer, name).values()
+        }
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters with ``requires_grad`` (the LoRA weights and the student's additions)."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """The student's trained parameters: its LoRA weights and additions (``requires_grad``),
+        not the weights of other adapters that share the transformer."""
+        foreign = self._foreign_lora()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in foreign]
 
     def parameter_counts(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts (works on the meta device)."""
-        params = list(self.parameters())
+        """``(trainable, total)`` parameter counts (works on the meta device); other adapters
+        on the shared transformer count in neither."""
+        foreign = self._foreign_lora()
+        params = [p for p in self.parameters() if id(p) not in foreign]
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
@@ -668,7 +682,11 @@ class FluxStudent(SharedWeightsStudent):
         g = _guidance_tensor(tr, guidance, z)
         # checkpointing cannot recompute a forward-mode AD forward: off under a JVP with graph
         jvp_graph = torch.is_grad_enabled() and _has_tangent(z, t)
-        with self._interval_on(t - r), _checkpointing_off(tr, jvp_graph):
+        with (
+            self._interval_on(t - r),
+            _checkpointing_off(tr, jvp_graph),
+            lora_active(tr, self.adapter_name),
+        ):
             return _transformer_velocity(tr, z, t, prompt_embeds, pooled_prompt_embeds, g)
 
     # ----------------------------------------------------------------------- trainable state

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -29,6 +30,8 @@ __all__ = [
     "LoraSpec",
     "add_lora",
     "lora_disabled",
+    "lora_active",
+    "adapter_parameters",
     "lora_state_dict",
     "load_lora_state_dict",
     "save_lora",
@@ -104,14 +107,19 @@ class LoraSpec:
 
 
 def add_lora(
-    model: nn.Module, spec: LoraSpec, *, adapter_name: str = "mfcore"
+    model: nn.Module, spec: LoraSpec, *, adapter_name: str = "mfcore", activate: bool = True
 ) -> list[nn.Parameter]:
     """Freeze ``model`` and inject LoRA updates (zero at initialisation) into it, in place.
+
+    Every LoRA weight of the model (this adapter's and earlier ones') is left trainable.
 
     Args:
         model: a diffusers model with ``PeftAdapterMixin`` (``add_adapter``).
         spec: ranks and target modules.
         adapter_name: peft's name for the adapter.
+        activate: make the new adapter the active one (diffusers' behaviour); False keeps
+            the adapters that were active before it (a second adapter on a shared model
+            that runs only inside :func:`lora_active`).
 
     Returns:
         the new trainable LoRA parameters.
@@ -124,15 +132,28 @@ def add_lora(
         raise TypeError(
             f"model must be a diffusers model with add_adapter, got {type(model).__name__}"
         )
-    model.requires_grad_(False)
+    before = [layer.active_adapters for layer in _tuner_layers(model)]
+    previous = before[0] if before else None
     try:
-        model.add_adapter(spec.to_peft(), adapter_name=adapter_name)
+        with warnings.catch_warnings():  # peft warns on any second adapter; ours are intended
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            model.add_adapter(spec.to_peft(), adapter_name=adapter_name)
     except ValueError as err:
         raise ValueError(f"no module of the model matches target_modules: {err}") from err
-    params = [p for n, p in model.named_parameters() if ".lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    if not activate and previous is not None:
+        for layer in _tuner_layers(model):
+            layer._active_adapter = list(previous)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.requires_grad_(True)
+    return list(adapter_parameters(model, adapter_name).values())
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The LoRA parameters of one adapter of ``model``, by their names in ``model``."""
+    tag = f".{adapter_name}."
+    return {n: p for n, p in model.named_parameters() if ".lora_" in n and tag in n}
 
 
 def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
@@ -156,6 +177,32 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, state in zip(layers, saved, strict=True):
             layer._disable_adapters = state
+
+
+@contextlib.contextmanager
+def lora_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Run ``model`` with the single adapter ``adapter_name`` on inside the block.
+
+    Several adapters can share one base (a student's and a critic's): each model switches
+    to its own adapter for its call. Like :func:`lora_disabled` only the switch is set,
+    ``requires_grad`` is left alone. Gradient checkpointing recomputes blocks during the
+    backward with the adapter that is active *then*: run a backward through a call made in
+    this block inside the block too.
+
+    Raises:
+        ValueError: if ``model`` has no adapter named ``adapter_name``.
+    """
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+    layers = _tuner_layers(model)
+    saved = [layer._active_adapter for layer in layers]
+    try:
+        for layer in layers:
+            layer._active_adapter = [adapter_name]
+        yield
+    finally:
+        for layer, state in zip(layers, saved, strict=True):
+            layer._active_adapter = state
 
 
 def lora_state_dict(model: nn.Module, *, adapter_name: str = "mfcore") -> dict[str, Tensor]:
