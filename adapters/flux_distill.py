@@ -4,7 +4,10 @@ The seed method: the student (:class:`~mfcore.adapters.flux.FluxStudent`, LoRA p
 interval embedding) first regresses the teacher's ODE secant over ``[r, t]`` (the discrete
 warm-up target), then the differential MeanFlow target ``v - (t - r) du/dt`` (MeanFlow,
 arXiv 2505.13447, eq. 10), switched by :class:`mfcore.targets.WarmupTarget` inside
-:class:`mfcore.losses.MeanFlowLoss`.
+:class:`mfcore.losses.MeanFlowLoss`; with ``--align fake`` (or ``meanflow``) plus
+``align_weight *`` trajectory distribution alignment of the student's ``align_steps``-step
+samples through a fake-velocity critic, a second LoRA adapter on the same base weights
+(:mod:`mfcore.adapters.flux_align`).
 
 Data: a folder of ``*.safetensors`` files, each holding ``N >= 1`` samples:
 
@@ -28,8 +31,8 @@ trainable state, optimiser, warm-up state, RNG states, step; ``--resume`` contin
 the newest exactly), ``metrics.jsonl``, and the final student in ``student/``
 (:meth:`FluxStudent.save_pretrained`: its LoRA loads in a stock ``FluxPipeline``).
 
-Trajectory-alignment critics plug in through :class:`AlignmentHook` (``distill(...,
-alignment=...)``); none ships yet.
+Other alignment terms plug in through :class:`AlignmentHook` (``distill(...,
+alignment=...)``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from mfcore.adapters.flux import (
     check_flux_transformer,
     flux_mu,
 )
+from mfcore.adapters.flux_align import CRITICS, FluxAlignment, FluxFakeVelocity
 from mfcore.adapters.lora import LoraSpec
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
@@ -120,6 +124,15 @@ class DistillConfig:
     time_std: float = 1.0
     shift_times: bool = True
     adaptive_p: float = 1.0
+    align: str = "none"
+    align_weight: float = 0.3
+    align_steps: int = 1
+    align_start: int = 0
+    critic_lead: int = 100
+    critic_updates: int = 1
+    critic_lr: float = 1e-4
+    critic_rank: int = 64
+    critic_ode_steps: int = 2
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False
@@ -133,12 +146,28 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if (self.model is None) == (not self.tiny):
             raise ValueError("give exactly one of model (a FLUX checkpoint folder) and tiny")
-        for name in ("steps", "batch_size", "lora_rank", "warmup_ode_steps", "checkpoint_every"):
+        positive = (
+            "steps",
+            "batch_size",
+            "lora_rank",
+            "warmup_ode_steps",
+            "checkpoint_every",
+            "align_steps",
+            "critic_updates",
+            "critic_rank",
+            "critic_ode_steps",
+        )
+        for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_steps", "align_start", "critic_lead"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.align not in ("none", *CRITICS):
+            raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
+        if not (self.align_weight >= 0 and self.critic_lr > 0):
+            raise ValueError("align_weight must be >= 0 and critic_lr > 0")
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {self.jvp!r}")
         if self.weights_dtype not in _DTYPES:
@@ -359,7 +388,7 @@ def _build_transformer(cfg: DistillConfig) -> tuple[FluxTransformer2DModel, dict
 
 @runtime_checkable
 class AlignmentHook(Protocol):
-    """A trajectory-alignment term added to the MeanFlow loss (none ships yet).
+    """A trajectory-alignment term added to the MeanFlow loss (e.g. :class:`FluxAlignment`).
 
     ``critic_step`` trains the critic (its own optimiser) on the batch before the student's
     step; ``student_loss`` returns the student's alignment loss (with graph) and metrics;
@@ -448,6 +477,10 @@ def _setup(
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     teacher = student.teacher(true_cfg_scale=cfg.true_cfg_scale)
+    if cfg.align != "none":
+        if alignment is not None:
+            raise ValueError("give either cfg.align or an alignment term, not both")
+        alignment = _build_alignment(cfg, student)
     optimizer = torch.optim.AdamW(
         student.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -465,6 +498,23 @@ def _setup(
     )
 
 
+def _build_alignment(cfg: DistillConfig, student: FluxStudent) -> FluxAlignment:
+    spec = LoraSpec(rank=cfg.critic_rank, target_modules=student.lora_spec.target_modules)
+    fake = FluxFakeVelocity(student, lora=spec)
+    return FluxAlignment(
+        fake,
+        critic=cfg.align,
+        steps=cfg.align_steps,
+        weight=cfg.align_weight,
+        lr=cfg.critic_lr,
+        critic_updates=cfg.critic_updates,
+        ode_steps=cfg.critic_ode_steps,
+        start=cfg.align_start,
+        critic_lead=cfg.critic_lead,
+        seed=cfg.seed + 1,
+    )
+
+
 def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -475,9 +525,11 @@ def _train_step(run: _Run) -> dict[str, float]:
     cfg = run.cfg
     x, cond = run.data.batch(run.step, cfg.batch_size, cfg.seed, run.device)
     metrics: dict[str, Any] = {}
-    if run.alignment is not None:
-        metrics.update(run.alignment.critic_step(run.student, run.teacher, x, cond, run.step))
     use_bf16 = cfg.autocast and run.device.type == "cuda"
+    if run.alignment is not None:
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            critic = run.alignment.critic_step(run.student, run.teacher, x, cond, run.step)
+        metrics.update(critic)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_bf16):
         loss, mf = run.loss(
             run.student, x, teacher=run.teacher, cond=cond, step=run.step, generator=run.generator

@@ -119,6 +119,49 @@ def test_resume_continues_exactly(tmp_path, data):
         distill(config(tmp_path, "b", steps=6, resume=True, lr=5e-4))
 
 
+@pytest.mark.parametrize("critic", ["fake", "meanflow"])
+def test_alignment_step_trains_student_and_fake_only(tmp_path, data, critic):
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    cfg = config(tmp_path, steps=2, align=critic, critic_lead=1, critic_rank=2, critic_lr=1e-2)
+    student = distill(cfg, transformer=transformer)
+    trainable = {id(p) for p in student.trainable_parameters()}
+    trained = {"student": 0, "fake": 0}
+    for name, p in student.named_parameters():
+        key = name.removeprefix("transformer.").replace(".base_layer", "")
+        if ".lora_" in name:
+            owner = "fake" if ".mfcore_fake." in name else "student"
+            assert (id(p) in trainable) == (owner == "student"), name
+            if "lora_B" in name:  # B starts at zero: nonzero means trained
+                trained[owner] += int(bool(p.detach().abs().sum() > 0))
+        elif id(p) not in trainable:
+            assert torch.equal(p, before[key]), name
+    assert trained["student"] > 0 and trained["fake"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "critic_fm" in rows[0] and "align_loss" not in rows[0]  # the critic leads one step
+    assert rows[1]["align_loss"] > 0 and rows[1]["critic_updates"] == 2
+
+
+def test_resume_with_alignment_continues_exactly(tmp_path, data):
+    kw = dict(align="fake", critic_lead=1, critic_rank=2, critic_lr=1e-2)
+    straight = distill(config(tmp_path, "a", steps=4, **kw))
+    distill(config(tmp_path, "b", steps=2, **kw))
+    resumed = distill(config(tmp_path, "b", steps=4, resume=True, **kw))
+    sa, sb = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    fakes = [
+        {n: p for n, p in s.transformer.named_parameters() if ".mfcore_fake." in n}
+        for s in (straight, resumed)
+    ]
+    assert fakes[0] and fakes[0].keys() == fakes[1].keys()
+    for k in fakes[0]:
+        assert torch.equal(fakes[0][k], fakes[1][k]), k
+    with pytest.raises(ValueError, match="align"):
+        distill(config(tmp_path, "b", steps=6, resume=True))
+
+
 def test_final_student_reloads(tmp_path, data):
     student = distill(config(tmp_path, steps=2))
     torch.manual_seed(0)
@@ -190,4 +233,7 @@ def test_cli_bad_input(tmp_path, capsys, data):
     assert "share" in _cli_error(["train", "--tiny", "--data", str(mixed), *out], capsys)
     assert "jvp" in _cli_error(
         ["train", "--tiny", "--data", str(data), "--jvp", "exact", *out], capsys
+    )
+    assert "align" in _cli_error(
+        ["train", "--tiny", "--data", str(data), "--align", "kernel", *out], capsys
     )
