@@ -9,6 +9,9 @@ be smoke-tested. Rows:
 - MeanFlow step with each JVP backend (differential target, v = eps - x, a no-grad JVP
   and a separate forward/backward; plus the single-forward torch.func variant);
 - the discrete warm-up target (teacher Heun ODE over [r, t], then forward/backward);
+- trajectory alignment (fake-velocity critic as a second LoRA, 1-step trajectory): the
+  critic's update alone, and a whole seed-method step (critic update, then MeanFlow by
+  torch.func plus the student's alignment loss, one backward);
 - generation: 1 and 2 student steps vs the 50-step teacher (transformer time only).
 
 Writes ``benchmarks/results/flux_step-<device>.json`` and prints a markdown table; on CUDA
@@ -30,6 +33,7 @@ from _report import provenance, update_section  # benchmarks/ is on sys.path as 
 from diffusers import FluxTransformer2DModel
 
 from mfcore.adapters.flux import FLUX_DEV_CONFIG, TINY_FLUX_CONFIG, FluxStudent, attention_mode_for
+from mfcore.adapters.flux_align import FluxAlignment, FluxFakeVelocity
 from mfcore.adapters.lora import LoraSpec
 from mfcore.fields import velocity_of
 from mfcore.losses import AdaptiveWeight, FlowMatchingLoss, MeanFlowLoss
@@ -152,6 +156,28 @@ def main() -> None:
             args.reps,
         )
     )
+
+    # the critic's adapter is added last, so the rows above run on the student alone
+    rank = 4 if tiny else 64
+    align = FluxAlignment(FluxFakeVelocity(student, lora=LoraSpec(rank=rank)), critic_lead=0)
+    mf_func = MeanFlowLoss(pairs, DifferentialTarget("func"), AdaptiveWeight())
+
+    def critic_only():
+        with autocast:
+            align.critic_step(student, teacher, x, cond, 0)
+
+    def seed_method():
+        critic_only()
+        for p in params:
+            p.grad = None
+        with autocast:
+            loss, _ = mf_func(student, x, cond=cond)
+            extra, _ = align.student_loss(student, teacher, x, cond, 0)
+            loss = loss + align.weight * extra
+        loss.backward()
+
+    rows.append(_row("alignment: critic update (1 step)", critic_only, device, args.reps))
+    rows.append(_row("MeanFlow (func) + alignment + critic", seed_method, device, args.reps))
 
     def generate(steps):
         def run():
