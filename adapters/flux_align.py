@@ -26,6 +26,7 @@ the fake's adapter is added inactive); the critic's own backward runs inside
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -89,7 +90,7 @@ class FluxFakeVelocity(nn.Module):
             {n.replace(".", "/"): p for n, p in adapter_parameters(tr, adapter_name).items()}
         )
 
-    def active(self) -> Any:
+    def active(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: the fake's adapter is the active one inside the block."""
         return lora_active(self._transformer, self.adapter_name)
 
