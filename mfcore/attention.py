@@ -7,8 +7,9 @@ Every fused attention kernel in torch (flash, memory-efficient, cuDNN) raises
 a drop-in for :func:`torch.nn.functional.scaled_dot_product_attention` (same layout
 ``(B, H, S, D)``) implemented as an ``autograd.Function`` with ``jvp`` and ``backward``:
 
-- ``backend="triton"``: a fused Triton kernel (:mod:`mfcore.kernels.flash_jvp`) with an
-  online softmax, O(S) memory; CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
+- ``backend="triton"``: fused Triton kernels with an online softmax, O(S) memory: primal
+  and tangent in :mod:`mfcore.kernels.flash_jvp`, the backward from the saved logsumexp in
+  :mod:`mfcore.kernels.flash_bwd`; CUDA, or CPU under ``TRITON_INTERPRET=1`` (tests).
 - ``backend="reference"``: exact torch code chunked over query blocks, O(S x block) memory,
   any device and dtype (fp64 for tests).
 - ``backend="auto"``: Triton on CUDA when the call is supported, else the reference.
@@ -19,8 +20,15 @@ With ``O = softmax(S) V``, ``S = scale Q K^T + M`` and ``P = softmax(S)`` the ta
     dS = scale (dQ K^T + Q dK^T)
     dO = (P * dS) V + P dV - rowsum(P * dS) * O
 
-Rows whose keys are all masked out return zeros (value, tangent and gradients), never NaN
-(torch's SDPA returns NaN there).
+and the backward (``G = dL/dO``, ``delta = rowsum(G * O)``)::
+
+    dS = P * (G V^T - delta)
+    dQ = scale dS K,   dK = scale dS^T Q,   dV = P^T G
+
+A backward asked to build a graph (``create_graph=True``, or functorch's ``grad``/``vjp``,
+which run it with grad mode on) differentiates the chunked reference instead, so double
+backward is exact on both paths. Rows whose keys are all masked out return zeros (value,
+tangent and gradients), never NaN (torch's SDPA returns NaN there).
 """
 
 from __future__ import annotations
@@ -387,6 +395,23 @@ def _path_tangent(path: str, q, k, v, o, lse, tq, tk, tv, kind, mask, scale, chu
     return _ref_tangent(q, k, v, o, lse, tq, tk, tv, kind, mask, scale, chunk_size)
 
 
+def _path_backward(path: str, q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size):
+    """Gradients of ``<grad_o, O>`` (no graph): the Triton kernel on the Triton path.
+
+    Only reached with grad mode off. functorch transforms (``torch.func.grad``, ``vjp``)
+    run the backward with grad mode on, so their wrapped tensors take the differentiable
+    branch; should a wrapped tensor still arrive here, the reference (plain torch ops,
+    which functorch traces) keeps what the wrapper carries instead of peeling it off.
+    """
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if path == "triton" and not any(wrapped(x) for x in (q, k, v, o, lse, grad_o)):
+        from mfcore.kernels import flash_bwd
+
+        kpm = mask if kind == "keys" else None
+        return flash_bwd.attention_backward(q, k, v, o, lse, grad_o, key_mask=kpm, scale=scale)
+    return _ref_backward(q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)
+
+
 class _AttentionFunction(torch.autograd.Function):
     """``O = softmax(scale Q K^T + M) V`` with a tangent rule and a primal backward.
 
@@ -394,7 +419,8 @@ class _AttentionFunction(torch.autograd.Function):
     tangents ``tq, tk, tv`` are passed (the fused dual call, see :func:`_dual_tangents`),
     the forward computes the output and its tangent in one pass and ``jvp`` hands the
     stored tangent on; otherwise ``jvp`` recomputes the scores from the saved logsumexp.
-    Only ``q, k, v, O, lse`` are saved: the tangent is never kept for the backward.
+    Only ``q, k, v, O, lse`` are saved: the tangent is never kept for the backward, which
+    recomputes ``P`` from ``lse`` (Triton kernel or chunked reference, by ``path``).
     """
 
     @staticmethod
@@ -429,11 +455,11 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_o, *_):
         ctx.fused_tangent = None
         q, k, v, o, lse = ctx.saved_tensors
-        kind, mask, scale, _, chunk_size = ctx.options
+        kind, mask, scale, path, chunk_size = ctx.options
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
             grads = _differentiable_backward(q, k, v, grad_o, kind, mask, scale, chunk_size)
         else:
-            grads = _ref_backward(q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)
+            grads = _path_backward(path, q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)
         return (*grads, *([None] * 8))
 
 

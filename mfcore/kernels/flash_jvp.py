@@ -22,8 +22,8 @@ An optional boolean key-padding mask ``(B, S_k)`` (True = attend) is supported; 
 every key masked give ``O = dO = 0`` and ``lse = +inf``. Any ``S_q``, ``S_k`` (blocks are
 bounds-checked) and head dims up to 256 (padded to a power of two, at least 16).
 
-The backward is not in this file: :mod:`mfcore.attention` computes it with the exact
-chunked reference formulas from the saved ``lse``.
+The backward is in :mod:`mfcore.kernels.flash_bwd` (FlashAttention-2 style, from the saved
+``lse`` and ``O``); it shares ``_dot``, the log2 constants and the config helpers below.
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ from torch import Tensor
 
 __all__ = ["attention_forward", "attention_tangent"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# Compile-time constants, shared with the backward (mfcore.kernels.flash_bwd): scores are
+# handled in log2 units so the kernels can use exp2/log2.
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward/tangent kernel.
+_FWD_SHAPES = ((64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3),
+               (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2))  # fmt: skip
 
 
 @triton.jit
@@ -88,7 +93,7 @@ def _attn_jvp_kernel(
             TQ + b * s_tqb + h * s_tqh + rows[:, None] * s_tqs + dims[None, :] * s_tqd,
             mask=q_tile, other=0.0,
         )  # fmt: skip
-    qk_scale = scale * 1.4426950408889634  # scores in log2 units
+    qk_scale = scale * _LOG2E  # scores in log2 units
 
     if PRIMAL:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -96,7 +101,7 @@ def _attn_jvp_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     else:
         lse = tl.load(LSE + pid_bh * seq_q + rows, mask=row_ok, other=float("inf"))
-        m_i = lse * 1.4426950408889634
+        m_i = lse * _LOG2E
     if TANGENT:
         g_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -158,7 +163,7 @@ def _attn_jvp_kernel(
         l_use = tl.where(empty, 1.0, l_i)
         o = acc / l_use[:, None]
         tl.store(O + o_offs, o.to(O.dtype.element_ty), mask=q_tile)
-        lse_out = tl.where(empty, float("inf"), (m_i + tl.log2(l_use)) * 0.6931471805599453)
+        lse_out = tl.where(empty, float("inf"), (m_i + tl.log2(l_use)) * _LN2)
         tl.store(LSE + pid_bh * seq_q + rows, lse_out, mask=row_ok)
         if TANGENT:
             t_out = acc_t / l_use[:, None] - (g_i / l_use)[:, None] * o
@@ -169,10 +174,8 @@ def _attn_jvp_kernel(
         tl.store(TO + o_offs, t_out.to(TO.dtype.element_ty), mask=q_tile)
 
 
-def _configs() -> list[triton.Config]:
-    """Tile shapes for the autotuner (Hopper/Ampere-sized; the tangent holds two tiles)."""
-    shapes = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3),
-              (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2)]  # fmt: skip
+def _configs(shapes: tuple[tuple[int, int, int, int], ...]) -> list[triton.Config]:
+    """Autotuner configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tile shapes."""
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
         for m, n, w, s in shapes
@@ -180,13 +183,18 @@ def _configs() -> list[triton.Config]:
 
 
 _tuned_kernel = triton.autotune(
-    configs=_configs(),
+    configs=_configs(_FWD_SHAPES),  # Hopper/Ampere-sized; the tangent holds two tiles
     key=["seq_q", "seq_k", "head_dim", "PRIMAL", "TANGENT", "HAS_TQ", "HAS_TK", "HAS_TV"],
 )(_attn_jvp_kernel)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _interpreter_block(seq_q: int, seq_k: int) -> int:
+    """The one small tile used under the interpreter (no autotuning there: tests stay fast)."""
+    return 16 if max(seq_q, seq_k) <= 16 else 32
 
 
 def _strides(x: Tensor | None, like: Tensor) -> tuple[int, ...]:
@@ -218,7 +226,7 @@ def _launch(
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
     )  # fmt: skip
     if _interpreting():
-        block = 16 if max(seq_q, seq_k) <= 16 else 32
+        block = _interpreter_block(seq_q, seq_k)
         grid = (triton.cdiv(seq_q, block), batch * heads)
         _attn_jvp_kernel[grid](*args, **flags, BLOCK_M=block, BLOCK_N=block)
     else:
