@@ -11,9 +11,12 @@ Methods, each at B=2, H=24, D=128, bf16 and S in {1536, 4608} by default:
 - ``explicit_tangent``: the tangent written out with the S x S matrices materialised;
 - ``jvp_flash_attention``: the peer package (``pip install jvp-flash-attention==0.14.0``)
   under ``torch.func.jvp``, when importable;
-- ``mfcore_backward`` / ``flash_backward``: the backward through the primal output alone.
+- ``mfcore_backward`` / ``flash_backward``: the backward through the primal output alone
+  (on CUDA ours is the Triton backward kernel of :mod:`mfcore.kernels.flash_bwd`; on CPU
+  the reference), its gradients also checked against float64.
 
-Each tangent is also compared with a float64 reference (relative max error). Results go to
+Each tangent and each backward's gradients are also compared with a float64 reference
+(relative max error; for gradients the largest over q, k, v). Results go to
 ``benchmarks/results/attention_jvp_<device>.json``; the table is printed and, on CUDA,
 written to the ``attention_jvp`` section of ``docs/benchmarks.md``. Needs
 CUDA for the real numbers; on CPU it runs the reference path at tiny sizes as a smoke test.
@@ -147,9 +150,12 @@ def _tangent_methods(on_cuda: bool, q, k, v, tangents, scale) -> dict[str, Calla
     return methods
 
 
-def _backward_methods(on_cuda: bool, q, k, v) -> dict[str, Callable]:
-    """name -> function running the backward through a primal built outside the timing."""
-    grad = torch.randn_like(q)
+def _backward_methods(on_cuda: bool, q, k, v, grad) -> dict[str, Callable]:
+    """name -> function running the backward through a primal built outside the timing.
+
+    ``torch.autograd.grad`` without ``create_graph`` runs the backward with grad mode off,
+    so on the Triton path this is the Triton backward kernel.
+    """
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     backend = "triton" if on_cuda else "reference"
     ours = attention(*leaves, backend=backend)
@@ -164,6 +170,12 @@ def _backward_methods(on_cuda: bool, q, k, v) -> dict[str, Callable]:
             ref, leaves, grad, retain_graph=True
         ),
     }
+
+
+def _exact_grads(q, k, v, grad, scale) -> tuple[torch.Tensor, ...]:
+    p64 = [x.double() for x in (q, k, v)]
+    out, lse, _ = attn_mod._ref_forward(*p64, None, "none", None, scale, None)
+    return attn_mod._ref_backward(*p64, out, lse, grad.double(), "none", None, scale, None)
 
 
 def _unit(q, k, v, on_cuda: bool) -> Callable:
@@ -199,8 +211,13 @@ def bench_size(seq: int, args: argparse.Namespace, device: torch.device) -> list
         if on_cuda:
             torch.cuda.empty_cache()
         rows.append(row)
-    for name, fn in _backward_methods(on_cuda, q, k, v).items():
-        rows.append({"method": name, "seq": seq, **_measure(fn, device, args.repeats)})
+    grad = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    exact_grads = _exact_grads(q, k, v, grad, scale) if args.check else None
+    for name, fn in _backward_methods(on_cuda, q, k, v, grad).items():
+        row = {"method": name, "seq": seq, **_measure(fn, device, args.repeats)}
+        if exact_grads is not None:
+            row["grad_rel_err"] = max(_rel(a, r) for a, r in zip(fn(), exact_grads, strict=True))
+        rows.append(row)
     for row in rows:
         if "ms" in row:
             row["x_flash_forward"] = row["ms"] / unit["ms"]
@@ -209,7 +226,8 @@ def bench_size(seq: int, args: argparse.Namespace, device: torch.device) -> list
 
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| S | method | time (ms) | x flash fwd | peak extra memory (GB) | tangent rel. err |",
+        "| S | method | time (ms) | x flash fwd | peak extra memory (GB) "
+        "| rel. err (tangent or grads) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -217,7 +235,8 @@ def _table(rows: list[dict]) -> str:
             lines.append(f"| {r['seq']} | {r['method']} | {r['error']} | | | |")
             continue
         peak = "" if r.get("peak_gb") is None else f"{r['peak_gb']:.2f}"
-        err = f"{r['tangent_rel_err']:.1e}" if "tangent_rel_err" in r else ""
+        err = r.get("tangent_rel_err", r.get("grad_rel_err"))
+        err = "" if err is None else f"{err:.1e}"
         lines.append(
             f"| {r['seq']} | {r['method']} | {r['ms']:.2f} | {r['x_flash_forward']:.1f} "
             f"| {peak} | {err} |"
@@ -239,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-check", dest="check", action="store_false",
-                        help="skip the float64 accuracy check of the tangents")  # fmt: skip
+                        help="skip the float64 accuracy checks")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
