@@ -58,6 +58,7 @@ from mfcore.adapters.lora import (
     lora_active,
     lora_disabled,
     lora_state_dict,
+    pinned_checkpointing,
     save_lora,
 )
 from mfcore.attention import use_jvp_attention
@@ -304,16 +305,17 @@ def _transformer_velocity(
     """One call of the transformer on unpacked latents; output in ``z``'s dtype."""
     _, _, h, w = z.shape
     dtype = transformer.dtype
-    out = transformer(
-        hidden_states=pack_latents(z.to(dtype)),
-        encoder_hidden_states=prompt_embeds.to(dtype),
-        pooled_projections=pooled.to(dtype),
-        timestep=t,
-        img_ids=latent_image_ids(h, w, device=z.device, dtype=dtype),
-        txt_ids=text_ids(prompt_embeds.shape[1], device=z.device, dtype=dtype),
-        guidance=guidance,
-        return_dict=False,
-    )[0]
+    with pinned_checkpointing(transformer):  # recomputed blocks keep this call's adapters
+        out = transformer(
+            hidden_states=pack_latents(z.to(dtype)),
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            timestep=t,
+            img_ids=latent_image_ids(h, w, device=z.device, dtype=dtype),
+            txt_ids=text_ids(prompt_embeds.shape[1], device=z.device, dtype=dtype),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
     return unpack_latents(out, h, w).to(z.dtype)
 
 
@@ -491,6 +493,8 @@ def _checkpointing_off(transformer: FluxTransformer2DModel, off: bool) -> Iterat
 
 # --------------------------------------------------------------------------- student
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class IntervalEmbedding(nn.Module):
     """Embedding of the interval ``d = t - r`` added to FLUX's time embedding.
@@ -547,6 +551,14 @@ class SharedWeightsStudent(nn.Module):
         return FluxTeacher(
             self.transformer, guidance_scale=self.guidance_scale, true_cfg_scale=true_cfg_scale
         )
+
+    def _train_in_fp32(self) -> None:
+        """Keep the student's own trained weights in fp32 on a half-precision base, so small
+        optimiser steps are not rounded away (the layers cast their inputs to them)."""
+        foreign = self._foreign_lora()
+        for p in self.parameters():
+            if p.requires_grad and id(p) not in foreign and p.dtype in _HALF:
+                p.data = p.data.float()
 
     def _foreign_lora(self) -> set[int]:
         """Ids of the LoRA weights of other adapters on the shared transformer (a critic's)."""
@@ -619,6 +631,7 @@ class FluxStudent(SharedWeightsStudent):
         add_lora(transformer, self.lora_spec, adapter_name=adapter_name)
         embed = transformer.time_text_embed
         self.interval = IntervalEmbedding(embed.time_proj, embed.timestep_embedder)
+        self._train_in_fp32()
         self._delta: Tensor | None = None
         self._hook = embed.register_forward_hook(self._add_interval)
 

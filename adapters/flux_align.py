@@ -27,6 +27,7 @@ the fake's adapter is added inactive); the critic's own backward runs inside
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -131,6 +132,15 @@ class FluxFakeVelocity(nn.Module):
             return _transformer_velocity(tr, z, t, prompt_embeds, pooled_prompt_embeds, g)
 
 
+def _real(name: str, value: object) -> float:
+    """``value`` as a float; ``TypeError``/``ValueError`` naming ``name`` unless real, finite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 class FluxAlignment:
     """The alignment term of the FLUX entry point (an ``AlignmentHook``).
 
@@ -171,8 +181,10 @@ class FluxAlignment:
         if not isinstance(fake, FluxFakeVelocity):
             raise TypeError(f"fake must be a FluxFakeVelocity, got {type(fake).__name__}")
         check_choice("critic", critic, CRITICS)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
-            raise ValueError(f"weight must be a real number >= 0, got {weight!r}")
+        if not (_real("weight", weight) >= 0):
+            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
+        if not (_real("lr", lr) > 0):
+            raise ValueError(f"lr must be finite and > 0, got {lr!r}")
         for name, value in (("start", start), ("critic_lead", critic_lead)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")

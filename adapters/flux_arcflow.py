@@ -54,7 +54,9 @@ from mfcore.adapters.lora import (
     LoraSpec,
     add_lora,
     load_lora_state_dict,
+    lora_active,
     lora_state_dict,
+    pinned_checkpointing,
 )
 from mfcore.arcflow import ArcFlowHead, ArcParams, split_arc_output
 
@@ -185,6 +187,7 @@ class FluxArcFlowStudent(SharedWeightsStudent):
         self.adapter_name = adapter_name
         self.transformer = transformer
         add_lora(transformer, self.lora_spec, adapter_name=adapter_name)
+        self._train_in_fp32()
         self._head_active = False
         self._hook = output.register_forward_hook(self._replace_output)
 
@@ -257,16 +260,17 @@ class FluxArcFlowStudent(SharedWeightsStudent):
         tr = self.transformer
         _, _, h, w = z.shape
         dtype = tr.dtype
-        return tr(
-            hidden_states=pack_latents(z.to(dtype)),
-            encoder_hidden_states=prompt_embeds.to(dtype),
-            pooled_projections=pooled.to(dtype),
-            timestep=s0,
-            img_ids=latent_image_ids(h, w, device=z.device, dtype=dtype),
-            txt_ids=text_ids(prompt_embeds.shape[1], device=z.device, dtype=dtype),
-            guidance=g,
-            return_dict=False,
-        )[0]
+        with lora_active(tr, self.adapter_name), pinned_checkpointing(tr):
+            return tr(
+                hidden_states=pack_latents(z.to(dtype)),
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                pooled_projections=pooled.to(dtype),
+                timestep=s0,
+                img_ids=latent_image_ids(h, w, device=z.device, dtype=dtype),
+                txt_ids=text_ids(prompt_embeds.shape[1], device=z.device, dtype=dtype),
+                guidance=g,
+                return_dict=False,
+            )[0]
 
     # ----------------------------------------------------------------------- trainable state
 

@@ -42,6 +42,7 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -166,20 +167,33 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.align not in ("none", *CRITICS):
             raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
-        if not (self.align_weight >= 0 and self.critic_lr > 0):
-            raise ValueError("align_weight must be >= 0 and critic_lr > 0")
+        if not (math.isfinite(self.align_weight) and self.align_weight >= 0):
+            raise ValueError(f"align_weight must be finite and >= 0, got {self.align_weight}")
+        if not (math.isfinite(self.critic_lr) and self.critic_lr > 0):
+            raise ValueError(f"critic_lr must be finite and > 0, got {self.critic_lr}")
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {self.jvp!r}")
         if self.weights_dtype not in _DTYPES:
             raise ValueError(f"weights_dtype must be one of {tuple(_DTYPES)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be finite and positive, got {self.lr}")
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 # Settings that may differ between a run and its resumption.
 _RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "output"}
+# Settings that only matter with an alignment term.
+_ALIGN_ONLY = {f.name for f in dataclasses.fields(DistillConfig)} & {
+    "align_weight",
+    "align_steps",
+    "align_start",
+    "critic_lead",
+    "critic_updates",
+    "critic_lr",
+    "critic_rank",
+    "critic_ode_steps",
+}
 
 
 # --------------------------------------------------------------------------- data
@@ -539,6 +553,7 @@ def _train_step(run: _Run) -> dict[str, float]:
             align, am = run.alignment.student_loss(run.student, run.teacher, x, cond, run.step)
             loss = loss + run.alignment.weight * align
             metrics.update(am)
+            metrics["loss_total"] = loss.detach()
     if not bool(torch.isfinite(loss)):
         raise FloatingPointError(f"the loss is not finite at step {run.step}: {float(loss)}")
     run.optimizer.zero_grad(set_to_none=True)
@@ -612,9 +627,13 @@ def _load_checkpoint(run: _Run, path: str) -> None:
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
     now = dataclasses.asdict(run.cfg)
-    changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
+    # a setting added after the checkpoint was written had its default then
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in now}
+    ignored = set(_RESUMABLE) | (_ALIGN_ONLY if now["align"] == "none" else set())
+    changed = sorted(k for k in now if k not in ignored and saved[k] != now[k])
     if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"cannot resume {path} with different settings ({diffs})")
     run.student.load_trainable_state_dict(
         load_file(os.path.join(path, "student.safetensors"), device=str(run.device))

@@ -18,7 +18,9 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
@@ -32,6 +34,7 @@ __all__ = [
     "lora_disabled",
     "lora_active",
     "adapter_parameters",
+    "pinned_checkpointing",
     "lora_state_dict",
     "load_lora_state_dict",
     "save_lora",
@@ -119,7 +122,8 @@ def add_lora(
         adapter_name: peft's name for the adapter.
         activate: make the new adapter the active one (diffusers' behaviour); False keeps
             the adapters that were active before it (a second adapter on a shared model
-            that runs only inside :func:`lora_active`).
+            that runs only inside :func:`lora_active`). The first adapter of a model is
+            always active.
 
     Returns:
         the new trainable LoRA parameters.
@@ -147,7 +151,11 @@ def add_lora(
     for name, p in model.named_parameters():
         if ".lora_" in name:
             p.requires_grad_(True)
-    return list(adapter_parameters(model, adapter_name).values())
+    new = list(adapter_parameters(model, adapter_name).values())
+    for p in new:  # trained weights stay fp32 on a half-precision base (peft casts inputs)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    return new
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -186,8 +194,9 @@ def lora_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
     Several adapters can share one base (a student's and a critic's): each model switches
     to its own adapter for its call. Like :func:`lora_disabled` only the switch is set,
     ``requires_grad`` is left alone. Gradient checkpointing recomputes blocks during the
-    backward with the adapter that is active *then*: run a backward through a call made in
-    this block inside the block too.
+    backward with the adapter that is active *then*: call the model inside
+    :func:`pinned_checkpointing` too (the FLUX adapters do), or run the backward inside
+    this block.
 
     Raises:
         ValueError: if ``model`` has no adapter named ``adapter_name``.
@@ -203,6 +212,61 @@ def lora_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
     finally:
         for layer, state in zip(layers, saved, strict=True):
             layer._active_adapter = state
+
+
+def _adapter_state(model: nn.Module) -> list[tuple[BaseTunerLayer, Any, bool]]:
+    return [(m, m._active_adapter, m._disable_adapters) for m in _tuner_layers(model)]
+
+
+@contextlib.contextmanager
+def _applied(state: list[tuple[BaseTunerLayer, Any, bool]]) -> Iterator[None]:
+    saved = [(m, m._active_adapter, m._disable_adapters) for m, _, _ in state]
+    try:
+        for m, active, disabled in state:
+            m._active_adapter, m._disable_adapters = active, disabled
+        yield
+    finally:
+        for m, active, disabled in saved:
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
+class _PinnedBlock:
+    """A block called with the adapter switches it had when its checkpoint was taken."""
+
+    def __init__(self, block: nn.Module, state: list) -> None:
+        self.block = block
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _applied(self.state):
+            return self.block(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def pinned_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Inside the block, gradient checkpointing recomputes with this call's adapter switches.
+
+    A checkpointed block is run again during the backward, with whatever adapter is active
+    *then*; when several models share one base (teacher, student, critic) that may be
+    another model's. Enter this around a call of ``model`` after its adapter is switched
+    (:func:`lora_active`, :func:`lora_disabled`): each block the call checkpoints records
+    the switches and its recomputation restores them, whenever the backward runs. A no-op
+    when ``model`` has no ``_gradient_checkpointing_func`` (diffusers' checkpointing hook).
+    """
+    original = getattr(model, "_gradient_checkpointing_func", None)
+    if original is None:
+        yield
+        return
+    state = _adapter_state(model)
+
+    def pinned(block: nn.Module, *args: Any) -> Any:
+        return original(_PinnedBlock(block, state), *args)
+
+    model._gradient_checkpointing_func = pinned
+    try:
+        yield
+    finally:
+        model._gradient_checkpointing_func = original
 
 
 def lora_state_dict(model: nn.Module, *, adapter_name: str = "mfcore") -> dict[str, Tensor]:

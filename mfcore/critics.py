@@ -689,6 +689,7 @@ class AlignmentLoss:
             self.critic.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.critic.optimizer.step()
+            self.critic.optimizer.zero_grad(set_to_none=True)  # no gradients held meanwhile
             self.updates_done += 1
         loss = loss.detach()
         updates = torch.tensor(float(self.updates_done), device=loss.device)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from mfcore.adapters._state import load_state, save_state
 from mfcore.adapters.flux import FluxStudent
 from mfcore.adapters.flux_align import FluxAlignment, FluxFakeVelocity
+from mfcore.adapters.flux_arcflow import FluxArcFlowStudent
 from mfcore.adapters.lora import LoraSpec, lora_active
+from mfcore.critics import AlignmentLoss, FakeVelocityCritic
 from tests.test_flux import batch, perturb, tiny
 
 
@@ -167,3 +171,65 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
         with lora_active(student.transformer, "other"):
             pass
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_checkpointing_recomputes_with_the_callers_adapter(inside):
+    """Equal ranks (the CLI's default), the critic used without FluxAlignment, and a student
+    backward run while the fake's adapter is active: recomputed blocks still use the adapter
+    of the call that checkpointed them, so nothing changes with checkpointing."""
+    results = []
+    for checkpointing in (False, True):
+        student = FluxStudent(tiny(True), lora=LoraSpec(rank=2))
+        perturb(student)
+        if checkpointing:
+            student.transformer.enable_gradient_checkpointing()
+        fake = FluxFakeVelocity(student, lora=LoraSpec(rank=2))
+        opt = torch.optim.AdamW(fake.parameters(), lr=1e-2)
+        loss = AlignmentLoss(FakeVelocityCritic(fake, opt))
+        z, _, _, cond = batch()
+        g = torch.Generator().manual_seed(0)
+        loss.critic_step(student, torch.randn(z.shape, generator=g, dtype=z.dtype), cond=cond)
+        value, _ = loss.student_loss(
+            student, torch.randn(z.shape, generator=g, dtype=z.dtype), teacher=student.teacher(),
+            cond=cond, generator=g,
+        )  # fmt: skip
+        with fake.active() if inside else contextlib.nullcontext():
+            value.backward()
+        results.append(
+            snapshot(fake.parameters()) + snapshot(p.grad for p in student.trainable_parameters())
+        )
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+
+
+def test_half_precision_base_trains_fp32_weights():
+    student = FluxStudent(tiny(True, dtype=torch.bfloat16), lora=LoraSpec(rank=2))
+    fake = FluxFakeVelocity(student, lora=LoraSpec(rank=2))
+    assert {p.dtype for p in student.trainable_parameters()} == {torch.float32}
+    assert {p.dtype for p in fake.parameters()} == {torch.float32}
+    z, r, t, cond = batch(dtype=torch.float32)
+    teacher = student.teacher()
+    assert torch.equal(student(z, r, t, **cond), teacher(z, t, **cond))
+    assert torch.equal(fake(z, t, **cond), teacher(z, t, **cond))
+    before = {n: p.detach().clone() for n, p in fake.lora.items() if "lora_A" in n}
+    align = FluxAlignment(fake, lr=1e-4, critic_lead=0, critic_updates=3)
+    align.critic_step(student, teacher, z, cond, step=0)
+    # A starts random (|A| ~ 0.1): Adam's 1e-4 steps change most of its entries in fp32,
+    # while bf16 (8 significant bits) would round most of them away
+    for n, a in before.items():
+        assert float((fake.lora[n] != a).float().mean()) > 0.5, n
+
+
+def test_arcflow_student_keeps_its_adapter_beside_a_fake():
+    student = FluxArcFlowStudent(tiny(True), num_components=2, lora=LoraSpec(rank=2))
+    perturb(student)
+    fake = FluxFakeVelocity(student, lora=LoraSpec(rank=2, target_modules=("attn.to_q",)))
+    with torch.no_grad():
+        for p in fake.parameters():
+            p.add_(0.5)
+    z, _, t, cond = batch()
+    out = student(z, t, **cond)
+    with fake.active():
+        inside = student(z, t, **cond)
+    assert torch.equal(out.m, inside.m) and torch.equal(out.rates, inside.rates)

@@ -162,6 +162,18 @@ def test_resume_with_alignment_continues_exactly(tmp_path, data):
         distill(config(tmp_path, "b", steps=6, resume=True))
 
 
+def test_resume_tolerates_settings_added_later(tmp_path, data):
+    distill(config(tmp_path, "b", steps=2))
+    path = tmp_path / "b" / "checkpoints" / "step-0000002" / "config.json"
+    saved = json.loads(path.read_text())
+    for key in [k for k in saved if k.startswith(("align", "critic"))]:
+        del saved[key]  # a checkpoint written before the alignment settings existed
+    path.write_text(json.dumps(saved))
+    distill(config(tmp_path, "b", steps=3, resume=True, critic_lr=5e-3))  # unused: no align
+    with pytest.raises(ValueError, match="align"):
+        distill(config(tmp_path, "b", steps=4, resume=True, align="fake"))
+
+
 def test_final_student_reloads(tmp_path, data):
     student = distill(config(tmp_path, steps=2))
     torch.manual_seed(0)
@@ -237,3 +249,6 @@ def test_cli_bad_input(tmp_path, capsys, data):
     assert "align" in _cli_error(
         ["train", "--tiny", "--data", str(data), "--align", "kernel", *out], capsys
     )
+    for flag in ("--align-weight", "--critic-lr", "--lr"):
+        err = _cli_error(["train", "--tiny", "--data", str(data), flag, "inf", *out], capsys)
+        assert flag[2:].replace("-", "_") in err and "finite" in err
