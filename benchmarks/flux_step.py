@@ -7,7 +7,8 @@ be smoke-tested. Rows:
 
 - flow-matching step (forward + backward at r = t): the unit;
 - MeanFlow step with each JVP backend (differential target, v = eps - x, a no-grad JVP
-  and a separate forward/backward; plus the single-forward torch.func variant);
+  and a separate forward/backward; plus the single-forward torch.func variant, with the
+  tangents' history cut at every module (the default) and kept);
 - the discrete warm-up target (teacher Heun ODE over [r, t], then forward/backward);
 - trajectory alignment (fake-velocity critic as a second LoRA, 1-step trajectory): the
   critic's update alone, and a whole seed-method step (critic update, then MeanFlow by
@@ -138,13 +139,14 @@ def main() -> None:
         )
     ]
     pairs = TimePairSampler(equal_fraction=0.0)  # every pair r < t: the JVP is always taken
-    variants = [(m, False) for m in ("fd", "func", "autograd")] + [("func", True)]
-    for method, single in variants:
+    variants = [(m, False, True) for m in ("fd", "func", "autograd")]
+    variants += [("func", True, True), ("func", True, False)]
+    for method, single, cut in variants:
         student.attention = attention_mode_for(method)
-        mf = MeanFlowLoss(
-            pairs, DifferentialTarget(method, single_forward=single), AdaptiveWeight()
-        )
+        target = DifferentialTarget(method, single_forward=single, detach_tangents=cut)
+        mf = MeanFlowLoss(pairs, target, AdaptiveWeight())
         name = f"MeanFlow, du/dt by {method}" + (" (single forward)" if single else "")
+        name += "" if cut else ", tangent history kept"
         rows.append(_row(name, step(mf, student=student, x=x, cond=cond), device, args.reps))
     student.attention = "auto"
     warm = MeanFlowLoss(pairs, TeacherODETarget(steps=4, method="heun"), AdaptiveWeight())

@@ -5,8 +5,11 @@ Measures, for an MLP student and a small transformer-like student (attention thr
 
 - ``forward``: one no-grad forward (the unit);
 - ``func`` / ``autograd`` / ``fd``: ``total_derivative(..., keep_graph=False)``;
+- ``fwd+bwd``: a forward with the graph and a backward (what a flow-matching step costs);
 - ``func+loss``: ``total_derivative(..., keep_graph=True)`` then a backward through ``u``
-  (what one MeanFlow step costs with the single-forward path).
+  (what one MeanFlow step costs with the single-forward path), with the tangents' history
+  cut at every module (the default);
+- ``func+loss, history kept``: the same with ``detach_tangents=False``.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` growth on CUDA; on CPU it is the growth
 of the process's peak resident set size, each case in a fresh subprocess (coarser: it
@@ -37,7 +40,7 @@ from mfcore.attention import attention
 from mfcore.jvp import total_derivative
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ("forward", "func", "autograd", "fd", "func+loss")
+CASES = ("forward", "func", "autograd", "fd", "fwd+bwd", "func+loss", "func+loss, history kept")
 
 
 class _MLP(nn.Module):
@@ -108,8 +111,13 @@ def _step(case, net, z, r, t, v):
     if case == "forward":
         with torch.no_grad():
             net(z, r, t)
-    elif case == "func+loss":
-        u, _ = total_derivative(net, z, r, t, v, method="func", keep_graph=True)
+    elif case == "fwd+bwd":
+        net(z, r, t).square().mean().backward()
+    elif case.startswith("func+loss"):
+        cut = case == "func+loss"
+        u, _ = total_derivative(
+            net, z, r, t, v, method="func", keep_graph=True, detach_tangents=cut
+        )
         u.square().mean().backward()
     else:
         total_derivative(net, z, r, t, v, method=case)

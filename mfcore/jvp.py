@@ -17,6 +17,14 @@ compute it:
 - ``"fd"``: a central finite difference along the tangent, computed in at least fp32
   (approximate, two extra forwards, no AD at all; the difference is taken in at least fp32).
 
+**One forward for both** (``keep_graph=True``): the forward that gives ``du/dt`` also
+builds the graph of ``u`` for the loss. Forward-mode AD then records every tangent
+computation for reverse mode too (the tangent depends on the trained weights), and that
+history, never back-propagated through (``du/dt`` is stop-gradient), would keep about one
+more set of activations alive until the backward. With ``detach_tangents`` (the default)
+each submodule's output tangent is detached from its history as the module returns, so
+the history lives for one module at a time.
+
 Models whose attention calls :func:`mfcore.attention.attention` work with ``"func"`` as
 they are (``"autograd"`` too: its backward is twice differentiable); for models calling
 ``F.scaled_dot_product_attention`` (diffusers), pass ``route_sdpa=True`` so those calls go
@@ -26,12 +34,14 @@ to :func:`mfcore.attention.attention` during the JVP.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_interval, check_like, check_tensor, compute_dtype
 from mfcore.attention import use_jvp_attention
@@ -39,6 +49,8 @@ from mfcore.attention import use_jvp_attention
 __all__ = ["JVP_METHODS", "total_derivative", "fd_step_size"]
 
 JVP_METHODS = ("func", "autograd", "fd")
+
+logger = logging.getLogger(__name__)
 
 
 def fd_step_size(dtype: torch.dtype) -> float:
@@ -62,6 +74,7 @@ def total_derivative(
     keep_graph: bool = False,
     fd_step: float | None = None,
     route_sdpa: bool = False,
+    detach_tangents: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Evaluate ``u = u_fn(z, r, t, **cond)`` and its total derivative along ``(v, 0, 1)``.
 
@@ -87,6 +100,14 @@ def total_derivative(
             double backward); see :func:`mfcore.attention.use_jvp_attention` (process-wide,
             not thread-safe). With ``keep_graph`` the backward through ``u`` then also runs
             through :func:`mfcore.attention.attention`.
+        detach_tangents: with ``"func"``, ``keep_graph`` and an ``nn.Module`` ``u_fn``,
+            detach every submodule's output tangent from its reverse-mode history (see the
+            module docstring): the same values, without the tangents' graph held until
+            the backward. The forward then runs under :mod:`torch.autograd.forward_ad`
+            (functorch's wrappers hide the tangents from module hooks); inside a functorch
+            transform, or where forward_ad raises ``NotImplementedError`` (a
+            ``torch.compile``-d model), it falls back to :func:`torch.func.jvp` with the
+            history kept (logged). Outputs that are tensors, tuples or lists are cut.
 
     Returns:
         ``(u, dudt)``, both shaped like ``z``; ``dudt`` is always detached (MeanFlow's
@@ -107,8 +128,20 @@ def total_derivative(
     v = v.to(z.dtype)
     routing = use_jvp_attention() if route_sdpa else contextlib.nullcontext()
     if method == "func":
+        cut = detach_tangents and keep_graph and torch.is_grad_enabled()
         with routing:
-            u, dudt = _jvp_func(u_fn, z, r, t, v, cond, keep_graph)
+            u = dudt = None
+            if cut and isinstance(u_fn, nn.Module) and _plain_forward_ad():
+                try:
+                    u, dudt = _jvp_dual_cut(u_fn, z, r, t, v, cond)
+                except NotImplementedError as err:  # e.g. a compiled region: no dual rule
+                    logger.warning(
+                        "detach_tangents: forward_ad failed (%s); using torch.func.jvp with "
+                        "the tangents' history kept",
+                        str(err).splitlines()[0][:120],
+                    )
+            if u is None:
+                u, dudt = _jvp_func(u_fn, z, r, t, v, cond, keep_graph)
     elif method == "autograd":
         with routing:
             u, dudt = _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph)
@@ -117,6 +150,55 @@ def total_derivative(
     if u.shape != z.shape:
         raise ValueError(f"u_fn returned shape {tuple(u.shape)}, expected z's {tuple(z.shape)}")
     return u, dudt.detach().to(u.dtype)
+
+
+def _plain_forward_ad() -> bool:
+    """Whether a forward-AD level of :mod:`torch.autograd.forward_ad` can open here (no
+    functorch transform and no other dual level active)."""
+    no_transform = torch._C._functorch.peek_interpreter_stack() is None
+    return no_transform and fwAD._current_level < 0
+
+
+def _jvp_dual_cut(u_fn, z, r, t, v, cond):
+    """The keep-graph forward with :mod:`torch.autograd.forward_ad`, every submodule's output
+    tangent detached from its history (functorch's wrappers would hide the tangents)."""
+    with fwAD.dual_level(), _tangent_history_cut(u_fn):
+        out = u_fn(fwAD.make_dual(z, v), r, fwAD.make_dual(t, torch.ones_like(t)), **cond)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"u_fn must return a tensor, got {type(out).__name__}")
+        u, dudt = fwAD.unpack_dual(out)
+    return u, (torch.zeros_like(u) if dudt is None else dudt)
+
+
+def _cut_tangent(x: Any) -> Any:
+    """``x`` with each dual tensor's tangent detached from its reverse-mode history."""
+    if isinstance(x, Tensor):
+        primal, tangent = fwAD.unpack_dual(x)
+        if tangent is None or tangent.grad_fn is None:
+            return x
+        return fwAD.make_dual(primal, tangent.detach())
+    if isinstance(x, tuple):
+        items = [_cut_tangent(item) for item in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    if isinstance(x, list):
+        return [_cut_tangent(item) for item in x]
+    return x
+
+
+def _cut_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    return _cut_tangent(output)
+
+
+@contextlib.contextmanager
+def _tangent_history_cut(model: nn.Module) -> Iterator[None]:
+    """Detach the tangents of every submodule's outputs of ``model`` as they are produced,
+    for the duration of the block."""
+    handles = [m.register_forward_hook(_cut_hook) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _jvp_func(u_fn, z, r, t, v, cond, keep_graph):

@@ -236,9 +236,12 @@ class DifferentialTarget:
         fd_step: the finite-difference step for ``"fd"`` (see :func:`~mfcore.jvp.total_derivative`).
         route_sdpa: route ``F.scaled_dot_product_attention`` to :mod:`mfcore.attention` during
             the JVP (models that call torch's SDPA, e.g. diffusers').
-        single_forward: take the prediction from the JVP's own forward (one forward,
-            the tangent's activations live until backward) rather than a separate
-            forward after a no-grad JVP (two forwards, lower peak memory).
+        detach_tangents: with ``single_forward``, cut the tangents' reverse-mode history at
+            every submodule (:func:`~mfcore.jvp.total_derivative`), so the one forward keeps
+            no more activations alive than a plain training forward.
+        single_forward: take the prediction from the JVP's own forward (one forward)
+            rather than a separate forward after a no-grad JVP (two forwards; the second
+            can use gradient checkpointing, which a forward-mode forward cannot).
         clamp: if set, clamp the target elementwise to ``[-clamp, clamp]``.
         tangent_norm: if set to ``c > 0``, replace the tangent term ``T = (t - r) du/dt``
             by ``T / (rms(T) + c)`` per sample (the tangent normalisation of sCM,
@@ -256,6 +259,7 @@ class DifferentialTarget:
         tangent_norm: float | None = None,
         fd_step: float | None = None,
         route_sdpa: bool = False,
+        detach_tangents: bool = True,
     ) -> None:
         check_choice("jvp_method", jvp_method, JVP_METHODS)
         if clamp is not None and not clamp > 0:
@@ -268,6 +272,7 @@ class DifferentialTarget:
         self.tangent_norm = tangent_norm
         self.fd_step = fd_step
         self.route_sdpa = route_sdpa
+        self.detach_tangents = bool(detach_tangents)
 
     def __call__(
         self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
@@ -284,6 +289,7 @@ class DifferentialTarget:
             keep_graph=self.single_forward,
             fd_step=self.fd_step,
             route_sdpa=self.route_sdpa,
+            detach_tangents=self.detach_tangents,
         )
         pred = u if self.single_forward else student(z_t, r, t, **dict(cond or {}))
         work = compute_dtype(z_t.dtype)

@@ -239,3 +239,84 @@ def test_u_stays_differentiable_in_z(method):
     (g,) = torch.autograd.grad(u.sum(), z)
     (ref,) = torch.autograd.grad(net(z, r, t).sum(), z)
     torch.testing.assert_close(g, ref)
+
+
+# --------------------------------------------------------------------------- detach_tangents
+
+
+def _keep_graph_step(net, z, r, t, v, **kw):
+    net.zero_grad(set_to_none=True)
+    u, dudt = total_derivative(net, z, r, t, v, method="func", keep_graph=True, **kw)
+    (u.square() * torch.arange(1, u.numel() + 1, dtype=u.dtype).view_as(u)).sum().backward()
+    return u.detach(), dudt, [p.grad.clone() for p in net.parameters()]
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), seq=st.integers(1, 6), ch=st.integers(1, 5))
+def test_detached_tangents_change_no_value(seed, seq, ch):
+    """Cutting the tangents' history at every module leaves u, du/dt and gradients exact."""
+    torch.manual_seed(seed)
+    net = MixerStudent(seq, ch).to(F64)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(3, seq, ch, generator=gen, dtype=F64)
+    v = torch.randn(3, seq, ch, generator=gen, dtype=F64)
+    r, t = _times(gen, 3)
+    cut = _keep_graph_step(net, z, r, t, v)
+    kept = _keep_graph_step(net, z, r, t, v, detach_tangents=False)  # torch.func.jvp
+    for a, b in zip([cut[0], cut[1], *cut[2]], [kept[0], kept[1], *kept[2]], strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detached_tangents_reach_the_next_module_without_history(detach):
+    """What the next module receives: a tangent cut from its history (with the cut), or one
+    that still carries it (without). The memory this saves is measured in benchmarks/."""
+    torch.manual_seed(0)
+    net = MixerStudent(4, 3).to(F64)
+    seen = []
+
+    def spy(module, args):
+        tangent = torch.autograd.forward_ad.unpack_dual(args[0]).tangent
+        seen.append(tangent is not None and tangent.grad_fn is not None)
+
+    net.token[1].register_forward_pre_hook(spy)  # its input is token[0]'s output
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 3, generator=gen, dtype=F64)
+    v = torch.randn(2, 4, 3, generator=gen, dtype=F64)
+    r, t = _times(gen, 2)
+    if detach:
+        u, _ = total_derivative(net, z, r, t, v, keep_graph=True)
+    else:  # the same forward-AD path with the cut switched off
+        with torch.autograd.forward_ad.dual_level():
+            dual_z = torch.autograd.forward_ad.make_dual(z, v)
+            dual_t = torch.autograd.forward_ad.make_dual(t, torch.ones_like(t))
+            u = torch.autograd.forward_ad.unpack_dual(net(dual_z, r, dual_t)).primal
+    assert seen == [not detach] and u.requires_grad
+
+
+def test_detached_tangents_fall_back_inside_transforms():
+    """Inside a functorch transform (here jacrev) the plain torch.func path runs, and u
+    keeps its derivatives through it."""
+    torch.manual_seed(0)
+    net = MLPStudent(3).to(F64)
+    gen = torch.Generator().manual_seed(5)
+    z, v = torch.randn(4, 3, generator=gen, dtype=F64), torch.randn(4, 3, generator=gen, dtype=F64)
+    r, t = _times(gen, 4)
+    jac = torch.func.jacrev(lambda z_: total_derivative(net, z_, r, t, v, keep_graph=True)[0])
+    assert torch.allclose(jac(z), torch.func.jacrev(lambda z_: net(z_, r, t))(z), rtol=1e-12)
+
+
+def test_detached_tangents_fall_back_for_compiled_models(caplog):
+    """forward_ad cannot enter a compiled region; torch.func.jvp can: same values, logged."""
+    torch.manual_seed(0)
+    net = _AttnStudent(8, 2, sdpa=False).to(F64)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 5, 8, generator=gen, dtype=F64)
+    v = torch.randn(2, 5, 8, generator=gen, dtype=F64)
+    r, t = _times(gen, 2)
+    u_eager, d_eager = total_derivative(net, z, r, t, v, keep_graph=True)
+    compiled = torch.compile(net, backend="aot_eager")
+    with caplog.at_level("WARNING", logger="mfcore.jvp"):
+        u, dudt = total_derivative(compiled, z, r, t, v, keep_graph=True)
+    assert "torch.func.jvp" in caplog.text and u.requires_grad
+    assert torch.allclose(u, u_eager, rtol=1e-12) and torch.allclose(dudt, d_eager, rtol=1e-10)
