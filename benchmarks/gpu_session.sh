@@ -5,7 +5,7 @@
 # Then one device call per part (each fits the 10-minute limit), carrying [".whl"]:
 #   bash benchmarks/gpu_session.sh tests       # pytest -m gpu (kernels, attention, toys on CUDA)
 #   bash benchmarks/gpu_session.sh attention   # benchmarks/attention_jvp.py at S = 1536, 4608
-#   bash benchmarks/gpu_session.sh flux        # benchmarks/flux_step.py on the FLUX slice
+#   bash benchmarks/gpu_session.sh flux        # benchmarks/flux_step.py on the FLUX slice, jvp_memory.py
 #   bash benchmarks/gpu_session.sh all         # the three in a row (when time allows)
 # Logs, JSON results and the updated docs/benchmarks.md land in $OUT (the device tool's
 # folder that comes back); copy the JSON and the docs page into the repository from there.
@@ -38,7 +38,8 @@ run() {  # run NAME CMD...: log to $out/NAME.log, keep going on failure, remembe
 case $part in
   tests|all) run pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/ ;;&
   attention|all) run attention_jvp python3 benchmarks/attention_jvp.py ;;&
-  flux|all) run flux_step python3 benchmarks/flux_step.py --reps 10 ;;&
+  flux|all) run flux_step python3 benchmarks/flux_step.py --reps 10
+            run jvp_memory python3 benchmarks/jvp_memory.py --device cuda ;;&
 esac
 
 cp benchmarks/results/*.json docs/benchmarks.md "$out/" 2>/dev/null
