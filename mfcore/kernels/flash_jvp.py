@@ -41,9 +41,23 @@ __all__ = ["attention_forward", "attention_tangent"]
 # handled in log2 units so the kernels can use exp2/log2.
 _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward/tangent kernel.
-_FWD_SHAPES = ((64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3),
-               (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2))  # fmt: skip
+# Autotune tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), one list per mode. Chosen from
+# compile-time resource counts for an H100 (sm_90a, Triton 3.9, bf16/fp16, S=4608), made
+# without a GPU by benchmarks/kernel_resources.py (results/kernel_resources.json; no timing
+# yet): at D=128 every tile below compiles without register spills and fits in shared
+# memory, and each list keeps one tile that fits at D=256. The fused mode holds two fp32
+# (BLOCK_M, D) accumulators plus Q and dQ, so it takes 32-64 keys per step and 64 query rows
+# per warp group (255 registers at BLOCK_N=64); its BLOCK_N=128 tiles spilled 0.6-1.1 KB at
+# D=128 and 8 warps on 64 rows split the accumulator across warp groups badly (layout
+# round trips through shared memory), so neither is listed. (64, 32, 4, 2) is the D=256 tile.
+_SHAPES = {
+    "primal": ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+               (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3)),
+    "fused": ((128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2),
+              (64, 32, 4, 2), (64, 32, 4, 3)),
+    "tangent": ((128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2),
+                (64, 64, 4, 3), (64, 32, 4, 2)),
+}  # fmt: skip
 
 
 @triton.jit
@@ -54,6 +68,15 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load(ptrs, mask, EVEN: tl.constexpr):
+    """``tl.load`` of a tile, zero outside ``mask`` unless the tile is known to be in bounds."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -70,7 +93,7 @@ def _attn_jvp_kernel(
     n_heads, seq_q, seq_k, head_dim, scale,
     PRIMAL: tl.constexpr, TANGENT: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -106,6 +129,11 @@ def _attn_jvp_kernel(
         g_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # Register budget: in the fused mode at D=128 the two fp32 (BLOCK_M, D) accumulators take
+    # half of an H100 thread's 255 registers, so the loop body is ordered to keep few score
+    # tiles live: P feeds both of its matmuls (P V, P dV) as soon as it exists, and only then
+    # is dS formed and folded into P * dS (see benchmarks/kernel_resources.py).
+    KV_EVEN: tl.constexpr = EVEN_N and EVEN_D  # key/value tiles need no bounds masks
     for start in range(0, seq_k, BLOCK_N):
         cols = start + cols0
         col_in = cols < seq_k
@@ -113,49 +141,54 @@ def _attn_jvp_kernel(
         if HAS_MASK:
             keep = tl.load(KEEP + b * s_mb + cols * s_ms, mask=col_in, other=0)
             col_ok = col_in & (keep != 0)
-        kv_tile = dim_ok[:, None] & col_in[None, :]
-        k_t = tl.load(
-            K + b * s_kb + h * s_kh + cols[None, :] * s_ks + dims[:, None] * s_kd,
-            mask=kv_tile, other=0.0,
-        )  # fmt: skip
-        v = tl.load(
-            V + b * s_vb + h * s_vh + cols[:, None] * s_vs + dims[None, :] * s_vd,
-            mask=col_in[:, None] & dim_ok[None, :], other=0.0,
+        kt_tile = dim_ok[:, None] & col_in[None, :]  # (D, N) tiles: K^T, dK^T
+        kv_tile = col_in[:, None] & dim_ok[None, :]  # (N, D) tiles: V, dV
+        k_t = _load(
+            K + b * s_kb + h * s_kh + cols[None, :] * s_ks + dims[:, None] * s_kd, kt_tile,
+            KV_EVEN,
         )  # fmt: skip
         s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if HAS_MASK or not EVEN_N:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
         if PRIMAL:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
             m_i = m_new
         else:
             p = tl.exp2(s - m_i[:, None])
+        v = _load(
+            V + b * s_vb + h * s_vh + cols[:, None] * s_vs + dims[None, :] * s_vd, kv_tile,
+            KV_EVEN,
+        )  # fmt: skip
+        p_lo = p.to(v.dtype)
+        if PRIMAL:
+            acc = acc * alpha[:, None] + _dot(p_lo, v, PRECISION, UPCAST)
         if TANGENT:
-            ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if HAS_TQ:
-                ds += _dot(tq, k_t, PRECISION, UPCAST)
-            if HAS_TK:
-                tk_t = tl.load(
-                    TK + b * s_tkb + h * s_tkh + cols[None, :] * s_tks + dims[:, None] * s_tkd,
-                    mask=kv_tile, other=0.0,
-                )  # fmt: skip
-                ds += _dot(q, tk_t, PRECISION, UPCAST)
-            pds = p * (ds * scale)
             if PRIMAL:
-                g_i = g_i * alpha
                 acc_t = acc_t * alpha[:, None]
-            g_i += tl.sum(pds, 1)
-            acc_t += _dot(pds.to(v.dtype), v, PRECISION, UPCAST)
+                g_i = g_i * alpha
             if HAS_TV:
-                tv = tl.load(
+                tv = _load(
                     TV + b * s_tvb + h * s_tvh + cols[:, None] * s_tvs + dims[None, :] * s_tvd,
-                    mask=col_in[:, None] & dim_ok[None, :], other=0.0,
+                    kv_tile, KV_EVEN,
                 )  # fmt: skip
-                acc_t += _dot(p.to(tv.dtype), tv, PRECISION, UPCAST)
+                acc_t += _dot(p_lo, tv, PRECISION, UPCAST)
+            if HAS_TQ or HAS_TK:
+                ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                if HAS_TQ:
+                    ds += _dot(tq, k_t, PRECISION, UPCAST)
+                if HAS_TK:
+                    tk_t = _load(
+                        TK + b * s_tkb + h * s_tkh + cols[None, :] * s_tks
+                        + dims[:, None] * s_tkd, kt_tile, KV_EVEN,
+                    )  # fmt: skip
+                    ds += _dot(q, tk_t, PRECISION, UPCAST)
+                pds = p * (ds * scale)
+                g_i += tl.sum(pds, 1)
+                acc_t += _dot(pds.to(v.dtype), v, PRECISION, UPCAST)
 
     o_offs = b * s_ob + h * s_oh + rows[:, None] * s_os + dims[None, :] * s_od
     if PRIMAL:
@@ -182,10 +215,28 @@ def _configs(shapes: tuple[tuple[int, int, int, int], ...]) -> list[triton.Confi
     ]
 
 
-_tuned_kernel = triton.autotune(
-    configs=_configs(_FWD_SHAPES),  # Hopper/Ampere-sized; the tangent holds two tiles
-    key=["seq_q", "seq_k", "head_dim", "PRIMAL", "TANGENT", "HAS_TQ", "HAS_TK", "HAS_TV"],
-)(_attn_jvp_kernel)
+def _mode(primal: bool, tangent: bool) -> str:
+    """The kernel mode's name: ``"primal"``, ``"fused"`` or ``"tangent"``."""
+    if not tangent:
+        return "primal"
+    return "fused" if primal else "tangent"
+
+
+_TUNE_KEY = ["seq_q", "seq_k", "head_dim", "HAS_TQ", "HAS_TK", "HAS_TV", "HAS_MASK"]
+
+
+def _even_n(args: dict) -> bool:
+    """Whether every key block is full (``S_k`` a multiple of ``BLOCK_N``): no key masks."""
+    return args["seq_k"] % args["BLOCK_N"] == 0
+
+
+# One autotuner per mode, each with its own tile list; EVEN_N follows from the chosen tile.
+_TUNED = {
+    mode: triton.autotune(configs=_configs(shapes), key=_TUNE_KEY)(
+        triton.heuristics({"EVEN_N": _even_n})(_attn_jvp_kernel)
+    )
+    for mode, shapes in _SHAPES.items()
+}
 
 
 def _interpreting() -> bool:
@@ -201,40 +252,57 @@ def _strides(x: Tensor | None, like: Tensor) -> tuple[int, ...]:
     return tuple((like if x is None else x).stride())
 
 
-def _launch(
+def _kernel_inputs(
     q: Tensor, k: Tensor, v: Tensor, tangents: tuple[Tensor | None, ...], o: Tensor,
     t_out: Tensor | None, lse: Tensor, key_mask: Tensor | None, scale: float, primal: bool,
-) -> None:  # fmt: skip
-    """Launch the kernel; ``o``/``lse`` are outputs when ``primal``, inputs otherwise."""
+) -> tuple[tuple, dict]:  # fmt: skip
+    """The kernel's positional arguments and compile-time flags (all but the tile sizes and
+    ``EVEN_N``, which depend on the tile; see :func:`_even_n`).
+
+    Also used by ``benchmarks/kernel_resources.py`` to compile the kernel ahead of time
+    with exactly the arguments (and so the specialisation) a real launch has.
+    """
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     tq, tk, tv = tangents
     tangent = t_out is not None
     keep = key_mask.to(torch.int8) if key_mask is not None else lse
     mask_strides = (keep.stride(0), keep.stride(1)) if key_mask is not None else (0, 0)
-    block_d = max(16, triton.next_power_of_2(head_dim))
     args = (
         q, k, v, tq if tq is not None else q, tk if tk is not None else k,
         tv if tv is not None else v, o, t_out if tangent else o, lse, keep,
         *q.stride(), *k.stride(), *v.stride(), *_strides(tq, q), *_strides(tk, k),
         *_strides(tv, v), *o.stride(), *mask_strides, heads, seq_q, seq_k, head_dim, scale,
     )  # fmt: skip
+    block_d = max(16, triton.next_power_of_2(head_dim))
     flags = dict(
         PRIMAL=primal, TANGENT=tangent, HAS_TQ=tq is not None, HAS_TK=tk is not None,
         HAS_TV=tv is not None, HAS_MASK=key_mask is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=block_d,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_D=block_d, EVEN_D=head_dim == block_d,
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
     )  # fmt: skip
+    return args, flags
+
+
+def _launch(
+    q: Tensor, k: Tensor, v: Tensor, tangents: tuple[Tensor | None, ...], o: Tensor,
+    t_out: Tensor | None, lse: Tensor, key_mask: Tensor | None, scale: float, primal: bool,
+) -> None:  # fmt: skip
+    """Launch the kernel; ``o``/``lse`` are outputs when ``primal``, inputs otherwise."""
+    args, flags = _kernel_inputs(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal)
+    batch, heads, seq_q, _ = q.shape
     if _interpreting():
-        block = _interpreter_block(seq_q, seq_k)
+        block = _interpreter_block(seq_q, k.shape[2])
         grid = (triton.cdiv(seq_q, block), batch * heads)
-        _attn_jvp_kernel[grid](*args, **flags, BLOCK_M=block, BLOCK_N=block)
+        even_n = k.shape[2] % block == 0
+        _attn_jvp_kernel[grid](*args, **flags, BLOCK_M=block, BLOCK_N=block, EVEN_N=even_n)
     else:
 
         def grid(meta: dict) -> tuple[int, int]:
             return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
-        _tuned_kernel[grid](*args, **flags)
+        _TUNED[_mode(primal, t_out is not None)][grid](*args, **flags)
 
 
 def _check_tangent(name: str, t: Tensor | None, ref: Tensor) -> Tensor | None:
