@@ -49,12 +49,14 @@ __all__ = ["attention_backward"]
 
 # Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages). The dK/dV kernel keeps two
 # (BLOCK_N, D) accumulators and the K, V tiles resident, so it streams short query blocks;
-# the dQ kernel keeps one accumulator and Q, G resident. Checked by compiling for sm_90 (no
-# GPU run yet): at D=128 in bf16 the 4-warp 64-key/64-query tiles spill at most 8 bytes;
-# the 8-warp (16, 64) and (32, 64) tiles are the ones fp32 (IEEE FMA dots) compiles to
-# without spilling.
+# the dQ kernel keeps one accumulator and Q, G resident. From compile-time resource counts
+# for sm_90 (benchmarks/kernel_resources.py, results/kernel_resources.json; no GPU run yet):
+# at D=128 in bf16/fp16 every tile compiles without spills except the dK/dV (64, 64, 4, 2)
+# tile (8 bytes); (32, 128, 8, 3) replaced (64, 128, 8, 2), which spilled 68 bytes. In fp32
+# (IEEE dots are FMA loops) only the 8-warp (16, 64) dK/dV and (32, 64) dQ tiles are
+# spill-free, so they stay in the lists.
 _DKDV_SHAPES = ((16, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-                (16, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2))  # fmt: skip
+                (16, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3))  # fmt: skip
 _DQ_SHAPES = ((32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
               (32, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3))  # fmt: skip
 _DELTA_ROWS = 64  # query rows per program of the delta kernel
