@@ -96,3 +96,27 @@ def test_full_key_blocks_property(fj, s_q, blocks, d, masked, scale, seed):
     out, _, tan = fj.attention_forward(*primals, tangents, key_mask=keep, scale=scale)
     ref_out, _, ref_tan = _exact(primals, tangents, keep, scale)
     assert _rel(out, ref_out) < 1e-4 and _rel(tan, ref_tan) < 1e-4
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_two_pass_route_equals_reference(fj, monkeypatch, masked):
+    """The route compiled fp32 takes (primal kernel, then tangent kernel from its lse)."""
+    modes = []
+    launch = fj._launch
+
+    def recording_launch(*args, primal):
+        modes.append(fj._mode(primal, args[5] is not None))
+        return launch(*args, primal=primal)
+
+    monkeypatch.setattr(fj, "_fuses", lambda dtype: False)
+    monkeypatch.setattr(fj, "_launch", recording_launch)
+    primals, tangents, keep = _data(2, 2, 13, 21, 16, torch.float32, seed=13, masked=masked)
+    out, lse, tan = fj.attention_forward(*primals, tangents, key_mask=keep, scale=0.3)
+    assert modes == ["primal", "tangent"]
+    ref_out, ref_lse, ref_tan = _exact(primals, tangents, keep, 0.3)
+    assert _rel(out, ref_out) < 2e-5 and _rel(tan, ref_tan) < 4e-5
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    modes.clear()
+    fj.attention_forward(*primals, None, key_mask=keep, scale=0.3)
+    assert modes == ["primal"]  # nothing to split without tangents

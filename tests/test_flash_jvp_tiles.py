@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -51,3 +52,11 @@ def test_mode_names(fj):
 def test_even_n_means_full_key_blocks(fj, seq_k, block_n):
     even = fj._even_n({"seq_k": seq_k, "BLOCK_N": block_n})
     assert even == (-(-seq_k // block_n) * block_n == seq_k)
+
+
+def test_compiled_fp32_does_not_fuse(fj, monkeypatch):
+    monkeypatch.setattr(fj, "_interpreting", lambda: False)
+    assert not fj._fuses(torch.float32)
+    assert fj._fuses(torch.bfloat16) and fj._fuses(torch.float16)
+    monkeypatch.setattr(fj, "_interpreting", lambda: True)
+    assert fj._fuses(torch.float32)  # the interpreter keeps testing the fused fp32 math

@@ -17,10 +17,13 @@ IEEE fp32 dots, not TF32).
 
 Three modes share the kernel (compile-time flags): primal only (``O`` and the natural
 logsumexp ``lse``, saved for the backward), fused primal + tangent in one pass, and tangent
-only, which reads a saved ``lse`` and ``O`` so ``P = exp(S - lse)`` needs no rescaling.
-An optional boolean key-padding mask ``(B, S_k)`` (True = attend) is supported; rows with
-every key masked give ``O = dO = 0`` and ``lse = +inf``. Any ``S_q``, ``S_k`` (blocks are
-bounds-checked) and head dims up to 256 (padded to a power of two, at least 16).
+only, which reads a saved ``lse`` and ``O`` so ``P = exp(S - lse)`` needs no rescaling
+(compiled fp32 uses the last two instead of the fused mode: see ``_fuses``). Each mode has
+its own autotune tile list, chosen from compile-time register and shared-memory counts on
+sm_90 (``benchmarks/kernel_resources.py``). An optional boolean key-padding mask
+``(B, S_k)`` (True = attend) is supported; rows with every key masked give ``O = dO = 0``
+and ``lse = +inf``. Any ``S_q``, ``S_k`` (blocks are bounds-checked; full key blocks skip
+the bounds masks) and head dims up to 256 (padded to a power of two, at least 16).
 
 The backward is in :mod:`mfcore.kernels.flash_bwd` (FlashAttention-2 style, from the saved
 ``lse`` and ``O``); it shares ``_dot``, the log2 constants and the config helpers below.
@@ -47,9 +50,11 @@ _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # yet): at D=128 every tile below compiles without register spills and fits in shared
 # memory, and each list keeps one tile that fits at D=256. The fused mode holds two fp32
 # (BLOCK_M, D) accumulators plus Q and dQ, so it takes 32-64 keys per step and 64 query rows
-# per warp group (255 registers at BLOCK_N=64); its BLOCK_N=128 tiles spilled 0.6-1.1 KB at
-# D=128 and 8 warps on 64 rows split the accumulator across warp groups badly (layout
-# round trips through shared memory), so neither is listed. (64, 32, 4, 2) is the D=256 tile.
+# per warp group (255 registers at BLOCK_N=64); at D=128 its BLOCK_N=128 tiles spill
+# 0.4-0.6 KB and need 292-320 KiB of shared memory, and 8 warps on 64 rows split the
+# accumulators across warp groups badly (layout round trips through shared memory), so
+# neither is listed. (64, 32, 4, 2) is its D=256 tile. fp32 (FMA dots) spills in nearly
+# every tile whatever the list: see docs/attention.md.
 _SHAPES = {
     "primal": ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
                (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3)),
@@ -243,6 +248,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def _fuses(dtype: torch.dtype) -> bool:
+    """Whether primal and tangent run as one fused pass for inputs of ``dtype``.
+
+    Not for compiled fp32: Triton 3.9's LLVM SLP vectorizer aborts the process (an assertion,
+    not an exception) while compiling the fused mode's IEEE fp32 dots for many tiles (every
+    BLOCK_N=32 tile at D=64 and D=128, BLOCK_N=64 at D=32; benchmarks/kernel_resources.py),
+    while the primal and tangent modes compile. fp32 then takes the forward kernel and the
+    tangent kernel from its ``lse`` (seven matmuls instead of six, same result).
+    """
+    return dtype != torch.float32 or _interpreting()
+
+
 def _interpreter_block(seq_q: int, seq_k: int) -> int:
     """The one small tile used under the interpreter (no autotuning there: tests stay fast)."""
     return 16 if max(seq_q, seq_k) <= 16 else 32
@@ -323,7 +340,8 @@ def attention_forward(
     key_mask: Tensor | None = None,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Attention output, logsumexp and (optionally) the tangent, in one pass.
+    """Attention output, logsumexp and (optionally) the tangent, in one pass (two for
+    compiled fp32 inputs, see :func:`_fuses`).
 
     Args:
         q: queries ``(B, H, S_q, D)``, fp16/bf16/fp32, any strides.
@@ -346,7 +364,11 @@ def attention_forward(
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     wants_tangent = any(t is not None for t in tangents)
     t_out = torch.empty_like(o) if wants_tangent else None
-    _launch(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal=True)
+    if wants_tangent and not _fuses(q.dtype):  # two passes: primal, then tangent from lse
+        _launch(q, k, v, (None, None, None), o, None, lse, key_mask, scale, primal=True)
+        _launch(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal=False)
+    else:
+        _launch(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal=True)
     return o, lse, t_out
 
 
