@@ -22,7 +22,7 @@ Prints a markdown table and writes ``benchmarks/results/kernel_resources.json``.
 
 Usage::
 
-    python benchmarks/kernel_resources.py                       # everything (~15 min)
+    python benchmarks/kernel_resources.py                       # everything (~25 min, 1 core)
     python benchmarks/kernel_resources.py --kernels fused --dtypes bf16 --head-dims 128
     python benchmarks/kernel_resources.py --kernels fused --shapes 128,32,8,2 64,64,4,3
 """
