@@ -294,6 +294,23 @@ def _guidance_tensor(
     return torch.full((z.shape[0],), float(guidance), device=z.device, dtype=torch.float32)
 
 
+def _checked_call(
+    tr: FluxTransformer2DModel,
+    z: Tensor,
+    prompt_embeds: Tensor,
+    pooled: Tensor,
+    guidance: float | Tensor | None,
+    default_guidance: float,
+) -> Tensor | None:
+    """Check one call's latents and prompt (times are the caller's); return the guidance
+    tensor ``(B,)`` (``default_guidance`` for guidance-distilled checkpoints), or None."""
+    _check_latents("z", z, tr)
+    _check_prompt(tr, z, prompt_embeds, pooled)
+    if guidance is None and tr.config.guidance_embeds:
+        guidance = default_guidance
+    return _guidance_tensor(tr, guidance, z)
+
+
 def _transformer_velocity(
     transformer: FluxTransformer2DModel,
     z: Tensor,
@@ -377,12 +394,8 @@ class FluxTeacher:
             velocity ``(B, C, H, W)`` in ``z``'s dtype.
         """
         tr = self.transformer
-        _check_latents("z", z, tr)
+        g = _checked_call(tr, z, prompt_embeds, pooled_prompt_embeds, guidance, self.guidance_scale)
         check_time("t", t, z)
-        _check_prompt(tr, z, prompt_embeds, pooled_prompt_embeds)
-        if guidance is None and tr.config.guidance_embeds:
-            guidance = self.guidance_scale
-        g = _guidance_tensor(tr, guidance, z)
         cfg = self.true_cfg_scale != 1.0
         if cfg:
             if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
@@ -687,12 +700,8 @@ class FluxStudent(SharedWeightsStudent):
             ``u`` ``(B, C, H, W)`` in ``z``'s dtype.
         """
         tr = self.transformer
-        _check_latents("z", z, tr)
+        g = _checked_call(tr, z, prompt_embeds, pooled_prompt_embeds, guidance, self.guidance_scale)
         check_interval(r, t, z)
-        _check_prompt(tr, z, prompt_embeds, pooled_prompt_embeds)
-        if guidance is None and tr.config.guidance_embeds:
-            guidance = self.guidance_scale
-        g = _guidance_tensor(tr, guidance, z)
         # checkpointing cannot recompute a forward-mode AD forward: off under a JVP with graph
         jvp_graph = torch.is_grad_enabled() and _has_tangent(z, t)
         with (

@@ -34,13 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_positive_int, check_time
-from mfcore.adapters.flux import (
-    SharedWeightsStudent,
-    _check_latents,
-    _check_prompt,
-    _guidance_tensor,
-    _transformer_velocity,
-)
+from mfcore.adapters.flux import SharedWeightsStudent, _checked_call, _transformer_velocity
 from mfcore.adapters.lora import LoraSpec, adapter_parameters, add_lora, lora_active
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, MeanFlowCritic
 
@@ -122,12 +116,8 @@ class FluxFakeVelocity(nn.Module):
             velocity ``(B, C, H, W)`` in ``z``'s dtype.
         """
         tr = self._transformer
-        _check_latents("z", z, tr)
+        g = _checked_call(tr, z, prompt_embeds, pooled_prompt_embeds, guidance, self.guidance_scale)
         check_time("t", t, z)
-        _check_prompt(tr, z, prompt_embeds, pooled_prompt_embeds)
-        if guidance is None and tr.config.guidance_embeds:
-            guidance = self.guidance_scale
-        g = _guidance_tensor(tr, guidance, z)
         with self.active():
             return _transformer_velocity(tr, z, t, prompt_embeds, pooled_prompt_embeds, g)
 

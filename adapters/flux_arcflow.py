@@ -40,9 +40,7 @@ from torch import Tensor, nn
 from mfcore._checks import check_time
 from mfcore.adapters.flux import (
     SharedWeightsStudent,
-    _check_latents,
-    _check_prompt,
-    _guidance_tensor,
+    _checked_call,
     check_flux_transformer,
     latent_image_ids,
     pack_latents,
@@ -240,12 +238,8 @@ class FluxArcFlowStudent(SharedWeightsStudent):
             weights and rates ``(B, K, 1, H, W)`` (fp32 at least) and ``s0``.
         """
         tr = self.transformer
-        _check_latents("z", z, tr)
+        g = _checked_call(tr, z, prompt_embeds, pooled_prompt_embeds, guidance, self.guidance_scale)
         check_time("s0", s0, z)
-        _check_prompt(tr, z, prompt_embeds, pooled_prompt_embeds)
-        if guidance is None and tr.config.guidance_embeds:
-            guidance = self.guidance_scale
-        g = _guidance_tensor(tr, guidance, z)
         with self._head_on():
             raw = self._transformer_tokens(z, s0, prompt_embeds, pooled_prompt_embeds, g)
         packed = split_arc_output(
