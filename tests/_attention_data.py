@@ -6,6 +6,11 @@ No triton import here: the interpreted cases must import triton only after
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from mfcore.attention import _ref_forward
@@ -39,3 +44,14 @@ def _rel(a, b):
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def run_interpreted(cases: Path) -> None:
+    """Run the pytest file ``cases`` in a fresh process with ``TRITON_INTERPRET=1`` (Triton
+    fixes interpreted vs compiled at its first import) and fail with its output if it fails
+    or skips."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", str(cases), "-q", "-x", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]

@@ -10,15 +10,13 @@ below run the compiled kernel in this process.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from mfcore.attention import _ref_backward, _ref_forward
-from tests._attention_data import TOL, _data, _exact, _rel
+from tests._attention_data import TOL, _data, _exact, _rel, run_interpreted
 
 F64 = torch.float64
 CASES = Path(__file__).with_name("attention_triton_cases.py")
@@ -26,11 +24,7 @@ CASES = Path(__file__).with_name("attention_triton_cases.py")
 
 def test_interpreted_kernel_cases():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-x", "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    run_interpreted(CASES)
 
 
 @pytest.mark.gpu

@@ -4,9 +4,6 @@ as tests/test_attention_triton.py explains)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +11,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests._attention_data import run_interpreted
+
 CASES = Path(__file__).with_name("flash_jvp_tile_cases.py")
 
 
 def test_interpreted_full_block_cases():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-x", "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    run_interpreted(CASES)
 
 
 @pytest.fixture(scope="module")
