@@ -19,21 +19,20 @@ alignment loss of another trajectory with its graph
 (:meth:`~mfcore.critics.AlignmentLoss.student_loss`), weighted by ``weight``.
 
 Gradient checkpointing recomputes blocks in the backward with whichever adapter is active
-*then*. The student's backward runs with the student's adapter active (the default state,
-the fake's adapter is added inactive); the critic's own backward runs inside
-:meth:`FluxFakeVelocity.active`, which :class:`FluxAlignment` wraps around the critic step.
+*then*; every call of the shared transformer therefore pins its adapter switches into the
+checkpoints it takes (:func:`mfcore.adapters.lora.pinned_checkpointing`), so each model's
+backward recomputes through its own adapter however the calls and backwards interleave.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice, check_positive_int, check_time
+from mfcore._checks import check_choice, check_positive_int, check_real, check_time
 from mfcore.adapters.flux import SharedWeightsStudent, _checked_call, _transformer_velocity
 from mfcore.adapters.lora import LoraSpec, adapter_parameters, add_lora, lora_active
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, MeanFlowCritic
@@ -122,15 +121,6 @@ class FluxFakeVelocity(nn.Module):
             return _transformer_velocity(tr, z, t, prompt_embeds, pooled_prompt_embeds, g)
 
 
-def _real(name: str, value: object) -> float:
-    """``value`` as a float; ``TypeError``/``ValueError`` naming ``name`` unless real, finite."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
 class FluxAlignment:
     """The alignment term of the FLUX entry point (an ``AlignmentHook``).
 
@@ -171,13 +161,10 @@ class FluxAlignment:
         if not isinstance(fake, FluxFakeVelocity):
             raise TypeError(f"fake must be a FluxFakeVelocity, got {type(fake).__name__}")
         check_choice("critic", critic, CRITICS)
-        if not (_real("weight", weight) >= 0):
-            raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
-        if not (_real("lr", lr) > 0):
-            raise ValueError(f"lr must be finite and > 0, got {lr!r}")
-        for name, value in (("start", start), ("critic_lead", critic_lead)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        weight = check_real("weight", weight, minimum=0.0)
+        lr = check_real("lr", lr, minimum=0.0, strict=True)
+        start = check_positive_int("start", start, minimum=0)
+        critic_lead = check_positive_int("critic_lead", critic_lead, minimum=0)
         optimizer = torch.optim.AdamW(fake.parameters(), lr=lr, weight_decay=0.0)
         if critic == "meanflow":
             ode_steps = check_positive_int("ode_steps", ode_steps)
@@ -186,7 +173,7 @@ class FluxAlignment:
             net = FakeVelocityCritic(fake, optimizer)
         self.fake = fake
         self.loss = AlignmentLoss(net, steps=steps, critic_updates=critic_updates)
-        self.weight = float(weight)
+        self.weight = weight
         self.start = start
         self.critic_lead = critic_lead
         device = next(iter(fake.parameters())).device
@@ -214,8 +201,7 @@ class FluxAlignment:
         if step < self.start:
             return {}
         noise = self._noise(x)
-        with self.fake.active():  # the fake's backward (and recomputation) uses its adapter
-            _, metrics = self.loss.critic_step(student, noise, cond=cond, generator=self.generator)
+        _, metrics = self.loss.critic_step(student, noise, cond=cond, generator=self.generator)
         return metrics
 
     def student_loss(

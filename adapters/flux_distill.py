@@ -42,7 +42,6 @@ import dataclasses
 import glob
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -57,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mfcore._checks import check_real
 from mfcore.adapters._state import load_state, save_state
 from mfcore.adapters.flux import (
     TINY_FLUX_CONFIG,
@@ -167,16 +167,13 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.align not in ("none", *CRITICS):
             raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
-        if not (math.isfinite(self.align_weight) and self.align_weight >= 0):
-            raise ValueError(f"align_weight must be finite and >= 0, got {self.align_weight}")
-        if not (math.isfinite(self.critic_lr) and self.critic_lr > 0):
-            raise ValueError(f"critic_lr must be finite and > 0, got {self.critic_lr}")
+        check_real("align_weight", self.align_weight, minimum=0.0)
+        check_real("critic_lr", self.critic_lr, minimum=0.0, strict=True)
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {self.jvp!r}")
         if self.weights_dtype not in _DTYPES:
             raise ValueError(f"weights_dtype must be one of {tuple(_DTYPES)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be finite and positive, got {self.lr}")
+        check_real("lr", self.lr, minimum=0.0, strict=True)
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}

@@ -7,6 +7,8 @@ inside a model.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -95,6 +97,18 @@ def check_positive_int(name: str, n: object, *, minimum: int = 1) -> int:
     if n < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
     return n
+
+
+def check_real(name: str, value: object, *, minimum: float, strict: bool = False) -> float:
+    """``value`` as a float; raise unless it is a finite real number (not a bool) ``>= minimum``
+    (``> minimum`` when ``strict``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    low_ok = value > minimum if strict else value >= minimum
+    if not (math.isfinite(value) and low_ok):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return float(value)
 
 
 def check_grid(grid: object, ref: Tensor, *, full_span: bool) -> Tensor:

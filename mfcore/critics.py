@@ -61,6 +61,7 @@ from mfcore._checks import (
     check_finite,
     check_like,
     check_positive_int,
+    check_real,
     check_tensor,
     check_time,
     compute_dtype,
@@ -111,11 +112,7 @@ def _check_segment(z_r: Tensor, r: Tensor, t: Tensor) -> None:
 
 
 def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
+    return check_real(name, value, minimum=0.0, strict=True)
 
 
 # --------------------------------------------------------------------------- re-noising
