@@ -43,7 +43,14 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice, check_interval, check_like, check_tensor, compute_dtype
+from mfcore._checks import (
+    check_choice,
+    check_interval,
+    check_like,
+    check_real,
+    check_tensor,
+    compute_dtype,
+)
 from mfcore.attention import use_jvp_attention
 
 __all__ = ["JVP_METHODS", "total_derivative", "fd_step_size"]
@@ -60,6 +67,21 @@ def fd_step_size(dtype: torch.dtype) -> float:
     O(eps / h); ``h = eps^(1/3)`` balances the two (about 4.9e-3 in fp32, 6.1e-6 in fp64).
     """
     return math.pow(torch.finfo(dtype).eps, 1.0 / 3.0)
+
+
+def rng_state(device: torch.device) -> Tensor:
+    """The RNG state a forward on ``device`` draws from (dropout masks and the like)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def restore_rng(state: Tensor, device: torch.device) -> None:
+    """Rewind the RNG of ``device`` to ``state`` (from :func:`rng_state`)."""
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def total_derivative(
@@ -122,8 +144,8 @@ def total_derivative(
     check_choice("method", method, JVP_METHODS)
     if cond is not None and not isinstance(cond, Mapping):
         raise TypeError(f"cond must be a mapping of keyword arguments, got {type(cond).__name__}")
-    if fd_step is not None and not (isinstance(fd_step, float | int) and fd_step > 0):
-        raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
+    if fd_step is not None:
+        check_real("fd_step", fd_step, minimum=0.0, strict=True)
     cond = dict(cond or {})
     v = v.to(z.dtype)
     routing = use_jvp_attention() if route_sdpa else contextlib.nullcontext()
@@ -247,9 +269,14 @@ def _jvp_fd(u_fn, z, r, t, v, cond, keep_graph, fd_step):
     shape = (-1,) + (1,) * (z.ndim - 1)
     z_hi = (zw + (t_hi - tw).view(shape) * vw).to(z.dtype)
     z_lo = (zw - (tw - t_lo).view(shape) * vw).to(z.dtype)
+    # The three forwards draw the same random numbers (dropout masks), so the difference
+    # is that of one function, and u is that function too.
+    state = rng_state(z.device)
     with torch.no_grad():
         u_hi = u_fn(z_hi, rw, t_hi, **cond).to(work)
+        restore_rng(state, z.device)
         u_lo = u_fn(z_lo, rw, t_lo, **cond).to(work)
+        restore_rng(state, z.device)
         safe = torch.where(width > 0, width, torch.ones_like(width)).view(shape)
         dudt = torch.where(width.view(shape) > 0, (u_hi - u_lo) / safe, torch.zeros_like(u_hi))
     with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):

@@ -149,15 +149,40 @@ def _sampling_grid(
 # --------------------------------------------------------------------------- integration core
 
 
-def _field(fn: Callable[..., Tensor], name: str, ref: Tensor, cond: dict[str, Any]) -> _Field:
-    """Wrap ``fn(z, t, **cond)``: cast the state to ``ref``'s dtype, check and upcast the output."""
-    cd = compute_dtype(ref.dtype)
+def _field(
+    fn: Callable[..., Tensor], name: str, dtype: torch.dtype, cond: dict[str, Any]
+) -> _Field:
+    """Wrap ``fn(z, t, **cond)``: call it on the state cast to ``dtype`` (the model's), check
+    the output and upcast it to the compute dtype."""
+    cd = compute_dtype(dtype)
 
     def f(z: Tensor, t: Tensor) -> Tensor:
-        x = z.to(ref.dtype)
+        x = z.to(dtype)
         return check_like(f"the output of {name}", fn(x, t, **cond), x).to(cd)
 
     return f
+
+
+def _advance(
+    f: _Field,
+    z: Tensor,
+    times: Tensor,
+    step: _Step,
+    callback: Callable[[dict[str, Any]], None] | None,
+    trajectory: list[Tensor] | None,
+) -> Tensor:
+    """Take ``len(times) - 1`` steps along per-sample ``times`` ``(N + 1, B)`` from ``z``;
+    the end state in the compute dtype (fp32 at least), unchecked."""
+    state = z.to(compute_dtype(z.dtype))
+    for i in range(times.shape[0] - 1):
+        state = state + step(f, state, times[i], times[i + 1])
+        if trajectory is not None or callback is not None:
+            current = state.to(z.dtype)
+            if trajectory is not None:
+                trajectory.append(current)
+            if callback is not None:
+                callback({"step": i, "t": times[i], "t_next": times[i + 1], "z": current})
+    return state
 
 
 def _integrate(
@@ -168,19 +193,30 @@ def _integrate(
     callback: Callable[[dict[str, Any]], None] | None,
     return_trajectory: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Take ``len(times) - 1`` steps along per-sample ``times`` ``(N + 1, B)`` from ``z``."""
-    out_dtype = z.dtype
-    state = z.to(compute_dtype(out_dtype))
+    """:func:`_advance`, with the end state checked and cast to ``z``'s dtype."""
     trajectory = [z] if return_trajectory else None
-    for i in range(times.shape[0] - 1):
-        state = state + step(f, state, times[i], times[i + 1])
-        current = state.to(out_dtype)
-        if trajectory is not None:
-            trajectory.append(current)
-        if callback is not None:
-            callback({"step": i, "t": times[i], "t_next": times[i + 1], "z": current})
-    z_end = check_finite("the solution (did the model return NaN or inf?)", state.to(out_dtype))
+    state = _advance(f, z, times, step, callback, trajectory)
+    z_end = check_finite("the solution (did the model return NaN or inf?)", state.to(z.dtype))
     return z_end, None if trajectory is None else torch.stack(trajectory)
+
+
+def solve_span(
+    v_fn: Callable[..., Tensor],
+    z: Tensor,
+    t_start: Tensor,
+    t_end: Tensor,
+    steps: int,
+    method: str,
+    cond: dict[str, Any],
+    model_dtype: torch.dtype,
+) -> Tensor:
+    """The end state of :func:`odeint` in the compute dtype (fp32 at least), for callers that
+    difference it (the discrete targets): a half-precision end state would round the secant
+    away. ``z`` may be held at a higher precision than ``model_dtype``, the dtype ``v_fn``
+    is called in. Internal: the arguments are trusted (validate at the public entry)."""
+    times = _span_times(t_start, t_end, steps, None, compute_dtype(model_dtype))
+    f = _field(v_fn, "the teacher", model_dtype, cond)
+    return _advance(f, z, times, _STEPS[method], None, None)
 
 
 def _span_times(
@@ -250,7 +286,7 @@ def odeint(
     step = _STEPS[check_choice("method", method, ODE_METHODS)]
     shift = _check_shift(shift)
     times = _span_times(t_start, t_end, steps, shift, compute_dtype(z.dtype))
-    f = _field(v_fn, "v_fn", z, _check_cond(cond))
+    f = _field(v_fn, "v_fn", z.dtype, _check_cond(cond))
     z_end, trajectory = _integrate(f, z, times, step, None, return_trajectory)
     return z_end if trajectory is None else (z_end, trajectory)
 
@@ -297,7 +333,7 @@ def sample_teacher(
     step = _STEPS[check_choice("method", method, ODE_METHODS)]
     grid = _sampling_grid(steps, grid, _check_shift(shift), 50, noise)
     times = grid[:, None].repeat(1, noise.shape[0])
-    f = _field(v_fn, "v_fn", noise, _check_cond(cond))
+    f = _field(v_fn, "v_fn", noise.dtype, _check_cond(cond))
     with torch.no_grad():
         z_end, trajectory = _integrate(f, noise, times, step, callback, return_trajectory)
     return z_end if trajectory is None else (z_end, trajectory)

@@ -38,12 +38,13 @@ from mfcore._checks import (
     check_interval,
     check_like,
     check_positive_int,
+    check_real,
     check_tensor,
     compute_dtype,
     expand_time,
 )
-from mfcore.jvp import JVP_METHODS, total_derivative
-from mfcore.solvers import odeint
+from mfcore.jvp import JVP_METHODS, restore_rng, rng_state, total_derivative
+from mfcore.solvers import ODE_METHODS, solve_span
 
 __all__ = [
     "TargetOutput",
@@ -85,15 +86,16 @@ def differential_target(u: Tensor, dudt: Tensor, v: Tensor, r: Tensor, t: Tensor
         r, t: ``(B,)`` times with ``r <= t``.
 
     Returns:
-        the detached target ``(B, ...)`` in the dtype of ``u``, computed in at least fp32.
+        the detached target ``(B, ...)`` in the compute dtype of ``u`` (fp32 at least, fp64
+        stays fp64).
     """
     check_tensor("u", u, ndim_min=1)
     check_like("dudt", dudt, u, "u")
     check_like("v", v, u, "u")
     r, t = check_interval(r, t, u)
     work = compute_dtype(u.dtype)
-    gap = expand_time((t - r).to(work), u)
-    return (v.to(work) - gap * dudt.to(work)).detach().to(u.dtype)
+    gap = expand_time(_gap(r, t, work), u)
+    return (v.to(work) - gap * dudt.to(work)).detach()
 
 
 def teacher_ode_target(
@@ -123,26 +125,41 @@ def teacher_ode_target(
         cond: conditioning for the teacher.
 
     Returns:
-        the detached target ``(B, ...)`` in the dtype of ``z_t`` (computed in at least fp32).
+        the detached target ``(B, ...)`` in the compute dtype of ``z_t`` (fp32 at least, fp64
+        stays fp64): the end state is integrated and differenced there, never rounded to a
+        half-precision ``z_t`` first (that would cancel the secant of a short interval).
     """
     check_tensor("z_t", z_t, ndim_min=1)
     r, t = check_interval(r, t, z_t)
     check_positive_int("steps", steps)
+    check_choice("method", method, ODE_METHODS)
     if v is not None:
         check_like("v", v, z_t, "z_t")
-    cond = dict(cond or {})
-    work = compute_dtype(z_t.dtype)
+    return _ode_secant(teacher, z_t, r, t, steps, method, v, dict(cond or {}), z_t.dtype)
+
+
+def _gap(r: Tensor, t: Tensor, work: torch.dtype) -> Tensor:
+    """``t - r`` in ``work``, each time cast first (a half-precision difference would round
+    a short interval away)."""
+    return t.to(work) - r.to(work)
+
+
+def _ode_secant(teacher, z_t, r, t, steps, method, v, cond, dtype) -> Tensor:
+    """:func:`teacher_ode_target` on trusted arguments, in the compute dtype of ``dtype`` (the
+    teacher's input dtype; ``z_t`` may be held at a higher precision)."""
+    work = compute_dtype(dtype)
     with torch.no_grad():
-        z_r = odeint(teacher, z_t, t, r, steps, method=method, cond=cond)
-        gap = (t - r).to(work)
-        safe = torch.where(gap > 0, gap, torch.ones_like(gap))
-        u = (z_t.to(work) - z_r.to(work)) / expand_time(safe, z_t)
+        z_t = z_t.to(work)
+        z_r = solve_span(teacher, z_t, t, r, steps, method, cond, dtype)
+        gap = _gap(r, t, work)
         equal = gap == 0
-        if bool(equal.any()):
-            if v is None:
-                v = teacher(z_t, t, **cond)
-            u = torch.where(expand_time(equal, z_t), v.to(work), u)
-    return u.to(z_t.dtype)
+        u = (z_t - z_r) / expand_time(torch.where(equal, 1.0, gap), z_t)
+        if v is None:  # only the pure function's callers omit v: one sync to spare a forward
+            if not bool(equal.any()):
+                return u
+            v = teacher(z_t.to(dtype), t, **cond)
+        u = torch.where(expand_time(equal, z_t), v.to(work), u)
+    return u
 
 
 _PIECES = ("first", "both", "none")
@@ -185,7 +202,9 @@ def split_target(
         cond: conditioning for both models.
 
     Returns:
-        the detached target ``(B, ...)`` in the dtype of ``z_t``.
+        the detached target ``(B, ...)`` in the compute dtype of ``z_t`` (fp32 at least): the
+        split point ``z_s`` stays at that precision, so a teacher piece's secant never
+        differences a half-precision state.
     """
     check_tensor("z_t", z_t, ndim_min=1)
     r, t = check_interval(r, t, z_t)
@@ -194,28 +213,33 @@ def split_target(
         raise ValueError("s must satisfy r <= s <= t elementwise")
     check_like("v", v, z_t, "z_t")
     check_choice("teacher_pieces", teacher_pieces, _PIECES)
+    check_positive_int("teacher_steps", teacher_steps)
+    check_choice("method", method, ODE_METHODS)
     if teacher_pieces != "none" and teacher is None:
         raise ValueError(f"teacher_pieces={teacher_pieces!r} needs a teacher")
-    cond = dict(cond or {})
-    work = compute_dtype(z_t.dtype)
+    return _split(
+        student, teacher, z_t, r, t, s, v, teacher_pieces, teacher_steps, method, dict(cond or {})
+    )
+
+
+def _split(student, teacher, z_t, r, t, s, v, pieces, steps, method, cond) -> Tensor:
+    """:func:`split_target` on trusted arguments."""
+    dtype, work = z_t.dtype, compute_dtype(z_t.dtype)
 
     def piece(z, lo, hi, use_teacher, v_hi=None):
         if use_teacher:
-            return teacher_ode_target(
-                teacher, z, lo, hi, steps=teacher_steps, method=method, v=v_hi, cond=cond
-            ).to(work)
-        return student(z, lo, hi, **cond).to(work)
+            return _ode_secant(teacher, z, lo, hi, steps, method, v_hi, cond, dtype)
+        return student(z.to(dtype), lo, hi, **cond).to(work)
 
     with torch.no_grad():
-        u1 = piece(z_t, s, t, teacher_pieces != "none", v)
-        z_s = (z_t.to(work) - expand_time((t - s).to(work), z_t) * u1).to(z_t.dtype)
-        u2 = piece(z_s, r, s, teacher_pieces == "both")
-        gap = (t - r).to(work)
-        safe = torch.where(gap > 0, gap, torch.ones_like(gap))
-        first, second = (t - s).to(work), (s - r).to(work)
-        u = (expand_time(first, z_t) * u1 + expand_time(second, z_t) * u2) / expand_time(safe, z_t)
+        u1 = piece(z_t, s, t, pieces != "none", v)
+        z_s = z_t.to(work) - expand_time(_gap(s, t, work), z_t) * u1
+        u2 = piece(z_s, r, s, pieces == "both")
+        gap = _gap(r, t, work)
+        first, second = expand_time(_gap(s, t, work), z_t), expand_time(_gap(r, s, work), z_t)
+        u = (first * u1 + second * u2) / expand_time(torch.where(gap == 0, 1.0, gap), z_t)
         u = torch.where(expand_time(gap == 0, z_t), v.to(work), u)
-    return u.to(z_t.dtype)
+    return u
 
 
 # --------------------------------------------------------------------------- target objects
@@ -262,10 +286,9 @@ class DifferentialTarget:
         detach_tangents: bool = True,
     ) -> None:
         check_choice("jvp_method", jvp_method, JVP_METHODS)
-        if clamp is not None and not clamp > 0:
-            raise ValueError(f"clamp must be positive, got {clamp!r}")
-        if tangent_norm is not None and not tangent_norm > 0:
-            raise ValueError(f"tangent_norm must be positive, got {tangent_norm!r}")
+        for name, value in (("clamp", clamp), ("tangent_norm", tangent_norm), ("fd_step", fd_step)):
+            if value is not None:
+                check_real(name, value, minimum=0.0, strict=True)
         self.jvp_method = jvp_method
         self.single_forward = single_forward
         self.clamp = clamp
@@ -278,6 +301,7 @@ class DifferentialTarget:
         self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
     ) -> TargetOutput:
         r, t = _check_call(z_t, r, t, v)
+        rng = None if self.single_forward else rng_state(z_t.device)
         u, dudt = total_derivative(
             student,
             z_t,
@@ -291,9 +315,9 @@ class DifferentialTarget:
             route_sdpa=self.route_sdpa,
             detach_tangents=self.detach_tangents,
         )
-        pred = u if self.single_forward else student(z_t, r, t, **dict(cond or {}))
+        pred = u if self.single_forward else _same_draws_forward(student, z_t, r, t, cond, rng)
         work = compute_dtype(z_t.dtype)
-        tangent = expand_time((t - r).to(work), z_t) * dudt.to(work)
+        tangent = expand_time(_gap(r, t, work), z_t) * dudt.to(work)
         if self.tangent_norm is not None:
             rms = tangent.flatten(1).pow(2).mean(1).sqrt()
             tangent = tangent / expand_time(rms + self.tangent_norm, z_t)
@@ -301,13 +325,21 @@ class DifferentialTarget:
         if self.clamp is not None:
             target = target.clamp(-self.clamp, self.clamp)
         metrics = {"dudt_rms": dudt.detach().float().pow(2).mean().sqrt()}
-        return TargetOutput(pred, target.to(pred.dtype), metrics)
+        return TargetOutput(pred, target, metrics)
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         del state
+
+
+def _same_draws_forward(student, z_t, r, t, cond, state: Tensor) -> Tensor:
+    """``student(z_t, r, t)`` drawing the same random numbers (dropout masks) as the forward
+    that started from RNG ``state``: the graph forward then differentiates the function
+    whose ``du/dt`` made the target. The RNG ends where that second forward leaves it."""
+    restore_rng(state, z_t.device)
+    return student(z_t, r, t, **dict(cond or {}))
 
 
 class _DiscreteTarget(ABC):
@@ -326,8 +358,8 @@ class _DiscreteTarget(ABC):
         target = self.compute(
             student, z_t, r, t, v, teacher=teacher, cond=cond, generator=generator
         )
-        pred = student(z_t, r, t, **dict(cond or {}))
-        return TargetOutput(pred, target.to(pred.dtype), {})
+        pred = check_like("the student's output", student(z_t, r, t, **dict(cond or {})), z_t)
+        return TargetOutput(pred, target, {})
 
     def state_dict(self) -> dict:
         return {}
@@ -346,14 +378,13 @@ class TeacherODETarget(_DiscreteTarget):
 
     def __init__(self, steps: int = 8, method: str = "heun") -> None:
         self.steps = check_positive_int("steps", steps)
-        self.method = method
+        self.method = check_choice("method", method, ODE_METHODS)
 
     def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
         if teacher is None:
             raise ValueError("TeacherODETarget needs a teacher (pass teacher=...)")
-        return teacher_ode_target(
-            teacher, z_t, r, t, steps=self.steps, method=self.method, v=v, cond=cond
-        )
+        cond = dict(cond or {})
+        return _ode_secant(teacher, z_t, r, t, self.steps, self.method, v, cond, z_t.dtype)
 
 
 class SplitTarget(_DiscreteTarget):
@@ -370,24 +401,15 @@ class SplitTarget(_DiscreteTarget):
     ) -> None:
         self.teacher_pieces = check_choice("teacher_pieces", teacher_pieces, _PIECES)
         self.teacher_steps = check_positive_int("teacher_steps", teacher_steps)
-        self.method = method
+        self.method = check_choice("method", method, ODE_METHODS)
 
     def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
+        if self.teacher_pieces != "none" and teacher is None:
+            raise ValueError(f"SplitTarget({self.teacher_pieces!r}) needs a teacher")
         lam = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
         s = torch.minimum(r + lam * (t - r), t)
-        return split_target(
-            student,
-            teacher,
-            z_t,
-            r,
-            t,
-            s,
-            v,
-            teacher_pieces=self.teacher_pieces,
-            teacher_steps=self.teacher_steps,
-            method=self.method,
-            cond=cond,
-        )
+        pieces, steps, cond = self.teacher_pieces, self.teacher_steps, dict(cond or {})
+        return _split(student, teacher, z_t, r, t, s, v, pieces, steps, self.method, cond)
 
 
 _PHASES = ("discrete", "blend", "differential")
@@ -443,8 +465,8 @@ class WarmupTarget:
             raise ValueError("give switch_step, threshold, or both: otherwise it never switches")
         if switch_step is not None:
             check_positive_int("switch_step", switch_step, minimum=0)
-        if threshold is not None and not threshold > 0:
-            raise ValueError(f"threshold must be positive, got {threshold!r}")
+        if threshold is not None:
+            check_real("threshold", threshold, minimum=0.0, strict=True)
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must lie in [0, 1), got {ema!r}")
         check_positive_int("min_steps", min_steps, minimum=0)
@@ -480,7 +502,7 @@ class WarmupTarget:
     def __call__(
         self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
     ) -> TargetOutput:
-        self.step = self.step + 1 if step is None else int(step)
+        self.step = self.step + 1 if step is None else check_positive_int("step", step, minimum=0)
         if self.switched_at is None and self.switch_step is not None:
             if self.step >= self.switch_step:
                 self.switched_at = self.step
