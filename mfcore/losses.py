@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mfcore._checks import check_like, check_tensor, check_time, compute_dtype, expand_time
+from mfcore._checks import (
+    check_interval,
+    check_like,
+    check_positive_int,
+    check_real,
+    check_tensor,
+    check_time,
+    compute_dtype,
+    expand_time,
+)
 from mfcore.targets import DifferentialTarget
 from mfcore.time import LogitNormalTime, TimePairSampler
 
@@ -46,11 +55,8 @@ class AdaptiveWeight:
     """
 
     def __init__(self, p: float = 1.0, c: float = 1e-3) -> None:
-        if not p >= 0:
-            raise ValueError(f"p must be >= 0, got {p!r}")
-        if not c > 0:
-            raise ValueError(f"c must be > 0, got {c!r}")
-        self.p, self.c = float(p), float(c)
+        self.p = check_real("p", p, minimum=0.0)
+        self.c = check_real("c", c, minimum=0.0, strict=True)
 
     def __call__(self, sq_err: Tensor, r: Tensor, t: Tensor) -> Tensor:
         del r, t
@@ -64,22 +70,54 @@ def sample_path(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """The rectified-flow path ``z_t = (1 - t) x + t eps`` (t = 0 data, t = 1 noise).
 
     Args:
-        x: clean samples ``(B, ...)``.
-        noise: Gaussian noise ``(B, ...)``.
-        t: times ``(B,)``.
+        x: clean samples ``(B, ...)``, floating.
+        noise: Gaussian noise ``(B, ...)``, the shape and device of ``x``.
+        t: times ``(B,)`` in ``[0, 1]``.
 
     Returns:
         ``z_t`` of shape ``(B, ...)`` in the dtype of ``x``.
     """
+    check_tensor("x", x, ndim_min=1)
+    check_like("noise", noise, x, "x")
+    check_time("t", t, x)
+    return _path(x, noise, t)
+
+
+def _path(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """:func:`sample_path` on trusted arguments."""
     work = compute_dtype(x.dtype)
     tt = expand_time(t.to(work), x)
     return ((1 - tt) * x.to(work) + tt * noise.to(work)).to(x.dtype)
 
 
 def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
-    """``||pred - target||^2`` summed over all but the batch dimension (fp32 at least): ``(B,)``."""
+    """``||pred - target||^2`` summed over all but the batch dimension (fp32 at least).
+
+    Args:
+        pred, target: floating tensors ``(B, ...)`` of the same shape and device.
+
+    Returns:
+        ``(B,)`` in the compute dtype of ``pred`` (fp32 at least, fp64 stays fp64).
+    """
+    check_tensor("pred", pred, ndim_min=1)
+    check_like("target", target, pred, "pred")
+    return _sq_error(pred, target)
+
+
+def _sq_error(pred: Tensor, target: Tensor) -> Tensor:
+    """:func:`per_sample_sq_error` on trusted arguments."""
     work = compute_dtype(pred.dtype)
     return (pred.to(work) - target.to(work)).pow(2).flatten(1).sum(1)
+
+
+def _weigh(weighting: Weighting, sq_err: Tensor, r: Tensor, t: Tensor) -> Tensor:
+    """The weighting's ``(B,)`` weights, checked: a ``(B, 1)`` weight would broadcast the
+    mean over a ``B x B`` matrix."""
+    weight = weighting(sq_err, r, t)
+    if not isinstance(weight, Tensor) or weight.shape != sq_err.shape:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weighting must return a ({sq_err.shape[0]},) tensor, got {got}")
+    return weight
 
 
 def _prepare(x, noise, generator):
@@ -89,6 +127,25 @@ def _prepare(x, noise, generator):
     else:
         check_like("noise", noise, x, "x")
     return noise
+
+
+def _check_sampled(name: str, t: object, x: Tensor) -> None:
+    """Check a sampler's draw at once, naming the sampler, rather than deep in a target."""
+    try:
+        check_time("t", t, x)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} is invalid: {err}") from None
+
+
+def _sampled_pair(sampler, x: Tensor, generator) -> tuple[Tensor, Tensor]:
+    """``(r, t)`` from a pair sampler, checked (``(B,)``, in ``[0, 1]``, ``r <= t``)."""
+    pair = sampler(x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator)
+    if not (isinstance(pair, tuple | list) and len(pair) == 2):
+        raise TypeError(f"time_sampler must return a pair (r, t), got {type(pair).__name__}")
+    try:
+        return check_interval(pair[0], pair[1], x)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"time_sampler returned invalid times: {err}") from None
 
 
 def _reduce(sq_err: Tensor, weight: Tensor) -> Tensor:
@@ -159,11 +216,11 @@ class MeanFlowLoss:
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         noise = _prepare(x, noise, generator)
+        if step is not None:
+            check_positive_int("step", step, minimum=0)
         cond = dict(cond or {})
-        r, t = self.time_sampler(
-            x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator
-        )
-        z_t = sample_path(x, noise, t)
+        r, t = _sampled_pair(self.time_sampler, x, generator)
+        z_t = _path(x, noise, t)
         v = _velocity(teacher, z_t, t, x, noise, cond)
         if self.guidance is not None:
             with torch.no_grad():
@@ -171,8 +228,8 @@ class MeanFlowLoss:
         out = self.target(
             student, z_t, r, t, v, teacher=teacher, cond=cond, generator=generator, step=step
         )
-        sq_err = per_sample_sq_error(out.pred, out.target)
-        weight = self.weighting(sq_err, r, t)
+        sq_err = _sq_error(out.pred, out.target)
+        weight = _weigh(self.weighting, sq_err, r, t)
         loss = _reduce(sq_err, weight)
         metrics = {
             "loss": loss.detach(),
@@ -228,13 +285,17 @@ class FlowMatchingLoss:
             t = self.time_sampler(
                 x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator
             )
+            _check_sampled("the time sampler's t", t, x)
         else:
             check_time("t", t, x)
-        z_t = sample_path(x, noise, t)
+        z_t = _path(x, noise, t)
         target = _velocity(teacher, z_t, t, x, noise, cond)
         pred = model(z_t, t, **cond)
         check_like("model output", pred, z_t, "z_t")
-        sq_err = per_sample_sq_error(pred, target)
-        weight = torch.ones_like(sq_err) if self.weighting is None else self.weighting(sq_err, t, t)
+        sq_err = _sq_error(pred, target)
+        if self.weighting is None:
+            weight = torch.ones_like(sq_err)
+        else:
+            weight = _weigh(self.weighting, sq_err, t, t)
         loss = _reduce(sq_err, weight)
         return loss, {"loss": loss.detach(), "mse": (sq_err.detach() / pred[0].numel()).mean()}
