@@ -478,12 +478,25 @@ def _unit_grid(steps: int) -> Tensor:
     return torch.arange(steps, -1, -1, dtype=torch.float64) / steps
 
 
+def _cast_grid(grid: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A float64 grid in ``dtype`` on ``device``; raise if the cast merges neighbouring times
+    (``uniform_grid(1000)`` in bf16 would repeat 494 of them: zero-length steps)."""
+    out = grid.to(dtype)
+    if not bool((out[1:] < out[:-1]).all()):
+        raise ValueError(
+            f"a {grid.shape[0] - 1}-step grid is not representable in {dtype}: neighbouring "
+            "times round to the same value; build it in torch.float32 or torch.float64"
+        )
+    return out.to(device)
+
+
 def uniform_grid(
     steps: int, *, device: DeviceLike = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """Uniform sampling grid ``t_i = 1 - i / steps``, ``i = 0, ..., steps``.
 
-    Built in float64 and cast, so the endpoints are exactly 1 and 0.
+    Built in float64 and cast, so the endpoints are exactly 1 and 0; a ``dtype`` too coarse
+    to keep every time distinct (bf16 beyond a few dozen steps) raises ``ValueError``.
 
     Args:
         steps: number of steps ``N >= 1``.
@@ -495,7 +508,7 @@ def uniform_grid(
     """
     steps = check_positive_int("steps", steps)
     dev, dtype = _check_device(device), _check_dtype(dtype)
-    return _unit_grid(steps).to(device=dev, dtype=dtype)
+    return _cast_grid(_unit_grid(steps), dev, dtype)
 
 
 def shifted_grid(
@@ -527,4 +540,4 @@ def shifted_grid(
     if (shift is None) == (mu is None):
         raise ValueError("shifted_grid needs exactly one of shift and mu")
     scale = _check_real("shift", shift, positive=True) if mu is None else _exp_of_mu(mu)
-    return _shift(_unit_grid(steps), scale).to(device=dev, dtype=dtype)
+    return _cast_grid(_shift(_unit_grid(steps), scale), dev, dtype)
