@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from mfcore._checks import check_choice
+from mfcore._checks import check_choice, check_positive_int, check_real
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, KernelCritic, MeanFlowCritic
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.solvers import sample_meanflow, sample_teacher
@@ -49,7 +49,7 @@ from mfcore.time import TimePairSampler, UniformTime
 
 from .gmm import GaussianMixture, preset, presets
 from .metrics import evaluate
-from .nets import MeanFlowMLP, VelocityMLP
+from .nets import MeanFlowMLP, VelocityMLP, activation
 
 __all__ = ["ToyConfig", "run", "main", "TARGETS", "CRITICS"]
 
@@ -142,24 +142,46 @@ class ToyConfig:
 
     def validate(self) -> ToyConfig:
         """Raise ``ValueError``/``TypeError`` naming a bad field; return ``self``."""
+        check_choice("preset", self.preset, tuple(presets))
         check_choice("target", self.target, TARGETS)
         check_choice("align", self.align, CRITICS)
-        for name in ("steps", "batch", "hidden", "depth", "discrete_steps", "eval_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        activation(self.act)
+        for name in _POSITIVE_INTS:
+            check_positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "blend_steps", "align_start", "critic_lead", "point_features"):
+            check_positive_int(name, getattr(self, name), minimum=0)
+        check_positive_int("eval_samples", self.eval_samples, minimum=2)
         for name in ("align_steps", "eval_steps"):
             ks = tuple(getattr(self, name))
-            if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+            if not ks:
                 raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {ks}")
+            for k in ks:
+                check_positive_int(name, k)
             setattr(self, name, ks)
-        if not (self.lr > 0 and self.lr_final > 0 and self.align_weight >= 0):
-            raise ValueError("lr and lr_final must be > 0 and align_weight >= 0")
-        if not 0.0 <= self.equal_fraction < 1.0:
+        for name in ("lr", "lr_final", "critic_lr", "point_scale"):
+            check_real(name, getattr(self, name), minimum=0.0, strict=True)
+        for name in ("align_weight", "discrete_p", "adaptive_p"):
+            check_real(name, getattr(self, name), minimum=0.0)
+        if self.grad_clip is not None:
+            check_real("grad_clip", self.grad_clip, minimum=0.0, strict=True)
+        if not check_real("equal_fraction", self.equal_fraction, minimum=0.0) < 1.0:
             raise ValueError(f"equal_fraction must lie in [0, 1), got {self.equal_fraction}")
-        if self.eval_samples < 2:
-            raise ValueError("eval_samples must be >= 2")
+        if not check_real("grid_fraction", self.grid_fraction, minimum=0.0) <= 1.0:
+            raise ValueError(f"grid_fraction must lie in [0, 1], got {self.grid_fraction}")
         return self
+
+
+_POSITIVE_INTS = (
+    "steps",
+    "batch",
+    "hidden",
+    "depth",
+    "discrete_steps",
+    "critic_updates",
+    "critic_hidden",
+    "critic_ode_steps",
+    "teacher_steps",
+)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -488,7 +510,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``mfcore-toy`` command: run the toy distillation and print a summary table."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     cfg = ToyConfig(
         preset=args.preset,
         name=args.name,
@@ -506,6 +529,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         figures=not args.no_figures,
         progress=not args.quiet,
     )
+    try:
+        cfg.validate()
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
     results = run(cfg)
     print(summary_table(results))
     if results["run_dir"] is not None:
