@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -61,11 +62,24 @@ def save_state(state: Any, stem: str | os.PathLike) -> None:
         json.dump(skeleton, f)
 
 
+def read_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a missing file raises ``FileNotFoundError`` and a
+    truncated or corrupt one ``ValueError``, both naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing checkpoint file {path}")
+    try:
+        return load_file(path, device=device)
+    except SafetensorError as err:
+        raise ValueError(f"checkpoint file {path} is truncated or corrupt ({err})") from None
+
+
 def load_state(stem: str | os.PathLike) -> Any:
     """Read what :func:`save_state` wrote (tensors on the CPU)."""
-    for ext in (".safetensors", ".json"):
-        if not os.path.isfile(f"{stem}{ext}"):
-            raise FileNotFoundError(f"missing checkpoint file {stem}{ext}")
-    with open(f"{stem}.json") as f:
-        skeleton = json.load(f)
-    return _decode(skeleton, load_file(f"{stem}.safetensors"))
+    tensors = read_tensors(f"{stem}.safetensors")
+    if not os.path.isfile(f"{stem}.json"):
+        raise FileNotFoundError(f"missing checkpoint file {stem}.json")
+    try:
+        with open(f"{stem}.json") as f:
+            return _decode(json.load(f), tensors)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint file {stem}.json is truncated or corrupt ({err})") from None

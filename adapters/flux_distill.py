@@ -42,6 +42,7 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -52,12 +53,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mfcore._checks import check_real
-from mfcore.adapters._state import load_state, save_state
+from mfcore._checks import check_positive_int, check_real
+from mfcore.adapters._state import load_state, read_tensors, save_state
 from mfcore.adapters.flux import (
     TINY_FLUX_CONFIG,
     FluxStudent,
@@ -163,8 +164,13 @@ class DistillConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("warmup_steps", "align_start", "critic_lead"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_positive_int(name, getattr(self, name), minimum=0)
+        check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        if not (isinstance(self.grad_clip, int | float) and self.grad_clip > 0):
+            raise ValueError(
+                f"grad_clip must be > 0 (inf turns clipping off), got {self.grad_clip!r}"
+            )
+        _check_device(self.device)
         if self.align not in ("none", *CRITICS):
             raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
         check_real("align_weight", self.align_weight, minimum=0.0)
@@ -220,6 +226,8 @@ class LatentDataset:
         for i, path in enumerate(files):
             n = self._scan(path)
             self.index.extend((i, j) for j in range(n))
+        if not self.index:
+            raise ValueError(f"data folder {folder} holds no samples (every file has N = 0)")
         self._cache: dict[int, dict[str, Tensor]] = {}
 
     def _scan(self, path: str) -> int:
@@ -327,6 +335,11 @@ def make_synthetic_data(
     Returns:
         the paths written.
     """
+    sizes = dict(num_files=num_files, per_file=per_file, channels=channels, height=height)
+    sizes |= dict(width=width, seq_len=seq_len, joint_attention_dim=joint_attention_dim)
+    sizes |= dict(pooled_projection_dim=pooled_projection_dim)
+    for name, value in sizes.items():
+        check_positive_int(name, value)
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     paths = []
@@ -532,6 +545,19 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _check_device(device: object) -> None:
+    """Raise ``ValueError`` unless ``device`` is ``"auto"`` or a device this machine has."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto' or a torch device, got {device!r}") from err
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise ValueError(f"device {device!r} is not available on this machine")
+
+
 def _train_step(run: _Run) -> dict[str, float]:
     cfg = run.cfg
     x, cond = run.data.batch(run.step, cfg.batch_size, cfg.seed, run.device)
@@ -555,7 +581,7 @@ def _train_step(run: _Run) -> dict[str, float]:
         raise FloatingPointError(f"the loss is not finite at step {run.step}: {float(loss)}")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip > 0:
+    if math.isfinite(cfg.grad_clip):
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
             run.student.trainable_parameters(), cfg.grad_clip
         )
@@ -633,7 +659,7 @@ def _load_checkpoint(run: _Run, path: str) -> None:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"cannot resume {path} with different settings ({diffs})")
     run.student.load_trainable_state_dict(
-        load_file(os.path.join(path, "student.safetensors"), device=str(run.device))
+        read_tensors(os.path.join(path, "student.safetensors"), device=str(run.device))
     )
     state = load_state(os.path.join(path, "state"))
     run.optimizer.load_state_dict(state["optimizer"])
@@ -650,6 +676,19 @@ def _load_checkpoint(run: _Run, path: str) -> None:
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` past ``step`` (written after the checkpoint a run
+    resumes from), so each step is logged once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def distill(
@@ -678,6 +717,7 @@ def distill(
         )
     os.makedirs(cfg.output, exist_ok=True)
     log_path = os.path.join(cfg.output, "metrics.jsonl")
+    _truncate_log(log_path, run.step)
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not cfg.progress, desc="distil")
     with open(log_path, "a") as log:
         while run.step < cfg.steps:
@@ -745,14 +785,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "make-data":
         args.pop("tiny")
         folder = args.pop("folder")
-        paths = make_synthetic_data(folder, **args)
+        try:
+            paths = make_synthetic_data(folder, **args)
+        except (TypeError, ValueError) as err:
+            parser.error(str(err))
         sys.stdout.write(f"wrote {len(paths)} files to {folder}\n")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = DistillConfig(**args)
         distill(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (TypeError, ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
     return 0
 
