@@ -14,9 +14,9 @@ Every target turns a state ``z_t``, an interval ``[r, t]`` and the velocity ``v`
   ``r <= s <= t``, ``(t - r) u(z_t, r, t) = (t - s) u(z_t, s, t) + (s - r) u(z_s, r, s)``,
   with the teacher on the first piece, on both, or on neither (pure self-consistency).
 
-The warm-up switch (arXiv 2605.17834, Sec. 3) trains on a discrete target first, then
-switches to the differential one once the student fits the average velocity: the
-stop-gradient term of an untrained student otherwise collapses training at scale.
+The warm-up switch (arXiv 2605.17834, Sec. 3), which trains on a discrete target first and
+then switches to the differential one, is :class:`mfcore.warmup.WarmupTarget` (importable
+from here too), with the target-agreement signals, gate and guard that make it safe.
 
 Pure functions come first; the target objects on top share one call signature,
 ``target(student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None)
@@ -54,7 +54,6 @@ __all__ = [
     "DifferentialTarget",
     "TeacherODETarget",
     "SplitTarget",
-    "WarmupTarget",
 ]
 
 
@@ -302,7 +301,19 @@ class DifferentialTarget:
     ) -> TargetOutput:
         r, t = _check_call(z_t, r, t, v)
         rng = None if self.single_forward else rng_state(z_t.device)
-        u, dudt = total_derivative(
+        u, dudt = self._jvp(student, z_t, r, t, v, cond, keep_graph=self.single_forward)
+        pred = u if self.single_forward else _same_draws_forward(student, z_t, r, t, cond, rng)
+        metrics = {"dudt_rms": dudt.detach().float().pow(2).mean().sqrt()}
+        return TargetOutput(pred, self._target(z_t, r, t, v, dudt), metrics)
+
+    def compute(self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None) -> Tensor:
+        """The detached target alone, from one JVP that keeps no graph (e.g. to compare it
+        with a discrete target on the same batch)."""
+        _, dudt = self._jvp(student, z_t, r, t, v, cond, keep_graph=False)
+        return self._target(z_t, r, t, v, dudt)
+
+    def _jvp(self, student, z_t, r, t, v, cond, *, keep_graph: bool) -> tuple[Tensor, Tensor]:
+        return total_derivative(
             student,
             z_t,
             r,
@@ -310,12 +321,14 @@ class DifferentialTarget:
             v,
             method=self.jvp_method,
             cond=cond,
-            keep_graph=self.single_forward,
+            keep_graph=keep_graph,
             fd_step=self.fd_step,
             route_sdpa=self.route_sdpa,
             detach_tangents=self.detach_tangents,
         )
-        pred = u if self.single_forward else _same_draws_forward(student, z_t, r, t, cond, rng)
+
+    def _target(self, z_t, r, t, v, dudt) -> Tensor:
+        """``v - (t - r) du/dt`` with the optional tangent normalisation and clamp."""
         work = compute_dtype(z_t.dtype)
         tangent = expand_time(_gap(r, t, work), z_t) * dudt.to(work)
         if self.tangent_norm is not None:
@@ -324,8 +337,7 @@ class DifferentialTarget:
         target = (v.to(work) - tangent).detach()
         if self.clamp is not None:
             target = target.clamp(-self.clamp, self.clamp)
-        metrics = {"dudt_rms": dudt.detach().float().pow(2).mean().sqrt()}
-        return TargetOutput(pred, target, metrics)
+        return target
 
     def state_dict(self) -> dict:
         return {}
@@ -412,151 +424,11 @@ class SplitTarget(_DiscreteTarget):
         return _split(student, teacher, z_t, r, t, s, v, pieces, steps, self.method, cond)
 
 
-_PHASES = ("discrete", "blend", "differential")
+def __getattr__(name: str) -> Any:
+    # The warm-up switch lives in mfcore.warmup (with its signals, gate and guard), which
+    # builds on this module; it stays importable from here.
+    if name == "WarmupTarget":
+        from mfcore.warmup import WarmupTarget
 
-
-class WarmupTarget:
-    """Warm-up switch: a discrete target first, then the differential one.
-
-    The switch fires at ``switch_step`` or, when ``threshold`` is set, as soon as the
-    student fits the discrete target well: the exponential moving average (decay
-    ``ema``) of the relative fit error
-
-        e = sum_i ||u_i - u_tgt_i||^2 / sum_i ||u_tgt_i||^2
-
-    over the batch drops below ``threshold`` after at least ``min_steps`` steps. The
-    rationale (arXiv 2605.17834, Sec. 3): the differential target's stop-gradient term
-    ``(t - r) du/dt`` is the student's own derivative; it is a useful target only once the
-    student already approximates the average velocity, which ``e`` measures directly and
-    for free. After the switch, ``blend_steps`` optionally ramps the target linearly from
-    the discrete to the differential one (computing both during the window).
-
-    Args:
-        discrete: a discrete target object (:class:`TeacherODETarget`, :class:`SplitTarget`).
-        differential: a :class:`DifferentialTarget`.
-        switch_step: step at which to switch at the latest (``None``: only the criterion).
-        threshold: relative-error threshold of the automatic criterion (``None``: off).
-        ema: decay of the moving average of the fit error.
-        min_steps: earliest step at which the criterion may fire.
-        blend_steps: length of the linear blend after the switch (0: switch at once).
-
-    The step is the ``step`` passed to ``__call__`` (the loss passes its own), or an
-    internal counter of calls when none is given. ``state_dict()`` holds the phase, the
-    switch step and the moving average, so a resumed run continues in the same phase.
-    """
-
-    def __init__(
-        self,
-        discrete,
-        differential: DifferentialTarget | None = None,
-        *,
-        switch_step: int | None = None,
-        threshold: float | None = None,
-        ema: float = 0.9,
-        min_steps: int = 0,
-        blend_steps: int = 0,
-    ) -> None:
-        if not getattr(discrete, "discrete", False):
-            raise TypeError("discrete must be a discrete target (TeacherODETarget, SplitTarget)")
-        differential = differential if differential is not None else DifferentialTarget()
-        if getattr(differential, "discrete", True):
-            raise TypeError("differential must be a DifferentialTarget")
-        if switch_step is None and threshold is None:
-            raise ValueError("give switch_step, threshold, or both: otherwise it never switches")
-        if switch_step is not None:
-            check_positive_int("switch_step", switch_step, minimum=0)
-        if threshold is not None:
-            check_real("threshold", threshold, minimum=0.0, strict=True)
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must lie in [0, 1), got {ema!r}")
-        check_positive_int("min_steps", min_steps, minimum=0)
-        check_positive_int("blend_steps", blend_steps, minimum=0)
-        self.discrete_target = discrete
-        self.differential_target = differential
-        self.switch_step = switch_step
-        self.threshold = threshold
-        self.ema = ema
-        self.min_steps = min_steps
-        self.blend_steps = blend_steps
-        self.step = 0
-        self.switched_at: int | None = None
-        self.fit_error: float | None = None
-
-    @property
-    def phase(self) -> str:
-        """``"discrete"``, ``"blend"`` or ``"differential"`` at the current step."""
-        if self.switched_at is None:
-            return "discrete"
-        if self.step < self.switched_at + self.blend_steps:
-            return "blend"
-        return "differential"
-
-    def blend_weight(self) -> float:
-        """Weight of the differential target: 0 before the switch, ramping to 1 over the blend."""
-        if self.switched_at is None:
-            return 0.0
-        if self.blend_steps == 0:
-            return 1.0
-        return min(1.0, (self.step - self.switched_at + 1) / (self.blend_steps + 1))
-
-    def __call__(
-        self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
-    ) -> TargetOutput:
-        self.step = self.step + 1 if step is None else check_positive_int("step", step, minimum=0)
-        if self.switched_at is None and self.switch_step is not None:
-            if self.step >= self.switch_step:
-                self.switched_at = self.step
-        kwargs = dict(teacher=teacher, cond=cond, generator=generator)
-        phase = self.phase
-        if phase == "discrete":
-            out = self.discrete_target(student, z_t, r, t, v, **kwargs)
-            self._observe(out)
-        else:
-            out = self.differential_target(student, z_t, r, t, v, **kwargs)
-            alpha = self.blend_weight()
-            if alpha < 1.0:
-                disc = self.discrete_target.compute(student, z_t, r, t, v, **kwargs)
-                mixed = alpha * out.target + (1.0 - alpha) * disc.to(out.target.dtype)
-                out = TargetOutput(out.pred, mixed, out.metrics)
-        metrics = dict(out.metrics)
-        device = out.target.device  # beside the other metrics, so they stack on any device
-        metrics["warmup_phase"] = torch.tensor(float(_PHASES.index(phase)), device=device)
-        metrics["warmup_alpha"] = torch.tensor(self.blend_weight(), device=device)
-        if self.fit_error is not None:
-            metrics["warmup_fit_error"] = torch.tensor(self.fit_error, device=device)
-        return TargetOutput(out.pred, out.target, metrics)
-
-    def _observe(self, out: TargetOutput) -> None:
-        err = (out.pred.detach().float() - out.target.float()).pow(2).sum()
-        ref = out.target.float().pow(2).sum().clamp_min(1e-12)
-        e = float(err / ref)
-        self.fit_error = (
-            e if self.fit_error is None else self.ema * self.fit_error + (1 - self.ema) * e
-        )
-        if (
-            self.threshold is not None
-            and self.step >= self.min_steps
-            and self.fit_error < self.threshold
-        ):
-            self.switched_at = self.step + 1
-
-    def state_dict(self) -> dict:
-        """Phase state plus the wrapped targets' states."""
-        return {
-            "step": self.step,
-            "switched_at": self.switched_at,
-            "fit_error": self.fit_error,
-            "discrete": self.discrete_target.state_dict(),
-            "differential": self.differential_target.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`; raises ``KeyError`` naming a missing entry."""
-        for key in ("step", "switched_at", "fit_error", "discrete", "differential"):
-            if key not in state:
-                raise KeyError(f"WarmupTarget state is missing {key!r}")
-        self.step = int(state["step"])
-        self.switched_at = state["switched_at"]
-        self.fit_error = state["fit_error"]
-        self.discrete_target.load_state_dict(state["discrete"])
-        self.differential_target.load_state_dict(state["differential"])
+        return WarmupTarget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
