@@ -57,7 +57,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mfcore._checks import check_positive_int, check_real
+from mfcore._checks import check_choice, check_positive_int, check_real
 from mfcore.adapters._state import load_state, read_tensors, save_state
 from mfcore.adapters.flux import (
     TINY_FLUX_CONFIG,
@@ -70,8 +70,9 @@ from mfcore.adapters.flux_align import CRITICS, FluxAlignment, FluxFakeVelocity
 from mfcore.adapters.lora import LoraSpec
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
-from mfcore.targets import DifferentialTarget, TeacherODETarget, WarmupTarget
+from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.time import LogitNormalTime, ResolutionShiftedTime, TimePairSampler
+from mfcore.warmup import SwitchGate, SwitchGuard, WarmupTarget
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -88,6 +89,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+SWITCHES = ("gated", "fixed", "never")
+"""``--switch``: to the differential target once the targets agree (gate) and at
+``--warmup-steps`` at the earliest; at ``--warmup-steps`` unconditionally (the paper); or
+never (the discrete target throughout)."""
 
 REQUIRED_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 OPTIONAL_KEYS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -115,10 +121,18 @@ class DistillConfig:
     lora_alpha: float | None = None
     guidance_scale: float = 3.5
     true_cfg_scale: float = 1.0
+    switch: str = "gated"
     warmup_steps: int = 200
     warmup_threshold: float | None = None
     warmup_ode_steps: int = 4
     warmup_ode_method: str = "heun"
+    signal_every: int = 10
+    gate_delta: float = 0.1
+    gate_rho: float = 1.5
+    gate_patience: int = 3
+    guard: bool = True
+    guard_margin: float = 0.25
+    guard_patience: int = 2
     jvp: str = "func"
     single_forward: bool = False
     equal_fraction: float = 0.75
@@ -153,6 +167,9 @@ class DistillConfig:
             "batch_size",
             "lora_rank",
             "warmup_ode_steps",
+            "signal_every",
+            "gate_patience",
+            "guard_patience",
             "checkpoint_every",
             "align_steps",
             "critic_updates",
@@ -173,6 +190,12 @@ class DistillConfig:
         _check_device(self.device)
         if self.align not in ("none", *CRITICS):
             raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
+        check_choice("switch", self.switch, SWITCHES)
+        check_real("gate_delta", self.gate_delta, minimum=0.0, strict=True)
+        check_real("gate_rho", self.gate_rho, minimum=0.0, strict=True)
+        check_real("guard_margin", self.guard_margin, minimum=0.0)
+        if self.warmup_threshold is not None:
+            check_real("warmup_threshold", self.warmup_threshold, minimum=0.0, strict=True)
         check_real("align_weight", self.align_weight, minimum=0.0)
         check_real("critic_lr", self.critic_lr, minimum=0.0, strict=True)
         if self.jvp not in JVP_METHODS:
@@ -184,6 +207,9 @@ class DistillConfig:
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
+# What a checkpoint that predates a setting ran with (before the gate and guard existed the
+# switch was fixed and unguarded).
+_LEGACY = {"switch": "fixed", "guard": False}
 # Settings that may differ between a run and its resumption.
 _RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "output"}
 # Settings that only matter with an alignment term.
@@ -458,16 +484,27 @@ def _build_loss(cfg: DistillConfig, data: LatentDataset, scheduler: dict) -> Mea
         assert data.shapes is not None
         _, h, w = data.shapes["latents"]
         base = ResolutionShiftedTime(base, flux_mu(h * w // 4, scheduler))
-    target = WarmupTarget(
-        TeacherODETarget(steps=cfg.warmup_ode_steps, method=cfg.warmup_ode_method),
+    return MeanFlowLoss(
+        time_sampler=TimePairSampler(base, equal_fraction=cfg.equal_fraction),
+        target=_build_target(cfg),
+        weighting=AdaptiveWeight(p=cfg.adaptive_p),
+    )
+
+
+def _build_target(cfg: DistillConfig) -> TeacherODETarget | WarmupTarget:
+    """The discrete warm-up target, behind the switch ``cfg.switch`` asks for."""
+    discrete = TeacherODETarget(steps=cfg.warmup_ode_steps, method=cfg.warmup_ode_method)
+    if cfg.switch == "never":
+        return discrete
+    gated = cfg.switch == "gated"
+    return WarmupTarget(
+        discrete,
         DifferentialTarget(cfg.jvp, single_forward=cfg.single_forward),
         switch_step=cfg.warmup_steps,
         threshold=cfg.warmup_threshold,
-    )
-    return MeanFlowLoss(
-        time_sampler=TimePairSampler(base, equal_fraction=cfg.equal_fraction),
-        target=target,
-        weighting=AdaptiveWeight(p=cfg.adaptive_p),
+        gate=SwitchGate(cfg.gate_delta, cfg.gate_rho, cfg.gate_patience) if gated else None,
+        guard=SwitchGuard(cfg.guard_margin, cfg.guard_patience) if cfg.guard else None,
+        every=cfg.signal_every,
     )
 
 
@@ -587,7 +624,7 @@ def _train_step(run: _Run) -> dict[str, float]:
         )
     run.optimizer.step()
     run.step += 1
-    metrics["phase"] = run.loss.target.phase
+    metrics["phase"] = getattr(run.loss.target, "phase", "discrete")
     return {k: (v if isinstance(v, str) else float(v)) for k, v in metrics.items()}
 
 
@@ -650,8 +687,9 @@ def _load_checkpoint(run: _Run, path: str) -> None:
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
     now = dataclasses.asdict(run.cfg)
-    # a setting added after the checkpoint was written had its default then
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    # a setting added after the checkpoint was written had its default then, or the value
+    # that reproduces what the code did before it existed
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | _LEGACY
     saved = {k: saved.get(k, defaults.get(k)) for k in now}
     ignored = set(_RESUMABLE) | (_ALIGN_ONLY if now["align"] == "none" else set())
     changed = sorted(k for k in now if k not in ignored and saved[k] != now[k])

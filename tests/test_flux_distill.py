@@ -102,11 +102,14 @@ def test_one_step_changes_only_trainable_parameters(tmp_path, data):
 
 
 def test_resume_continues_exactly(tmp_path, data):
-    straight = distill(config(tmp_path, "a", steps=4))
-    distill(config(tmp_path, "b", steps=2))
+    # a fixed switch at the second step with the guard checking every step: the checkpoint
+    # after two steps holds the guard's held-out batch
+    kw = dict(switch="fixed", warmup_steps=1, signal_every=1, guard_patience=3)
+    straight = distill(config(tmp_path, "a", steps=4, **kw))
+    distill(config(tmp_path, "b", steps=2, **kw))
     with pytest.raises(FileExistsError, match="resume"):
-        distill(config(tmp_path, "b", steps=4))
-    resumed = distill(config(tmp_path, "b", steps=4, resume=True))
+        distill(config(tmp_path, "b", steps=4, **kw))
+    resumed = distill(config(tmp_path, "b", steps=4, resume=True, **kw))
     sa, sb = straight.trainable_state_dict(), resumed.trainable_state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -115,8 +118,9 @@ def test_resume_continues_exactly(tmp_path, data):
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     assert lines[-1]["phase"] == "differential"
     assert os.path.basename(latest_checkpoint(tmp_path / "b")) == "step-0000004"
+    assert "guard_error" in lines[-1]
     with pytest.raises(ValueError, match="lr"):
-        distill(config(tmp_path, "b", steps=6, resume=True, lr=5e-4))
+        distill(config(tmp_path, "b", steps=6, resume=True, lr=5e-4, **kw))
 
 
 @pytest.mark.parametrize("critic", ["fake", "meanflow"])
@@ -252,3 +256,45 @@ def test_cli_bad_input(tmp_path, capsys, data):
     for flag in ("--align-weight", "--critic-lr", "--lr"):
         err = _cli_error(["train", "--tiny", "--data", str(data), flag, "inf", *out], capsys)
         assert flag[2:].replace("-", "_") in err and "finite" in err
+
+
+def _rows(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_signals_are_logged_and_an_injected_fault_reverts(tmp_path, data, monkeypatch):
+    from mfcore.targets import DifferentialTarget
+
+    cfg = config(
+        tmp_path,
+        steps=12,
+        switch="fixed",
+        warmup_steps=4,
+        signal_every=2,
+        guard_patience=1,
+        checkpoint_every=12,
+    )
+    # the fault: after the switch the differential target points far from the flow
+    honest = DifferentialTarget._target
+    monkeypatch.setattr(DifferentialTarget, "_target", lambda self, *a: honest(self, *a) + 50.0)
+    distill(cfg)
+    rows = _rows(cfg.output)
+    before = [r for r in rows if r["phase"] == "discrete" and r["step"] <= 4]
+    assert any("agree_delta" in r and "agree_rho" in r and "agree_drift" in r for r in before)
+    assert any(k.startswith("agree_rho/gap<=") for r in before for k in r)
+    switched = [r["step"] for r in rows if r.get("warmup_switched")]
+    reverted = [r["step"] for r in rows if r.get("warmup_reverted")]
+    assert switched == [5] and len(reverted) == 1 and reverted[0] > 5
+    assert rows[reverted[0] - 1]["guard_error"] > 1.25 * rows[reverted[0] - 1]["guard_ref"]
+    assert all(r["phase"] == "discrete" for r in rows if r["step"] > reverted[0])
+
+
+def test_default_switch_is_gated_and_guarded(tmp_path, data):
+    cfg = config(tmp_path, steps=6, warmup_steps=2, signal_every=2, checkpoint_every=6)
+    assert cfg.switch == "gated" and cfg.guard
+    distill(cfg)
+    rows = _rows(cfg.output)
+    # the gate watches the targets; on a random tiny FLUX they disagree, so no blind switch
+    assert any("gate_streak" in r for r in rows)
+    assert all(r["phase"] == "discrete" for r in rows)
