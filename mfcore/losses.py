@@ -174,8 +174,8 @@ class MeanFlowLoss:
     Draws ``(r, t)`` and noise, forms ``z_t = (1 - t) x + t eps``, takes the velocity ``v``
     at ``(z_t, t)`` from the teacher (distillation) or as ``eps - x`` (training from data,
     as the original MeanFlow), asks the target for ``(pred, u_tgt)`` and returns
-    ``mean_B w * ||pred - u_tgt||^2``. With every pair at ``r = t`` the differential
-    target is ``v`` and the loss is flow matching.
+    ``mean_B w * ||pred - u_tgt||^2`` (arXiv 2505.13447, eqs. 10 and 22). With every pair
+    at ``r = t`` the differential target is ``v`` and the loss is flow matching.
 
     Args:
         time_sampler: returns ``(r, t)`` for a batch size (default MeanFlow's:
@@ -187,8 +187,9 @@ class MeanFlowLoss:
         guidance: optional ``guidance(v, student, z_t, t, cond) -> v`` applied to the
             velocity before the target (e.g. :class:`mfcore.guidance.MeanFlowGuidance`).
 
-    Call: ``loss, metrics = mf(student, x, teacher=None, noise=None, cond=None, step=None,
-    generator=None)`` with ``x`` of shape ``(B, ...)``.
+    Call: ``loss, metrics = mf(student, x, teacher=None, noise=None, cond=None, r=None,
+    t=None, step=None, generator=None)`` with ``x`` of shape ``(B, ...)``; ``r`` and ``t``
+    ``(B,)`` (``r <= t``) fix the times instead of the sampler.
     """
 
     def __init__(
@@ -212,6 +213,8 @@ class MeanFlowLoss:
         teacher: Callable[..., Tensor] | None = None,
         noise: Tensor | None = None,
         cond: Mapping[str, Any] | None = None,
+        r: Tensor | None = None,
+        t: Tensor | None = None,
         step: int | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -219,7 +222,12 @@ class MeanFlowLoss:
         if step is not None:
             check_positive_int("step", step, minimum=0)
         cond = dict(cond or {})
-        r, t = _sampled_pair(self.time_sampler, x, generator)
+        if r is None and t is None:
+            r, t = _sampled_pair(self.time_sampler, x, generator)
+        elif r is None or t is None:
+            raise ValueError("pass r and t together (fixed times), or neither (sampled times)")
+        else:
+            r, t = check_interval(r, t, x)
         z_t = _path(x, noise, t)
         v = _velocity(teacher, z_t, t, x, noise, cond)
         if self.guidance is not None:
