@@ -10,18 +10,22 @@ replacing ``v`` with
     v_tilde = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null),
 
 where ``u(., t, t)`` is the student's own instantaneous velocity (no gradient); the
-effective guidance scale is ``omega / (1 - kappa)``.
+effective guidance scale is ``omega / (1 - kappa)``. As the reference implementations do, it
+guides only inside a window of ``t``, and trains the samples whose label was dropped on the
+null condition with the plain ``v`` (:class:`MeanFlowGuidance`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from mfcore._checks import check_like
+from mfcore._checks import check_like, check_real
 
 __all__ = ["cfg_velocity", "ClassifierFreeGuidance", "MeanFlowGuidance"]
 
@@ -79,23 +83,147 @@ class ClassifierFreeGuidance:
 
 
 class MeanFlowGuidance:
-    """MeanFlow's guided training velocity (arXiv 2505.13447, eq. 21), for :class:`MeanFlowLoss`.
+    """MeanFlow's guided training velocity (arXiv 2505.13447, Sec. 4.2, eqs. 19-21).
+
+    For :class:`~mfcore.losses.MeanFlowLoss` (``MeanFlowLoss(guidance=...)``). Per sample,
+
+        v_tilde = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null)
+                  if t_min <= t <= t_max and the sample keeps its condition,
+        v_tilde = v  otherwise,
+
+    where ``u(., t, t)`` is the student's own instantaneous velocity, evaluated without
+    gradient (eq. 21; the effective guidance scale is ``omega / (1 - kappa)``). ``v_tilde``
+    replaces ``v`` both in the target and as the JVP tangent:
+    ``u_tgt = v_tilde - (t - r) du/dt`` with ``du/dt`` along ``(v_tilde, 0, 1)``.
+
+    With probability ``label_dropout`` a sample's condition is dropped: the student sees
+    the null condition ``uncond`` for it and it trains on the unguided ``v``, which is
+    unconditional MeanFlow. Those samples are what teaches ``u(. | null)``, the term the
+    guided velocity is built from. This is what the official JAX MeanFlow, NVlabs/FastGen and
+    zhuyu-cs/MeanFlow do (window on ``t`` inclusive at both ends, dropped samples unguided,
+    guidance passes with dropout off); the tests hold mfcore to their values.
+
+    ``MeanFlowGuidance(omega, kappa, uncond=..., label_dropout=0.0, eval_mode=False)``
+    is the behaviour before this was the default: every sample guided with its own
+    condition, the guidance passes in the student's current mode.
 
     Args:
-        omega: weight of the conditional velocity ``v``.
+        omega: weight ``omega > 0`` of the conditional velocity ``v``.
         kappa: weight of the student's conditional ``u(z_t, t, t | c)``; ``0 <= kappa < 1``.
-        uncond: the unconditional conditioning (see :class:`ClassifierFreeGuidance`).
+        uncond: the null condition: a mapping that overrides keys of ``cond``, e.g.
+            ``{"y": null_label}`` (a number, or a tensor that broadcasts to ``cond["y"]``,
+            which the student then sees broadcast to its shape: see :meth:`null_condition`),
+            or a callable ``cond -> uncond_cond``.
+        t_min, t_max: the guidance window on ``t``, inclusive, ``0 <= t_min <= t_max <= 1``.
+        label_dropout: probability in ``[0, 1)`` that :class:`~mfcore.losses.MeanFlowLoss`
+            drops a sample's condition. ``None`` means 0.1 (the peers' value) and warns that
+            this default changed (there used to be no label dropout); pass it to silence.
+        eval_mode: run the guidance passes with every submodule of an ``nn.Module`` student
+            in eval mode (dropout off), restoring each module's own mode afterwards.
 
-    Called by the loss as ``guidance(v, student, z_t, t, cond) -> v_tilde`` under no_grad.
+    Called as ``guidance(v, student, z_t, t, cond, *, drop=None) -> v_tilde`` with ``v`` and
+    ``z_t`` of shape ``(B, ...)``, ``t`` and ``drop`` of shape ``(B,)``.
     """
 
-    def __init__(self, omega: float, kappa: float = 0.0, *, uncond: CondMap) -> None:
-        if not omega > 0:
-            raise ValueError(f"omega must be positive, got {omega!r}")
-        if not 0.0 <= kappa < 1.0:
+    def __init__(
+        self,
+        omega: float,
+        kappa: float = 0.0,
+        *,
+        uncond: CondMap,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        label_dropout: float | None = None,
+        eval_mode: bool = True,
+    ) -> None:
+        self.omega = check_real("omega", omega, minimum=0.0, strict=True)
+        self.kappa = check_real("kappa", kappa, minimum=0.0)
+        if not self.kappa < 1.0:
             raise ValueError(f"kappa must lie in [0, 1), got {kappa!r}")
         _check_uncond(uncond)
-        self.omega, self.kappa, self.uncond = float(omega), float(kappa), uncond
+        self.t_min = check_real("t_min", t_min, minimum=0.0)
+        self.t_max = check_real("t_max", t_max, minimum=self.t_min)
+        if self.t_max > 1.0:
+            raise ValueError(f"t_max must satisfy t_min <= t_max <= 1, got {t_max!r}")
+        if label_dropout is None:
+            warnings.warn(
+                "MeanFlowGuidance now drops 10% of the labels (label_dropout=0.1), trains "
+                "them unguided on the null condition and runs the guidance passes in eval "
+                "mode, as the MeanFlow reference does; it used to guide every sample. Pass "
+                "label_dropout= to silence this; label_dropout=0.0, eval_mode=False restores "
+                "the old behaviour.",
+                UserWarning,
+                stacklevel=2,
+            )
+            label_dropout = 0.1
+        self.label_dropout = check_real("label_dropout", label_dropout, minimum=0.0)
+        if not self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout!r}")
+        if not isinstance(eval_mode, bool):
+            raise TypeError(f"eval_mode must be a bool, got {type(eval_mode).__name__}")
+        self.uncond, self.eval_mode = uncond, eval_mode
+
+    def draw_drop(
+        self, batch_size: int, *, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor | None:
+        """Which samples lose their condition: ``(B,)`` bool, each True with probability
+        ``label_dropout`` (independently, as zhuyu-cs/MeanFlow; the JAX reference and FastGen
+        drop a Binomial count at the front of the batch, the same law for a shuffled batch).
+
+        Returns ``None`` when ``label_dropout == 0``, drawing nothing from the generator.
+        """
+        if self.label_dropout == 0.0:
+            return None
+        u = torch.rand(batch_size, device=device, generator=generator)
+        return u < self.label_dropout
+
+    def condition(self, cond: dict[str, Any], drop: Tensor | None) -> dict[str, Any]:
+        """The student's conditioning: ``cond`` with the null condition in the dropped rows.
+
+        Args:
+            cond: the conditioning; each key ``uncond`` sets must be a ``(B, ...)`` tensor.
+            drop: ``(B,)`` bool, True where the condition is dropped, or ``None`` (none).
+
+        Returns:
+            a new dict (``cond`` itself when ``drop`` is ``None``); each key ``uncond`` sets
+            becomes ``where(drop, null, cond[key])``, of ``cond[key]``'s shape and dtype.
+        """
+        if drop is None:
+            return cond
+        null = _uncond_kwargs(self.uncond, cond)
+        if null.keys() != cond.keys():
+            raise ValueError(
+                "label dropout replaces rows of cond, so uncond must set only keys cond has "
+                f"(and a callable uncond must keep them all): cond has {sorted(cond)}, the "
+                f"null condition {sorted(null)} (or pass label_dropout=0.0)"
+            )
+        out = dict(cond)
+        for key, null_value in null.items():
+            if null_value is not cond[key]:
+                out[key] = _fill_rows(key, cond[key], null_value, drop)
+        return out
+
+    def null_condition(self, cond: dict[str, Any]) -> dict[str, Any]:
+        """The conditioning of the guidance's unconditional pass ``u(z_t, t, t | null)``.
+
+        A mapping ``uncond``'s number or tensor for a ``(B, ...)`` tensor condition is
+        broadcast to that condition's shape and dtype (every row null, as a dropped row);
+        any other value (a flag, a key ``cond`` lacks) is passed as given. A callable
+        ``uncond``'s output is used as it is.
+        """
+        null = _uncond_kwargs(self.uncond, cond)
+        if callable(self.uncond):
+            return null
+        for key, null_value in self.uncond.items():
+            value = cond.get(key)
+            if isinstance(value, Tensor) and value.ndim >= 1:
+                null[key] = _fill_rows(key, value, null_value, None)
+        return null
+
+    def guided(self, t: Tensor, drop: Tensor | None) -> Tensor:
+        """``(B,)`` bool: where eq. 21 applies (``t`` in the window and the condition kept)."""
+        inside = (t >= self.t_min) & (t <= self.t_max)
+        return inside if drop is None else inside & ~drop
 
     def __call__(
         self,
@@ -104,12 +232,85 @@ class MeanFlowGuidance:
         z_t: Tensor,
         t: Tensor,
         cond: dict[str, Any],
+        *,
+        drop: Tensor | None = None,
     ) -> Tensor:
+        """``v_tilde`` ``(B, ...)``: eq. 21 where :meth:`guided`, ``v`` exactly elsewhere.
+
+        Args:
+            v: the velocity ``(B, ...)`` at ``(z_t, t)`` (``eps - x`` or the teacher's).
+            student: ``u(z, r, t, **cond)``; called without gradient at ``r = t``.
+            z_t: states ``(B, ...)``.
+            t: times ``(B,)``.
+            cond: the samples' own conditioning (not yet dropped).
+            drop: ``(B,)`` bool, True where the condition is dropped, or ``None``.
+        """
         rest = 1.0 - self.omega - self.kappa
-        with torch.no_grad():
-            out = self.omega * v
+        with torch.no_grad(), _modes(student, self.eval_mode):
+            mixed = self.omega * v
             if self.kappa != 0.0:
-                out = out + self.kappa * student(z_t, t, t, **cond)
+                mixed = mixed + self.kappa * student(z_t, t, t, **cond)
             if rest != 0.0:
-                out = out + rest * student(z_t, t, t, **_uncond_kwargs(self.uncond, cond))
-        return out
+                mixed = mixed + rest * student(z_t, t, t, **self.null_condition(cond))
+            mask = self.guided(t, drop).reshape(-1, *([1] * (v.ndim - 1)))
+            return torch.where(mask, mixed, v)
+
+    def __repr__(self) -> str:
+        return (
+            f"MeanFlowGuidance(omega={self.omega}, kappa={self.kappa}, t_min={self.t_min}, "
+            f"t_max={self.t_max}, label_dropout={self.label_dropout}, eval_mode={self.eval_mode})"
+        )
+
+
+def _fill_rows(key: str, value: object, null: object, drop: Tensor | None) -> Tensor:
+    """``cond[key]`` with ``null`` in the rows where ``drop`` (in every row for ``None``), of
+    ``value``'s shape and dtype; ``value`` must be a ``(B, ...)`` tensor and ``null`` a number
+    or a tensor that broadcasts to it."""
+    batch = "B" if drop is None else drop.shape[0]
+    if not (isinstance(value, Tensor) and value.ndim >= 1 and batch in ("B", value.shape[0])):
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(
+            f"label dropout replaces cond[{key!r}] per sample, so it must be a "
+            f"({batch}, ...) tensor, got {got} (or pass label_dropout=0.0)"
+        )
+    if isinstance(null, Tensor):
+        if null.ndim > 0 and null.device != value.device:
+            raise ValueError(
+                f"uncond[{key!r}] is on {null.device} but cond[{key!r}] on {value.device}"
+            )
+        if not _broadcasts(null.shape, value.shape):
+            raise ValueError(
+                f"uncond[{key!r}] of shape {tuple(null.shape)} does not broadcast to "
+                f"cond[{key!r}] of shape {tuple(value.shape)}"
+            )
+        null = null.to(value.dtype)
+    elif not isinstance(null, int | float):
+        raise TypeError(f"uncond[{key!r}] must be a tensor or a number, got {type(null).__name__}")
+    else:
+        null = torch.full_like(value, null)
+    if drop is None:
+        drop = torch.ones(1, dtype=torch.bool, device=value.device)
+    return torch.where(drop.reshape(-1, *([1] * (value.ndim - 1))), null, value)
+
+
+def _broadcasts(shape: torch.Size, to: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, to) == to
+    except RuntimeError:
+        return False
+
+
+@contextlib.contextmanager
+def _modes(student: object, eval_mode: bool) -> Iterator[None]:
+    """With ``eval_mode``, every submodule of an ``nn.Module`` in eval mode, each one's own
+    mode restored on exit (a submodule kept in eval inside a training model stays so)."""
+    if not (eval_mode and isinstance(student, nn.Module)):
+        yield
+        return
+    modes = [(module, module.training) for module in student.modules()]
+    student.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode

@@ -11,6 +11,7 @@ it is never averaged away.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from mfcore._checks import (
     compute_dtype,
     expand_time,
 )
+from mfcore.guidance import MeanFlowGuidance
 from mfcore.targets import DifferentialTarget
 from mfcore.time import LogitNormalTime, TimePairSampler
 
@@ -174,8 +176,8 @@ class MeanFlowLoss:
     Draws ``(r, t)`` and noise, forms ``z_t = (1 - t) x + t eps``, takes the velocity ``v``
     at ``(z_t, t)`` from the teacher (distillation) or as ``eps - x`` (training from data,
     as the original MeanFlow), asks the target for ``(pred, u_tgt)`` and returns
-    ``mean_B w * ||pred - u_tgt||^2``. With every pair at ``r = t`` the differential
-    target is ``v`` and the loss is flow matching.
+    ``mean_B w * ||pred - u_tgt||^2`` (arXiv 2505.13447, eqs. 10 and 22). With every pair
+    at ``r = t`` the differential target is ``v`` and the loss is flow matching.
 
     Args:
         time_sampler: returns ``(r, t)`` for a batch size (default MeanFlow's:
@@ -184,11 +186,17 @@ class MeanFlowLoss:
             with ``torch.func.jvp``); a :class:`~mfcore.targets.WarmupTarget` gives the warm-up.
         weighting: ``weighting(sq_err, r, t) -> (B,)`` detached weights (default
             :class:`AdaptiveWeight` ``(p=1, c=1e-3)``; ``AdaptiveWeight(p=0)`` is plain L2).
-        guidance: optional ``guidance(v, student, z_t, t, cond) -> v`` applied to the
-            velocity before the target (e.g. :class:`mfcore.guidance.MeanFlowGuidance`).
+        guidance: a :class:`~mfcore.guidance.MeanFlowGuidance`: guided training (eq. 21)
+            inside its window of ``t``, with label dropout (the dropped samples train on
+            the null condition and the unguided ``v``; with a teacher, the teacher's ``v``
+            on the null condition). A plain callable ``guidance(v, student, z_t, t, cond)
+            -> v`` is applied to every sample, as before (it warns once, when built).
 
-    Call: ``loss, metrics = mf(student, x, teacher=None, noise=None, cond=None, step=None,
-    generator=None)`` with ``x`` of shape ``(B, ...)``.
+    Call: ``loss, metrics = mf(student, x, teacher=None, noise=None, cond=None, r=None,
+    t=None, cond_drop=None, step=None, generator=None)`` with ``x`` of shape ``(B, ...)``;
+    ``r`` and ``t`` ``(B,)`` (``r <= t``) fix the times instead of the sampler;
+    ``cond_drop`` ``(B,)`` bool fixes which conditions are dropped (with a
+    ``MeanFlowGuidance``) instead of drawing them from ``generator``.
     """
 
     def __init__(
@@ -197,11 +205,23 @@ class MeanFlowLoss:
         target: Any = None,
         weighting: Weighting | None = None,
         *,
-        guidance: Callable[..., Tensor] | None = None,
+        guidance: MeanFlowGuidance | Callable[..., Tensor] | None = None,
     ) -> None:
         self.time_sampler = time_sampler if time_sampler is not None else TimePairSampler()
         self.target = target if target is not None else DifferentialTarget()
         self.weighting = weighting if weighting is not None else AdaptiveWeight()
+        if guidance is not None and not callable(guidance):
+            raise TypeError(
+                f"guidance must be a MeanFlowGuidance or a callable, got {type(guidance).__name__}"
+            )
+        if guidance is not None and not isinstance(guidance, MeanFlowGuidance):
+            warnings.warn(
+                "a plain guidance callable is applied to every sample, as guidance(v, student, "
+                "z_t, t, cond), with no time window or label dropout; MeanFlowGuidance "
+                "guides as the MeanFlow reference does",
+                UserWarning,
+                stacklevel=2,
+            )
         self.guidance = guidance
 
     def __call__(
@@ -212,6 +232,9 @@ class MeanFlowLoss:
         teacher: Callable[..., Tensor] | None = None,
         noise: Tensor | None = None,
         cond: Mapping[str, Any] | None = None,
+        r: Tensor | None = None,
+        t: Tensor | None = None,
+        cond_drop: Tensor | None = None,
         step: int | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -219,14 +242,25 @@ class MeanFlowLoss:
         if step is not None:
             check_positive_int("step", step, minimum=0)
         cond = dict(cond or {})
-        r, t = _sampled_pair(self.time_sampler, x, generator)
+        if r is None and t is None:
+            r, t = _sampled_pair(self.time_sampler, x, generator)
+        elif r is None or t is None:
+            raise ValueError("pass r and t together (fixed times), or neither (sampled times)")
+        else:
+            r, t = check_interval(r, t, x)
+        drop = self._drop(cond_drop, x, generator)
         z_t = _path(x, noise, t)
-        v = _velocity(teacher, z_t, t, x, noise, cond)
-        if self.guidance is not None:
-            with torch.no_grad():
-                v = self.guidance(v, student, z_t, t, cond)
+        v, student_cond, extra = self._guided(student, teacher, z_t, t, x, noise, cond, drop)
         out = self.target(
-            student, z_t, r, t, v, teacher=teacher, cond=cond, generator=generator, step=step
+            student,
+            z_t,
+            r,
+            t,
+            v,
+            teacher=teacher,
+            cond=student_cond,
+            generator=generator,
+            step=step,
         )
         sq_err = _sq_error(out.pred, out.target)
         weight = _weigh(self.weighting, sq_err, r, t)
@@ -237,9 +271,45 @@ class MeanFlowLoss:
             "target_rms": out.target.detach().float().pow(2).mean().sqrt(),
             "weight_mean": weight.detach().mean(),
             "frac_r_neq_t": (r != t).float().mean(),
+            **extra,
             **out.metrics,
         }
         return loss, metrics
+
+    def _drop(self, cond_drop: object, x: Tensor, generator) -> Tensor | None:
+        """The ``(B,)`` mask of dropped conditions: given (checked), drawn, or ``None``."""
+        if not isinstance(self.guidance, MeanFlowGuidance):
+            if cond_drop is not None:
+                raise ValueError("cond_drop needs guidance=MeanFlowGuidance(...)")
+            return None
+        if cond_drop is None:
+            return self.guidance.draw_drop(x.shape[0], device=x.device, generator=generator)
+        check_tensor("cond_drop", cond_drop, floating=False)
+        assert isinstance(cond_drop, Tensor)
+        if cond_drop.dtype != torch.bool:
+            raise TypeError(f"cond_drop must be a bool tensor, got {cond_drop.dtype}")
+        if cond_drop.shape != x.shape[:1] or cond_drop.device != x.device:
+            raise ValueError(
+                f"cond_drop must have shape ({x.shape[0]},) on {x.device}, "
+                f"got {tuple(cond_drop.shape)} on {cond_drop.device}"
+            )
+        return cond_drop
+
+    def _guided(self, student, teacher, z_t, t, x, noise, cond, drop):
+        """``(v, the student's cond, metrics)``: ``v`` guided where the guidance says, the
+        dropped rows of ``cond`` (and of the teacher's) set to the null condition."""
+        if self.guidance is None:
+            return _velocity(teacher, z_t, t, x, noise, cond), cond, {}
+        if not isinstance(self.guidance, MeanFlowGuidance):
+            v = _velocity(teacher, z_t, t, x, noise, cond)
+            with torch.no_grad():
+                return self.guidance(v, student, z_t, t, cond), cond, {}
+        student_cond = self.guidance.condition(cond, drop)
+        v = _velocity(teacher, z_t, t, x, noise, student_cond)
+        v = self.guidance(v, student, z_t, t, cond, drop=drop)
+        dropped = drop.float().mean() if drop is not None else torch.zeros((), device=t.device)
+        metrics = {"frac_guided": self.guidance.guided(t, drop).float().mean()}
+        return v, student_cond, {**metrics, "frac_dropped": dropped}
 
     def state_dict(self) -> dict:
         """The target's state (the warm-up phase lives there)."""

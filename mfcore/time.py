@@ -12,7 +12,9 @@ The samplers here are small frozen dataclasses (so they compare, print and pickl
 - :class:`ResolutionShiftedTime` applies the resolution-dependent shift
   :func:`exponential_shift` with a ``mu`` from :func:`resolution_shift_mu` (as FLUX.1 does);
 - :class:`TimePairSampler` draws the ``(r, t)`` pairs of MeanFlow (Geng et al., arXiv 2505.13447,
-  sec. 4.3 and Table 1: logit-normal(-0.4, 1.0) with 25% of the pairs ``r != t``).
+  sec. 4.3 and Table 1: logit-normal(-0.4, 1.0) with 25% of the pairs ``r != t``);
+- :class:`ClampedPairSampler` keeps ``t``'s own law and clamps ``r = min(t, r')``, with a
+  Bernoulli choice of the ``r = t`` pairs: py-meanflow's default ("v1") pair sampler.
 
 Both shifts are the same map in logit space: ``logit(shift_time(t, s)) = logit(t) + log(s)``
 and ``exponential_shift(t, mu) = shift_time(t, exp(mu))``; a shift above 1 (``mu > 0``) moves
@@ -44,6 +46,7 @@ __all__ = [
     "ShiftedTime",
     "ResolutionShiftedTime",
     "TimePairSampler",
+    "ClampedPairSampler",
     "shift_time",
     "exponential_shift",
     "resolution_shift_mu",
@@ -468,6 +471,77 @@ class TimePairSampler:
         coin = torch.rand((), device=device, generator=gen)
         count = whole + (coin < target - whole).to(torch.int64)
         return torch.randperm(n, device=device, generator=gen) < count
+
+
+@dataclass(frozen=True)
+class ClampedPairSampler:
+    """Pairs ``(r, t)`` with ``t`` drawn on its own and ``r`` clamped below it.
+
+    Per pair: ``t ~ t_sampler`` and ``r' ~ r_sampler``; with probability ``equal_prob``
+    (an independent Bernoulli draw per pair) ``r'`` is replaced by ``t``; then
+    ``r = min(t, r')``. Unlike :class:`TimePairSampler`, ``t`` keeps ``t_sampler``'s law
+    (it is not the larger of two draws) and the number of ``r = t`` pairs varies from batch
+    to batch. A pair whose ``r' >= t`` also ends at ``r = t``, so
+
+        P(r != t) = (1 - equal_prob) P(r' < t).
+
+    The defaults are py-meanflow's (Gsunshine/py-meanflow, its default ``tr_sampler="v1"``
+    with ``P_mean_t=-0.6, P_std_t=1.6, P_mean_r=-4.0, P_std_r=1.6, ratio=0.75``, where
+    ``ratio = 1 - equal_prob`` is the probability of keeping ``r'``):
+    ``t ~ logit-normal(-0.6, 1.6)``, ``r' ~ logit-normal(-4.0, 1.6)``. There
+    ``logit t - logit r' ~ N(3.4, 1.6^2 * 2)``, so ``P(r' < t) = Phi(3.4 / 2.263) = 0.934``
+    and about 70% of the pairs have ``r != t`` (not 75%). The draws come in py-meanflow's
+    order (the ``t`` normals, the ``r'`` normals, then the uniforms of the coin), so with the
+    same seed and fp32 on the same device the pairs are py-meanflow's, bit for bit.
+
+    Args:
+        t_sampler: sampler of ``t``; ``None`` means ``LogitNormalTime(-0.6, 1.6)``.
+        r_sampler: sampler of ``r'``; ``None`` means ``LogitNormalTime(-4.0, 1.6)``.
+        equal_prob: probability in ``[0, 1]`` that a pair is set to ``r = t`` before the
+            clamp.
+    """
+
+    t_sampler: Callable[..., Tensor] | None = None
+    r_sampler: Callable[..., Tensor] | None = None
+    equal_prob: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.t_sampler is None:
+            object.__setattr__(self, "t_sampler", LogitNormalTime(-0.6, 1.6))
+        if self.r_sampler is None:
+            object.__setattr__(self, "r_sampler", LogitNormalTime(-4.0, 1.6))
+        _check_sampler("t_sampler", self.t_sampler)
+        _check_sampler("r_sampler", self.r_sampler)
+        prob = _check_real("equal_prob", self.equal_prob)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"equal_prob must lie in [0, 1], got {prob}")
+        object.__setattr__(self, "equal_prob", prob)
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``batch_size`` pairs.
+
+        Args:
+            batch_size: number of pairs ``B``.
+            device: device of the result (default: torch's default device).
+            dtype: floating dtype of the result.
+            generator: optional :class:`torch.Generator` on ``device``.
+
+        Returns:
+            ``(r, t)``, each ``(B,)`` in ``[0, 1]`` with ``r <= t``.
+        """
+        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
+        kw = {"device": dev, "dtype": dtype, "generator": gen}
+        t = self.t_sampler(n, **kw)
+        second = self.r_sampler(n, **kw)
+        equal = torch.rand(n, device=dev, generator=gen) < self.equal_prob
+        return torch.minimum(t, torch.where(equal, t, second)), t
 
 
 # --------------------------------------------------------------------------- grids

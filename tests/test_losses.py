@@ -18,6 +18,7 @@ from mfcore.solvers import sample_meanflow
 from mfcore.targets import DifferentialTarget, TeacherODETarget, WarmupTarget
 from mfcore.time import TimePairSampler, UniformTime
 from mfcore.toys.gmm import GaussianMixture
+from tests._cfg_peers import TinyStudent, peer_data, peer_inputs, peer_student, reference_loss
 from tests._nets import MLPStudent
 
 F64 = torch.float64
@@ -189,3 +190,87 @@ def test_exact_average_velocity_attracts_semi_gradient_training():
         loss.backward()
         opt.step()
     assert theta.detach().norm() < 0.25 * start.norm(), theta
+
+
+# --------------------------------------------------------------------------- the published loss
+
+UNGUIDED_CASES = [k for k, v in peer_data()["cases"].items() if not v["guided"]]
+
+
+@pytest.mark.parametrize("key", UNGUIDED_CASES)
+def test_unguided_loss_matches_every_peer_and_the_equations(key):
+    # py-meanflow, the JAX reference, FastGen and zhuyu-cs on the same fixed fp64 inputs,
+    # with L2 and adaptive weights (p, c) = (1, 1e-3), (1, 1e-2), (0.5, 1).
+    case, d = peer_data()["cases"][key], peer_inputs()
+    student = peer_student()
+    weighting = AdaptiveWeight(case["p"], case["c"])
+    loss, _ = MeanFlowLoss(weighting=weighting)(
+        student, d["x"], noise=d["eps"], cond={"y": d["y"]}, r=d["r"], t=d["t"]
+    )
+    z_t = sample_path(d["x"], d["eps"], d["t"])
+    out = DifferentialTarget()(student, z_t, d["r"], d["t"], d["eps"] - d["x"], cond={"y": d["y"]})
+    for peer, ref in case["peers"].items():
+        expected = torch.tensor(ref["loss"], dtype=F64)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0, msg=peer)
+        expected = torch.tensor(ref["u_tgt"], dtype=F64)
+        torch.testing.assert_close(out.target, expected, rtol=1e-12, atol=1e-12, msg=peer)
+    ref_loss, u_tgt, _ = reference_loss(
+        student, d["x"], d["eps"], d["r"], d["t"], d["y"], p=case["p"], c=case["c"]
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(u_tgt, out.target, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), p=st.floats(0, 2), c=st.floats(1e-4, 1.0))
+def test_unguided_loss_is_eqs_10_and_22(seed, p, c):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"W1": (3, 5), "wt": (5,), "wh": (5,), "E": (2, 5), "b1": (5,), "W2": (5, 3)}
+    weights = {k: torch.randn(s, generator=gen, dtype=F64) for k, s in shapes.items()}
+    student = TinyStudent({**weights, "b2": torch.randn(3, generator=gen, dtype=F64)})
+    x, eps = torch.randn(2, 10, 3, generator=gen, dtype=F64)
+    t = torch.rand(10, generator=gen, dtype=F64)
+    r = torch.where(torch.rand(10, generator=gen) < 0.5, t, t * torch.rand(10, generator=gen))
+    y = torch.randint(0, 2, (10,), generator=gen)
+    loss, _ = MeanFlowLoss(weighting=AdaptiveWeight(p, c))(
+        student, x, noise=eps, cond={"y": y}, r=r, t=t
+    )
+    ref, _, _ = reference_loss(student, x, eps, r, t, y, p=p, c=c)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- fixed times
+
+
+def test_fixed_times_replace_the_sampler():
+    student = MLPStudent(2).to(F64)
+    gen = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(2, 8, 2, generator=gen, dtype=F64)
+    t = torch.rand(8, generator=gen, dtype=F64)
+    r = t * torch.rand(8, generator=gen, dtype=F64)
+    fixed, _ = MeanFlowLoss()(student, x, noise=noise, r=r, t=t)
+    sampled, metrics = MeanFlowLoss(_fixed_pairs(r, t))(student, x, noise=noise)
+    assert torch.equal(fixed, sampled) and metrics["frac_r_neq_t"] == 1.0
+    state = gen.get_state()
+    MeanFlowLoss()(student, x, noise=noise, r=r, t=t, generator=gen)
+    assert torch.equal(gen.get_state(), state)  # no time drawn
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        ({"t": torch.full((4,), 0.5)}, ValueError, "r and t together"),
+        ({"r": torch.full((4,), 0.5)}, ValueError, "r and t together"),
+        ({"r": torch.full((4,), 0.6), "t": torch.full((4,), 0.5)}, ValueError, "r <= t"),
+        ({"r": torch.zeros(4), "t": torch.full((4,), 1.5)}, ValueError, "t must lie"),
+        ({"r": torch.full((4,), -0.1), "t": torch.ones(4)}, ValueError, "r must lie"),
+        ({"r": torch.zeros(3), "t": torch.ones(3)}, ValueError, "t must have shape"),
+        ({"r": torch.zeros(4, 1), "t": torch.ones(4, 1)}, ValueError, "t must have shape"),
+        ({"r": torch.zeros(4), "t": torch.ones(4, dtype=torch.int64)}, TypeError, "t must"),
+        ({"r": 0.0, "t": torch.ones(4)}, TypeError, "r must"),
+        ({"r": torch.zeros(4), "t": torch.full((4,), float("nan"))}, ValueError, "t must"),
+    ],
+)
+def test_fixed_times_are_validated(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        MeanFlowLoss()(MLPStudent(2), torch.zeros(4, 2), **kw)

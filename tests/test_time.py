@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from mfcore.time import (
+    ClampedPairSampler,
     LogitNormalTime,
     ResolutionShiftedTime,
     ShiftedTime,
@@ -271,6 +272,61 @@ def test_pair_sampler_is_reproducible():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def _py_meanflow_v1(n):
+    """py-meanflow's default pair sampler as its definition states it, on torch's global RNG:
+    t ~ LN(-0.6, 1.6), r' ~ LN(-4, 1.6) (those draws first, in that order), then r' = t with
+    probability 1 - ratio = 0.25, then r = min(t, r')."""
+    t = torch.sigmoid(torch.randn(n) * 1.6 - 0.6)
+    r = torch.sigmoid(torch.randn(n) * 1.6 - 4.0)
+    r = torch.where(torch.rand(n) < 0.25, t, r)
+    return torch.minimum(t, r), t
+
+
+def test_clamped_pairs_reproduce_py_meanflow_v1_bit_for_bit():
+    torch.manual_seed(123)
+    expected = _py_meanflow_v1(1000)
+    torch.manual_seed(123)
+    r, t = ClampedPairSampler()(1000)
+    assert torch.equal(t, expected[1]) and torch.equal(r, expected[0])
+
+
+def test_clamped_pairs_follow_their_law():
+    # t keeps LN(-0.6, 1.6); P(r != t) = 0.75 P(r' < t) = 0.75 Phi(3.4 / (1.6 sqrt 2)) = 0.700;
+    # given r != t, r is r' conditioned on r' < t.
+    r, t = ClampedPairSampler()(
+        N_KS, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    assert bool((r <= t).all()) and bool(((r >= 0) & (t <= 1)).all())
+    assert stats.kstest(t.numpy(), lambda q: _logit_normal_cdf(q, -0.6, 1.6)).pvalue > P_MIN
+    p_distinct = 0.75 * stats.norm.cdf(3.4 / (1.6 * math.sqrt(2)))
+    frac = (r != t).double().mean().item()
+    assert abs(frac - p_distinct) < 4 * math.sqrt(p_distinct * (1 - p_distinct) / N_KS)
+    assert abs(p_distinct - 0.7001) < 1e-4
+
+
+def test_clamped_pairs_keep_t_and_clamp_r():
+    # With r' uniform on [0, 1] and equal_prob 0, r = min(t, r'): P(r = t) = P(r' >= t) = 1/2
+    # for t uniform, and t's own law is untouched (not the max of two draws).
+    sampler = ClampedPairSampler(UniformTime(), UniformTime(), equal_prob=0.0)
+    r, t = sampler(N_KS, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert stats.kstest(t.numpy(), stats.uniform().cdf).pvalue > P_MIN
+    assert abs((r == t).double().mean().item() - 0.5) < 0.015
+    every = ClampedPairSampler(UniformTime(), UniformTime(), equal_prob=1.0)
+    r, t = every(64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(r, t)
+
+
+def test_clamped_pairs_are_reproducible_and_typed():
+    sampler = ClampedPairSampler(equal_prob=0.4)
+    a = sampler(33, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    b = sampler(33, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].dtype == torch.float64
+    assert sampler == ClampedPairSampler(
+        LogitNormalTime(-0.6, 1.6), LogitNormalTime(-4.0, 1.6), equal_prob=0.4
+    )
+    assert "equal_prob=0.4" in repr(sampler)
+
+
 # --------------------------------------------------------------------------- grids
 
 
@@ -329,7 +385,13 @@ def test_grids_follow_device_and_dtype():
 )
 @pytest.mark.parametrize(
     "sampler",
-    [UniformTime(), LogitNormalTime(), ShiftedTime(UniformTime(), 2.0), TimePairSampler()],
+    [
+        UniformTime(),
+        LogitNormalTime(),
+        ShiftedTime(UniformTime(), 2.0),
+        TimePairSampler(),
+        ClampedPairSampler(),
+    ],
 )
 def test_sampler_calls_reject_bad_arguments(sampler, kwargs, exc, match):
     kwargs = dict(kwargs)
@@ -360,6 +422,11 @@ def test_sampler_calls_reject_bad_arguments(sampler, kwargs, exc, match):
         (lambda: TimePairSampler(equal_fraction=None), TypeError, "equal_fraction"),
         (lambda: TimePairSampler(t_sampler=3), TypeError, "t_sampler"),
         (lambda: TimePairSampler(r_sampler="uniform"), TypeError, "r_sampler"),
+        (lambda: ClampedPairSampler(equal_prob=1.5), ValueError, "equal_prob"),
+        (lambda: ClampedPairSampler(equal_prob=math.nan), ValueError, "equal_prob"),
+        (lambda: ClampedPairSampler(equal_prob="0.25"), TypeError, "equal_prob"),
+        (lambda: ClampedPairSampler(t_sampler=0.5), TypeError, "t_sampler"),
+        (lambda: ClampedPairSampler(r_sampler=[]), TypeError, "r_sampler"),
     ],
 )
 def test_constructors_reject_bad_arguments(make, exc, match):
