@@ -60,6 +60,7 @@ __all__ = [
     "SwitchGate",
     "SwitchGuard",
     "WarmupTarget",
+    "SwitchRollback",
 ]
 
 DEFAULT_GAP_EDGES: tuple[float, ...] = (0.0, 0.05, 0.2, 0.5, 1.0)
@@ -588,3 +589,79 @@ class WarmupTarget:
         self._held = state.get("held")
         self.discrete_target.load_state_dict(state["discrete"])
         self.differential_target.load_state_dict(state["differential"])
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def _clone(state: Any, device: torch.device | str | None) -> Any:
+    if isinstance(state, Tensor):
+        return state.detach().to(device=device or state.device, copy=True)
+    if isinstance(state, dict):
+        return {k: _clone(v, device) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_clone(v, device) for v in state)
+    return state
+
+
+class SwitchRollback:
+    """Restore the trained weights and the optimiser to the switch when the guard reverts.
+
+    A revert alone leaves the student where the differential phase took it; on the toys a
+    guard that caught a blow-up 20 steps after the switch still ended far worse than the
+    switch state (docs/toys.md). With a rollback the run continues on the discrete target
+    from exactly the state at the switch.
+
+    Call :meth:`observe` with a step's metrics after the loss and *before* the optimiser
+    step: at ``warmup_switched`` it copies the trainable parameters (``requires_grad``) and
+    the optimiser state; at ``warmup_reverted`` it writes them back and returns ``True``,
+    and the caller then skips this step's update. The copy is part of :meth:`state_dict`,
+    so a resumed run can still roll back.
+
+    Args:
+        module: the student (only its parameters with ``requires_grad`` are kept).
+        optimizer: its optimiser.
+        device: where the copy lives (e.g. ``"cpu"`` to spare accelerator memory; default:
+            beside each tensor).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        self.module, self.optimizer, self.device = module, optimizer, device
+        self.saved: dict[str, Any] | None = None
+
+    def _trainable(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def observe(self, metrics: Mapping[str, Any]) -> bool:
+        """Save at a switch, restore at a revert; ``True`` when this step was rolled back."""
+        if "warmup_switched" in metrics:
+            self.saved = {
+                "params": _clone(self._trainable(), self.device),
+                "optimizer": _clone(self.optimizer.state_dict(), self.device),
+            }
+        if "warmup_reverted" in metrics and self.saved is not None:
+            with torch.no_grad():
+                for name, p in self._trainable().items():
+                    p.copy_(self.saved["params"][name])
+            self.optimizer.load_state_dict(self.saved["optimizer"])
+            self.saved = None
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"saved": self.saved}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "saved" not in state:
+            raise KeyError("SwitchRollback state is missing 'saved'")
+        self.saved = state["saved"]

@@ -23,6 +23,7 @@ from mfcore.warmup import (
     AgreementSignals,
     SwitchGate,
     SwitchGuard,
+    SwitchRollback,
     WarmupTarget,
     gap_bin_names,
     target_agreement,
@@ -277,3 +278,38 @@ def test_bad_arguments():
         target_agreement(z, z, z[:, :1], t * 0.5, t)
     with pytest.raises(ValueError, match="r <= t"):
         target_agreement(z, z, z, t, t * 0.5 - 0.01 * (t == 0))
+
+
+def test_rollback_restores_the_switch_state_and_round_trips():
+    torch.manual_seed(0)
+    student = Perturbed(0.02, 5.0)
+    w = WarmupTarget(DISCRETE, switch_step=1, guard=SwitchGuard(patience=2), every=5)
+    loss = MeanFlowLoss(long_pairs(), w, AdaptiveWeight(p=0))
+    opt = torch.optim.Adam(student.parameters(), lr=0.01)
+    rollback = SwitchRollback(student, opt, device="cpu")
+    at_switch = rolled_at = None
+    for step in range(40):
+        gen = torch.Generator().manual_seed(step)
+        value, m = loss(student, batch(step), teacher=velocity, step=step, generator=gen)
+        if "warmup_switched" in m:
+            at_switch = (
+                student.w.detach().clone(),
+                opt.state_dict()["state"][0]["exp_avg"].clone(),
+            )
+            assert rollback.state_dict()["saved"] is None
+        if rollback.observe(m):
+            rolled_at = step
+            assert torch.equal(student.w.detach(), at_switch[0])
+            assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], at_switch[1])
+            continue
+        if at_switch is not None and rolled_at is None:
+            # mid-guard: a fresh rollback object restored from the state can roll back too
+            copy = SwitchRollback(student, opt)
+            copy.load_state_dict(rollback.state_dict())
+            assert torch.equal(copy.saved["params"]["w"], at_switch[0])
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    assert rolled_at is not None and w.phase == "discrete"
+    with pytest.raises(TypeError, match="optimizer"):
+        SwitchRollback(student, None)
