@@ -323,6 +323,29 @@ class GaussianMixture:
         means = torch.cartesian_prod(axis, axis)
         return cls.isotropic(means, std, _preset_weights(n * n, weights, unequal))
 
+    @classmethod
+    def anisotropic3d(cls) -> GaussianMixture:
+        """A held-out 3-D mixture the toys were never tuned on: six anisotropic components.
+
+        Means on the axes of a rotated octahedron at distance 1.3, each covariance
+        ``R_k diag(0.04^2, 0.08^2, 0.2^2) R_k^T`` with its own rotation ``R_k``, weights
+        rising from 1 to 3 (normalised). Everything is drawn from a fixed seed, so it is
+        the same mixture on every machine.
+        """
+        gen = torch.Generator().manual_seed(20261202)
+        axes = torch.cat([torch.eye(3), -torch.eye(3)]).to(torch.float64)
+        q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+        means = 1.3 * axes @ q.T
+        scales = torch.tensor([0.04, 0.08, 0.2], dtype=torch.float64) ** 2
+        covs = []
+        for _ in range(6):
+            r, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+            covs.append(r @ torch.diag(scales) @ r.T)
+        cov = torch.stack(covs)
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+        weights = torch.linspace(1.0, 3.0, 6, dtype=torch.float64)
+        return cls(means, cov, weights / weights.sum())
+
     # ------------------------------------------------------------------------- properties
     @property
     def means(self) -> Tensor:
@@ -551,16 +574,19 @@ presets: Mapping[str, Callable[[], GaussianMixture]] = MappingProxyType(
         "ring8_unequal": lambda: GaussianMixture.ring(8, unequal=True),
         "grid25": lambda: GaussianMixture.grid(5),
         "grid25_unequal": lambda: GaussianMixture.grid(5, unequal=True),
+        "aniso3d": GaussianMixture.anisotropic3d,
     }
 )
-"""Named mixtures (2-D, component std 0.1, unit variance per coordinate for equal weights)."""
+"""Named mixtures: the 2-D rings and grids (component std 0.1, unit variance per coordinate
+for equal weights) and the held-out 3-D ``aniso3d`` (:meth:`GaussianMixture.anisotropic3d`)."""
 
 
 def preset(name: str) -> GaussianMixture:
     """Build a named mixture from :data:`presets`.
 
     Args:
-        name: one of ``"ring8"``, ``"ring8_unequal"``, ``"grid25"``, ``"grid25_unequal"``.
+        name: one of ``"ring8"``, ``"ring8_unequal"``, ``"grid25"``, ``"grid25_unequal"``,
+            ``"aniso3d"``.
 
     Raises:
         ValueError: an unknown name (the message lists the valid ones).

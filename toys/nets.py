@@ -7,14 +7,22 @@ sees ``t`` and the interval length ``t - r`` (MeanFlow's choice, arXiv 2505.1344
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice, check_positive_int, check_tensor
+from mfcore._checks import check_choice, check_positive_int, check_real, check_tensor
 
-__all__ = ["FourierTime", "FourierPoints", "MeanFlowMLP", "VelocityMLP", "activation"]
+__all__ = [
+    "FourierTime",
+    "FourierPoints",
+    "MeanFlowMLP",
+    "VelocityMLP",
+    "IntervalStudent",
+    "activation",
+]
 
 
 class FourierTime(nn.Module):
@@ -30,6 +38,7 @@ class FourierTime(nn.Module):
     def __init__(self, features: int = 8, max_freq: float = 32.0) -> None:
         super().__init__()
         check_positive_int("features", features)
+        check_real("max_freq", max_freq, minimum=0.0, strict=True)
         freqs = torch.logspace(math.log10(0.5), math.log10(max_freq), features)
         self.register_buffer("freqs", 2.0 * math.pi * freqs)
 
@@ -97,6 +106,7 @@ class MeanFlowMLP(nn.Module):
         act: activation, ``"silu"``, ``"relu"`` or ``"gelu"``.
         point_features: random Fourier features of ``z`` (:class:`FourierPoints`; 0: none).
         point_scale: their frequency scale.
+        max_freq: the highest time frequency (:class:`FourierTime`).
     """
 
     def __init__(
@@ -108,10 +118,11 @@ class MeanFlowMLP(nn.Module):
         act: str = "silu",
         point_features: int = 0,
         point_scale: float = 1.0,
+        max_freq: float = 32.0,
     ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
-        self.embed = FourierTime(features)
+        self.embed = FourierTime(features, max_freq)
         self.points = FourierPoints(dim, point_features, point_scale)
         inputs = self.points.out_features + 4 * features
         self.net = _mlp(inputs, hidden, check_positive_int("depth", depth), dim, act)
@@ -123,21 +134,71 @@ class MeanFlowMLP(nn.Module):
 
 
 class VelocityMLP(nn.Module):
-    """Velocity field ``v(z, t)`` for points ``(B, D)``: ``MLP([z, phi(t)])`` (a critic's fake).
+    """Velocity field ``v(z, t)`` for points ``(B, D)``: ``MLP([z, phi(t)])`` (a critic's fake,
+    or the faithful toy's teacher network).
 
     Args:
         dim: data dimension ``D``.
         hidden: width of the hidden layers.
         depth: number of hidden layers.
         features: Fourier frequencies of ``t``.
+        max_freq: the highest of them (:class:`FourierTime`).
+        act: activation, ``"silu"``, ``"relu"`` or ``"gelu"``.
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, features: int = 8) -> None:
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 256,
+        depth: int = 3,
+        features: int = 8,
+        *,
+        max_freq: float = 32.0,
+        act: str = "silu",
+    ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
-        self.embed = FourierTime(features)
-        self.net = _mlp(dim + 2 * features, hidden, check_positive_int("depth", depth), dim)
+        self.embed = FourierTime(features, max_freq)
+        self.net = _mlp(dim + 2 * features, hidden, check_positive_int("depth", depth), dim, act)
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
         _check_points(z, self.dim)
         return self.net(torch.cat([z, self.embed(t)], dim=1))
+
+
+class IntervalStudent(nn.Module):
+    """A MeanFlow student ``u(z, r, t)`` grown from a velocity network ``v(z, t)``: a copy of
+    it plus a zero-initialised interval input, so ``u(z, r, t) = v(z, t)`` exactly for every
+    ``r`` before training (what the FLUX adapter does at scale with its interval embedding).
+
+    The interval enters the first layer: ``h_1 = W [z, phi(t)] + b + W_int phi_int(t - r)``
+    with ``W_int = 0`` at init and :class:`FourierTime` features ``phi_int``.
+
+    Args:
+        teacher: the :class:`VelocityMLP` to copy (left untouched).
+        features: Fourier frequencies of the interval ``t - r``.
+        max_freq: the highest of them (default: the teacher's time features').
+    """
+
+    def __init__(
+        self, teacher: VelocityMLP, features: int | None = None, max_freq: float | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(teacher, VelocityMLP):
+            raise TypeError(f"teacher must be a VelocityMLP, got {type(teacher).__name__}")
+        self.dim = teacher.dim
+        self.embed = copy.deepcopy(teacher.embed)
+        self.net = copy.deepcopy(teacher.net)
+        n = features if features is not None else self.embed.freqs.numel()
+        top = float(self.embed.freqs.max()) / (2.0 * math.pi)
+        self.interval_embed = FourierTime(n, top if max_freq is None else max_freq)
+        first = self.net[0]
+        self.interval = nn.Linear(2 * n, first.out_features, bias=False)
+        nn.init.zeros_(self.interval.weight)
+        self.interval.to(device=first.weight.device, dtype=first.weight.dtype)
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor) -> Tensor:
+        _check_points(z, self.dim)
+        h = self.net[0](torch.cat([z, self.embed(t)], dim=1))
+        h = h + self.interval(self.interval_embed(t - r))
+        return self.net[1:](h)

@@ -42,20 +42,29 @@ import torch
 
 from mfcore._checks import check_choice, check_positive_int, check_real
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, KernelCritic, MeanFlowCritic
+from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
-from mfcore.solvers import sample_meanflow, sample_teacher
-from mfcore.targets import DifferentialTarget, TeacherODETarget, WarmupTarget
+from mfcore.solvers import ODE_METHODS, sample_meanflow, sample_teacher
+from mfcore.targets import DifferentialTarget, SplitTarget, TeacherODETarget
 from mfcore.time import TimePairSampler, UniformTime
+from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
 
+from .derivative import derivative_loss
 from .gmm import GaussianMixture, preset, presets
 from .metrics import evaluate
-from .nets import MeanFlowMLP, VelocityMLP, activation
+from .nets import IntervalStudent, MeanFlowMLP, VelocityMLP, activation
+from .probe import AverageVelocityProbe
+from .teacher_net import TeacherNetConfig, fit_teacher_net, teacher_net_report
 
 __all__ = ["ToyConfig", "run", "main", "TARGETS", "CRITICS"]
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("warmup", "discrete", "differential")
+SWITCHES = ("fixed", "gated")
+DISCRETE = ("ode", "split")
+TEACHERS = ("exact", "net")
+INITS = ("random", "teacher")
 CRITICS = ("fake", "meanflow", "kernel", "none")
 METRIC_KEYS = ("w2", "mmd", "nll", "mode_precision", "mode_recall")
 
@@ -80,13 +89,41 @@ class ToyConfig:
         grid_fraction: share of the pairs drawn as intervals of the ``eval_steps`` grids.
         target: ``"warmup"`` (discrete then differential), ``"discrete"`` or
             ``"differential"`` (from scratch).
-        warmup_steps: step of the switch for ``"warmup"``.
+        warmup_steps: step ``S`` of the switch for ``"warmup"`` (with ``switch="gated"``
+            the earliest one). Every variant is also evaluated at ``S`` (1-step W2 and probe
+            error), so a run can be judged against its own state there.
         blend_steps: after the switch, steps over which the target ramps linearly from the
             discrete to the differential one (``WarmupTarget(blend_steps=...)``).
-        discrete_steps: Heun steps of the teacher-ODE target.
+        switch: ``"fixed"`` (at ``warmup_steps``) or ``"gated"`` (also only once the
+            targets agree: :class:`mfcore.warmup.SwitchGate`).
+        guard: revert to the discrete target when the student drifts after the switch
+            (:class:`mfcore.warmup.SwitchGuard`).
+        gate_delta, gate_rho, gate_patience: the gate's thresholds and patience.
+        guard_margin, guard_patience: the guard's allowed rise and patience.
+        signal_every: cadence of the agreement signals, gate and guard checks.
+        rollback: on a revert, also restore the student and optimiser saved at the switch.
+        discrete: the discrete target, ``"ode"`` (teacher-ODE secant) or ``"split"``
+            (:class:`~mfcore.targets.SplitTarget`: the teacher on ``[s, t]``, the
+            stop-gradient student on ``[r, s]``, as SplitMeanFlow).
+        discrete_steps, discrete_method: the teacher solve of the discrete target (per piece
+            for ``"split"``).
         discrete_p: power of MeanFlow's adaptive weight on the discrete target (0: plain L2).
         adaptive_p: power of the adaptive weight on the differential target.
+        jvp, fd_step, tangent_norm: the differential target's derivative (``"func"``,
+            ``"autograd"`` or ``"fd"`` with its step) and tangent normalisation
+            (:class:`~mfcore.targets.DifferentialTarget`).
+        deriv_weight: weight of the derivative supervision during the discrete phase
+            (:func:`mfcore.toys.derivative.derivative_loss`; 0: off).
         grad_clip: max gradient norm of the student (``None``: no clipping).
+        teacher: ``"exact"`` (the mixture's exact velocity) or ``"net"`` (a
+            :class:`~mfcore.toys.nets.VelocityMLP` fitted to it: the faithful setting).
+        init: ``"random"`` or ``"teacher"`` (an :class:`~mfcore.toys.nets.IntervalStudent`
+            copied from the teacher network, equal to it at init; needs ``teacher="net"``;
+            the student then has the teacher's architecture, ``hidden``/``depth``/``act``).
+        time_max_freq: highest frequency of the time features (student and teacher network).
+        teacher_fit_steps: optimiser steps of the teacher network's fit.
+        probe_every: steps between probe evaluations (:class:`~mfcore.toys.probe.
+            AverageVelocityProbe`, against the exact average velocity) in the history.
         align: critic ``"fake"``, ``"meanflow"``, ``"kernel"`` or ``"none"``.
         align_weight: ``lambda`` of the alignment loss.
         align_steps: student step counts ``K`` that are aligned (one critic each).
@@ -121,10 +158,30 @@ class ToyConfig:
     target: str = "discrete"
     warmup_steps: int = 1400
     blend_steps: int = 0
+    switch: str = "fixed"
+    guard: bool = True
+    gate_delta: float = 0.1
+    gate_rho: float = 1.5
+    gate_patience: int = 3
+    guard_margin: float = 0.25
+    guard_patience: int = 2
+    signal_every: int = 10
+    rollback: bool = False
+    discrete: str = "ode"
     discrete_steps: int = 16
+    discrete_method: str = "heun"
     discrete_p: float = 0.0
     adaptive_p: float = 1.0
+    jvp: str = "func"
+    fd_step: float | None = None
+    tangent_norm: float | None = None
+    deriv_weight: float = 0.0
     grad_clip: float | None = 1.0
+    teacher: str = "exact"
+    init: str = "random"
+    time_max_freq: float = 32.0
+    teacher_fit_steps: int = 6000
+    probe_every: int = 100
     align: str = "fake"
     align_weight: float = 0.3
     align_steps: tuple[int, ...] = (1, 2)
@@ -145,6 +202,21 @@ class ToyConfig:
         check_choice("preset", self.preset, tuple(presets))
         check_choice("target", self.target, TARGETS)
         check_choice("align", self.align, CRITICS)
+        check_choice("switch", self.switch, SWITCHES)
+        check_choice("discrete", self.discrete, DISCRETE)
+        check_choice("discrete_method", self.discrete_method, ODE_METHODS)
+        check_choice("jvp", self.jvp, JVP_METHODS)
+        check_choice("teacher", self.teacher, TEACHERS)
+        check_choice("init", self.init, INITS)
+        if self.init == "teacher" and self.teacher != "net":
+            raise ValueError("init='teacher' needs teacher='net' (a network to copy)")
+        for name in ("fd_step", "tangent_norm"):
+            if getattr(self, name) is not None:
+                check_real(name, getattr(self, name), minimum=0.0, strict=True)
+        for name in ("gate_delta", "gate_rho", "time_max_freq"):
+            check_real(name, getattr(self, name), minimum=0.0, strict=True)
+        for name in ("guard_margin", "deriv_weight"):
+            check_real(name, getattr(self, name), minimum=0.0)
         activation(self.act)
         for name in _POSITIVE_INTS:
             check_positive_int(name, getattr(self, name))
@@ -181,25 +253,49 @@ _POSITIVE_INTS = (
     "critic_hidden",
     "critic_ode_steps",
     "teacher_steps",
+    "gate_patience",
+    "guard_patience",
+    "signal_every",
+    "teacher_fit_steps",
+    "probe_every",
 )
 
 
 # --------------------------------------------------------------------------- building blocks
 
 
-def _mean_flow_loss(cfg: ToyConfig) -> MeanFlowLoss:
-    discrete = TeacherODETarget(steps=cfg.discrete_steps, method="heun")
+def _discrete_target(cfg: ToyConfig) -> Any:
+    if cfg.discrete == "split":
+        return SplitTarget("first", teacher_steps=cfg.discrete_steps, method=cfg.discrete_method)
+    return TeacherODETarget(steps=cfg.discrete_steps, method=cfg.discrete_method)
+
+
+def _differential_target(cfg: ToyConfig) -> DifferentialTarget:
+    return DifferentialTarget(cfg.jvp, fd_step=cfg.fd_step, tangent_norm=cfg.tangent_norm)
+
+
+def _target(cfg: ToyConfig) -> Any:
     if cfg.target == "discrete":
-        target: Any = discrete
-    elif cfg.target == "differential":
-        target = DifferentialTarget()
-    else:
-        target = WarmupTarget(
-            discrete,
-            DifferentialTarget(),
-            switch_step=cfg.warmup_steps,
-            blend_steps=cfg.blend_steps,
-        )
+        return _discrete_target(cfg)
+    if cfg.target == "differential":
+        return _differential_target(cfg)
+    gate = None
+    if cfg.switch == "gated":
+        gate = SwitchGate(cfg.gate_delta, cfg.gate_rho, cfg.gate_patience)
+    guard = SwitchGuard(cfg.guard_margin, cfg.guard_patience) if cfg.guard else None
+    return WarmupTarget(
+        _discrete_target(cfg),
+        _differential_target(cfg),
+        switch_step=cfg.warmup_steps,
+        blend_steps=cfg.blend_steps,
+        gate=gate,
+        guard=guard,
+        every=cfg.signal_every,
+    )
+
+
+def _mean_flow_loss(cfg: ToyConfig) -> MeanFlowLoss:
+    target = _target(cfg)
     base = TimePairSampler(UniformTime(), equal_fraction=cfg.equal_fraction)
     pairs = _GridPairs(base, cfg.eval_steps, cfg.grid_fraction) if cfg.grid_fraction > 0 else base
     weighting = _PhaseWeight(
@@ -291,10 +387,44 @@ def _progress(cfg: ToyConfig):
 # --------------------------------------------------------------------------- training
 
 
-def _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen) -> dict[str, float]:
+class _CountingField:
+    """A velocity field that counts the points it is evaluated at (teacher NFE x batch)."""
+
+    def __init__(self, field: Any) -> None:
+        self.field, self.points = field, 0
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        self.points += z.shape[0]
+        return self.field(z, t, **cond)
+
+
+_LOGGED = ("agree_", "guard_", "gate_")
+
+
+def _derivative_step(cfg, student, teacher, mf_loss, gen) -> torch.Tensor:
+    """The derivative-supervision loss on a fresh batch of ``r < t`` pairs."""
+    x = teacher.sample(cfg.batch, generator=gen)
+    r, t = mf_loss.time_sampler(cfg.batch, dtype=torch.float32, generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    z = (1 - t)[:, None] * x + t[:, None] * noise
+    with torch.no_grad():
+        v = teacher(z, t)
+    target = mf_loss.target.discrete_target if hasattr(mf_loss.target, "discrete_target") else None
+    discrete = target if target is not None else _discrete_target(cfg)
+    u_disc = discrete.compute(student, z, r, t, v, teacher=teacher, cond=None, generator=gen)
+    return derivative_loss(student, z, r, t, v, u_disc)
+
+
+def _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen, rollback):
     x = teacher.sample(cfg.batch, generator=gen)
     loss, metrics = mf_loss(student, x, teacher=teacher, step=step, generator=gen)
     values = {"mf_loss": float(loss.detach()), "phase": float(metrics.get("warmup_phase", -1.0))}
+    values |= {k: float(v) for k, v in metrics.items() if k.startswith(_LOGGED)}
+    phase = getattr(mf_loss.target, "phase", "discrete" if cfg.target == "discrete" else "-")
+    if cfg.deriv_weight > 0 and phase == "discrete":
+        d_loss = _derivative_step(cfg, student, teacher, mf_loss, gen)
+        loss = loss + cfg.deriv_weight * d_loss
+        values["deriv_loss"] = float(d_loss.detach())
     if aligns and step >= cfg.align_start:
         for align in aligns:
             noise = torch.randn(cfg.batch, x.shape[1], generator=gen)
@@ -307,6 +437,9 @@ def _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen) -> dict[
                 loss = loss + cfg.align_weight * a_loss / len(aligns)
                 g_rms = a_metrics.get("align_g_rms", a_loss.detach())
                 values[f"align_{align.steps}"] = float(g_rms)
+    if rollback is not None and rollback.observe(metrics):
+        values["rolled_back"] = 1.0
+        return values
     for group in opt.param_groups:
         group["lr"] = _lr_at(cfg, step)
     opt.zero_grad(set_to_none=True)
@@ -317,16 +450,44 @@ def _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen) -> dict[
     return values
 
 
-def _train(cfg: ToyConfig, teacher: GaussianMixture, student, gen) -> dict[str, Any]:
+def _quick_eval(cfg, student, teacher_gmm, probe, gen_seed) -> dict[str, Any]:
+    """1-step W2 (on the evaluation protocol's noise and data) and the probe errors."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    n = cfg.eval_samples
+    data = teacher_gmm.sample(n, generator=gen)
+    teacher_gmm.sample(n, generator=gen)  # the data floor's draw: same noise as _evaluate
+    noise = torch.randn(n, teacher_gmm.dim, generator=gen)
+    try:
+        x = sample_meanflow(student, noise, 1)
+        w2_1 = _finite_metrics(x, teacher_gmm, data)["w2"]
+    except FloatingPointError:
+        w2_1 = None
+    return {"w2_1": w2_1, "probe": _safe_probe(probe, student)}
+
+
+def _safe_probe(probe, student) -> dict[str, float] | None:
+    errors = probe(student)
+    return errors if all(math.isfinite(v) for v in errors.values()) else None
+
+
+def _train(cfg, gmm, student, teacher, gen, probe) -> dict[str, Any]:
     mf_loss = _mean_flow_loss(cfg)
-    aligns = _alignments(cfg, teacher.dim)
+    aligns = _alignments(cfg, gmm.dim)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     history = _History(every=max(1, cfg.steps // 500))
+    probes: list[dict[str, Any]] = []
     bar = _progress(cfg)
+    rollback = SwitchRollback(student, opt) if cfg.rollback else None
+    at_switch = None
     collapse, step, start = None, 0, time.perf_counter()
+    eval_seed = cfg.seed + 10_000
     try:
         for step in range(cfg.steps):
-            values = _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen)
+            if step == cfg.warmup_steps:
+                at_switch = {"step": step, **_quick_eval(cfg, student, gmm, probe, eval_seed)}
+            if step % cfg.probe_every == 0:
+                probes.append({"step": step, **probe(student)})
+            values = _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen, rollback)
             history.add(step, values)
             if bar is not None:
                 bar.update(1)
@@ -339,15 +500,24 @@ def _train(cfg: ToyConfig, teacher: GaussianMixture, student, gen) -> dict[str, 
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - start
-    switch = getattr(mf_loss.target, "switched_at", None)
+    target = mf_loss.target
+    events = getattr(target, "events", [])
+    signals = getattr(target, "signals", None)
     return {
         "collapsed": collapse is not None,
         "collapse": collapse,
         "steps_done": step + (collapse is None),
-        "switch_step": switch,
+        "switch_step": getattr(target, "switched_at", None)
+        or next((s for s, k in events if k == "switch"), None),
+        "events": [[s, k] for s, k in events],
+        "last_signals": None if signals is None else signals.metrics(),
         "align_start": cfg.align_start + cfg.critic_lead if aligns else None,
         "wall_s": wall,
         "ms_per_step": 1e3 * wall / max(step + 1, 1),
+        "teacher_points": teacher.points,
+        "teacher_nfe_per_sample": teacher.points / max(cfg.batch * (step + 1), 1),
+        "at_switch": at_switch,
+        "probes": probes,
         "history": history.rows,
     }
 
@@ -410,41 +580,87 @@ def _as_config(config: ToyConfig | dict | None) -> ToyConfig:
 
 
 def run(
-    config: ToyConfig | dict | None = None, teacher: GaussianMixture | None = None
+    config: ToyConfig | dict | None = None,
+    teacher: GaussianMixture | None = None,
+    *,
+    teacher_net: VelocityMLP | None = None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` (default: the config's preset) into a MeanFlow MLP and evaluate it.
 
     Args:
         config: a :class:`ToyConfig`, a dict of its fields, or ``None`` for the default.
         teacher: any 2-D or higher :class:`GaussianMixture` (figures only for 2-D).
+        teacher_net: with ``config.teacher == "net"``, an already fitted teacher network
+            for this mixture (e.g. shared by several runs); default: fit one
+            (:func:`~mfcore.toys.teacher_net.fit_teacher_net`).
 
     Returns:
         the content of ``metrics.json``: ``config``, ``teacher``, ``data_floor``,
         ``student`` (keyed ``"1"``, ``"2"``, ``"4"``: ``nfe``, ``w2``, ``mmd``, ``nll``,
-        ``mode_precision``, ``mode_recall``; ``None`` values after a collapse) and
-        ``training``; plus ``run_dir`` (``None`` when nothing is written).
+        ``mode_precision``, ``mode_recall``; ``None`` values after a collapse), ``probe``
+        (the final relative error against the exact average velocity, pooled and per gap
+        bin), ``teacher_net`` (its config and quality, or ``None`` with the exact teacher)
+        and ``training``; plus ``run_dir`` (``None`` when nothing is written).
     """
     cfg = _as_config(config)
     if teacher is None:
         teacher = preset(cfg.preset)
     elif not isinstance(teacher, GaussianMixture):
         raise TypeError(f"teacher must be a GaussianMixture, got {type(teacher).__name__}")
+    net_report = None
+    if cfg.teacher == "net":
+        if teacher_net is None:
+            teacher_net = fit_teacher_net(teacher, teacher_net_config(cfg))
+        elif not isinstance(teacher_net, VelocityMLP):
+            raise TypeError(f"teacher_net must be a VelocityMLP, got {type(teacher_net).__name__}")
+        net_report = {
+            "config": dataclasses.asdict(teacher_net_config(cfg)),
+            **teacher_net_report(teacher_net, teacher),
+        }
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    student = MeanFlowMLP(
-        teacher.dim,
+    student = _student(cfg, teacher, teacher_net)
+    probe = AverageVelocityProbe(teacher, seed=cfg.seed)
+    field = _CountingField(teacher_net if cfg.teacher == "net" else teacher)
+    field.sample = teacher.sample  # type: ignore[attr-defined]  (data comes from the mixture)
+    training = _train(cfg, teacher, student, field, gen, probe)
+    results = _evaluate(cfg, teacher, student, torch.Generator().manual_seed(cfg.seed + 10_000))
+    samples = results.pop("_samples")
+    results["probe"] = _safe_probe(probe, student)
+    results = {
+        "config": dataclasses.asdict(cfg),
+        **results,
+        "teacher_net": net_report,
+        "training": training,
+    }
+    results["run_dir"] = _write(cfg, results, samples, teacher)
+    return results
+
+
+def teacher_net_config(cfg: ToyConfig) -> TeacherNetConfig:
+    """The teacher network a config asks for (its architecture is the student's)."""
+    return TeacherNetConfig(
+        hidden=cfg.hidden,
+        depth=cfg.depth,
+        act=cfg.act,
+        max_freq=cfg.time_max_freq,
+        steps=cfg.teacher_fit_steps,
+    )
+
+
+def _student(cfg: ToyConfig, gmm: GaussianMixture, teacher_net: VelocityMLP | None):
+    if cfg.init == "teacher":
+        assert teacher_net is not None
+        return IntervalStudent(teacher_net).train().requires_grad_(True)
+    return MeanFlowMLP(
+        gmm.dim,
         hidden=cfg.hidden,
         depth=cfg.depth,
         act=cfg.act,
         point_features=cfg.point_features,
         point_scale=cfg.point_scale,
+        max_freq=cfg.time_max_freq,
     )
-    training = _train(cfg, teacher, student, gen)
-    results = _evaluate(cfg, teacher, student, torch.Generator().manual_seed(cfg.seed + 10_000))
-    samples = results.pop("_samples")
-    results = {"config": dataclasses.asdict(cfg), **results, "training": training}
-    results["run_dir"] = _write(cfg, results, samples, teacher)
-    return results
 
 
 def _write(cfg: ToyConfig, results: dict, samples: dict, teacher: GaussianMixture) -> str | None:
