@@ -1,39 +1,144 @@
-"""The three experiments of docs/toys.md, over 5 seeds each; writes JSON and Markdown tables.
+"""The toy experiments of docs/toys.md, over several seeds; writes JSON lines and Markdown tables.
 
-1. **warm-up**: differential target from scratch vs discrete only vs warm-up then
-   differential, in a hard setting (plain L2, no adaptive weight, a large learning rate, the
-   25-mode grid, no alignment). A run *collapses* when its loss goes non-finite
-   (``MeanFlowLoss`` raises ``FloatingPointError``) or its final 1-step W2 exceeds 5x the
-   teacher's.
-2. **alignment**: the same student with and without trajectory alignment (fake-velocity
-   critic), evaluated at 1 and 2 steps on both presets; mean-seeking shows as a lower mode
-   precision.
-3. **critics**: fake-velocity vs mean-flow vs kernel critic: quality and milliseconds per
-   training step (the "fake" runs are those of experiment 2).
+The seed method's claims, in the faithful setting (a teacher *network* fitted to the exact
+field, the student grown from it, the exact average velocity as the reference):
 
-The budgets are smaller than the default run's so that everything fits in about 30 minutes
-on 2 CPU cores. Run ``python -m mfcore.toys.experiments [--out runs/experiments]
-[--seeds 5]``; it writes ``results.json``, ``tables.md`` and ``experiments.png`` in the
-output folder.
+- ``seed_method``: claim 1 on ring8, grid25 and the held-out ``aniso3d``, 5 seeds: the
+  differential target alone, warm-up then differential at a fixed switch (the paper), the
+  same guarded (gate, guard, rollback), discrete only, discrete at the warm-up's teacher
+  cost, and the best setting of ``hypotheses``;
+- ``hypotheses``: the issue's item 4 on ring8 and grid25, 3 seeds: every discrete target
+  (teacher ODE at 1, 2, 16 steps; the split target), finite-difference ``du/dt``, low time
+  frequencies, derivative supervision, tangent normalisation, the adaptive weight, a lower
+  learning rate with clipping and a blended switch, each warm-up against its own discrete-only
+  run;
+- ``alignment_teacher_init``: claim 2 re-measured in the faithful setting (discrete target,
+  with and without the fake-velocity critic), 5 seeds.
+
+And the earlier random-init experiments (``warmup``, ``alignment``, ``critics``).
+
+Every run is appended to ``runs.jsonl`` as it finishes, keyed by its config and seed, so an
+interrupted invocation resumes where it stopped; teacher networks are fitted once per
+mixture and frequency and cached in ``teachers/``. Run
+``python -m mfcore.toys.experiments --out runs/experiments [--only seed_method] [--jobs 2]``;
+:mod:`mfcore.toys.verdict` turns the results into the tables of docs/toys.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import math
-import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .train import run
+import torch
+from safetensors.torch import load_file, save_file
 
-__all__ = ["EXPERIMENTS", "run_experiments", "tables", "main"]
+from .gmm import preset
+from .nets import VelocityMLP
+from .teacher_net import fit_teacher_net
+from .train import ToyConfig, run, teacher_net_config
+
+__all__ = ["EXPERIMENTS", "SEEDS", "FAITHFUL", "run_experiments", "main"]
 
 logger = logging.getLogger(__name__)
 
+# ----------------------------------------------------------------------------- the configs
+
+FAITHFUL: dict[str, Any] = dict(
+    teacher="net",
+    init="teacher",
+    act="silu",
+    hidden=256,
+    depth=3,
+    time_max_freq=32.0,
+    lr=1e-3,
+    lr_final=1e-3,
+    grad_clip=None,
+    discrete_p=0.0,
+    adaptive_p=0.0,
+    discrete_steps=8,
+    align="none",
+    steps=1500,
+    warmup_steps=500,
+    eval_samples=1000,
+    eval_steps=(1, 2),
+    probe_every=100,
+    out_dir=None,
+    figures=False,
+    progress=False,
+)
+"""The faithful setting: the student grown from a fitted teacher network, plain L2, a fixed
+learning rate, the switch (and every variant's reference state) at step 500 of 1500."""
+
+BEST: dict[str, Any] = dict(time_max_freq=2.0, jvp="fd", fd_step=0.2, lr=3e-4, lr_final=3e-4)
+"""The mildest differential phase the hypotheses found (low time frequencies, a coarse
+finite-difference ``du/dt``, a lower learning rate); see docs/toys.md."""
+
+_GUARDED = dict(guard=True, rollback=True)
+
+SEED_VARIANTS: dict[str, dict[str, Any]] = {
+    "differential only": dict(target="differential"),
+    "warm-up, fixed switch": dict(target="warmup", switch="fixed", guard=False),
+    "warm-up, fixed switch, guarded": dict(target="warmup", switch="fixed", **_GUARDED),
+    "warm-up, gated, guarded": dict(target="warmup", switch="gated", **_GUARDED),
+    "discrete only": dict(target="discrete"),
+    "discrete only, equal teacher cost": dict(target="discrete", discrete_steps=3),
+    "best hypothesis, fixed switch": dict(BEST, target="warmup", switch="fixed", guard=False),
+    "best hypothesis, guarded": dict(BEST, target="warmup", switch="fixed", **_GUARDED),
+}
+
+_WARM = dict(target="warmup", switch="fixed", guard=False)
+HYPOTHESES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # name: (warm-up overrides, the discrete-only overrides it is judged against)
+    "teacher ODE, Heun-1": (dict(discrete_steps=1), dict(discrete_steps=1)),
+    "teacher ODE, Heun-2": (dict(discrete_steps=2), dict(discrete_steps=2)),
+    "teacher ODE, Heun-8": (dict(), dict()),
+    "teacher ODE, Heun-16": (dict(discrete_steps=16), dict(discrete_steps=16)),
+    "split target, Euler-1 + student": (
+        dict(discrete="split", discrete_steps=1, discrete_method="euler"),
+        dict(discrete="split", discrete_steps=1, discrete_method="euler"),
+    ),
+    "fd du/dt, h = 0.05": (dict(jvp="fd", fd_step=0.05), dict()),
+    "fd du/dt, h = 0.2": (dict(jvp="fd", fd_step=0.2), dict()),
+    "time features up to 2": (dict(time_max_freq=2.0), dict(time_max_freq=2.0)),
+    "derivative supervision (w = 1)": (dict(deriv_weight=1.0), dict()),
+    "derivative supervision (w = 10), features up to 2": (
+        dict(deriv_weight=10.0, time_max_freq=2.0),
+        dict(time_max_freq=2.0),
+    ),
+    "tangent normalisation (c = 0.1)": (dict(tangent_norm=0.1), dict()),
+    "adaptive weight (p = 1)": (dict(adaptive_p=1.0), dict()),
+    "lr 1e-4, clip 1": (
+        dict(lr=1e-4, lr_final=1e-4, grad_clip=1.0),
+        dict(lr=1e-4, lr_final=1e-4, grad_clip=1.0),
+    ),
+    "blended switch (200 steps)": (dict(blend_steps=200), dict()),
+    "best: features up to 2, fd h = 0.2, lr 3e-4": (
+        BEST,
+        {k: BEST[k] for k in BEST if k != "jvp" and k != "fd_step"},
+    ),
+}
+
+PRESETS = ("ring8", "grid25", "aniso3d")
+
+
+def _hypotheses() -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in ("ring8", "grid25"):
+        for name, (warm, disc) in HYPOTHESES.items():
+            out[f"{p} / {name} / warm-up"] = dict(FAITHFUL, preset=p, **_WARM, **warm)
+            out[f"{p} / {name} / discrete only"] = dict(
+                FAITHFUL, preset=p, target="discrete", **disc
+            )
+    return out
+
+
+# the random-init experiments of the first version of docs/toys.md
 _COMMON = dict(
     out_dir=None,
     figures=False,
@@ -45,7 +150,6 @@ _COMMON = dict(
     grid_fraction=0.5,
     blend_steps=0,
 )
-
 _WARMUP_BASE = dict(
     _COMMON,
     preset="grid25",
@@ -56,11 +160,24 @@ _WARMUP_BASE = dict(
     adaptive_p=0.0,
     grad_clip=None,
     lr=1e-2,
+    guard=False,
 )
-
 _ALIGN_BASE = dict(_COMMON, steps=1000, target="discrete", align_start=200, align_weight=0.3)
 
 EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "seed_method": {
+        f"{p} / {v}": dict(FAITHFUL, preset=p, **o)
+        for p in PRESETS
+        for v, o in SEED_VARIANTS.items()
+    },
+    "hypotheses": _hypotheses(),
+    "alignment_teacher_init": {
+        f"{p} / {a}": dict(
+            FAITHFUL, preset=p, target="discrete", align=a, align_start=200, align_weight=0.3
+        )
+        for p in PRESETS
+        for a in ("none", "fake")
+    },
     "warmup": {
         "differential only": dict(_WARMUP_BASE, target="differential"),
         "discrete only": dict(_WARMUP_BASE, target="discrete"),
@@ -78,103 +195,165 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """Experiment -> variant -> config overrides of :class:`~mfcore.toys.train.ToyConfig`."""
 
+SEEDS = {"seed_method": 5, "hypotheses": 3, "alignment_teacher_init": 5}
+"""Seeds per experiment (5 where not listed)."""
 
-def _one(config: dict[str, Any], seed: int, cache: dict[str, dict]) -> dict[str, Any]:
-    key = json.dumps({**config, "seed": seed}, sort_keys=True, default=str)
-    if key not in cache:
-        res = run({**config, "seed": seed})
-        cache[key] = {
-            "seed": seed,
-            "teacher_w2": res["teacher"]["w2"],
-            "student": res["student"],
-            "collapsed": res["training"]["collapsed"],
-            "collapse": res["training"]["collapse"],
-            "ms_per_step": res["training"]["ms_per_step"],
-        }
-    return cache[key]
+# ----------------------------------------------------------------------------- running
 
 
-def run_experiments(seeds: int = 5, only: list[str] | None = None) -> dict[str, Any]:
-    """Run every variant of :data:`EXPERIMENTS` (or those in ``only``) for ``seeds`` seeds."""
-    cache: dict[str, dict] = {}
-    out: dict[str, Any] = {}
-    for exp, variants in EXPERIMENTS.items():
-        if only and exp not in only:
-            continue
-        out[exp] = {}
-        for name, config in variants.items():
-            start = time.perf_counter()
-            runs = [_one(config, seed, cache) for seed in range(seeds)]
-            out[exp][name] = {"config": config, "runs": runs}
-            logger.info("%s / %s: %.0f s", exp, name, time.perf_counter() - start)
+def _key(config: dict[str, Any], seed: int) -> str:
+    return json.dumps({**config, "seed": seed}, sort_keys=True, default=str)
+
+
+def _teacher(config: dict[str, Any], folder: Path) -> VelocityMLP | None:
+    """The fitted teacher network of a config, from ``folder`` or fitted and stored there."""
+    cfg = ToyConfig(**config)
+    if cfg.teacher != "net":
+        return None
+    tcfg = teacher_net_config(cfg)
+    gmm = preset(cfg.preset)
+    name = "-".join(f"{v}" for v in (cfg.preset, *dataclasses.asdict(tcfg).values()))
+    path = folder / f"{name}.safetensors"
+    net = VelocityMLP(
+        gmm.dim, tcfg.hidden, tcfg.depth, tcfg.features, max_freq=tcfg.max_freq, act=tcfg.act
+    )
+    if path.exists():
+        net.load_state_dict(load_file(path))
+        return net.eval().requires_grad_(False)
+    net = fit_teacher_net(gmm, tcfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(net.state_dict(), path)
+    return net
+
+
+def _signals_at(history: list[dict[str, Any]], step: int | None) -> dict[str, float] | None:
+    """The last agreement signals logged before ``step``."""
+    if step is None:
+        return None
+    rows = [h for h in history if h["step"] < step and "agree_rho" in h]
+    if not rows:
+        return None
+    return {k: v for k, v in rows[-1].items() if k.startswith("agree_") or k == "step"}
+
+
+def _one(job: tuple[str, dict[str, Any], int, str]) -> dict[str, Any]:
+    key, config, seed, teachers = job
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    res = run({**config, "seed": seed}, teacher_net=_teacher(config, Path(teachers)))
+    tr = res["training"]
+    switch = next((s for s, k in tr["events"] if k == "switch"), None)
+    return {
+        "key": key,
+        "seed": seed,
+        "teacher_w2": res["teacher"]["w2"],
+        "teacher_net": res["teacher_net"]
+        and {
+            "velocity_rel_error": res["teacher_net"]["velocity_rel_error"],
+            **res["teacher_net"]["samples"],
+        },
+        "student": res["student"],
+        "probe": res["probe"],
+        "collapsed": tr["collapsed"],
+        "collapse": tr["collapse"],
+        "at_switch": tr["at_switch"],
+        "events": tr["events"],
+        "signals_at_switch": _signals_at(tr["history"], switch or config.get("warmup_steps")),
+        "probes": [[p["step"], p["pooled"]] for p in tr["probes"]],
+        "guard": [
+            [h["step"], h["guard_error"], h["guard_ref"]]
+            for h in tr["history"]
+            if "guard_error" in h
+        ],
+        "ms_per_step": tr["ms_per_step"],
+        "teacher_nfe_per_sample": tr["teacher_nfe_per_sample"],
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def _load(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[row["key"]] = row
     return out
 
 
-def _stat(values: list[float | None]) -> str:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return "n/a"
-    mean = statistics.fmean(vals)
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f}" + ("" if len(vals) == len(values) else f" ({len(vals)})")
-
-
-def _collapsed(r: dict) -> bool:
-    w2 = r["student"]["1"]["w2"]
-    return r["collapsed"] or w2 is None or w2 > 5.0 * r["teacher_w2"]
-
-
-def tables(results: dict[str, Any]) -> str:
-    """Markdown tables (mean ± std over seeds) of :func:`run_experiments`'s results."""
-    parts = []
-    cols = ("w2", "mode_precision", "mode_recall")
-    if "warmup" in results:
-        parts.append("| variant | collapsed | 1-step W2 | teacher W2 | 1-step mode prec. |")
-        parts.append("|---|---|---|---|---|")
-        for name, v in results["warmup"].items():
-            runs = v["runs"]
-            parts.append(
-                f"| {name} | {sum(map(_collapsed, runs))}/{len(runs)} | "
-                f"{_stat([r['student']['1']['w2'] for r in runs])} | "
-                f"{_stat([r['teacher_w2'] for r in runs])} | "
-                f"{_stat([r['student']['1']['mode_precision'] for r in runs])} |"
-            )
-        parts.append("")
-    for exp in ("alignment", "critics"):
-        if exp not in results:
-            continue
-        head = "| variant | steps | " + " | ".join(cols) + " | ms / step |"
-        parts += [head, "|" + "---|" * (len(cols) + 3)]
-        for name, v in results[exp].items():
-            runs = v["runs"]
-            ms = _stat([r["ms_per_step"] for r in runs])
-            for k in ("1", "2"):
-                cells = " | ".join(_stat([r["student"][k][c] for r in runs]) for c in cols)
-                parts.append(f"| {name} | {k} | {cells} | {ms} |")
-        parts.append("")
-    return "\n".join(parts)
+def run_experiments(
+    out: Path, only: list[str] | None = None, seeds: int | None = None, jobs: int = 1
+) -> dict[str, Any]:
+    """Run every variant of :data:`EXPERIMENTS` (or those in ``only``), resuming from
+    ``out/runs.jsonl``; returns ``{experiment: {variant: {"config", "runs"}}}``."""
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "runs.jsonl"
+    done = _load(done_path)
+    chosen = [e for e in EXPERIMENTS if not only or e in only]
+    plan: dict[str, dict[str, list[str]]] = {}
+    todo: dict[str, tuple[str, dict[str, Any], int, str]] = {}
+    for exp in chosen:
+        n = seeds if seeds is not None else SEEDS.get(exp, 5)
+        plan[exp] = {}
+        for name, config in EXPERIMENTS[exp].items():
+            keys = [_key(config, s) for s in range(n)]
+            plan[exp][name] = keys
+            for s, k in zip(range(n), keys, strict=True):
+                if k not in done:
+                    todo[k] = (k, config, s, str(out / "teachers"))
+    # teachers first, one process, so parallel runs never fit the same one twice
+    for job in todo.values():
+        _teacher(job[1], out / "teachers")
+    logger.info("%d runs to do, %d already done", len(todo), len(plan) and len(done))
+    with done_path.open("a") as log:
+        if jobs > 1:
+            with ProcessPoolExecutor(jobs) as pool:
+                for row in pool.map(_one, todo.values()):
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    done[row["key"]] = row
+        else:
+            for job in todo.values():
+                row = _one(job)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                done[row["key"]] = row
+    return {
+        exp: {
+            name: {"config": EXPERIMENTS[exp][name], "runs": [done[k] for k in keys]}
+            for name, keys in variants.items()
+        }
+        for exp, variants in plan.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the experiments and write ``results.json`` and ``tables.md``."""
+    """Run the experiments, then write ``results.json`` and ``tables.md``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/experiments")
-    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--only", nargs="*", choices=sorted(EXPERIMENTS), default=None)
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: SEEDS)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     args = p.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = run_experiments(args.seeds, args.only)
-    results["wall_s"] = time.perf_counter() - start
+    results = run_experiments(out, args.only, args.seeds, args.jobs)
+    from .verdict import tables
+
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "tables.md").write_text(tables(results))
+    text = tables(results)
+    (out / "tables.md").write_text(text)
     from . import plots
 
     plots.plot_experiments(results, out / "experiments.png")
-    print(tables(results))
-    print(f"total {results['wall_s']:.0f} s; wrote {out}/results.json and tables.md")
+    print(text)
+    print(f"total {time.perf_counter() - start:.0f} s; wrote {out}/results.json and tables.md")
 
 
 if __name__ == "__main__":

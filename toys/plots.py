@@ -120,34 +120,27 @@ def write_run_figures(
 
 
 def plot_experiments(results: dict[str, Any], path: Path) -> None:
-    """Summary of :mod:`mfcore.toys.experiments`: one panel per experiment, a dot per seed."""
-    fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.2))
-    if "warmup" in results:
-        ax = axes[0]
-        for i, v in enumerate(results["warmup"].values()):
-            ys = [r["student"]["1"]["w2"] or float("inf") for r in v["runs"]]
-            ax.scatter([i] * len(ys), ys, s=12)
-            teacher = [r["teacher_w2"] for r in v["runs"]]
-            ax.hlines(5 * sum(teacher) / len(teacher), i - 0.3, i + 0.3, colors="k", lw=0.8)
+    """The seed method in the faithful setting: the probe error against the exact average
+    velocity over training (median over seeds), one panel per mixture, one line per variant;
+    the dotted line is the switch step."""
+    runs = results.get("seed_method", {})
+    mixtures = list(dict.fromkeys(name.split(" / ")[0] for name in runs))
+    if not mixtures:
+        return
+    fig, axes = plt.subplots(1, len(mixtures), figsize=(4.2 * len(mixtures), 3.4), squeeze=False)
+    for ax, mixture in zip(axes[0], mixtures, strict=True):
+        for name, v in runs.items():
+            if not name.startswith(mixture + " / "):
+                continue
+            curves = [r["probes"] for r in v["runs"]]
+            steps = [s for s, _ in curves[0]]
+            med = [sorted(c[i][1] for c in curves)[len(curves) // 2] for i in range(len(steps))]
+            ax.plot(steps, med, lw=1.0, label=name.split(" / ", 1)[1])
+        ax.axvline(v["config"]["warmup_steps"], ls=":", c="k", lw=0.8)
         ax.set_yscale("log")
-        ax.set_xticks(range(len(results["warmup"])))
-        ax.set_xticklabels([n.replace(" -> ", "\n-> ") for n in results["warmup"]], fontsize=7)
-        ax.set_title("1. warm-up: 1-step W2 (line: 5x teacher)", fontsize=8)
-    for ax, exp in zip(axes[1:], ("alignment", "critics"), strict=True):
-        if exp not in results:
-            continue
-        names = list(results[exp])
-        for k, marker in (("1", "o"), ("2", "s")):
-            for i, name in enumerate(names):
-                ys = [r["student"][k]["mode_precision"] for r in results[exp][name]["runs"]]
-                xs = [i + (0.12 if k == "2" else -0.12)] * len(ys)
-                ax.scatter(xs, ys, s=10, marker=marker, c="tab:blue" if k == "1" else "tab:red")
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace(" / ", "\n") for n in names], fontsize=7)
-        ax.set_title(f"{2 if exp == 'alignment' else 3}. {exp}: mode precision", fontsize=8)
-        ax.scatter([], [], marker="o", c="tab:blue", label="1 step")
-        ax.scatter([], [], marker="s", c="tab:red", label="2 steps")
-        ax.legend(fontsize=6)
+        ax.set_title(f"{mixture}: probe error (median of seeds)", fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)

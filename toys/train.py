@@ -166,7 +166,7 @@ class ToyConfig:
     guard_margin: float = 0.25
     guard_patience: int = 2
     signal_every: int = 10
-    rollback: bool = False
+    rollback: bool = True
     discrete: str = "ode"
     discrete_steps: int = 16
     discrete_method: str = "heun"

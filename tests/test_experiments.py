@@ -1,0 +1,89 @@
+"""The experiment runner and the verdict tables, on tiny configs (the real runs are slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mfcore.toys import experiments, verdict
+
+TINY = dict(
+    experiments.FAITHFUL,
+    hidden=16,
+    depth=2,
+    teacher_fit_steps=20,
+    steps=12,
+    warmup_steps=4,
+    signal_every=2,
+    probe_every=4,
+    batch=16,
+    discrete_steps=1,
+    eval_samples=32,
+    teacher_steps=2,
+)
+
+
+def _run(w2_s, probe_s, w2_end, probe_end, collapsed=False, events=()):
+    return {
+        "collapsed": collapsed,
+        "student": {"1": {"w2": w2_end, "mode_precision": 0.5}},
+        "probe": None if probe_end is None else {"pooled": probe_end},
+        "at_switch": {"w2_1": w2_s, "probe": {"pooled": probe_s}},
+        "teacher_w2": 0.2,
+        "teacher_net": {"w2": 0.2},
+        "events": list(events),
+    }
+
+
+def test_ended_worse_and_blew_up():
+    assert not verdict.ended_worse(_run(0.3, 0.2, 0.25, 0.15))
+    assert not verdict.ended_worse(_run(0.3, 0.2, 0.31, 0.205))  # within the 5 % tolerance
+    assert verdict.ended_worse(_run(0.3, 0.2, 0.25, 0.22))  # the probe rose
+    assert verdict.ended_worse(_run(0.3, 0.2, 0.4, 0.15))  # W2 rose
+    assert verdict.ended_worse(_run(0.3, 0.2, None, None, collapsed=True))
+    assert not verdict.ended_worse(_run(float("nan"), 5.0, 90.0, 4.0))  # broken already at S
+    assert verdict.blew_up(_run(0.3, 0.2, 1.01, 0.1)) and not verdict.blew_up(
+        _run(0.3, 0.2, 0.9, 0.1)
+    )
+
+
+def test_runner_resumes_and_writes_every_table(tmp_path, monkeypatch):
+    table = {
+        "seed_method": {
+            "ring8 / warm-up, fixed switch": dict(
+                TINY, target="warmup", switch="fixed", guard=False
+            ),
+            "ring8 / warm-up, fixed switch, guarded": dict(
+                TINY, target="warmup", switch="fixed", guard=True, rollback=True
+            ),
+            "ring8 / discrete only": dict(TINY, target="discrete"),
+        },
+        "hypotheses": {
+            "ring8 / fd / warm-up": dict(
+                TINY, target="warmup", switch="fixed", guard=False, jvp="fd"
+            ),
+            "ring8 / fd / discrete only": dict(TINY, target="discrete"),
+        },
+    }
+    monkeypatch.setattr(experiments, "EXPERIMENTS", table)
+    results = experiments.run_experiments(tmp_path, seeds=1)
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # the two identical discrete-only configs ran once
+    assert len(list((tmp_path / "teachers").glob("*.safetensors"))) == 1
+    again = experiments.run_experiments(tmp_path, seeds=1)  # nothing left to run
+    assert (tmp_path / "runs.jsonl").read_text().splitlines() == lines
+    assert json.dumps(again, sort_keys=True, default=str) == json.dumps(
+        results, sort_keys=True, default=str
+    )
+    text = verdict.tables(results)
+    for head in ("Claim 1", "Guard and gate", "Agreement signals", "Hypotheses"):
+        assert head in text
+    row = results["seed_method"]["ring8 / warm-up, fixed switch"]["runs"][0]
+    assert row["signals_at_switch"]["step"] < 4 and row["at_switch"]["step"] == 4
+
+
+def test_cli_refuses_bad_counts(capsys):
+    with pytest.raises(SystemExit) as exc:
+        experiments.main(["--seeds", "0"])
+    assert exc.value.code == 2
