@@ -1,0 +1,168 @@
+"""What a model family gives the adapter core: its conventions, and nothing else.
+
+The core (:mod:`mfcore.adapters.student`, :mod:`~mfcore.adapters.generation`, the entry
+point :mod:`~mfcore.adapters.distill`) is the same for every family. A family is one small
+object that says how to call its transformer on mfcore's ``(z, t, cond)`` (latent packing,
+time scaling, conditioning inputs, guidance), where the interval embedding goes, which
+layers get LoRA, which modules hold attention, and its sampling grid; and, for the entry
+point, how to load or build its transformer, what a data sample holds, how to encode
+prompts (``prepare``) and how to decode latents.
+
+Families register by name in :data:`FAMILIES` and are imported on first use, so the core
+imports no model library it does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from mfcore._checks import check_choice
+
+__all__ = ["Call", "Family", "FAMILIES", "get_family", "detect_family"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """The checked inputs of one model call: the prompt's and, for two-pass CFG, the
+    negative prompt's (None when the condition holds none or the caller needs none)."""
+
+    inputs: dict[str, Any]
+    negative: dict[str, Any] | None = None
+
+
+@runtime_checkable
+class Family(Protocol):
+    """A model family's conventions (see the module docstring and ``docs/adapters.md``).
+
+    Attributes:
+        name: registry name (``--family``).
+        label: human name used in messages (``"FLUX"``).
+        class_names: the ``_class_name`` / ``architectures`` entries of a checkpoint's
+            config that identify the family.
+        cond_keys: every keyword a call accepts (others raise ``TypeError``).
+        student_config_name: file name of a saved student's JSON config.
+        student_format: the ``format`` tag in that file.
+    """
+
+    name: str
+    label: str
+    class_names: tuple[str, ...]
+    cond_keys: frozenset[str]
+    student_config_name: str
+    student_format: str
+
+    def check_model(self, model: object) -> nn.Module:
+        """Return ``model`` if it is this family's transformer; ``TypeError`` otherwise."""
+        ...
+
+    def check_call(
+        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
+    ) -> Call:
+        """Validate one call's latents and condition (not its times); with ``negative`` the
+        negative prompt is required (``ValueError`` naming it otherwise)."""
+        ...
+
+    def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
+        """One call of the transformer: mfcore's ``v = eps - x`` at ``(z, t)``, in ``z``'s
+        dtype (``z (B, C, H, W)``, ``t (B,)`` in [0, 1])."""
+        ...
+
+    def lora_targets(self, model: nn.Module) -> tuple[str, ...]:
+        """The default LoRA target module names (chosen on purpose, see the family docs)."""
+        ...
+
+    def interval_embedding(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        """A fresh zero-initialised :class:`~mfcore.adapters.interval.IntervalEmbedding`
+        and the modules whose outputs it is added to."""
+        ...
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules whose forward calls ``F.scaled_dot_product_attention``."""
+        ...
+
+    def config_summary(self, model: nn.Module) -> dict[str, Any]:
+        """The config entries a saved student must match (JSON-serialisable)."""
+        ...
+
+    def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        """Write the LoRA in the format this family's diffusers loader reads."""
+        ...
+
+    def load_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        """Read what :meth:`save_lora` wrote into an adapter of the same spec."""
+        ...
+
+    def latent_channels(self, model: nn.Module) -> int:
+        """The ``C`` of the latents ``(B, C, H, W)`` the transformer takes."""
+        ...
+
+    def sampling_grid(
+        self,
+        steps: int,
+        height: int,
+        width: int,
+        *,
+        scheduler: Mapping[str, Any] | None = None,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Times ``(steps + 1,)`` from 1 to 0 for an ``H x W`` latent (the family's shift,
+        read from the checkpoint's ``scheduler`` config when given)."""
+        ...
+
+
+# name -> module that defines FAMILY
+FAMILIES: dict[str, str] = {
+    "flux": "mfcore.adapters.flux",
+    "hunyuanimage2": "mfcore.adapters.hunyuanimage2",
+    "hunyuanimage3": "mfcore.adapters.hunyuanimage3",
+}
+
+
+def get_family(name: str) -> Family:
+    """The family registered as ``name`` (``ValueError`` listing the names otherwise)."""
+    check_choice("family", name, FAMILIES)
+    return importlib.import_module(FAMILIES[name]).FAMILY
+
+
+def _class_names(path: str) -> list[str]:
+    names = []
+    for sub in ("transformer", ""):
+        config = os.path.join(path, sub, "config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                data = json.load(f)
+            names.append(str(data.get("_class_name")))
+            names.extend(str(a) for a in data.get("architectures") or [])
+            names.append(str(data.get("model_type")))
+    return names
+
+
+def detect_family(path: str | os.PathLike) -> str:
+    """The family of a local checkpoint, from its (transformer's) ``config.json``.
+
+    Raises:
+        FileNotFoundError: if the folder has no config.
+        ValueError: if the config names no known family.
+    """
+    names = _class_names(str(path))
+    if not names:
+        raise FileNotFoundError(
+            f"{path} is not a checkpoint folder: no config.json there or in transformer/"
+        )
+    for name in FAMILIES:
+        if set(names) & set(get_family(name).class_names):
+            return name
+    found = [n for n in names if n != "None"]
+    raise ValueError(
+        f"{path} holds a {found[0] if found else 'unknown'} checkpoint, which is none of "
+        f"the families {tuple(FAMILIES)} (FLUX, HunyuanImage 2.1, HunyuanImage 3.0)"
+    )
