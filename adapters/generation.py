@@ -17,7 +17,7 @@ from mfcore._checks import check_positive_int, check_tensor
 from mfcore.adapters.family import Family
 from mfcore.solvers import sample_meanflow
 
-__all__ = ["FamilyField", "seeded_noise", "batch_size_of", "generate_latents"]
+__all__ = ["FamilyField", "seeded_noise", "batch_size_of", "generate_latents", "decode_latents"]
 
 
 class FamilyField(Protocol):
@@ -85,3 +85,43 @@ def generate_latents(
     else:
         check_tensor("grid", grid, ndim_min=1)
     return sample_meanflow(field, noise, steps, grid=grid, cond=dict(cond))
+
+
+def decode_latents(vae: nn.Module, latents: Tensor, *, output_type: str = "pil") -> Any:
+    """Decode normalised latents ``(B, C, H, W)`` with a diffusers VAE into images.
+
+    Undoes the normalisation ``(latent - shift_factor) * scaling_factor`` (no shift where
+    the VAE has none) and post-processes with diffusers' ``VaeImageProcessor``, as the
+    families' pipelines do.
+
+    Args:
+        vae: the pipeline's VAE (``config.latent_channels``, ``config.scaling_factor``).
+        latents: ``(B, C, H, W)`` with ``C`` the VAE's latent channels.
+        output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+
+    Returns:
+        the images (a list of PIL images for ``"pil"``).
+    """
+    from diffusers.image_processor import VaeImageProcessor
+
+    check_tensor("latents", latents)
+    cfg = vae.config
+    if latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
+        raise ValueError(
+            f"latents must be (B, {cfg.latent_channels}, H, W) for this VAE, "
+            f"got {tuple(latents.shape)} (channels)"
+        )
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    z = latents / cfg.scaling_factor + shift
+    param = next(vae.parameters())
+    with torch.no_grad():
+        image = vae.decode(z.to(device=param.device, dtype=param.dtype), return_dict=False)[0]
+    factor = vae_scale_factor(vae)
+    return VaeImageProcessor(vae_scale_factor=factor).postprocess(image, output_type=output_type)
+
+
+def vae_scale_factor(vae: nn.Module) -> int:
+    """Pixels per latent along each side (``spatial_compression_ratio`` where the VAE says,
+    else ``2 ** (levels - 1)``)."""
+    ratio = getattr(vae.config, "spatial_compression_ratio", None)
+    return int(ratio) if ratio else 2 ** (len(vae.config.block_out_channels) - 1)

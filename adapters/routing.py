@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,6 +42,7 @@ __all__ = [
     "has_tangent",
     "route_attention",
     "checkpointing_off",
+    "enable_gradient_checkpointing",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,3 +124,22 @@ def checkpointing_off(model: nn.Module, off: bool) -> Iterator[None]:
     finally:
         if saved is not None:
             model.gradient_checkpointing = saved
+
+
+def _checkpoint(block: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, **kwargs)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """diffusers' gradient checkpointing, with the blocks' keyword arguments passed on.
+
+    diffusers' default checkpointing function takes positional arguments only, and
+    HunyuanImage 2.1 calls its blocks with ``attention_mask=`` and ``image_rotary_emb=``
+    (a ``TypeError`` in diffusers 0.42.1); this one forwards both kinds.
+
+    Raises:
+        TypeError: if ``model`` has no diffusers ``enable_gradient_checkpointing``.
+    """
+    if not hasattr(model, "enable_gradient_checkpointing"):
+        raise TypeError(f"{type(model).__name__} has no diffusers gradient checkpointing")
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint)

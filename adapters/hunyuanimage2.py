@@ -1,0 +1,355 @@
+"""HunyuanImage 2.1 on the adapter core (diffusers' ``HunyuanImageTransformer2DModel``).
+
+Its conventions, converted here and nowhere else (checked on diffusers 0.42.1):
+
+- time: the transformer takes ``timestep = sigma * 1000`` and does **not** rescale it
+  (FLUX scales inside); ``sigma`` is mfcore's ``t``.
+- velocity: the pipeline's Euler step is ``z + (sigma_next - sigma) * out``, so the output is
+  ``eps - x``: mfcore's ``v``, no sign flip.
+- latents: unpacked ``(B, 64, H/32, W/32)`` from a 32x VAE (patch size 1, no packing).
+- conditioning: Qwen2.5-VL embeddings ``prompt_embeds (B, L, text_embed_dim)`` with a
+  key-padding mask ``prompt_attention_mask (B, L)``; optional ByT5 glyph embeddings
+  ``prompt_embeds_2 (B, L2, text_embed_2_dim)`` and ``prompt_attention_mask_2`` (the
+  pipeline passes zeros and an all-zero mask when a prompt quotes no text).
+- guidance: the distilled checkpoint (``guidance_embeds=True``) embeds ``scale * 1000``; the
+  base checkpoint needs true two-pass CFG (``true_cfg_scale`` with ``negative_*`` inputs).
+- ``use_meanflow`` checkpoints average the embeddings of t and r, ``(e(t) + e_r(r)) / 2``, so
+  they are MeanFlow models already (Tencent's distilled student): :class:`HunyuanMeanFlow`
+  runs one through mfcore's few-step sampler via its native ``timestep_r``. A base checkpoint
+  is the teacher; its student gets mfcore's zero-initialised interval embedding, added to
+  ``time_guidance_embed``'s output (which every block and ``norm_out`` read; the token
+  refiner embeds ``timestep`` itself and is not reached).
+- LoRA: ``to_q``/``to_k``/``to_v``/``to_out.0``/``ff.net.*`` also name modules of the token
+  refiner and ``proj_out`` the final layer, so the targets are the dual- and single-stream
+  blocks' layers by full name (:func:`lora_targets`).
+- schedule: a constant shift (``FlowMatchEulerDiscreteScheduler.shift``, read from the
+  checkpoint's scheduler config; 5 for the base model in Tencent's inference code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import HunyuanImageTransformer2DModel
+from diffusers.models.attention_processor import Attention
+from torch import Tensor, nn
+
+from mfcore._checks import check_tensor, check_time
+from mfcore.adapters.family import Call
+from mfcore.adapters.interval import diffusers_interval_embedding
+from mfcore.adapters.lora import LoraSpec, load_lora, lora_disabled, save_lora
+from mfcore.adapters.student import MeanFlowStudent, check_cond_keys
+from mfcore.time import shifted_grid
+
+__all__ = [
+    "FAMILY",
+    "HunyuanImage2Family",
+    "HY21_BASE_CONFIG",
+    "HY21_DISTILLED_CONFIG",
+    "TINY_HY21_CONFIG",
+    "DEFAULT_SHIFT",
+    "lora_targets",
+    "HunyuanImage2Student",
+    "HunyuanMeanFlow",
+]
+
+#: ``HunyuanImageTransformer2DModel`` config of HunyuanImage-2.1 (17.43B parameters), from
+#: diffusers' conversion script.
+HY21_BASE_CONFIG: dict[str, Any] = {
+    "in_channels": 64,
+    "out_channels": 64,
+    "num_attention_heads": 28,
+    "attention_head_dim": 128,
+    "num_layers": 20,
+    "num_single_layers": 40,
+    "num_refiner_layers": 2,
+    "patch_size": (1, 1),
+    "qk_norm": "rms_norm",
+    "guidance_embeds": False,
+    "text_embed_dim": 3584,
+    "text_embed_2_dim": 1472,
+    "rope_theta": 256.0,
+    "rope_axes_dim": (64, 64),
+}
+#: The distilled checkpoint: guidance embedding and a native MeanFlow ``timestep_r``.
+HY21_DISTILLED_CONFIG: dict[str, Any] = {
+    **HY21_BASE_CONFIG,
+    "guidance_embeds": True,
+    "use_meanflow": True,
+}
+#: A random HunyuanImage 2.1 with one block of each kind and no ByT5 branch (about 0.1M
+#: parameters; the ByT5 projection alone is 4.3M, its hidden width 2048 being fixed).
+TINY_HY21_CONFIG: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "num_refiner_layers": 1,
+    "mlp_ratio": 2.0,
+    "patch_size": (1, 1),
+    "qk_norm": "rms_norm",
+    "guidance_embeds": False,
+    "text_embed_dim": 24,
+    "text_embed_2_dim": None,
+    "rope_theta": 256.0,
+    "rope_axes_dim": (8, 8),
+    "use_meanflow": False,
+}
+#: The sampling shift when the checkpoint has no scheduler config (Tencent's base model).
+DEFAULT_SHIFT = 5.0
+
+_DUAL = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
+_DUAL += ("to_add_out",)
+_DUAL_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+
+
+def lora_targets(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """Full names of the dual- and single-stream blocks' attention and MLP layers.
+
+    Full names, because peft matches a name as a suffix: ``attn.to_q`` would also hit the
+    token refiner and ``proj_out`` the final projection. ``transformer_blocks.0.attn.to_q``
+    does not match ``single_transformer_blocks.0.attn.to_q`` (peft needs a ``.`` before it).
+    """
+    names = []
+    for i in range(config["num_layers"]):
+        names += [f"transformer_blocks.{i}.attn.{n}" for n in _DUAL]
+        names += [f"transformer_blocks.{i}.{n}" for n in _DUAL_FF]
+    for i in range(config["num_single_layers"]):
+        names += [f"single_transformer_blocks.{i}.{n}" for n in _SINGLE]
+    return tuple(names)
+
+
+def check_hunyuan2_transformer(model: object) -> HunyuanImageTransformer2DModel:
+    """Raise ``TypeError`` unless ``model`` is a diffusers ``HunyuanImageTransformer2DModel``."""
+    if not isinstance(model, HunyuanImageTransformer2DModel):
+        raise TypeError(
+            "transformer must be a diffusers HunyuanImageTransformer2DModel, "
+            f"got {type(model).__name__}"
+        )
+    if tuple(model.config.patch_size) != (1, 1):
+        raise ValueError(f"only patch_size (1, 1) is supported, got {model.config.patch_size}")
+    return model
+
+
+def _check_text(model: nn.Module, z: Tensor, cond: Mapping[str, Any], tag: str) -> dict:
+    """The checked text inputs of one prompt (``tag`` ``""`` or ``"negative_"``)."""
+    cfg = model.config
+    name = f"{tag}prompt_embeds"
+    pe = cond.get(name)
+    if pe is None:
+        raise (ValueError if tag else TypeError)(f"a HunyuanImage 2.1 call needs {name}")
+    check_tensor(name, pe)
+    if pe.ndim != 3 or pe.shape[2] != cfg.text_embed_dim or pe.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"{name} must have shape ({z.shape[0]}, L, {cfg.text_embed_dim}), got {tuple(pe.shape)}"
+        )
+    mask = _mask(cond, f"{tag}prompt_attention_mask", pe)
+    out = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
+    pe2 = cond.get(f"{tag}prompt_embeds_2")
+    if cfg.text_embed_2_dim is None or pe2 is None:
+        return out
+    name2 = f"{tag}prompt_embeds_2"
+    check_tensor(name2, pe2)
+    if pe2.ndim != 3 or pe2.shape[2] != cfg.text_embed_2_dim or pe2.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"{name2} must have shape ({z.shape[0]}, L2, {cfg.text_embed_2_dim}), "
+            f"got {tuple(pe2.shape)}"
+        )
+    out["encoder_hidden_states_2"] = pe2
+    out["encoder_attention_mask_2"] = _mask(cond, f"{tag}prompt_attention_mask_2", pe2)
+    return out
+
+
+def _mask(cond: Mapping[str, Any], name: str, embeds: Tensor) -> Tensor:
+    mask = cond.get(name)
+    if mask is None:
+        return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    if not isinstance(mask, Tensor) or mask.shape != embeds.shape[:2]:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must have shape {tuple(embeds.shape[:2])}, got {shape}")
+    return mask
+
+
+def _guidance(model: nn.Module, z: Tensor, guidance: object, default: float) -> Tensor | None:
+    if not model.config.guidance_embeds:
+        if guidance is not None:
+            raise ValueError(
+                "guidance was given but this checkpoint has no guidance embedding "
+                "(guidance_embeds=False); use true_cfg_scale with negative prompts instead"
+            )
+        return None
+    g = default if guidance is None else guidance
+    if isinstance(g, Tensor):
+        if g.shape != (z.shape[0],):
+            raise ValueError(f"guidance must be a float or ({z.shape[0]},), got {tuple(g.shape)}")
+        return g.to(device=z.device, dtype=torch.float32)
+    if isinstance(g, bool) or not isinstance(g, (int, float)):
+        raise TypeError(f"guidance must be a float or a tensor, got {type(g).__name__}")
+    return torch.full((z.shape[0],), float(g), device=z.device, dtype=torch.float32)
+
+
+def _call(
+    model: HunyuanImageTransformer2DModel,
+    z: Tensor,
+    t: Tensor,
+    inputs: dict[str, Any],
+    r: Tensor | None = None,
+) -> Tensor:
+    """One transformer call in model units (times and guidance x 1000); ``z``'s dtype out."""
+    dtype = model.dtype
+    kwargs = {k: (v.to(dtype) if k.startswith("encoder_hidden") else v) for k, v in inputs.items()}
+    g = kwargs.pop("guidance", None)
+    out = model(
+        hidden_states=z.to(dtype),
+        timestep=(t * 1000).to(dtype),
+        timestep_r=None if r is None else (r * 1000).to(dtype),
+        guidance=None if g is None else (g * 1000).to(dtype),
+        return_dict=False,
+        **kwargs,
+    )[0]
+    return out.to(z.dtype)
+
+
+class HunyuanImage2Family:
+    """HunyuanImage 2.1's conventions for the adapter core (see the module docstring)."""
+
+    name = "hunyuanimage2"
+    label = "HunyuanImage 2.1"
+    class_names = ("HunyuanImageTransformer2DModel",)
+    _text = ("prompt_embeds", "prompt_attention_mask", "prompt_embeds_2", "prompt_attention_mask_2")
+    cond_keys = frozenset({*_text, *(f"negative_{k}" for k in _text), "guidance"})
+    student_config_name = "mfcore_hunyuanimage2_student.json"
+    student_format = "mfcore.adapters.hunyuanimage2.HunyuanImage2Student"
+
+    def check_model(self, model: object) -> HunyuanImageTransformer2DModel:
+        return check_hunyuan2_transformer(model)
+
+    def check_call(
+        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
+    ) -> Call:
+        check_tensor("z", z)
+        c = self.latent_channels(model)
+        if z.ndim != 4 or z.shape[1] != c:
+            raise ValueError(f"z must be latents (B, {c}, H, W), got shape {tuple(z.shape)}")
+        g = _guidance(model, z, cond.get("guidance"), guidance)
+        inputs = {**_check_text(model, z, cond, ""), "guidance": g}
+        if not negative:
+            return Call(inputs)
+        return Call(inputs, {**_check_text(model, z, cond, "negative_"), "guidance": g})
+
+    def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
+        return _call(model, z, t, inputs)
+
+    def lora_targets(self, model: nn.Module) -> tuple[str, ...]:
+        return lora_targets(model.config)
+
+    def interval_embedding(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        embed = model.time_guidance_embed
+        return diffusers_interval_embedding(embed.time_proj, embed.timestep_embedder), [embed]
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, Attention)]
+
+    def config_summary(self, model: nn.Module) -> dict[str, Any]:
+        cfg = model.config
+        keys = sorted(set(TINY_HY21_CONFIG) | {"mlp_ratio"})
+        return {k: (list(cfg[k]) if isinstance(cfg[k], (tuple, list)) else cfg[k]) for k in keys}
+
+    def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        # diffusers 0.42.1 has no HunyuanImage pipeline LoRA loader: the model's own format
+        save_lora(directory, model, adapter_name=adapter_name)
+
+    def load_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        load_lora(directory, model, adapter_name=adapter_name, prefix=None)
+
+    def latent_channels(self, model: nn.Module) -> int:
+        return model.config.in_channels
+
+    def sampling_grid(
+        self,
+        steps: int,
+        height: int,
+        width: int,
+        *,
+        scheduler: Mapping[str, Any] | None = None,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        shift = float((scheduler or {}).get("shift", DEFAULT_SHIFT))
+        return shifted_grid(steps, shift=shift, device=device, dtype=dtype)
+
+
+FAMILY = HunyuanImage2Family()
+
+
+class HunyuanImage2Student(MeanFlowStudent):
+    """A base HunyuanImage 2.1 transformer as a MeanFlow student ``u(z, r, t, **cond)``.
+
+    The core's :class:`~mfcore.adapters.student.MeanFlowStudent` with this family's
+    conventions (module docstring); :meth:`teacher` is the base model (two-pass CFG through
+    ``true_cfg_scale``). Build it on a base checkpoint: a ``use_meanflow`` checkpoint is
+    already a MeanFlow model (:class:`HunyuanMeanFlow`).
+
+    Args:
+        transformer: a diffusers ``HunyuanImageTransformer2DModel`` (modified in place).
+        lora: LoRA rank and targets (default targets: :func:`lora_targets`).
+        guidance_scale: guidance input of a guidance-embedding checkpoint.
+        adapter_name: peft's name for the adapter.
+        attention: ``"auto"``, ``"math"`` or ``"mfcore"`` (:mod:`mfcore.adapters.routing`).
+    """
+
+    def __init__(
+        self,
+        transformer: HunyuanImageTransformer2DModel,
+        *,
+        lora: LoraSpec | None = None,
+        guidance_scale: float = 3.5,
+        adapter_name: str = "mfcore",
+        attention: str = "auto",
+    ) -> None:
+        super().__init__(
+            transformer,
+            FAMILY,
+            lora=lora,
+            guidance_scale=guidance_scale,
+            adapter_name=adapter_name,
+            attention=attention,
+        )
+
+
+class HunyuanMeanFlow(nn.Module):
+    """A ``use_meanflow`` checkpoint (Tencent's distilled 2.1) as ``u(z, r, t, **cond)``.
+
+    Its own ``timestep_r`` input makes it a MeanFlow model: the pipeline's step
+    ``z + (sigma_next - sigma) * out`` with ``timestep_r = sigma_next`` is mfcore's
+    ``z_r = z_t - (t - r) u``. So :func:`mfcore.adapters.generation.generate_latents` (and
+    :func:`mfcore.solvers.sample_meanflow`) run it like an mfcore student, and the two can be
+    compared against the same base teacher. Adapters, if any, are off during the call.
+
+    Args:
+        transformer: a ``HunyuanImageTransformer2DModel`` with ``use_meanflow=True``.
+        guidance_scale: its distilled guidance scale (the pipeline's default is 3.25).
+    """
+
+    def __init__(self, transformer: HunyuanImageTransformer2DModel, *, guidance_scale=3.25):
+        super().__init__()
+        check_hunyuan2_transformer(transformer)
+        if not transformer.config.use_meanflow:
+            raise ValueError("transformer is not a use_meanflow checkpoint (no timestep_r input)")
+        self.transformer = transformer
+        self.family = FAMILY
+        self.guidance_scale = float(guidance_scale)
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """Average velocity over ``[r, t]`` ``(B, C, H, W)``; ``r``, ``t`` ``(B,)``."""
+        check_cond_keys(FAMILY, cond)
+        call = FAMILY.check_call(self.transformer, z, cond, self.guidance_scale, False)
+        check_time("r", r, z)
+        check_time("t", t, z)
+        with lora_disabled(self.transformer):
+            return _call(self.transformer, z, t, call.inputs, r=r)
