@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_choice
 
-__all__ = ["Call", "Family", "FAMILIES", "get_family", "detect_family"]
+__all__ = ["Call", "Family", "TrainingFamily", "FAMILIES", "get_family", "detect_family"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,64 @@ class Family(Protocol):
     ) -> Tensor:
         """Times ``(steps + 1,)`` from 1 to 0 for an ``H x W`` latent (the family's shift,
         read from the checkpoint's ``scheduler`` config when given)."""
+        ...
+
+
+@runtime_checkable
+class TrainingFamily(Family, Protocol):
+    """What the entry point needs from a family on top of its model conventions.
+
+    Attributes:
+        data_keys: condition tensors every data sample holds (besides ``latents``).
+        optional_keys: condition tensors a sample may hold (the negative prompt).
+        negative_key: the key whose presence makes two-pass CFG possible.
+        tiny_dims: latent ``channels`` and condition widths of the tiny random model.
+        vae_factor: pixels per latent along each side of the family's real VAE.
+    """
+
+    data_keys: tuple[str, ...]
+    optional_keys: tuple[str, ...]
+    negative_key: str
+    tiny_dims: dict[str, int]
+    vae_factor: int
+
+    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
+        """Raise ``ValueError`` unless per-sample ``shapes`` fit ``model``."""
+        ...
+
+    def synthetic_sample(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        seq_len: int,
+        generator: torch.Generator,
+        negatives: bool,
+        dims: Mapping[str, int],
+    ) -> dict[str, Tensor]:
+        """``n`` random samples ``{"latents": (n, C, H, W), <data_keys>...}``."""
+        ...
+
+    def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
+        """A random tiny transformer (guidance-distilled when ``guidance``)."""
+        ...
+
+    def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+        """The transformer of a local checkpoint and its scheduler config (``{}`` if none);
+        ``ValueError`` if the checkpoint is another family's."""
+        ...
+
+    def shift_times(self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]) -> Any:
+        """The training time sampler: ``base`` shifted as the family's schedule shifts."""
+        ...
+
+    def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
+        """The checkpoint's VAE (for previews), or None if it has none."""
+        ...
+
+    def prompt_encoder(self, path: str, dtype: torch.dtype) -> Any:
+        """The checkpoint's prompt encoding for ``prepare``
+        (a :class:`mfcore.adapters.prepare.PromptEncoder`)."""
         ...
 
 

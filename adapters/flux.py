@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import Tensor, nn
@@ -40,6 +40,7 @@ from mfcore._checks import check_positive_int, check_tensor
 from mfcore.adapters.family import Call
 from mfcore.adapters.generation import generate_latents as _generate_latents
 from mfcore.adapters.interval import IntervalEmbedding, diffusers_interval_embedding
+from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 from mfcore.adapters.lora import LoraSpec, load_lora, save_lora
 from mfcore.adapters.routing import ATTENTION_MODES, attention_mode_for
 from mfcore.adapters.student import (
@@ -49,7 +50,7 @@ from mfcore.adapters.student import (
     Teacher,
     student_kwargs,
 )
-from mfcore.time import resolution_shift_mu, shifted_grid, uniform_grid
+from mfcore.time import ResolutionShiftedTime, resolution_shift_mu, shifted_grid, uniform_grid
 
 __all__ = [
     "FAMILY",
@@ -438,6 +439,71 @@ class FluxFamily:
     ) -> Tensor:
         mu = flux_mu(height * width // 4, scheduler)
         return shifted_grid(steps, mu=mu, device=device, dtype=dtype)
+
+    # ----------------------------------------------------------------------- entry point
+
+    data_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    optional_keys = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+    negative_key = "negative_prompt_embeds"
+    tiny_dims = {"channels": 1, "joint_attention_dim": 32, "pooled_projection_dim": 32}
+
+    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
+        cfg = model.config
+        c, h, w = shapes["latents"]
+        if 4 * c != cfg.in_channels:
+            raise ValueError(
+                f"latents have {c} channels; this FLUX takes {cfg.in_channels // 4} "
+                f"({cfg.in_channels} packed)"
+            )
+        if h % 2 or w % 2:
+            raise ValueError(f"latents need an even height and width, got {h}x{w}")
+        pe = shapes["prompt_embeds"]
+        if len(pe) != 2 or pe[1] != cfg.joint_attention_dim:
+            raise ValueError(
+                f"prompt_embeds must be (N, L, {cfg.joint_attention_dim}), got (N, *{pe})"
+            )
+        if shapes["pooled_prompt_embeds"] != (cfg.pooled_projection_dim,):
+            raise ValueError(
+                f"pooled_prompt_embeds must be (N, {cfg.pooled_projection_dim}), "
+                f"got (N, *{shapes['pooled_prompt_embeds']})"
+            )
+
+    def synthetic_sample(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        seq_len: int,
+        generator: torch.Generator,
+        negatives: bool,
+        dims: Mapping[str, int],
+    ) -> dict[str, Tensor]:
+        g, jd, pd = generator, dims["joint_attention_dim"], dims["pooled_projection_dim"]
+        data = {
+            "latents": torch.randn(n, dims["channels"], height, width, generator=g),
+            "prompt_embeds": torch.randn(n, seq_len, jd, generator=g),
+            "pooled_prompt_embeds": torch.randn(n, pd, generator=g),
+        }
+        if negatives:
+            data["negative_prompt_embeds"] = torch.randn(n, seq_len, jd, generator=g)
+            data["negative_pooled_prompt_embeds"] = torch.randn(n, pd, generator=g)
+        return data
+
+    def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(**dict(TINY_FLUX_CONFIG, guidance_embeds=guidance)).to(dtype)
+
+    def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+        model = load_transformer(path, FluxTransformer2DModel, self.label, dtype)
+        return model, load_scheduler_config(path)
+
+    def shift_times(
+        self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]
+    ) -> ResolutionShiftedTime:
+        return ResolutionShiftedTime(base, flux_mu(height * width // 4, scheduler))
+
+    def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
+        return load_vae(path, AutoencoderKL, dtype)
 
 
 FAMILY = FluxFamily()
