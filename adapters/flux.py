@@ -42,6 +42,7 @@ from mfcore.adapters.generation import generate_latents as _generate_latents
 from mfcore.adapters.interval import IntervalEmbedding, diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 from mfcore.adapters.lora import LoraSpec, load_lora, save_lora
+from mfcore.adapters.prepare import PipelinePromptEncoder
 from mfcore.adapters.routing import ATTENTION_MODES, attention_mode_for
 from mfcore.adapters.student import (
     INTERVAL_WEIGHT_NAME,
@@ -504,6 +505,31 @@ class FluxFamily:
 
     def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
         return load_vae(path, AutoencoderKL, dtype)
+
+    def prompt_encoder(self, path: str, dtype: torch.dtype) -> PipelinePromptEncoder:
+        return PipelinePromptEncoder(path, dtype, FluxPipeline, _encode, _too_long)
+
+    vae_factor = 8
+
+
+#: T5 tokens FLUX.1-dev's pipeline encodes (``max_sequence_length``).
+MAX_SEQUENCE_LENGTH = 512
+
+
+def _encode(pipe: FluxPipeline, prompts: list[str], tag: str) -> dict[str, Tensor]:
+    """The pipeline's own prompt encoding: T5 embeddings and CLIP's pooled embedding."""
+    pe, pooled, _ = pipe.encode_prompt(
+        prompts, None, device=pipe.text_encoder.device, max_sequence_length=MAX_SEQUENCE_LENGTH
+    )
+    return {f"{tag}prompt_embeds": pe, f"{tag}pooled_prompt_embeds": pooled}
+
+
+def _too_long(pipe: FluxPipeline, prompt: str) -> str | None:
+    """Why T5 would truncate ``prompt`` (the pipeline cuts silently), or None."""
+    n = len(pipe.tokenizer_2(prompt).input_ids)
+    if n > MAX_SEQUENCE_LENGTH:
+        return f"{n} T5 tokens, the encoder takes {MAX_SEQUENCE_LENGTH}"
+    return None
 
 
 FAMILY = FluxFamily()

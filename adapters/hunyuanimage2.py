@@ -32,16 +32,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import HunyuanImageTransformer2DModel
+from diffusers import (
+    AutoencoderKLHunyuanImage,
+    HunyuanImagePipeline,
+    HunyuanImageTransformer2DModel,
+)
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from mfcore._checks import check_tensor, check_time
 from mfcore.adapters.family import Call
 from mfcore.adapters.interval import diffusers_interval_embedding
+from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 from mfcore.adapters.lora import LoraSpec, load_lora, lora_disabled, save_lora
+from mfcore.adapters.prepare import PipelinePromptEncoder
 from mfcore.adapters.student import MeanFlowStudent, check_cond_keys
-from mfcore.time import shifted_grid
+from mfcore.time import ShiftedTime, shifted_grid
 
 __all__ = [
     "FAMILY",
@@ -282,6 +288,101 @@ class HunyuanImage2Family:
     ) -> Tensor:
         shift = float((scheduler or {}).get("shift", DEFAULT_SHIFT))
         return shifted_grid(steps, shift=shift, device=device, dtype=dtype)
+
+    # ----------------------------------------------------------------------- entry point
+
+    data_keys = ("prompt_embeds", "prompt_attention_mask")
+    optional_keys = (
+        "prompt_embeds_2",
+        "prompt_attention_mask_2",
+        *(f"negative_{k}" for k in _text),
+    )
+    negative_key = "negative_prompt_embeds"
+    tiny_dims = {"channels": 4, "text_embed_dim": 24}
+    vae_factor = 32
+
+    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
+        cfg = model.config
+        if shapes["latents"][0] != cfg.in_channels:
+            raise ValueError(
+                f"latents have {shapes['latents'][0]} channels; this HunyuanImage 2.1 takes "
+                f"{cfg.in_channels}"
+            )
+        for tag in ("", "negative_"):
+            pe = shapes.get(f"{tag}prompt_embeds")
+            if pe is not None and (len(pe) != 2 or pe[1] != cfg.text_embed_dim):
+                raise ValueError(
+                    f"{tag}prompt_embeds must be (N, L, {cfg.text_embed_dim}), got (N, *{pe})"
+                )
+            mask = shapes.get(f"{tag}prompt_attention_mask")
+            if pe is not None and mask != pe[:1]:
+                raise ValueError(f"{tag}prompt_attention_mask must be (N, {pe[0]}), got {mask}")
+
+    def synthetic_sample(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        seq_len: int,
+        generator: torch.Generator,
+        negatives: bool,
+        dims: Mapping[str, int],
+    ) -> dict[str, Tensor]:
+        g = generator
+        data = {"latents": torch.randn(n, dims["channels"], height, width, generator=g)}
+        for tag in ("", "negative_") if negatives else ("",):
+            data[f"{tag}prompt_embeds"] = torch.randn(
+                n, seq_len, dims["text_embed_dim"], generator=g
+            )
+            lengths = torch.randint(1, seq_len + 1, (n, 1), generator=g)
+            data[f"{tag}prompt_attention_mask"] = (torch.arange(seq_len) < lengths).long()
+        return data
+
+    def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
+        torch.manual_seed(seed)
+        config = dict(TINY_HY21_CONFIG, guidance_embeds=guidance)
+        return HunyuanImageTransformer2DModel(**config).to(dtype)
+
+    def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+        model = load_transformer(path, HunyuanImageTransformer2DModel, self.label, dtype)
+        if model.config.use_meanflow:
+            raise ValueError(
+                f"{path} is a use_meanflow (distilled) HunyuanImage 2.1 checkpoint, a MeanFlow "
+                "model already: distil from the base checkpoint (compare with this one "
+                "through HunyuanMeanFlow)"
+            )
+        return model, load_scheduler_config(path)
+
+    def shift_times(
+        self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]
+    ) -> ShiftedTime:
+        return ShiftedTime(base, float(scheduler.get("shift", DEFAULT_SHIFT)))
+
+    def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
+        return load_vae(path, AutoencoderKLHunyuanImage, dtype)
+
+    def prompt_encoder(self, path: str, dtype: torch.dtype) -> PipelinePromptEncoder:
+        return PipelinePromptEncoder(path, dtype, HunyuanImagePipeline, _encode, _too_long)
+
+
+def _encode(pipe: HunyuanImagePipeline, prompts: list[str], tag: str) -> dict[str, Tensor]:
+    """The pipeline's own prompt encoding (Qwen2.5-VL template and ByT5 glyph text)."""
+    pe, mask, pe2, mask2 = pipe.encode_prompt(prompts, device=pipe.text_encoder.device)
+    return {
+        f"{tag}prompt_embeds": pe,
+        f"{tag}prompt_attention_mask": mask,
+        f"{tag}prompt_embeds_2": pe2,
+        f"{tag}prompt_attention_mask_2": mask2,
+    }
+
+
+def _too_long(pipe: HunyuanImagePipeline, prompt: str) -> str | None:
+    """Why Qwen2.5-VL would truncate ``prompt`` (the pipeline cuts silently), or None."""
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids
+    n = len(ids) - pipe.prompt_template_encode_start_idx
+    if n > pipe.tokenizer_max_length:
+        return f"{n} Qwen2.5-VL tokens, the encoder takes {pipe.tokenizer_max_length}"
+    return None
 
 
 FAMILY = HunyuanImage2Family()

@@ -16,7 +16,7 @@ The output is the folder :class:`mfcore.adapters.data.LatentDataset` reads:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +33,7 @@ from mfcore.solvers import sample_teacher
 
 __all__ = [
     "PromptEncoder",
+    "PipelinePromptEncoder",
     "read_prompts",
     "encode_images",
     "prepare",
@@ -55,6 +56,52 @@ class PromptEncoder(Protocol):
     def __call__(
         self, prompts: list[str], latent_size: tuple[int, int], negative: str | None
     ) -> dict[str, Tensor]: ...
+
+
+class PipelinePromptEncoder:
+    """A :class:`PromptEncoder` through a diffusers pipeline's own ``encode_prompt``.
+
+    Loads only the pipeline's text encoders and tokenizers from the local checkpoint.
+
+    Args:
+        path: the diffusers pipeline folder (with ``model_index.json``).
+        dtype: dtype of the text encoders.
+        pipeline_cls: the family's pipeline class.
+        encode: ``(pipe, prompts, tag) -> {tag + key: tensor}`` in the data's keys.
+        too_long: ``(pipe, prompt) -> reason or None``: why a prompt exceeds the encoder.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        dtype: torch.dtype,
+        pipeline_cls: type,
+        encode: Callable[[Any, list[str], str], dict[str, Tensor]],
+        too_long: Callable[[Any, str], str | None],
+    ) -> None:
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json): prepare "
+                "needs its text encoders"
+            )
+        self.pipe = pipeline_cls.from_pretrained(
+            path, transformer=None, vae=None, scheduler=None, torch_dtype=dtype
+        )
+        self.encode = encode
+        self.too_long = too_long
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: list[str], latent_size: tuple[int, int], negative: str | None
+    ) -> dict[str, Tensor]:
+        for i, prompt in enumerate(prompts):
+            reason = self.too_long(self.pipe, prompt)
+            if reason is not None:
+                raise ValueError(f"prompt {i + 1} is too long: {reason}")
+        out = self.encode(self.pipe, prompts, "")
+        if negative is not None:
+            out |= self.encode(self.pipe, [negative] * len(prompts), "negative_")
+        return out
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
