@@ -316,6 +316,15 @@ def resolve_family(cfg: DistillConfig, transformer: nn.Module | None = None) -> 
     """The family a run trains: ``cfg.family``, or detected from the checkpoint's config
     (or the given transformer's class); ``--tiny`` without a family builds a FLUX."""
     if cfg.family != "auto":
+        found = cfg.family
+        if cfg.model is not None and transformer is None:
+            with contextlib.suppress(ValueError):  # an unknown class: the loader names it
+                found = detect_family(cfg.model)
+        if found != cfg.family:
+            raise ValueError(
+                f"{cfg.model} holds a {get_family(found).label} checkpoint, "
+                f"not {get_family(cfg.family).label} (--family {cfg.family})"
+            )
         return cfg.family
     if transformer is not None:
         name = type(transformer).__name__

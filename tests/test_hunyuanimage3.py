@@ -10,17 +10,14 @@ import torch
 from diffusers import AutoencoderKL
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nemo_automodel.components.models.common import BackendConfig
+from nemo_automodel.components.models.hunyuan_image3.config import HunyuanImage3Config
+from nemo_automodel.components.models.hunyuan_image3.model import HunyuanImage3ForCausalMM
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors import safe_open
 
-pytest.importorskip("nemo_automodel", reason="install with: pip install --no-deps nemo-automodel")
-
-from nemo_automodel.components.models.common import BackendConfig  # noqa: E402
-from nemo_automodel.components.models.hunyuan_image3.config import HunyuanImage3Config  # noqa: E402
-from nemo_automodel.components.models.hunyuan_image3.model import HunyuanImage3ForCausalMM  # noqa: E402
-from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from mfcore.adapters.generation import decode_latents, generate_latents  # noqa: E402
-from mfcore.adapters.hunyuanimage3 import (  # noqa: E402
+from mfcore.adapters.generation import decode_latents, generate_latents
+from mfcore.adapters.hunyuanimage3 import (
     BACKEND,
     FAMILY,
     TINY_HY3_CONFIG,
@@ -29,11 +26,11 @@ from mfcore.adapters.hunyuanimage3 import (  # noqa: E402
     _tiny_vocab,
     build_model,
 )
-from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec  # noqa: E402
-from mfcore.adapters.routing import attention_mode_for  # noqa: E402
-from mfcore.adapters.sizes import meta_counts  # noqa: E402
-from mfcore.adapters.student import Teacher, load_student  # noqa: E402
-from mfcore.jvp import total_derivative  # noqa: E402
+from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec
+from mfcore.adapters.routing import attention_mode_for
+from mfcore.adapters.sizes import meta_counts
+from mfcore.adapters.student import Teacher, load_student
+from mfcore.jvp import total_derivative
 
 F64 = torch.float64
 
