@@ -367,7 +367,9 @@ class HunyuanImage2Family:
 
 def _encode(pipe: HunyuanImagePipeline, prompts: list[str], tag: str) -> dict[str, Tensor]:
     """The pipeline's own prompt encoding (Qwen2.5-VL template and ByT5 glyph text)."""
-    pe, mask, pe2, mask2 = pipe.encode_prompt(prompts, device=pipe.text_encoder.device)
+    pe, mask, pe2, mask2 = pipe.encode_prompt(
+        prompts, device=pipe.text_encoder.device, batch_size=len(prompts)
+    )
     return {
         f"{tag}prompt_embeds": pe,
         f"{tag}prompt_attention_mask": mask,

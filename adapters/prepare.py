@@ -200,8 +200,10 @@ def prepare(
             raise ValueError(f"{label} must be a multiple of the VAE's factor {factor}, got {n}")
     size = (height // factor, width // factor)
     encoder: PromptEncoder = fam.prompt_encoder(model_path, torch_dtype)
-    negative = negative_prompt if negative_prompt is not None or true_cfg_scale > 1 else None
-    cond = encoder(prompts, size, None if negative is None else negative or "")
+    negative = negative_prompt
+    if negative is None and true_cfg_scale > 1:
+        negative = ""  # two-pass CFG needs a negative prompt: the empty one, as the pipelines
+    cond = encoder(prompts, size, negative)
     generator = torch.Generator().manual_seed(seed)
     if images is not None:
         if vae is None:
