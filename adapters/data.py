@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mfcore._checks import check_positive_int
-from mfcore.adapters.family import TrainingFamily, get_family
+from mfcore.adapters.family import Synthetic, TrainingFamily, get_family
 
 __all__ = ["LatentDataset", "make_synthetic_data"]
 
@@ -177,7 +177,8 @@ def make_synthetic_data(
     g = torch.Generator().manual_seed(seed)
     paths = []
     for i in range(num_files):
-        data = fam.synthetic_sample(per_file, height, width, seq_len, g, negatives, dims)
+        request = Synthetic(per_file, height, width, seq_len, g, negatives, dims)
+        data = fam.synthetic_sample(request)
         path = os.path.join(folder, f"samples-{i:05d}.safetensors")
         save_file(data, path)
         paths.append(path)

@@ -24,9 +24,33 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice
+from mfcore._checks import check_choice, check_tensor
 
-__all__ = ["Call", "Family", "TrainingFamily", "FAMILIES", "get_family", "detect_family"]
+__all__ = [
+    "Call",
+    "Synthetic",
+    "Family",
+    "TrainingFamily",
+    "FamilyBase",
+    "guidance_input",
+    "FAMILIES",
+    "get_family",
+    "detect_family",
+]
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """What :meth:`TrainingFamily.synthetic_sample` draws: ``n`` samples of ``H x W``
+    latents with ``seq_len``-token prompts, condition widths ``dims``, from ``generator``."""
+
+    n: int
+    height: int
+    width: int
+    seq_len: int
+    generator: torch.Generator
+    negatives: bool
+    dims: Mapping[str, int]
 
 
 @dataclass(frozen=True)
@@ -104,18 +128,12 @@ class Family(Protocol):
         """The ``C`` of the latents ``(B, C, H, W)`` the transformer takes."""
         ...
 
-    def sampling_grid(
-        self,
-        steps: int,
-        height: int,
-        width: int,
-        *,
-        scheduler: Mapping[str, Any] | None = None,
-        device: Any = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
-        """Times ``(steps + 1,)`` from 1 to 0 for an ``H x W`` latent (the family's shift,
-        read from the checkpoint's ``scheduler`` config when given)."""
+    def sampling_shift(
+        self, height: int, width: int, scheduler: Mapping[str, Any] | None
+    ) -> dict[str, float]:
+        """How the family's schedule shifts times for an ``H x W`` latent: ``{"mu": m}``
+        (:func:`mfcore.time.exponential_shift`) or ``{"shift": s}`` (a constant shift), read
+        from the checkpoint's ``scheduler`` config where it says."""
         ...
 
 
@@ -141,17 +159,8 @@ class TrainingFamily(Family, Protocol):
         """Raise ``ValueError`` unless per-sample ``shapes`` fit ``model``."""
         ...
 
-    def synthetic_sample(
-        self,
-        n: int,
-        height: int,
-        width: int,
-        seq_len: int,
-        generator: torch.Generator,
-        negatives: bool,
-        dims: Mapping[str, int],
-    ) -> dict[str, Tensor]:
-        """``n`` random samples ``{"latents": (n, C, H, W), <data_keys>...}``."""
+    def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
+        """Random samples ``{"latents": (n, C, H, W), <data_keys>...}``."""
         ...
 
     def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
@@ -163,10 +172,6 @@ class TrainingFamily(Family, Protocol):
         ``ValueError`` if the checkpoint is another family's."""
         ...
 
-    def shift_times(self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]) -> Any:
-        """The training time sampler: ``base`` shifted as the family's schedule shifts."""
-        ...
-
     def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
         """The checkpoint's VAE (for previews), or None if it has none."""
         ...
@@ -175,6 +180,102 @@ class TrainingFamily(Family, Protocol):
         """The checkpoint's prompt encoding for ``prepare``
         (a :class:`mfcore.adapters.prepare.PromptEncoder`)."""
         ...
+
+
+def guidance_input(
+    embeds: bool, guidance: object, default: float, z: Tensor, label: str
+) -> Tensor | None:
+    """The guidance input ``(B,)`` float32 of a call (``default`` when ``guidance`` is None),
+    or None for a checkpoint without a guidance embedding (``embeds`` False), where a given
+    ``guidance`` is a ``ValueError``: such a teacher takes two-pass CFG instead."""
+    if not embeds:
+        if guidance is not None:
+            raise ValueError(
+                f"guidance was given but this {label} checkpoint has no guidance embedding "
+                "(guidance_embeds=False); use true_cfg_scale with negative prompts instead"
+            )
+        return None
+    g = default if guidance is None else guidance
+    if isinstance(g, Tensor):
+        if g.shape != (z.shape[0],):
+            raise ValueError(
+                f"guidance must be a float or have shape ({z.shape[0]},), got {tuple(g.shape)}"
+            )
+        return g.to(device=z.device, dtype=torch.float32)
+    if isinstance(g, bool) or not isinstance(g, int | float):
+        raise TypeError(f"guidance must be a float or a tensor, got {type(g).__name__}")
+    return torch.full((z.shape[0],), float(g), device=z.device, dtype=torch.float32)
+
+
+class FamilyBase:
+    """Defaults that families share: LoRA files without a key prefix (a diffusers model's
+    ``save_lora_adapter`` format); a constant sampling shift read from the scheduler config's
+    ``shift_key`` (``default_shift`` without one); the sampling grid and the training times
+    shifted as :meth:`sampling_shift` says; the config summary of ``summary_keys``; the
+    attention modules of class ``attention_class``."""
+
+    summary_keys: tuple[str, ...] = ()
+    shift_key: str = "shift"
+    default_shift: float = 1.0
+    attention_class: type = nn.Module
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, self.attention_class)]
+
+    def check_latents(self, model: nn.Module, z: object) -> Tensor:
+        """``z`` if it is a floating ``(B, C, H, W)`` tensor with the model's ``C``."""
+        check_tensor("z", z)
+        assert isinstance(z, Tensor)
+        c = self.latent_channels(model)
+        if z.ndim != 4 or z.shape[1] != c:
+            raise ValueError(f"z must be latents (B, {c}, H, W), got shape {tuple(z.shape)}")
+        return z
+
+    def config_summary(self, model: nn.Module) -> dict[str, Any]:
+        cfg = model.config
+        get = cfg.get if isinstance(cfg, Mapping) else lambda k: getattr(cfg, k)
+        values = {k: get(k) for k in self.summary_keys}
+        return {k: (list(v) if isinstance(v, tuple | list) else v) for k, v in values.items()}
+
+    def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        from mfcore.adapters.lora import save_lora
+
+        save_lora(directory, model, adapter_name=adapter_name)
+
+    def load_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        from mfcore.adapters.lora import load_lora
+
+        load_lora(directory, model, adapter_name=adapter_name, prefix=None)
+
+    def sampling_shift(
+        self, height: int, width: int, scheduler: Mapping[str, Any] | None
+    ) -> dict[str, float]:
+        return {"shift": float((scheduler or {}).get(self.shift_key, self.default_shift))}
+
+    def sampling_grid(
+        self,
+        steps: int,
+        height: int,
+        width: int,
+        *,
+        scheduler: Mapping[str, Any] | None = None,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Times ``(steps + 1,)`` from 1 to 0, shifted as :meth:`sampling_shift` says."""
+        from mfcore.time import shifted_grid
+
+        shift = self.sampling_shift(height, width, scheduler)
+        return shifted_grid(steps, **shift, device=device, dtype=dtype)
+
+    def shift_times(self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]) -> Any:
+        """The training time sampler: ``base`` shifted as :meth:`sampling_shift` says."""
+        from mfcore.time import ResolutionShiftedTime, ShiftedTime
+
+        shift = self.sampling_shift(height, width, scheduler)
+        if "mu" in shift:
+            return ResolutionShiftedTime(base, shift["mu"])
+        return ShiftedTime(base, shift["shift"])
 
 
 # name -> module that defines FAMILY

@@ -26,7 +26,6 @@ the student equals the teacher for every ``r`` before training. The teacher
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,11 +36,11 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import Tensor, nn
 
 from mfcore._checks import check_positive_int, check_tensor
-from mfcore.adapters.family import Call
+from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
 from mfcore.adapters.generation import generate_latents as _generate_latents
 from mfcore.adapters.interval import IntervalEmbedding, diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
-from mfcore.adapters.lora import LoraSpec, load_lora, save_lora
+from mfcore.adapters.lora import load_lora, save_lora
 from mfcore.adapters.prepare import PipelinePromptEncoder
 from mfcore.adapters.routing import ATTENTION_MODES, attention_mode_for
 from mfcore.adapters.student import (
@@ -49,9 +48,8 @@ from mfcore.adapters.student import (
     MeanFlowStudent,
     SharedWeightsStudent,
     Teacher,
-    student_kwargs,
 )
-from mfcore.time import ResolutionShiftedTime, resolution_shift_mu, shifted_grid, uniform_grid
+from mfcore.time import resolution_shift_mu, shifted_grid, uniform_grid
 
 __all__ = [
     "FAMILY",
@@ -278,31 +276,6 @@ def _check_prompt(
             raise ValueError(f"{name} is on {x.device} but z is on {z.device}")
 
 
-def _guidance_tensor(
-    transformer: FluxTransformer2DModel, guidance: float | Tensor | None, z: Tensor
-) -> Tensor | None:
-    """The guidance input of a guidance-distilled FLUX, ``(B,)`` float32 (as the pipeline)."""
-    if not transformer.config.guidance_embeds:
-        if guidance is not None:
-            raise ValueError(
-                "guidance was given but this FLUX checkpoint has no guidance embedding "
-                "(guidance_embeds=False); use true_cfg_scale with negative prompts instead"
-            )
-        return None
-    if guidance is None:
-        raise ValueError("this FLUX checkpoint is guidance-distilled: a guidance scale is required")
-    if isinstance(guidance, Tensor):
-        if guidance.shape != (z.shape[0],):
-            raise ValueError(
-                f"guidance must be a float or have shape ({z.shape[0]},), "
-                f"got {tuple(guidance.shape)}"
-            )
-        return guidance.to(device=z.device, dtype=torch.float32)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-        raise TypeError(f"guidance must be a float or a tensor, got {type(guidance).__name__}")
-    return torch.full((z.shape[0],), float(guidance), device=z.device, dtype=torch.float32)
-
-
 def _checked_call(
     tr: FluxTransformer2DModel,
     z: Tensor,
@@ -315,9 +288,7 @@ def _checked_call(
     tensor ``(B,)`` (``default_guidance`` for guidance-distilled checkpoints), or None."""
     _check_latents("z", z, tr)
     _check_prompt(tr, z, prompt_embeds, pooled)
-    if guidance is None and tr.config.guidance_embeds:
-        guidance = default_guidance
-    return _guidance_tensor(tr, guidance, z)
+    return guidance_input(tr.config.guidance_embeds, guidance, default_guidance, z, "FLUX")
 
 
 def _flux_velocity(
@@ -354,7 +325,7 @@ def _required(cond: Mapping[str, Any], *names: str) -> list[Any]:
 # --------------------------------------------------------------------------- the family
 
 
-class FluxFamily:
+class FluxFamily(FamilyBase):
     """FLUX.1's conventions for the adapter core (:class:`mfcore.adapters.family.Family`)."""
 
     name = "flux"
@@ -371,6 +342,8 @@ class FluxFamily:
     )
     student_config_name = STUDENT_CONFIG_NAME
     student_format = _FORMAT
+    summary_keys = tuple(sorted(TINY_FLUX_CONFIG))
+    attention_class = FluxAttention
 
     def check_model(self, model: object) -> FluxTransformer2DModel:
         return check_flux_transformer(model)
@@ -411,14 +384,6 @@ class FluxFamily:
         embed = model.time_text_embed
         return diffusers_interval_embedding(embed.time_proj, embed.timestep_embedder), [embed]
 
-    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [m for m in model.modules() if isinstance(m, FluxAttention)]
-
-    def config_summary(self, model: FluxTransformer2DModel) -> dict[str, Any]:
-        cfg = model.config
-        keys = sorted(TINY_FLUX_CONFIG)
-        return {k: (list(cfg[k]) if isinstance(cfg[k], (tuple, list)) else cfg[k]) for k in keys}
-
     def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
         save_lora(directory, model, loader_cls=FluxPipeline, adapter_name=adapter_name)
 
@@ -428,18 +393,10 @@ class FluxFamily:
     def latent_channels(self, model: FluxTransformer2DModel) -> int:
         return model.config.in_channels // 4
 
-    def sampling_grid(
-        self,
-        steps: int,
-        height: int,
-        width: int,
-        *,
-        scheduler: Mapping[str, Any] | None = None,
-        device: Any = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
-        mu = flux_mu(height * width // 4, scheduler)
-        return shifted_grid(steps, mu=mu, device=device, dtype=dtype)
+    def sampling_shift(
+        self, height: int, width: int, scheduler: Mapping[str, Any] | None
+    ) -> dict[str, float]:
+        return {"mu": flux_mu(height * width // 4, scheduler)}
 
     # ----------------------------------------------------------------------- entry point
 
@@ -469,24 +426,16 @@ class FluxFamily:
                 f"got (N, *{shapes['pooled_prompt_embeds']})"
             )
 
-    def synthetic_sample(
-        self,
-        n: int,
-        height: int,
-        width: int,
-        seq_len: int,
-        generator: torch.Generator,
-        negatives: bool,
-        dims: Mapping[str, int],
-    ) -> dict[str, Tensor]:
-        g, jd, pd = generator, dims["joint_attention_dim"], dims["pooled_projection_dim"]
+    def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
+        r, g = request, request.generator
+        n, jd, pd = r.n, r.dims["joint_attention_dim"], r.dims["pooled_projection_dim"]
         data = {
-            "latents": torch.randn(n, dims["channels"], height, width, generator=g),
-            "prompt_embeds": torch.randn(n, seq_len, jd, generator=g),
+            "latents": torch.randn(n, r.dims["channels"], r.height, r.width, generator=g),
+            "prompt_embeds": torch.randn(n, r.seq_len, jd, generator=g),
             "pooled_prompt_embeds": torch.randn(n, pd, generator=g),
         }
-        if negatives:
-            data["negative_prompt_embeds"] = torch.randn(n, seq_len, jd, generator=g)
+        if r.negatives:
+            data["negative_prompt_embeds"] = torch.randn(n, r.seq_len, jd, generator=g)
             data["negative_pooled_prompt_embeds"] = torch.randn(n, pd, generator=g)
         return data
 
@@ -497,11 +446,6 @@ class FluxFamily:
     def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
         model = load_transformer(path, FluxTransformer2DModel, self.label, dtype)
         return model, load_scheduler_config(path)
-
-    def shift_times(
-        self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]
-    ) -> ResolutionShiftedTime:
-        return ResolutionShiftedTime(base, flux_mu(height * width // 4, scheduler))
 
     def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
         return load_vae(path, AutoencoderKL, dtype)
@@ -587,32 +531,7 @@ class FluxStudent(MeanFlowStudent):
         attention: ``"auto"``, ``"math"`` or ``"mfcore"`` (:mod:`mfcore.adapters.routing`).
     """
 
-    def __init__(
-        self,
-        transformer: FluxTransformer2DModel,
-        *,
-        lora: LoraSpec | None = None,
-        guidance_scale: float = 3.5,
-        adapter_name: str = "mfcore",
-        attention: str = "auto",
-    ) -> None:
-        super().__init__(
-            transformer,
-            FAMILY,
-            lora=lora,
-            guidance_scale=guidance_scale,
-            adapter_name=adapter_name,
-            attention=attention,
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls, transformer: FluxTransformer2DModel, directory: str | os.PathLike
-    ) -> FluxStudent:
-        """Build a student on ``transformer`` from a :meth:`save_pretrained` folder."""
-        student = cls(transformer, **student_kwargs(directory, FAMILY))
-        student.load_pretrained(directory)
-        return student
+    default_family = FAMILY
 
 
 # --------------------------------------------------------------------------- generation

@@ -41,13 +41,12 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from mfcore._checks import check_tensor, check_time
-from mfcore.adapters.family import Call
+from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
 from mfcore.adapters.interval import diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
-from mfcore.adapters.lora import LoraSpec, load_lora, lora_disabled, save_lora
+from mfcore.adapters.lora import lora_disabled
 from mfcore.adapters.prepare import PipelinePromptEncoder
 from mfcore.adapters.student import MeanFlowStudent, check_cond_keys
-from mfcore.time import ShiftedTime, shifted_grid
 
 __all__ = [
     "FAMILY",
@@ -181,24 +180,6 @@ def _mask(cond: Mapping[str, Any], name: str, embeds: Tensor) -> Tensor:
     return mask
 
 
-def _guidance(model: nn.Module, z: Tensor, guidance: object, default: float) -> Tensor | None:
-    if not model.config.guidance_embeds:
-        if guidance is not None:
-            raise ValueError(
-                "guidance was given but this checkpoint has no guidance embedding "
-                "(guidance_embeds=False); use true_cfg_scale with negative prompts instead"
-            )
-        return None
-    g = default if guidance is None else guidance
-    if isinstance(g, Tensor):
-        if g.shape != (z.shape[0],):
-            raise ValueError(f"guidance must be a float or ({z.shape[0]},), got {tuple(g.shape)}")
-        return g.to(device=z.device, dtype=torch.float32)
-    if isinstance(g, bool) or not isinstance(g, (int, float)):
-        raise TypeError(f"guidance must be a float or a tensor, got {type(g).__name__}")
-    return torch.full((z.shape[0],), float(g), device=z.device, dtype=torch.float32)
-
-
 def _call(
     model: HunyuanImageTransformer2DModel,
     z: Tensor,
@@ -221,8 +202,13 @@ def _call(
     return out.to(z.dtype)
 
 
-class HunyuanImage2Family:
-    """HunyuanImage 2.1's conventions for the adapter core (see the module docstring)."""
+class HunyuanImage2Family(FamilyBase):
+    """HunyuanImage 2.1's conventions for the adapter core (see the module docstring).
+
+    diffusers 0.42.1 has no HunyuanImage pipeline LoRA loader, so the LoRA is written in the
+    model's own format (:class:`~mfcore.adapters.family.FamilyBase`), which a stock
+    transformer's ``load_lora_adapter(folder, weight_name=..., prefix=None)`` reads.
+    """
 
     name = "hunyuanimage2"
     label = "HunyuanImage 2.1"
@@ -231,6 +217,8 @@ class HunyuanImage2Family:
     cond_keys = frozenset({*_text, *(f"negative_{k}" for k in _text), "guidance"})
     student_config_name = "mfcore_hunyuanimage2_student.json"
     student_format = "mfcore.adapters.hunyuanimage2.HunyuanImage2Student"
+    shift_key, default_shift, attention_class = "shift", DEFAULT_SHIFT, Attention
+    summary_keys = tuple(sorted({*TINY_HY21_CONFIG, "mlp_ratio"}))
 
     def check_model(self, model: object) -> HunyuanImageTransformer2DModel:
         return check_hunyuan2_transformer(model)
@@ -238,11 +226,9 @@ class HunyuanImage2Family:
     def check_call(
         self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
     ) -> Call:
-        check_tensor("z", z)
-        c = self.latent_channels(model)
-        if z.ndim != 4 or z.shape[1] != c:
-            raise ValueError(f"z must be latents (B, {c}, H, W), got shape {tuple(z.shape)}")
-        g = _guidance(model, z, cond.get("guidance"), guidance)
+        self.check_latents(model, z)
+        embeds = model.config.guidance_embeds
+        g = guidance_input(embeds, cond.get("guidance"), guidance, z, self.label)
         inputs = {**_check_text(model, z, cond, ""), "guidance": g}
         if not negative:
             return Call(inputs)
@@ -258,36 +244,8 @@ class HunyuanImage2Family:
         embed = model.time_guidance_embed
         return diffusers_interval_embedding(embed.time_proj, embed.timestep_embedder), [embed]
 
-    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [m for m in model.modules() if isinstance(m, Attention)]
-
-    def config_summary(self, model: nn.Module) -> dict[str, Any]:
-        cfg = model.config
-        keys = sorted(set(TINY_HY21_CONFIG) | {"mlp_ratio"})
-        return {k: (list(cfg[k]) if isinstance(cfg[k], (tuple, list)) else cfg[k]) for k in keys}
-
-    def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
-        # diffusers 0.42.1 has no HunyuanImage pipeline LoRA loader: the model's own format
-        save_lora(directory, model, adapter_name=adapter_name)
-
-    def load_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
-        load_lora(directory, model, adapter_name=adapter_name, prefix=None)
-
     def latent_channels(self, model: nn.Module) -> int:
         return model.config.in_channels
-
-    def sampling_grid(
-        self,
-        steps: int,
-        height: int,
-        width: int,
-        *,
-        scheduler: Mapping[str, Any] | None = None,
-        device: Any = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
-        shift = float((scheduler or {}).get("shift", DEFAULT_SHIFT))
-        return shifted_grid(steps, shift=shift, device=device, dtype=dtype)
 
     # ----------------------------------------------------------------------- entry point
 
@@ -318,19 +276,11 @@ class HunyuanImage2Family:
             if pe is not None and mask != pe[:1]:
                 raise ValueError(f"{tag}prompt_attention_mask must be (N, {pe[0]}), got {mask}")
 
-    def synthetic_sample(
-        self,
-        n: int,
-        height: int,
-        width: int,
-        seq_len: int,
-        generator: torch.Generator,
-        negatives: bool,
-        dims: Mapping[str, int],
-    ) -> dict[str, Tensor]:
-        g = generator
-        data = {"latents": torch.randn(n, dims["channels"], height, width, generator=g)}
-        for tag in ("", "negative_") if negatives else ("",):
+    def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
+        n, seq_len, dims, g = request.n, request.seq_len, request.dims, request.generator
+        shape = (n, dims["channels"], request.height, request.width)
+        data = {"latents": torch.randn(shape, generator=g)}
+        for tag in ("", "negative_") if request.negatives else ("",):
             data[f"{tag}prompt_embeds"] = torch.randn(
                 n, seq_len, dims["text_embed_dim"], generator=g
             )
@@ -352,11 +302,6 @@ class HunyuanImage2Family:
                 "through HunyuanMeanFlow)"
             )
         return model, load_scheduler_config(path)
-
-    def shift_times(
-        self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]
-    ) -> ShiftedTime:
-        return ShiftedTime(base, float(scheduler.get("shift", DEFAULT_SHIFT)))
 
     def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
         return load_vae(path, AutoencoderKLHunyuanImage, dtype)
@@ -406,23 +351,7 @@ class HunyuanImage2Student(MeanFlowStudent):
         attention: ``"auto"``, ``"math"`` or ``"mfcore"`` (:mod:`mfcore.adapters.routing`).
     """
 
-    def __init__(
-        self,
-        transformer: HunyuanImageTransformer2DModel,
-        *,
-        lora: LoraSpec | None = None,
-        guidance_scale: float = 3.5,
-        adapter_name: str = "mfcore",
-        attention: str = "auto",
-    ) -> None:
-        super().__init__(
-            transformer,
-            FAMILY,
-            lora=lora,
-            guidance_scale=guidance_scale,
-            adapter_name=adapter_name,
-            attention=attention,
-        )
+    default_family = FAMILY
 
 
 class HunyuanMeanFlow(nn.Module):

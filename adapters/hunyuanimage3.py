@@ -48,12 +48,9 @@ from nemo_automodel.components.models.hunyuan_image3.model import HunyuanImage3F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from mfcore._checks import check_tensor
-from mfcore.adapters.family import Call
+from mfcore.adapters.family import Call, FamilyBase, Synthetic
 from mfcore.adapters.interval import IntervalEmbedding
-from mfcore.adapters.lora import LoraSpec, load_lora, save_lora
 from mfcore.adapters.student import MeanFlowStudent
-from mfcore.time import ShiftedTime, shifted_grid
 
 __all__ = [
     "FAMILY",
@@ -192,7 +189,7 @@ def _ids(cond: Mapping[str, Any], z: Tensor, tag: str, image_id: int) -> dict[st
     return out
 
 
-class HunyuanImage3Family:
+class HunyuanImage3Family(FamilyBase):
     """HunyuanImage 3.0's conventions for the adapter core (see the module docstring)."""
 
     name = "hunyuanimage3"
@@ -203,6 +200,9 @@ class HunyuanImage3Family:
     )
     student_config_name = "mfcore_hunyuanimage3_student.json"
     student_format = "mfcore.adapters.hunyuanimage3.HunyuanImage3Student"
+    shift_key, default_shift, attention_class = "flow_shift", DEFAULT_SHIFT, HunyuanImage3Attention
+    summary_keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    summary_keys += ("num_key_value_heads", "attention_head_dim", "num_experts", "latent_channels")
 
     def check_model(self, model: object) -> HunyuanImage3ForCausalMM:
         if not isinstance(model, HunyuanImage3ForCausalMM):
@@ -215,10 +215,7 @@ class HunyuanImage3Family:
     def check_call(
         self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
     ) -> Call:
-        check_tensor("z", z)
-        c = self.latent_channels(model)
-        if z.ndim != 4 or z.shape[1] != c:
-            raise ValueError(f"z must be latents (B, {c}, h, w), got shape {tuple(z.shape)}")
+        self.check_latents(model, z)
         if cond.get("guidance") is not None:
             raise ValueError("HunyuanImage 3.0 has no guidance embedding: use true_cfg_scale")
         image = model.config.image_token_id
@@ -249,35 +246,8 @@ class HunyuanImage3Family:
         embedding = IntervalEmbedding(nn.Identity(), mlp, scale=1000.0)
         return embedding, [model.timestep_emb, model.time_embed]
 
-    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [m for m in model.modules() if isinstance(m, HunyuanImage3Attention)]
-
-    def config_summary(self, model: nn.Module) -> dict[str, Any]:
-        keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-        keys += ("num_key_value_heads", "attention_head_dim", "num_experts", "latent_channels")
-        return {k: getattr(model.config, k) for k in keys}
-
-    def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
-        save_lora(directory, model, adapter_name=adapter_name)
-
-    def load_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
-        load_lora(directory, model, adapter_name=adapter_name, prefix=None)
-
     def latent_channels(self, model: nn.Module) -> int:
         return model.config.latent_channels
-
-    def sampling_grid(
-        self,
-        steps: int,
-        height: int,
-        width: int,
-        *,
-        scheduler: Mapping[str, Any] | None = None,
-        device: Any = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
-        shift = float((scheduler or {}).get("flow_shift", DEFAULT_SHIFT))
-        return shifted_grid(steps, shift=shift, device=device, dtype=dtype)
 
     # ----------------------------------------------------------------------- entry point
 
@@ -298,26 +268,16 @@ class HunyuanImage3Family:
             if ids is not None and len(ids) != 1:
                 raise ValueError(f"{tag}input_ids must be (N, S), got (N, *{ids})")
 
-    def synthetic_sample(
-        self,
-        n: int,
-        height: int,
-        width: int,
-        seq_len: int,
-        generator: torch.Generator,
-        negatives: bool,
-        dims: Mapping[str, int],
-    ) -> dict[str, Tensor]:
-        g = generator
-        data = {"latents": torch.randn(n, dims["channels"], height, width, generator=g)}
+    def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
+        n, seq_len, dims, g = request.n, request.seq_len, request.dims, request.generator
+        size = (request.height, request.width)
+        data = {"latents": torch.randn(n, dims["channels"], *size, generator=g)}
         builder = SequenceBuilder(_tiny_vocab(), TINY_HY3_CONFIG["pad_token_id"])
         lengths = torch.randint(1, seq_len + 1, (n,), generator=g).tolist()
-        prompts = [
-            torch.randint(10, dims["vocab_size"], (k,), generator=g).tolist() for k in lengths
-        ]
-        data |= builder(prompts, (height, width), "", pad_to=seq_len)
-        if negatives:
-            data |= builder(prompts, (height, width), "negative_", pad_to=seq_len)
+        vocab = dims["vocab_size"]
+        prompts = [torch.randint(10, vocab, (k,), generator=g).tolist() for k in lengths]
+        for tag in ("", "negative_") if request.negatives else ("",):
+            data |= builder(prompts, size, tag, pad_to=seq_len)
         return data
 
     def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
@@ -348,11 +308,6 @@ class HunyuanImage3Family:
                 "state-dict adapter first; docs/hunyuanimage.md)"
             )
         return make_jvp_ready(model.to(dtype)), _generation_config(path)
-
-    def shift_times(
-        self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]
-    ) -> ShiftedTime:
-        return ShiftedTime(base, float(scheduler.get("flow_shift", DEFAULT_SHIFT)))
 
     def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
         return None  # the release's VAE is remote code (docs/hunyuanimage.md)
@@ -475,14 +430,4 @@ class HunyuanImage3Student(MeanFlowStudent):
         attention: ``"auto"``, ``"math"`` or ``"mfcore"`` (:mod:`mfcore.adapters.routing`).
     """
 
-    def __init__(
-        self,
-        transformer: HunyuanImage3ForCausalMM,
-        *,
-        lora: LoraSpec | None = None,
-        adapter_name: str = "mfcore",
-        attention: str = "auto",
-    ) -> None:
-        super().__init__(
-            transformer, FAMILY, lora=lora, adapter_name=adapter_name, attention=attention
-        )
+    default_family = FAMILY

@@ -180,7 +180,7 @@ class MeanFlowStudent(SharedWeightsStudent):
 
     Args:
         transformer: the family's transformer (modified in place: LoRA, hooks, routing).
-        family: its conventions.
+        family: its conventions (default: the class's ``default_family``).
         lora: LoRA rank and targets (targets None: the family's default).
         guidance_scale: guidance input of a guidance-distilled checkpoint (the student
             distils the teacher at this scale).
@@ -188,10 +188,13 @@ class MeanFlowStudent(SharedWeightsStudent):
         attention: the attention mode.
     """
 
+    #: The family of a subclass that is one family's student (``family`` may then be omitted).
+    default_family: Family | None = None
+
     def __init__(
         self,
         transformer: nn.Module,
-        family: Family,
+        family: Family | None = None,
         *,
         lora: LoraSpec | None = None,
         guidance_scale: float = 3.5,
@@ -199,6 +202,9 @@ class MeanFlowStudent(SharedWeightsStudent):
         attention: str = "auto",
     ) -> None:
         super().__init__()
+        family = family if family is not None else self.default_family
+        if family is None:
+            raise TypeError("family is required (this student class has no default_family)")
         family.check_model(transformer)
         if lora is not None and not isinstance(lora, LoraSpec):
             raise TypeError(f"lora must be a LoraSpec or None, got {type(lora).__name__}")
@@ -329,14 +335,24 @@ class MeanFlowStudent(SharedWeightsStudent):
         self.family.load_lora(str(directory), self.transformer, self.adapter_name)
         self._load_interval(read_tensors(os.path.join(directory, INTERVAL_WEIGHT_NAME)))
 
+    @classmethod
+    def from_pretrained(
+        cls, transformer: nn.Module, directory: str | os.PathLike, family: Family | None = None
+    ) -> MeanFlowStudent:
+        """Build a student on ``transformer`` from a :meth:`save_pretrained` folder."""
+        family = family if family is not None else cls.default_family
+        if family is None:
+            raise TypeError("family is required (this student class has no default_family)")
+        student = cls(transformer, family, **student_kwargs(directory, family))
+        student.load_pretrained(directory)
+        return student
+
 
 def load_student(
     transformer: nn.Module, directory: str | os.PathLike, family: Family
 ) -> MeanFlowStudent:
     """Build a student on ``transformer`` from a :meth:`MeanFlowStudent.save_pretrained` folder."""
-    student = MeanFlowStudent(transformer, family, **student_kwargs(directory, family))
-    student.load_pretrained(directory)
-    return student
+    return MeanFlowStudent.from_pretrained(transformer, directory, family)
 
 
 def student_kwargs(directory: str | os.PathLike, family: Family) -> dict[str, Any]:
