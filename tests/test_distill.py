@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from diffusers import HunyuanImageTransformer2DModel
 from safetensors.torch import load_file
 
 import mfcore.adapters.distill as distill_module
@@ -17,6 +18,7 @@ from mfcore.adapters.data import make_synthetic_data
 from mfcore.adapters.distill import HELP, DistillConfig, distill, latest_checkpoint, main
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.flux import FluxStudent
+from mfcore.adapters.hunyuanimage2 import TINY_HY21_CONFIG
 
 LEGACY = os.path.join(os.path.dirname(__file__), "data", "flux_legacy")
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "flux_golden.safetensors")
@@ -196,6 +198,12 @@ def test_named_errors_before_any_step(tmp_path, capsys, monkeypatch):
     assert "not FLUX" in err
     err = _usage_error(["train", "--model", str(ckpt.parent), "--data", str(flux), *out], capsys)
     assert "prompt_attention_mask" in err  # detected as HunyuanImage 2.1: FLUX data lacks it
+    meanflow = tmp_path / "hy21-distilled" / "transformer"
+    HunyuanImageTransformer2DModel(**(TINY_HY21_CONFIG | {"use_meanflow": True})).save_pretrained(
+        meanflow
+    )
+    err = _usage_error(["train", "--model", str(meanflow.parent), "--data", str(hy), *out], capsys)
+    assert "use_meanflow" in err  # Tencent's distilled student is not a teacher
     wrong = data(tmp_path / "w", "hunyuanimage2", channels=3)
     err = _usage_error(["train", "--tiny", "--family", "hunyuanimage2", "--data", str(wrong),
                         *out], capsys)  # fmt: skip
