@@ -124,7 +124,6 @@ def test_ema_is_checkpointed_and_exported(tmp_path):
 
 
 def test_tensorboard_and_preview_images(tmp_path):
-    pytest.importorskip("tensorboard")
     data(tmp_path, "hunyuanimage2")
     distill(config(tmp_path, "hunyuanimage2", align="none", preview_every=2, tensorboard=True))
     previews = sorted(os.listdir(tmp_path / "run" / "previews"))
