@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_time
 from mfcore.adapters.flux import (
+    FAMILY,
+    FLUX_LORA_TARGETS,
     SharedWeightsStudent,
     _checked_call,
     check_flux_transformer,
@@ -48,7 +50,6 @@ from mfcore.adapters.flux import (
     unpack_latents,
 )
 from mfcore.adapters.lora import (
-    FLUX_LORA_TARGETS,
     LoraSpec,
     add_lora,
     load_lora_state_dict,
@@ -101,6 +102,8 @@ def _arcflow_spec(spec: object, transformer: FluxTransformer2DModel) -> LoraSpec
         return LoraSpec(target_modules=arcflow_lora_targets(transformer))
     if not isinstance(spec, LoraSpec):
         raise TypeError(f"lora must be a LoraSpec or None, got {type(spec).__name__}")
+    if spec.target_modules is None:
+        return spec.with_default_targets(arcflow_lora_targets(transformer))
     if _OUTPUT_NAME not in spec.target_modules:
         return spec
     logger.info(
@@ -183,6 +186,7 @@ class FluxArcFlowStudent(SharedWeightsStudent):
         self.head = ArcFlowHead.from_velocity_projection(output, num_components, max_rate=max_rate)
         self.guidance_scale = float(guidance_scale)
         self.adapter_name = adapter_name
+        self.family = FAMILY
         self.transformer = transformer
         add_lora(transformer, self.lora_spec, adapter_name=adapter_name)
         self._train_in_fp32()

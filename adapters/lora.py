@@ -1,33 +1,43 @@
-"""LoRA adapters on diffusers transformers through peft, saved in diffusers' own format.
+"""LoRA adapters on shared transformers through peft, saved in diffusers' own format.
 
 A student built from a teacher keeps the teacher's base weights frozen and trains low-rank
 updates ``W + (alpha / rank) B A`` (LoRA, arXiv 2106.09685) on chosen linear layers. The
 teacher is the same module with the updates switched off (:func:`lora_disabled`), so the
 two never need a second copy of the base weights.
 
-The weights are written with the pipeline's ``save_lora_weights`` (keys
-``transformer.<module>.lora_A.weight``, the LoRA config in the safetensors metadata), so a
-plain diffusers pipeline loads them with ``load_lora_weights``.
+The weights are written in diffusers' LoRA format (the LoRA config in the safetensors
+metadata): with a pipeline's ``save_lora_weights`` (keys ``transformer.<module>.lora_A.weight``,
+loaded by ``pipeline.load_lora_weights``) where the family has a pipeline LoRA loader, and
+without the prefix (``<module>.lora_A.weight``, loaded by a diffusers model's
+``load_lora_adapter(..., prefix=None)``) otherwise. Any ``nn.Module`` takes adapters: diffusers
+models through their ``add_adapter``, others through ``peft.inject_adapter_in_model``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from mfcore.adapters._state import read_tensors
+
 __all__ = [
-    "FLUX_LORA_TARGETS",
     "LORA_WEIGHT_NAME",
     "LoraSpec",
     "add_lora",
@@ -41,25 +51,6 @@ __all__ = [
     "load_lora",
 ]
 
-#: The linear layers of a FLUX transformer that get LoRA updates: every attention
-#: projection of the double- and single-stream blocks, their MLPs, and the output layers.
-FLUX_LORA_TARGETS: tuple[str, ...] = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-    "proj_out",
-)
-
 #: File name diffusers' LoRA loaders look for first in a folder.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -72,13 +63,15 @@ class LoraSpec:
         rank: rank ``r`` of each update ``B A`` (``A: (r, in)``, ``B: (out, r)``).
         alpha: scale numerator; the update is multiplied by ``alpha / rank``. Defaults to
             ``rank`` (scale 1).
-        target_modules: module-name suffixes matched by peft.
+        target_modules: module names matched by peft (a name matches itself and every
+            module whose name ends with ``"." + name``); None means the family's default
+            targets, filled in when a student is built (:meth:`with_default_targets`).
         dropout: dropout on the LoRA branch input (0 keeps training deterministic).
     """
 
     rank: int = 64
     alpha: float | None = None
-    target_modules: tuple[str, ...] = field(default=FLUX_LORA_TARGETS)
+    target_modules: tuple[str, ...] | None = None
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -86,14 +79,23 @@ class LoraSpec:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {self.alpha!r}")
-        if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ValueError("target_modules must be a non-empty sequence of module names")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not self.target_modules:
+                raise ValueError("target_modules must be a non-empty sequence of module names")
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def with_default_targets(self, targets: tuple[str, ...]) -> LoraSpec:
+        """This spec, with ``targets`` if it names none."""
+        if self.target_modules is not None:
+            return self
+        return dataclasses.replace(self, target_modules=tuple(targets))
 
     def to_peft(self) -> LoraConfig:
         """The ``peft.LoraConfig`` (Gaussian ``A``, zero ``B``: the update starts at 0)."""
+        if self.target_modules is None:
+            raise ValueError("target_modules is None: resolve it with with_default_targets")
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.rank if self.alpha is None else self.alpha,
@@ -105,7 +107,8 @@ class LoraSpec:
     def to_dict(self) -> dict:
         """A JSON-serialisable form (inverse of ``LoraSpec(**d)``)."""
         d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
+        if self.target_modules is not None:
+            d["target_modules"] = list(self.target_modules)
         return d
 
 
@@ -117,7 +120,7 @@ def add_lora(
     Every LoRA weight of the model (this adapter's and earlier ones') is left trainable.
 
     Args:
-        model: a diffusers model with ``PeftAdapterMixin`` (``add_adapter``).
+        model: the transformer (a diffusers model with ``add_adapter``, or any ``nn.Module``).
         spec: ranks and target modules.
         adapter_name: peft's name for the adapter.
         activate: make the new adapter the active one (diffusers' behaviour); False keeps
@@ -129,19 +132,20 @@ def add_lora(
         the new trainable LoRA parameters.
 
     Raises:
-        TypeError: if ``model`` cannot take peft adapters.
+        TypeError: if ``model`` is not an ``nn.Module``.
         ValueError: if no module of ``model`` matches ``spec.target_modules``.
     """
-    if not hasattr(model, "add_adapter"):
-        raise TypeError(
-            f"model must be a diffusers model with add_adapter, got {type(model).__name__}"
-        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     before = [layer.active_adapters for layer in _tuner_layers(model)]
     previous = before[0] if before else None
     try:
         with warnings.catch_warnings():  # peft warns on any second adapter; ours are intended
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            model.add_adapter(spec.to_peft(), adapter_name=adapter_name)
+            if hasattr(model, "add_adapter"):
+                model.add_adapter(spec.to_peft(), adapter_name=adapter_name)
+            else:
+                inject_adapter_in_model(spec.to_peft(), model, adapter_name)
     except ValueError as err:
         raise ValueError(f"no module of the model matches target_modules: {err}") from err
     if not activate and previous is not None:
@@ -259,8 +263,8 @@ def pinned_checkpointing(model: nn.Module) -> Iterator[None]:
         return
     state = _adapter_state(model)
 
-    def pinned(block: nn.Module, *args: Any) -> Any:
-        return original(_PinnedBlock(block, state), *args)
+    def pinned(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return original(_PinnedBlock(block, state), *args, **kwargs)
 
     model._gradient_checkpointing_func = pinned
     try:
@@ -299,34 +303,53 @@ def load_lora_state_dict(
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
 
 
+# The safetensors metadata key under which diffusers stores a LoRA's peft config.
+_METADATA_KEY = "lora_adapter_metadata"
+
+
+def _peft_config(model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    config = model.peft_config[adapter_name].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    json.dumps(config)  # fail here, not inside diffusers, if something is not serialisable
+    return config
+
+
 def save_lora(
     directory: str | os.PathLike,
     model: nn.Module,
     *,
-    loader_cls: type,
+    loader_cls: type | None = None,
     adapter_name: str = "mfcore",
 ) -> str:
-    """Write the LoRA weights of ``model`` so that ``loader_cls.load_lora_weights`` reads them.
+    """Write the LoRA weights of ``model`` in diffusers' LoRA format.
 
     Args:
         directory: output folder (created).
         model: the transformer holding the adapter.
-        loader_cls: the diffusers pipeline class whose LoRA format to use (e.g. ``FluxPipeline``).
+        loader_cls: the diffusers pipeline class whose ``save_lora_weights`` to use (e.g.
+            ``FluxPipeline``; keys prefixed ``transformer.``, read by its
+            ``load_lora_weights``). None writes the keys without a prefix, as a diffusers
+            model's ``save_lora_adapter`` does (read by ``load_lora_adapter(..., prefix=None)``).
         adapter_name: peft's name for the adapter.
 
     Returns:
         the path of the safetensors file.
     """
-    config = model.peft_config[adapter_name].to_dict()
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    json.dumps(config)  # fail here, not inside diffusers, if something is not serialisable
-    loader_cls.save_lora_weights(
-        directory,
-        transformer_lora_layers=lora_state_dict(model, adapter_name=adapter_name),
-        weight_name=LORA_WEIGHT_NAME,
-        transformer_lora_adapter_metadata=config,
-    )
-    return os.path.join(directory, LORA_WEIGHT_NAME)
+    config = _peft_config(model, adapter_name)
+    state = lora_state_dict(model, adapter_name=adapter_name)
+    path = os.path.join(directory, LORA_WEIGHT_NAME)
+    if loader_cls is not None:
+        loader_cls.save_lora_weights(
+            directory,
+            transformer_lora_layers=state,
+            weight_name=LORA_WEIGHT_NAME,
+            transformer_lora_adapter_metadata=config,
+        )
+        return path
+    os.makedirs(directory, exist_ok=True)
+    metadata = {"format": "pt", _METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+    return path
 
 
 def load_lora(
@@ -334,21 +357,36 @@ def load_lora(
     model: nn.Module,
     *,
     adapter_name: str = "mfcore",
-    prefix: str = "transformer",
+    prefix: str | None = "transformer",
 ) -> None:
     """Load weights written by :func:`save_lora` into a model that already holds the adapter.
 
+    Args:
+        directory: the folder :func:`save_lora` wrote.
+        model: the transformer holding the adapter.
+        adapter_name: peft's name for the adapter.
+        prefix: the key prefix (``"transformer"`` for a pipeline's format, None for none).
+
     Raises:
         FileNotFoundError: if the folder has no LoRA file.
-        ValueError: if the keys do not match the model's adapter.
+        ValueError: if the file is corrupt or its keys do not match the model's adapter.
     """
     path = os.path.join(directory, LORA_WEIGHT_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no LoRA weights at {path}")
-    raw = load_file(path)
-    head = prefix + "."
+    raw = read_tensors(path)
+    head = "" if prefix is None else prefix + "."
     state = {k[len(head) :]: v for k, v in raw.items() if k.startswith(head)}
     if len(state) != len(raw):
         other = sorted(k for k in raw if not k.startswith(head))[:3]
         raise ValueError(f"{path} holds keys outside the {prefix!r} prefix: {other}")
     load_lora_state_dict(model, state, adapter_name=adapter_name)
+
+
+def __getattr__(name: str) -> Any:
+    # FLUX's targets live with FLUX's conventions; this name stays importable from here.
+    if name == "FLUX_LORA_TARGETS":
+        from mfcore.adapters.flux import FLUX_LORA_TARGETS
+
+        return FLUX_LORA_TARGETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

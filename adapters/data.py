@@ -1,0 +1,185 @@
+"""The training data of the entry point: a folder of safetensors files (no pickle).
+
+:class:`LatentDataset` reads a folder of precomputed latents and conditions; which
+condition tensors a sample holds is the family's (``data_keys``). ``prepare``
+(:mod:`mfcore.adapters.prepare`) writes such a folder from prompts with the family's own
+encoders; :func:`make_synthetic_data` writes a random one for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mfcore._checks import check_positive_int
+from mfcore.adapters.family import Synthetic, TrainingFamily, get_family
+
+__all__ = ["LatentDataset", "make_synthetic_data"]
+
+
+class LatentDataset:
+    """Precomputed latents and conditions in a folder of safetensors files.
+
+    Every file holds ``N >= 1`` samples: ``latents (N, C, H, W)`` and the family's condition
+    tensors (``family.data_keys``, optionally ``family.optional_keys``), all with ``N``
+    first; every sample of a folder shares one shape per key.
+
+    Args:
+        folder: the folder.
+        family: the family whose keys the files hold (default FLUX).
+
+    Raises:
+        FileNotFoundError: if the folder does not exist or holds no ``.safetensors`` file.
+        ValueError: if a file misses a key or its shapes disagree.
+    """
+
+    def __init__(self, folder: str | os.PathLike, family: TrainingFamily | None = None) -> None:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"data folder {folder} does not exist")
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"data folder {folder} holds no .safetensors files")
+        self.folder = str(folder)
+        self.family = family if family is not None else get_family("flux")
+        self.required = ("latents", *self.family.data_keys)
+        self.optional = tuple(self.family.optional_keys)
+        self.files = files
+        self.index: list[tuple[int, int]] = []
+        self.shapes: dict[str, tuple[int, ...]] | None = None
+        for i, path in enumerate(files):
+            n = self._scan(path)
+            self.index.extend((i, j) for j in range(n))
+        if not self.index:
+            raise ValueError(f"data folder {folder} holds no samples (every file has N = 0)")
+        self._cache: dict[int, dict[str, Tensor]] = {}
+
+    def _scan(self, path: str) -> int:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            missing = [k for k in self.required if k not in keys]
+            if missing:
+                raise ValueError(f"{path} lacks {missing}; a sample file needs {self.required}")
+            shapes = {
+                k: tuple(f.get_slice(k).get_shape())
+                for k in keys & set(self.required + self.optional)
+            }
+        n = shapes["latents"][0]
+        if any(s[0] != n for s in shapes.values()):
+            raise ValueError(f"{path}: the tensors disagree on the number of samples {shapes}")
+        if len(shapes["latents"]) != 4:
+            raise ValueError(f"{path}: latents must be (N, C, H, W), got {shapes['latents']}")
+        per_sample = {k: s[1:] for k, s in shapes.items()}
+        if self.shapes is None:
+            self.shapes = per_sample
+        elif per_sample != self.shapes:
+            raise ValueError(
+                f"{path} has per-sample shapes {per_sample}, but {self.files[0]} has "
+                f"{self.shapes}: every sample in a folder must share them"
+            )
+        return n
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def check_transformer(self, transformer: nn.Module) -> None:
+        """Raise ``ValueError`` unless the data fits ``transformer``'s config."""
+        assert self.shapes is not None
+        self.family.check_data(self.shapes, transformer)
+
+    def _file(self, i: int) -> dict[str, Tensor]:
+        if i not in self._cache:
+            with safe_open(self.files[i], framework="pt") as f:
+                self._cache[i] = {k: f.get_tensor(k) for k in f.keys() if k in self.shapes}
+        return self._cache[i]
+
+    def indices(self, step: int, batch_size: int, seed: int) -> list[int]:
+        """Sample indices of ``step``: consecutive slices of per-epoch permutations.
+
+        A function of ``(step, batch_size, seed)`` only, so a resumed run sees the same batches.
+        """
+        n = len(self)
+        out = []
+        for pos in range(step * batch_size, (step + 1) * batch_size):
+            epoch, k = divmod(pos, n)
+            perm = torch.randperm(
+                n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            )
+            out.append(int(perm[k]))
+        return out
+
+    def batch(
+        self, step: int, batch_size: int, seed: int, device: torch.device | str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(latents (B, C, H, W) float32, cond)`` for ``step`` on ``device`` (floating
+        condition tensors in float32, integer ones, such as token ids, unchanged)."""
+        samples = [
+            self._file(i) | {"_row": j}
+            for i, j in (self.index[k] for k in self.indices(step, batch_size, seed))
+        ]
+        keys = [k for k in samples[0] if k != "_row"]
+        stacked = {k: torch.stack([s[k][s["_row"]] for s in samples]) for k in keys}
+        out = {
+            k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
+            for k, v in stacked.items()
+        }
+        return out.pop("latents"), out
+
+
+def make_synthetic_data(
+    folder: str | os.PathLike,
+    *,
+    family: str = "flux",
+    num_files: int = 2,
+    per_file: int = 2,
+    channels: int | None = None,
+    height: int = 8,
+    width: int = 8,
+    seq_len: int = 8,
+    negatives: bool = False,
+    seed: int = 0,
+    **dims: int,
+) -> list[str]:
+    """Write a random dataset in the training format of ``family`` (tests, smoke runs).
+
+    Args:
+        folder: output folder (created).
+        family: the family whose keys to write.
+        num_files: files to write.
+        per_file: samples per file.
+        channels: latent channels (default: the family's tiny model's).
+        height: latent height.
+        width: latent width.
+        seq_len: prompt length (text tokens, or prompt token ids).
+        negatives: also write the negative prompt (for two-pass CFG teachers).
+        seed: seed of the random values.
+        **dims: the family's condition widths (e.g. FLUX's ``joint_attention_dim``);
+            default its tiny model's.
+
+    Returns:
+        the paths written.
+    """
+    fam = get_family(family)
+    channels = fam.tiny_dims["channels"] if channels is None else channels
+    sizes = dict(num_files=num_files, per_file=per_file, channels=channels, height=height)
+    sizes |= dict(width=width, seq_len=seq_len)
+    unknown = sorted(set(dims) - set(fam.tiny_dims))
+    if unknown:
+        raise TypeError(f"unexpected size {unknown[0]!r} for {fam.label} data")
+    dims = {**fam.tiny_dims, **dims, "channels": channels}
+    for name, value in {**sizes, **dims}.items():
+        check_positive_int(name, value)
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(num_files):
+        request = Synthetic(per_file, height, width, seq_len, g, negatives, dims)
+        data = fam.synthetic_sample(request)
+        path = os.path.join(folder, f"samples-{i:05d}.safetensors")
+        save_file(data, path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,786 @@
+"""Distil a FLUX or HunyuanImage checkpoint into a few-step MeanFlow student: ``mfcore-distill``.
+
+The seed method, the same for every family: the student
+(:class:`~mfcore.adapters.student.MeanFlowStudent`, LoRA plus an interval embedding on the
+teacher's own weights) first regresses the teacher's ODE secant over ``[r, t]`` (the
+discrete warm-up target), then the differential MeanFlow target ``v - (t - r) du/dt``
+(MeanFlow, arXiv 2505.13447, eq. 10), switched by :class:`mfcore.warmup.WarmupTarget` (a
+gate before the switch and a guard after it) inside :class:`mfcore.losses.MeanFlowLoss`;
+with ``--align fake`` (or ``meanflow``) plus ``align_weight *`` trajectory distribution
+alignment of the student's samples through a fake-velocity critic, a second LoRA adapter on
+the same base weights (:mod:`mfcore.adapters.alignment`).
+
+Families: ``--family flux|hunyuanimage2|hunyuanimage3``, detected from ``--model``'s config
+by default; ``--tiny`` builds a random tiny model of any family.
+
+Data: a folder of ``*.safetensors`` files, each holding ``N >= 1`` samples: ``latents``
+``(N, C, H, W)`` (the VAE's, normalised as the pipeline does) and the family's condition
+(FLUX: ``prompt_embeds``, ``pooled_prompt_embeds``; HunyuanImage 2.1: ``prompt_embeds``,
+``prompt_attention_mask`` and optionally the ByT5 ``prompt_embeds_2`` /
+``prompt_attention_mask_2``; HunyuanImage 3.0: ``input_ids``, ``valid_lengths``), optionally
+the ``negative_`` ones for two-pass CFG teachers. ``prepare`` writes it from a prompt file
+with the family's own encoders; ``make-data`` writes a synthetic one.
+
+Commands::
+
+    mfcore-distill prepare --model PATH --prompts prompts.txt --output DATA
+    mfcore-distill train --model PATH --data DATA --output RUN
+    mfcore-distill train --tiny --family hunyuanimage2 --data DATA --output RUN --device cpu
+    mfcore-distill make-data DIR --family flux
+
+A run writes ``checkpoints/step-XXXXXXX/`` every ``--checkpoint-every`` steps (student
+trainable state, EMA, optimiser, warm-up state, RNG states, step; ``--resume`` continues
+from the newest exactly), ``metrics.jsonl`` (and TensorBoard events when installed),
+1- and 2-step ``previews/``, and the final student in ``student/`` (the EMA weights by
+default; its LoRA loads with the family's diffusers loader).
+
+Other alignment terms plug in through :class:`AlignmentHook` (``distill(...,
+alignment=...)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mfcore._checks import check_choice, check_positive_int, check_real
+from mfcore.adapters._state import load_state, read_tensors, save_state
+from mfcore.adapters.alignment import CRITICS, Alignment, FakeVelocity
+from mfcore.adapters.data import LatentDataset, make_synthetic_data
+from mfcore.adapters.ema import EMA
+from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
+from mfcore.adapters.generation import decode_latents, generate_latents
+from mfcore.adapters.lora import LoraSpec
+from mfcore.adapters.monitor import RunLog, latents_to_images
+from mfcore.adapters.prepare import add_prepare_parser, run_prepare
+from mfcore.adapters.routing import attention_mode_for, enable_gradient_checkpointing
+from mfcore.adapters.student import MeanFlowStudent
+from mfcore.jvp import JVP_METHODS
+from mfcore.losses import AdaptiveWeight, MeanFlowLoss
+from mfcore.targets import DifferentialTarget, TeacherODETarget
+from mfcore.time import LogitNormalTime, TimePairSampler
+from mfcore.warmup import SwitchGate, SwitchGuard, WarmupTarget
+
+__all__ = [
+    "SWITCHES",
+    "HELP",
+    "DistillConfig",
+    "AlignmentHook",
+    "resolve_family",
+    "distill",
+    "latest_checkpoint",
+    "build_parser",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+SWITCHES = ("gated", "fixed", "never")
+"""``--switch``: to the differential target once the targets agree (gate) and at
+``--warmup-steps`` at the earliest; at ``--warmup-steps`` unconditionally (the paper); or
+never (the discrete target throughout)."""
+
+_CKPT_PREFIX = "step-"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class DistillConfig:
+    """Everything a run depends on (recorded in each checkpoint; see ``train --help``)."""
+
+    data: str
+    output: str
+    model: str | None = None
+    tiny: bool = False
+    family: str = "auto"
+    tiny_guidance: bool = False
+    steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora_rank: int = 64
+    lora_alpha: float | None = None
+    guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0
+    switch: str = "gated"
+    warmup_steps: int = 200
+    warmup_threshold: float | None = None
+    warmup_ode_steps: int = 4
+    warmup_ode_method: str = "heun"
+    signal_every: int = 10
+    gate_delta: float = 0.1
+    gate_rho: float = 1.5
+    gate_patience: int = 3
+    guard: bool = True
+    guard_margin: float = 0.25
+    guard_patience: int = 2
+    jvp: str = "func"
+    single_forward: bool = False
+    equal_fraction: float = 0.75
+    time_mean: float = -0.4
+    time_std: float = 1.0
+    shift_times: bool = True
+    adaptive_p: float = 1.0
+    align: str = "none"
+    align_weight: float = 0.3
+    align_steps: int = 1
+    align_start: int = 0
+    critic_lead: int = 100
+    critic_updates: int = 1
+    critic_lr: float = 1e-4
+    critic_rank: int = 64
+    critic_ode_steps: int = 2
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    weights_dtype: str = "bf16"
+    autocast: bool = True
+    gradient_checkpointing: bool = True
+    ema: bool = True
+    ema_decay: float = 0.999
+    preview_every: int = 100
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (not self.tiny):
+            raise ValueError("give exactly one of model (a checkpoint folder) and tiny")
+        check_choice("family", self.family, ("auto", *FAMILIES))
+        positive = (
+            "steps",
+            "batch_size",
+            "lora_rank",
+            "warmup_ode_steps",
+            "signal_every",
+            "gate_patience",
+            "guard_patience",
+            "checkpoint_every",
+            "align_steps",
+            "critic_updates",
+            "critic_rank",
+            "critic_ode_steps",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "align_start", "critic_lead", "preview_every"):
+            check_positive_int(name, getattr(self, name), minimum=0)
+        check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        if not (isinstance(self.grad_clip, int | float) and self.grad_clip > 0):
+            raise ValueError(
+                f"grad_clip must be > 0 (inf turns clipping off), got {self.grad_clip!r}"
+            )
+        _check_device(self.device)
+        if self.align not in ("none", *CRITICS):
+            raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
+        check_choice("switch", self.switch, SWITCHES)
+        check_real("gate_delta", self.gate_delta, minimum=0.0, strict=True)
+        check_real("gate_rho", self.gate_rho, minimum=0.0, strict=True)
+        check_real("guard_margin", self.guard_margin, minimum=0.0)
+        if self.warmup_threshold is not None:
+            check_real("warmup_threshold", self.warmup_threshold, minimum=0.0, strict=True)
+        check_real("align_weight", self.align_weight, minimum=0.0)
+        check_real("critic_lr", self.critic_lr, minimum=0.0, strict=True)
+        if self.jvp not in JVP_METHODS:
+            raise ValueError(f"jvp must be one of {JVP_METHODS}, got {self.jvp!r}")
+        if self.weights_dtype not in _DTYPES:
+            raise ValueError(f"weights_dtype must be one of {tuple(_DTYPES)}")
+        check_real("lr", self.lr, minimum=0.0, strict=True)
+        if not 0.0 <= check_real("ema_decay", self.ema_decay, minimum=0.0) < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+# What a checkpoint that predates a setting ran with (before the gate and guard existed the
+# switch was fixed and unguarded; before the families every run was FLUX's).
+_LEGACY = {"switch": "fixed", "guard": False, "family": "flux"}
+# Settings that may differ between a run and its resumption (the EMA shadows the weights
+# without steering them; a checkpoint without one starts it from the resumed weights).
+_RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "output"}
+_RESUMABLE |= {"ema", "ema_decay", "preview_every", "tensorboard"}
+# Settings that only matter with an alignment term.
+_ALIGN_ONLY = {f.name for f in dataclasses.fields(DistillConfig)} & {
+    "align_weight",
+    "align_steps",
+    "align_start",
+    "critic_lead",
+    "critic_updates",
+    "critic_lr",
+    "critic_rank",
+    "critic_ode_steps",
+}
+
+
+# --------------------------------------------------------------------------- alignment hook
+
+
+@runtime_checkable
+class AlignmentHook(Protocol):
+    """A trajectory-alignment term added to the MeanFlow loss (e.g. ``Alignment``).
+
+    ``critic_step`` trains the critic (its own optimiser) on the batch before the student's
+    step; ``student_loss`` returns the student's alignment loss (with graph) and metrics;
+    the total is ``mean_flow + weight * student_loss``. ``state_dict`` /
+    ``load_state_dict`` make it resumable (tensors and plain values only).
+    """
+
+    weight: float
+
+    def critic_step(
+        self, student: MeanFlowStudent, teacher: Any, x: Tensor, cond: dict, step: int
+    ) -> dict: ...
+
+    def student_loss(
+        self, student: MeanFlowStudent, teacher: Any, x: Tensor, cond: dict, step: int
+    ) -> tuple[Tensor, dict]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Run:
+    cfg: DistillConfig
+    family: TrainingFamily
+    student: MeanFlowStudent
+    teacher: Any
+    loss: MeanFlowLoss
+    optimizer: torch.optim.Optimizer
+    data: LatentDataset
+    generator: torch.Generator
+    device: torch.device
+    alignment: AlignmentHook | None
+    scheduler: dict
+    vae: nn.Module | None
+    ema: EMA | None = None
+    step: int = 0
+
+
+def _build_loss(cfg: DistillConfig, data: LatentDataset, scheduler: dict) -> MeanFlowLoss:
+    base = LogitNormalTime(cfg.time_mean, cfg.time_std)
+    if cfg.shift_times:
+        assert data.shapes is not None
+        _, h, w = data.shapes["latents"]
+        base = data.family.shift_times(base, h, w, scheduler)
+    return MeanFlowLoss(
+        time_sampler=TimePairSampler(base, equal_fraction=cfg.equal_fraction),
+        target=_build_target(cfg),
+        weighting=AdaptiveWeight(p=cfg.adaptive_p),
+    )
+
+
+def _build_target(cfg: DistillConfig) -> TeacherODETarget | WarmupTarget:
+    """The discrete warm-up target, behind the switch ``cfg.switch`` asks for."""
+    discrete = TeacherODETarget(steps=cfg.warmup_ode_steps, method=cfg.warmup_ode_method)
+    if cfg.switch == "never":
+        return discrete
+    gated = cfg.switch == "gated"
+    return WarmupTarget(
+        discrete,
+        DifferentialTarget(cfg.jvp, single_forward=cfg.single_forward),
+        switch_step=cfg.warmup_steps,
+        threshold=cfg.warmup_threshold,
+        gate=SwitchGate(cfg.gate_delta, cfg.gate_rho, cfg.gate_patience) if gated else None,
+        guard=SwitchGuard(cfg.guard_margin, cfg.guard_patience) if cfg.guard else None,
+        every=cfg.signal_every,
+    )
+
+
+def resolve_family(cfg: DistillConfig, transformer: nn.Module | None = None) -> str:
+    """The family a run trains: ``cfg.family``, or detected from the checkpoint's config
+    (or the given transformer's class); ``--tiny`` without a family builds a FLUX."""
+    if cfg.family != "auto":
+        found = cfg.family
+        if cfg.model is not None and transformer is None:
+            with contextlib.suppress(ValueError):  # an unknown class: the loader names it
+                found = detect_family(cfg.model)
+        if found != cfg.family:
+            raise ValueError(
+                f"{cfg.model} holds a {get_family(found).label} checkpoint, "
+                f"not {get_family(cfg.family).label} (--family {cfg.family})"
+            )
+        return cfg.family
+    if transformer is not None:
+        name = type(transformer).__name__
+        for fam in FAMILIES:
+            if name in get_family(fam).class_names:
+                return fam
+        raise ValueError(f"transformer is a {name}, which is none of the families {FAMILIES}")
+    return detect_family(cfg.model) if cfg.model is not None else "flux"
+
+
+def _setup(
+    cfg: DistillConfig,
+    alignment: AlignmentHook | None,
+    transformer: nn.Module | None,
+) -> _Run:
+    family: TrainingFamily = get_family(cfg.family)  # type: ignore[assignment]
+    data = LatentDataset(cfg.data, family)
+    dtype = _DTYPES[cfg.weights_dtype]
+    vae = None
+    if transformer is None and cfg.tiny:
+        transformer, scheduler = family.tiny_model(cfg.seed, dtype, cfg.tiny_guidance), {}
+    elif transformer is None:
+        assert cfg.model is not None
+        transformer, scheduler = family.load_model(cfg.model, dtype)
+        vae = family.load_vae(cfg.model, dtype) if cfg.preview_every else None
+    else:
+        family.check_model(transformer)
+        scheduler = {}
+    data.check_transformer(transformer)
+    if (
+        not getattr(transformer.config, "guidance_embeds", False)
+        and cfg.true_cfg_scale > 1
+        and family.negative_key not in data.shapes
+    ):
+        raise ValueError(f"true_cfg_scale > 1 needs {family.negative_key} in the data")
+    device = torch.device(_resolve_device(cfg.device))
+    transformer.to(device)
+    student = MeanFlowStudent(
+        transformer,
+        family,
+        lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
+        guidance_scale=cfg.guidance_scale,
+        attention=attention_mode_for(cfg.jvp),
+    )
+    student.to(device)
+    if cfg.gradient_checkpointing:
+        if hasattr(transformer, "enable_gradient_checkpointing"):
+            enable_gradient_checkpointing(transformer)
+        else:
+            logger.info("%s has no gradient checkpointing of its own", type(transformer).__name__)
+    teacher = student.teacher(true_cfg_scale=cfg.true_cfg_scale)
+    if cfg.align != "none":
+        if alignment is not None:
+            raise ValueError("give either cfg.align or an alignment term, not both")
+        alignment = _build_alignment(cfg, student)
+    optimizer = torch.optim.AdamW(
+        student.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return _Run(
+        cfg,
+        family,
+        student,
+        teacher,
+        _build_loss(cfg, data, scheduler),
+        optimizer,
+        data,
+        generator,
+        device,
+        alignment,
+        scheduler,
+        vae,
+        EMA(student.trainable_parameters(), cfg.ema_decay) if cfg.ema else None,
+    )
+
+
+def _build_alignment(cfg: DistillConfig, student: MeanFlowStudent) -> Alignment:
+    spec = LoraSpec(rank=cfg.critic_rank, target_modules=student.lora_spec.target_modules)
+    fake = FakeVelocity(student, lora=spec)
+    return Alignment(
+        fake,
+        critic=cfg.align,
+        steps=cfg.align_steps,
+        weight=cfg.align_weight,
+        lr=cfg.critic_lr,
+        critic_updates=cfg.critic_updates,
+        ode_steps=cfg.critic_ode_steps,
+        start=cfg.align_start,
+        critic_lead=cfg.critic_lead,
+        seed=cfg.seed + 1,
+    )
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _check_device(device: object) -> None:
+    """Raise ``ValueError`` unless ``device`` is ``"auto"`` or a device this machine has."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto' or a torch device, got {device!r}") from err
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise ValueError(f"device {device!r} is not available on this machine")
+
+
+def _train_step(run: _Run) -> dict[str, float]:
+    cfg = run.cfg
+    x, cond = run.data.batch(run.step, cfg.batch_size, cfg.seed, run.device)
+    metrics: dict[str, Any] = {}
+    use_bf16 = cfg.autocast and run.device.type == "cuda"
+    if run.alignment is not None:
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            critic = run.alignment.critic_step(run.student, run.teacher, x, cond, run.step)
+        metrics.update(critic)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        loss, mf = run.loss(
+            run.student, x, teacher=run.teacher, cond=cond, step=run.step, generator=run.generator
+        )
+        metrics.update(mf)
+        if run.alignment is not None:
+            align, am = run.alignment.student_loss(run.student, run.teacher, x, cond, run.step)
+            loss = loss + run.alignment.weight * align
+            metrics.update(am)
+            metrics["loss_total"] = loss.detach()
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(f"the loss is not finite at step {run.step}: {float(loss)}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if math.isfinite(cfg.grad_clip):
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            run.student.trainable_parameters(), cfg.grad_clip
+        )
+    run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update()
+    run.step += 1
+    metrics["phase"] = getattr(run.loss.target, "phase", "discrete")
+    return {k: (v if isinstance(v, str) else float(v)) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state(run: _Run) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": run.generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save_checkpoint(run: _Run) -> str:
+    root = os.path.join(run.cfg.output, "checkpoints")
+    final = os.path.join(root, f"{_CKPT_PREFIX}{run.step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(
+        {k: v.contiguous() for k, v in run.student.trainable_state_dict().items()},
+        os.path.join(tmp, "student.safetensors"),
+    )
+    state = {
+        "step": run.step,
+        "optimizer": run.optimizer.state_dict(),
+        "loss": run.loss.state_dict(),
+        "rng": _rng_state(run),
+        "alignment": run.alignment.state_dict() if run.alignment is not None else None,
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+    }
+    save_state(state, os.path.join(tmp, "state"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(run.cfg), f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _prune(root, run.cfg.keep_checkpoints)
+    return final
+
+
+def _prune(root: str, keep: int) -> None:
+    ckpts = sorted(
+        d for d in os.listdir(root) if d.startswith(_CKPT_PREFIX) and not d.endswith(".tmp")
+    )
+    for d in ckpts[: max(len(ckpts) - keep, 0)]:
+        shutil.rmtree(os.path.join(root, d))
+
+
+def latest_checkpoint(output: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    root = os.path.join(output, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    ckpts = sorted(
+        d for d in os.listdir(root) if d.startswith(_CKPT_PREFIX) and not d.endswith(".tmp")
+    )
+    return os.path.join(root, ckpts[-1]) if ckpts else None
+
+
+def _load_checkpoint(run: _Run, path: str) -> None:
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    now = dataclasses.asdict(run.cfg)
+    # a setting added after the checkpoint was written had its default then, or the value
+    # that reproduces what the code did before it existed
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | _LEGACY
+    saved = {k: saved.get(k, defaults.get(k)) for k in now}
+    ignored = set(_RESUMABLE) | (_ALIGN_ONLY if now["align"] == "none" else set())
+    changed = sorted(k for k in now if k not in ignored and saved[k] != now[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {path} with different settings ({diffs})")
+    run.student.load_trainable_state_dict(
+        read_tensors(os.path.join(path, "student.safetensors"), device=str(run.device))
+    )
+    state = load_state(os.path.join(path, "state"))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.loss.load_state_dict(state["loss"])
+    torch.set_rng_state(state["rng"]["torch"])
+    run.generator.set_state(state["rng"]["generator"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if run.alignment is not None:
+        if state["alignment"] is None:
+            raise ValueError(f"{path} was saved without an alignment term")
+        run.alignment.load_state_dict(state["alignment"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    elif run.ema is not None:  # a checkpoint without an EMA: start it from the weights
+        logger.info("%s holds no EMA: the average starts from the resumed weights", path)
+        run.ema = EMA(run.student.trainable_parameters(), run.cfg.ema_decay)
+    run.step = int(state["step"])
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _preview(run: _Run, log: RunLog) -> None:
+    """1- and 2-step samples of the (EMA) student for the first data samples, as images."""
+    x, cond = run.data.batch(0, min(2, len(run.data)), run.cfg.seed, run.device)
+    _, _, h, w = x.shape
+    ema = run.ema.applied() if run.ema is not None else contextlib.nullcontext()
+    with ema:
+        for steps in (1, 2):
+            z = generate_latents(
+                run.student, cond, height=h, width=w, steps=steps, seed=run.cfg.seed,
+                scheduler=run.scheduler,
+            )  # fmt: skip
+            images = latents_to_images(z) if run.vae is None else decode_latents(run.vae, z)
+            log.images(run.step, f"{steps}step", images)
+
+
+def distill(
+    cfg: DistillConfig,
+    *,
+    alignment: AlignmentHook | None = None,
+    transformer: nn.Module | None = None,
+) -> MeanFlowStudent:
+    """Run (or resume) a distillation and return the student; see the module docstring.
+
+    With ``cfg.ema`` the returned student holds the EMA of its trained weights, as the
+    exported ``student/`` folder does.
+
+    Args:
+        cfg: the run's settings.
+        alignment: optional trajectory-alignment term (:class:`AlignmentHook`).
+        transformer: an already built transformer to use instead of ``cfg.model``.
+    """
+    cfg = dataclasses.replace(cfg, family=resolve_family(cfg, transformer))
+    run = _setup(cfg, alignment, transformer)
+    if cfg.resume:
+        path = latest_checkpoint(cfg.output)
+        if path is None:
+            raise FileNotFoundError(f"--resume given but {cfg.output} has no checkpoint")
+        _load_checkpoint(run, path)
+        logger.info("resumed from %s at step %d", path, run.step)
+    elif latest_checkpoint(cfg.output) is not None:
+        raise FileExistsError(
+            f"{cfg.output} already holds checkpoints: pass --resume or another --output"
+        )
+    os.makedirs(cfg.output, exist_ok=True)
+    log = RunLog(cfg.output, run.step, tensorboard=cfg.tensorboard)
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not cfg.progress, desc="distil")
+    try:
+        while run.step < cfg.steps:
+            metrics = _train_step(run)
+            log.metrics(run.step, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", phase=metrics["phase"])
+            if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+                _save_checkpoint(run)
+            if cfg.preview_every and (run.step % cfg.preview_every == 0 or run.step == cfg.steps):
+                _preview(run, log)
+    finally:
+        bar.close()
+        log.close()
+    if run.ema is not None:
+        run.ema.copy_to_params()
+    run.student.save_pretrained(os.path.join(cfg.output, "student"))
+    return run.student
+
+
+# --------------------------------------------------------------------------- command line
+
+_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+#: The help text of every ``train`` flag (the parser adds each default).
+HELP: dict[str, str] = {
+    "family": "model family; auto detects it from the checkpoint's config (--tiny: flux)",
+    "tiny_guidance": "give the --tiny model a guidance embedding (guidance-distilled)",
+    "steps": "optimiser steps in total (a resumed run continues up to it)",
+    "batch_size": "samples per step",
+    "lr": "AdamW learning rate of the student's LoRA and interval embedding",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the gradient norm to this (inf: no clipping)",
+    "lora_rank": "rank of the student's LoRA updates",
+    "lora_alpha": "LoRA alpha (the update is scaled by alpha / rank; default: rank)",
+    "guidance_scale": "guidance input of a guidance-distilled teacher",
+    "true_cfg_scale": "two-pass classifier-free guidance scale of the teacher (1: off; "
+    "needs negative prompts in the data)",
+    "switch": "when to leave the discrete warm-up target: gated (once the targets agree, "
+    "not before --warmup-steps), fixed (at --warmup-steps) or never",
+    "warmup_steps": "steps of the discrete (teacher-ODE) warm-up target at least",
+    "warmup_threshold": "also switch once the warm-up fit error falls below this",
+    "warmup_ode_steps": "teacher ODE steps of the warm-up target",
+    "warmup_ode_method": "ODE method of the warm-up target",
+    "signal_every": "measure the targets' agreement (gate and guard) every N steps",
+    "gate_delta": "gate: the targets' relative disagreement must fall below this",
+    "gate_rho": "gate: the differential/discrete error ratio must fall below this",
+    "gate_patience": "gate: measurements in a row that must pass",
+    "guard": "revert to the warm-up target if the differential target diverges",
+    "guard_margin": "guard: relative rise of the held-out error that counts as a failure",
+    "guard_patience": "guard: failures in a row before reverting",
+    "jvp": "how du/dt is taken: func (forward AD), autograd (double backward) or fd",
+    "single_forward": "take du/dt and the loss's forward in one pass (no checkpointing then)",
+    "equal_fraction": "fraction of (r, t) pairs with r = t (flow matching)",
+    "time_mean": "mean of the logit-normal time sampler",
+    "time_std": "standard deviation of the logit-normal time sampler",
+    "shift_times": "shift the sampled times as the family's schedule shifts",
+    "adaptive_p": "power p of MeanFlow's adaptive loss weight",
+    "align": "trajectory alignment critic: none, fake (velocity) or meanflow",
+    "align_weight": "weight lambda of the alignment loss",
+    "align_steps": "student steps of the aligned trajectory",
+    "align_start": "first step with critic updates",
+    "critic_lead": "critic-only steps before the student feels the alignment",
+    "critic_updates": "critic updates per student update",
+    "critic_lr": "AdamW learning rate of the critic's LoRA",
+    "critic_rank": "rank of the critic's LoRA",
+    "critic_ode_steps": "Heun steps of the mean-flow critic's transports",
+    "checkpoint_every": "write a checkpoint every N steps",
+    "keep_checkpoints": "checkpoints to keep (the newest)",
+    "resume": "continue from the newest checkpoint in --output",
+    "seed": "seed of the model init (--tiny), data order, noise and times",
+    "device": "auto (cuda if available), cpu, cuda, cuda:1, ...",
+    "weights_dtype": "dtype of the frozen base weights (trained weights are fp32)",
+    "autocast": "bf16 autocast on CUDA",
+    "gradient_checkpointing": "recompute blocks in the backward to save memory",
+    "ema": "keep an EMA of the trained weights (used for previews and the exported student)",
+    "ema_decay": "EMA decay (warmed up as min(decay, (1 + n) / (10 + n)))",
+    "preview_every": "write 1- and 2-step preview images every N steps (0: never)",
+    "tensorboard": "also log to TensorBoard (<output>/tensorboard) when it is installed",
+    "progress": "show a progress bar",
+}
+
+
+def _add_train(sub: Any) -> None:
+    tr = sub.add_parser(
+        "train", help="distil a checkpoint into a MeanFlow student", formatter_class=_FORMATTER
+    )
+    src = tr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local diffusers checkpoint folder (pipeline or transformer)")
+    src.add_argument("--tiny", action="store_true", help="a random tiny model (tests, smoke runs)")
+    tr.add_argument("--data", required=True, help="folder of *.safetensors samples")
+    tr.add_argument("--output", required=True, help="run folder (checkpoints, metrics, student)")
+    defaults = DistillConfig(data="", output="", tiny=True)
+    for field in dataclasses.fields(DistillConfig):
+        if field.name in ("data", "output", "model", "tiny"):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        value = getattr(defaults, field.name)
+        kw: dict[str, Any] = {"default": value, "help": HELP[field.name]}
+        if isinstance(value, bool):
+            tr.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif field.name in ("lora_alpha", "warmup_threshold"):
+            tr.add_argument(flag, type=float, **kw)
+        else:
+            tr.add_argument(flag, type=type(value), **kw)
+
+
+def _add_make_data(sub: Any) -> None:
+    md = sub.add_parser(
+        "make-data", help="write a synthetic data folder", formatter_class=_FORMATTER
+    )
+    md.add_argument("folder", help="output folder")
+    md.add_argument("--family", default="flux", help=f"whose data: one of {tuple(FAMILIES)}")
+    md.add_argument("--tiny", action="store_true", help="shapes of the tiny model (the default)")
+    sizes = {
+        "num_files": (2, "files to write"),
+        "per_file": (2, "samples per file"),
+        "channels": (None, "latent channels (default: the tiny model's)"),
+        "height": (8, "latent height"),
+        "width": (8, "latent width"),
+        "seq_len": (8, "prompt length in tokens"),
+    }
+    for name, (value, text) in sizes.items():
+        md.add_argument("--" + name.replace("_", "-"), type=int, default=value, help=text)
+    for name in ("joint_attention_dim", "pooled_projection_dim", "text_embed_dim", "vocab_size"):
+        md.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"the condition's {name} (default: the family's tiny model's)",
+        )
+    md.add_argument("--negatives", action="store_true", help="also write negative prompts")
+    md.add_argument("--seed", type=int, default=0, help="seed of the random values")
+
+
+def build_parser(prog: str = "mfcore-distill") -> argparse.ArgumentParser:
+    """The ``train``, ``prepare`` and ``make-data`` command line."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    add_prepare_parser(sub, _FORMATTER)
+    _add_make_data(sub)
+    return parser
+
+
+def _make_data(args: dict[str, Any]) -> str:
+    args.pop("tiny")
+    folder = args.pop("folder")
+    args = {k: v for k, v in args.items() if v is not None}
+    paths = make_synthetic_data(folder, **args)
+    return f"wrote {len(paths)} files to {folder}\n"
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> int:
+    """Entry point; bad input ends with an argparse error naming what is wrong."""
+    parser = build_parser(prog)
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if command == "make-data":
+            sys.stdout.write(_make_data(args))
+        elif command == "prepare":
+            sys.stdout.write(run_prepare(args))
+        else:
+            distill(DistillConfig(**args))
+    except (TypeError, ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

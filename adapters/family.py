@@ -1,0 +1,327 @@
+"""What a model family gives the adapter core: its conventions, and nothing else.
+
+The core (:mod:`mfcore.adapters.student`, :mod:`~mfcore.adapters.generation`, the entry
+point :mod:`~mfcore.adapters.distill`) is the same for every family. A family is one small
+object that says how to call its transformer on mfcore's ``(z, t, cond)`` (latent packing,
+time scaling, conditioning inputs, guidance), where the interval embedding goes, which
+layers get LoRA, which modules hold attention, and its sampling grid; and, for the entry
+point, how to load or build its transformer, what a data sample holds, how to encode
+prompts (``prepare``) and how to decode latents.
+
+Families register by name in :data:`FAMILIES` and are imported on first use, so the core
+imports no model library it does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from mfcore._checks import check_choice, check_tensor
+
+__all__ = [
+    "Call",
+    "Synthetic",
+    "Family",
+    "TrainingFamily",
+    "FamilyBase",
+    "guidance_input",
+    "FAMILIES",
+    "get_family",
+    "detect_family",
+]
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """What :meth:`TrainingFamily.synthetic_sample` draws: ``n`` samples of ``H x W``
+    latents with ``seq_len``-token prompts, condition widths ``dims``, from ``generator``."""
+
+    n: int
+    height: int
+    width: int
+    seq_len: int
+    generator: torch.Generator
+    negatives: bool
+    dims: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Call:
+    """The checked inputs of one model call: the prompt's and, for two-pass CFG, the
+    negative prompt's (None when the condition holds none or the caller needs none)."""
+
+    inputs: dict[str, Any]
+    negative: dict[str, Any] | None = None
+
+
+@runtime_checkable
+class Family(Protocol):
+    """A model family's conventions (see the module docstring and ``docs/adapters.md``).
+
+    Attributes:
+        name: registry name (``--family``).
+        label: human name used in messages (``"FLUX"``).
+        class_names: the ``_class_name`` / ``architectures`` entries of a checkpoint's
+            config that identify the family.
+        cond_keys: every keyword a call accepts (others raise ``TypeError``).
+        student_config_name: file name of a saved student's JSON config.
+        student_format: the ``format`` tag in that file.
+    """
+
+    name: str
+    label: str
+    class_names: tuple[str, ...]
+    cond_keys: frozenset[str]
+    student_config_name: str
+    student_format: str
+
+    def check_model(self, model: object) -> nn.Module:
+        """Return ``model`` if it is this family's transformer; ``TypeError`` otherwise."""
+        ...
+
+    def check_call(
+        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
+    ) -> Call:
+        """Validate one call's latents and condition (not its times); with ``negative`` the
+        negative prompt is required (``ValueError`` naming it otherwise)."""
+        ...
+
+    def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
+        """One call of the transformer: mfcore's ``v = eps - x`` at ``(z, t)``, in ``z``'s
+        dtype (``z (B, C, H, W)``, ``t (B,)`` in [0, 1])."""
+        ...
+
+    def lora_targets(self, model: nn.Module) -> tuple[str, ...]:
+        """The default LoRA target module names (chosen on purpose, see the family docs)."""
+        ...
+
+    def interval_embedding(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        """A fresh zero-initialised :class:`~mfcore.adapters.interval.IntervalEmbedding`
+        and the modules whose outputs it is added to."""
+        ...
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules whose forward calls ``F.scaled_dot_product_attention``."""
+        ...
+
+    def config_summary(self, model: nn.Module) -> dict[str, Any]:
+        """The config entries a saved student must match (JSON-serialisable)."""
+        ...
+
+    def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        """Write the LoRA in the format this family's diffusers loader reads."""
+        ...
+
+    def load_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        """Read what :meth:`save_lora` wrote into an adapter of the same spec."""
+        ...
+
+    def latent_channels(self, model: nn.Module) -> int:
+        """The ``C`` of the latents ``(B, C, H, W)`` the transformer takes."""
+        ...
+
+    def sampling_shift(
+        self, height: int, width: int, scheduler: Mapping[str, Any] | None
+    ) -> dict[str, float]:
+        """How the family's schedule shifts times for an ``H x W`` latent: ``{"mu": m}``
+        (:func:`mfcore.time.exponential_shift`) or ``{"shift": s}`` (a constant shift), read
+        from the checkpoint's ``scheduler`` config where it says."""
+        ...
+
+
+@runtime_checkable
+class TrainingFamily(Family, Protocol):
+    """What the entry point needs from a family on top of its model conventions.
+
+    Attributes:
+        data_keys: condition tensors every data sample holds (besides ``latents``).
+        optional_keys: condition tensors a sample may hold (the negative prompt).
+        negative_key: the key whose presence makes two-pass CFG possible.
+        tiny_dims: latent ``channels`` and condition widths of the tiny random model.
+        vae_factor: pixels per latent along each side of the family's real VAE.
+    """
+
+    data_keys: tuple[str, ...]
+    optional_keys: tuple[str, ...]
+    negative_key: str
+    tiny_dims: dict[str, int]
+    vae_factor: int
+
+    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
+        """Raise ``ValueError`` unless per-sample ``shapes`` fit ``model``."""
+        ...
+
+    def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
+        """Random samples ``{"latents": (n, C, H, W), <data_keys>...}``."""
+        ...
+
+    def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
+        """A random tiny transformer (guidance-distilled when ``guidance``)."""
+        ...
+
+    def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+        """The transformer of a local checkpoint and its scheduler config (``{}`` if none);
+        ``ValueError`` if the checkpoint is another family's."""
+        ...
+
+    def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
+        """The checkpoint's VAE (for previews), or None if it has none."""
+        ...
+
+    def prompt_encoder(self, path: str, dtype: torch.dtype) -> Any:
+        """The checkpoint's prompt encoding for ``prepare``
+        (a :class:`mfcore.adapters.prepare.PromptEncoder`)."""
+        ...
+
+
+def guidance_input(
+    embeds: bool, guidance: object, default: float, z: Tensor, label: str
+) -> Tensor | None:
+    """The guidance input ``(B,)`` float32 of a call (``default`` when ``guidance`` is None),
+    or None for a checkpoint without a guidance embedding (``embeds`` False), where a given
+    ``guidance`` is a ``ValueError``: such a teacher takes two-pass CFG instead."""
+    if not embeds:
+        if guidance is not None:
+            raise ValueError(
+                f"guidance was given but this {label} checkpoint has no guidance embedding "
+                "(guidance_embeds=False); use true_cfg_scale with negative prompts instead"
+            )
+        return None
+    g = default if guidance is None else guidance
+    if isinstance(g, Tensor):
+        if g.shape != (z.shape[0],):
+            raise ValueError(
+                f"guidance must be a float or have shape ({z.shape[0]},), got {tuple(g.shape)}"
+            )
+        return g.to(device=z.device, dtype=torch.float32)
+    if isinstance(g, bool) or not isinstance(g, int | float):
+        raise TypeError(f"guidance must be a float or a tensor, got {type(g).__name__}")
+    return torch.full((z.shape[0],), float(g), device=z.device, dtype=torch.float32)
+
+
+class FamilyBase:
+    """Defaults that families share: LoRA files without a key prefix (a diffusers model's
+    ``save_lora_adapter`` format); a constant sampling shift read from the scheduler config's
+    ``shift_key`` (``default_shift`` without one); the sampling grid and the training times
+    shifted as :meth:`sampling_shift` says; the config summary of ``summary_keys``; the
+    attention modules of class ``attention_class``."""
+
+    summary_keys: tuple[str, ...] = ()
+    shift_key: str = "shift"
+    default_shift: float = 1.0
+    attention_class: type = nn.Module
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, self.attention_class)]
+
+    def check_latents(self, model: nn.Module, z: object) -> Tensor:
+        """``z`` if it is a floating ``(B, C, H, W)`` tensor with the model's ``C``."""
+        check_tensor("z", z)
+        assert isinstance(z, Tensor)
+        c = self.latent_channels(model)
+        if z.ndim != 4 or z.shape[1] != c:
+            raise ValueError(f"z must be latents (B, {c}, H, W), got shape {tuple(z.shape)}")
+        return z
+
+    def config_summary(self, model: nn.Module) -> dict[str, Any]:
+        cfg = model.config
+        get = cfg.get if isinstance(cfg, Mapping) else lambda k: getattr(cfg, k)
+        values = {k: get(k) for k in self.summary_keys}
+        return {k: (list(v) if isinstance(v, tuple | list) else v) for k, v in values.items()}
+
+    def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        from mfcore.adapters.lora import save_lora
+
+        save_lora(directory, model, adapter_name=adapter_name)
+
+    def load_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
+        from mfcore.adapters.lora import load_lora
+
+        load_lora(directory, model, adapter_name=adapter_name, prefix=None)
+
+    def sampling_shift(
+        self, height: int, width: int, scheduler: Mapping[str, Any] | None
+    ) -> dict[str, float]:
+        return {"shift": float((scheduler or {}).get(self.shift_key, self.default_shift))}
+
+    def sampling_grid(
+        self,
+        steps: int,
+        height: int,
+        width: int,
+        *,
+        scheduler: Mapping[str, Any] | None = None,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Times ``(steps + 1,)`` from 1 to 0, shifted as :meth:`sampling_shift` says."""
+        from mfcore.time import shifted_grid
+
+        shift = self.sampling_shift(height, width, scheduler)
+        return shifted_grid(steps, **shift, device=device, dtype=dtype)
+
+    def shift_times(self, base: Any, height: int, width: int, scheduler: Mapping[str, Any]) -> Any:
+        """The training time sampler: ``base`` shifted as :meth:`sampling_shift` says."""
+        from mfcore.time import ResolutionShiftedTime, ShiftedTime
+
+        shift = self.sampling_shift(height, width, scheduler)
+        if "mu" in shift:
+            return ResolutionShiftedTime(base, shift["mu"])
+        return ShiftedTime(base, shift["shift"])
+
+
+# name -> module that defines FAMILY
+FAMILIES: dict[str, str] = {
+    "flux": "mfcore.adapters.flux",
+    "hunyuanimage2": "mfcore.adapters.hunyuanimage2",
+    "hunyuanimage3": "mfcore.adapters.hunyuanimage3",
+}
+
+
+def get_family(name: str) -> Family:
+    """The family registered as ``name`` (``ValueError`` listing the names otherwise)."""
+    check_choice("family", name, FAMILIES)
+    return importlib.import_module(FAMILIES[name]).FAMILY
+
+
+def _class_names(path: str) -> list[str]:
+    names = []
+    for sub in ("transformer", ""):
+        config = os.path.join(path, sub, "config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                data = json.load(f)
+            names.append(str(data.get("_class_name")))
+            names.extend(str(a) for a in data.get("architectures") or [])
+            names.append(str(data.get("model_type")))
+    return names
+
+
+def detect_family(path: str | os.PathLike) -> str:
+    """The family of a local checkpoint, from its (transformer's) ``config.json``.
+
+    Raises:
+        FileNotFoundError: if the folder has no config.
+        ValueError: if the config names no known family.
+    """
+    names = _class_names(str(path))
+    if not names:
+        raise FileNotFoundError(
+            f"{path} is not a checkpoint folder: no config.json there or in transformer/"
+        )
+    for name in FAMILIES:
+        if set(names) & set(get_family(name).class_names):
+            return name
+    found = [n for n in names if n != "None"]
+    raise ValueError(
+        f"{path} holds a {found[0] if found else 'unknown'} checkpoint, which is none of "
+        f"the families {tuple(FAMILIES)} (FLUX, HunyuanImage 2.1, HunyuanImage 3.0)"
+    )

@@ -1,0 +1,387 @@
+"""HunyuanImage 2.1 on the adapter core (diffusers' ``HunyuanImageTransformer2DModel``).
+
+Its conventions, converted here and nowhere else (checked on diffusers 0.42.1):
+
+- time: the transformer takes ``timestep = sigma * 1000`` and does **not** rescale it
+  (FLUX scales inside); ``sigma`` is mfcore's ``t``.
+- velocity: the pipeline's Euler step is ``z + (sigma_next - sigma) * out``, so the output is
+  ``eps - x``: mfcore's ``v``, no sign flip.
+- latents: unpacked ``(B, 64, H/32, W/32)`` from a 32x VAE (patch size 1, no packing).
+- conditioning: Qwen2.5-VL embeddings ``prompt_embeds (B, L, text_embed_dim)`` with a
+  key-padding mask ``prompt_attention_mask (B, L)``; optional ByT5 glyph embeddings
+  ``prompt_embeds_2 (B, L2, text_embed_2_dim)`` and ``prompt_attention_mask_2`` (the
+  pipeline passes zeros and an all-zero mask when a prompt quotes no text).
+- guidance: the distilled checkpoint (``guidance_embeds=True``) embeds ``scale * 1000``; the
+  base checkpoint needs true two-pass CFG (``true_cfg_scale`` with ``negative_*`` inputs).
+- ``use_meanflow`` checkpoints average the embeddings of t and r, ``(e(t) + e_r(r)) / 2``, so
+  they are MeanFlow models already (Tencent's distilled student): :class:`HunyuanMeanFlow`
+  runs one through mfcore's few-step sampler via its native ``timestep_r``. A base checkpoint
+  is the teacher; its student gets mfcore's zero-initialised interval embedding, added to
+  ``time_guidance_embed``'s output (which every block and ``norm_out`` read; the token
+  refiner embeds ``timestep`` itself and is not reached).
+- LoRA: ``to_q``/``to_k``/``to_v``/``to_out.0``/``ff.net.*`` also name modules of the token
+  refiner and ``proj_out`` the final layer, so the targets are the dual- and single-stream
+  blocks' layers by full name (:func:`lora_targets`).
+- schedule: a constant shift (``FlowMatchEulerDiscreteScheduler.shift``, read from the
+  checkpoint's scheduler config; 5 for the base model in Tencent's inference code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLHunyuanImage,
+    HunyuanImagePipeline,
+    HunyuanImageTransformer2DModel,
+)
+from diffusers.models.attention_processor import Attention
+from torch import Tensor, nn
+
+from mfcore._checks import check_tensor, check_time
+from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
+from mfcore.adapters.interval import diffusers_interval_embedding
+from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
+from mfcore.adapters.lora import lora_disabled
+from mfcore.adapters.prepare import PipelinePromptEncoder
+from mfcore.adapters.student import MeanFlowStudent, check_cond_keys
+
+__all__ = [
+    "FAMILY",
+    "HunyuanImage2Family",
+    "HY21_BASE_CONFIG",
+    "HY21_DISTILLED_CONFIG",
+    "TINY_HY21_CONFIG",
+    "DEFAULT_SHIFT",
+    "lora_targets",
+    "HunyuanImage2Student",
+    "HunyuanMeanFlow",
+]
+
+#: ``HunyuanImageTransformer2DModel`` config of HunyuanImage-2.1 (17.43B parameters), from
+#: diffusers' conversion script.
+HY21_BASE_CONFIG: dict[str, Any] = {
+    "in_channels": 64,
+    "out_channels": 64,
+    "num_attention_heads": 28,
+    "attention_head_dim": 128,
+    "num_layers": 20,
+    "num_single_layers": 40,
+    "num_refiner_layers": 2,
+    "patch_size": (1, 1),
+    "qk_norm": "rms_norm",
+    "guidance_embeds": False,
+    "text_embed_dim": 3584,
+    "text_embed_2_dim": 1472,
+    "rope_theta": 256.0,
+    "rope_axes_dim": (64, 64),
+}
+#: The distilled checkpoint: guidance embedding and a native MeanFlow ``timestep_r``.
+HY21_DISTILLED_CONFIG: dict[str, Any] = {
+    **HY21_BASE_CONFIG,
+    "guidance_embeds": True,
+    "use_meanflow": True,
+}
+#: A random HunyuanImage 2.1 with one block of each kind and no ByT5 branch (about 0.1M
+#: parameters; the ByT5 projection alone is 4.3M, its hidden width 2048 being fixed).
+TINY_HY21_CONFIG: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "num_refiner_layers": 1,
+    "mlp_ratio": 2.0,
+    "patch_size": (1, 1),
+    "qk_norm": "rms_norm",
+    "guidance_embeds": False,
+    "text_embed_dim": 24,
+    "text_embed_2_dim": None,
+    "rope_theta": 256.0,
+    "rope_axes_dim": (8, 8),
+    "use_meanflow": False,
+}
+#: The sampling shift when the checkpoint has no scheduler config (Tencent's base model).
+DEFAULT_SHIFT = 5.0
+
+_DUAL = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
+_DUAL += ("to_add_out",)
+_DUAL_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+
+
+def lora_targets(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """Full names of the dual- and single-stream blocks' attention and MLP layers.
+
+    Full names, because peft matches a name as a suffix: ``attn.to_q`` would also hit the
+    token refiner and ``proj_out`` the final projection. ``transformer_blocks.0.attn.to_q``
+    does not match ``single_transformer_blocks.0.attn.to_q`` (peft needs a ``.`` before it).
+    """
+    names = []
+    for i in range(config["num_layers"]):
+        names += [f"transformer_blocks.{i}.attn.{n}" for n in _DUAL]
+        names += [f"transformer_blocks.{i}.{n}" for n in _DUAL_FF]
+    for i in range(config["num_single_layers"]):
+        names += [f"single_transformer_blocks.{i}.{n}" for n in _SINGLE]
+    return tuple(names)
+
+
+def check_hunyuan2_transformer(model: object) -> HunyuanImageTransformer2DModel:
+    """Raise ``TypeError`` unless ``model`` is a diffusers ``HunyuanImageTransformer2DModel``."""
+    if not isinstance(model, HunyuanImageTransformer2DModel):
+        raise TypeError(
+            "transformer must be a diffusers HunyuanImageTransformer2DModel, "
+            f"got {type(model).__name__}"
+        )
+    if tuple(model.config.patch_size) != (1, 1):
+        raise ValueError(f"only patch_size (1, 1) is supported, got {model.config.patch_size}")
+    return model
+
+
+def _check_text(model: nn.Module, z: Tensor, cond: Mapping[str, Any], tag: str) -> dict:
+    """The checked text inputs of one prompt (``tag`` ``""`` or ``"negative_"``)."""
+    cfg = model.config
+    name = f"{tag}prompt_embeds"
+    pe = cond.get(name)
+    if pe is None:
+        raise (ValueError if tag else TypeError)(f"a HunyuanImage 2.1 call needs {name}")
+    check_tensor(name, pe)
+    if pe.ndim != 3 or pe.shape[2] != cfg.text_embed_dim or pe.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"{name} must have shape ({z.shape[0]}, L, {cfg.text_embed_dim}), got {tuple(pe.shape)}"
+        )
+    mask = _mask(cond, f"{tag}prompt_attention_mask", pe)
+    out = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
+    pe2 = cond.get(f"{tag}prompt_embeds_2")
+    if cfg.text_embed_2_dim is None or pe2 is None:
+        return out
+    name2 = f"{tag}prompt_embeds_2"
+    check_tensor(name2, pe2)
+    if pe2.ndim != 3 or pe2.shape[2] != cfg.text_embed_2_dim or pe2.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"{name2} must have shape ({z.shape[0]}, L2, {cfg.text_embed_2_dim}), "
+            f"got {tuple(pe2.shape)}"
+        )
+    out["encoder_hidden_states_2"] = pe2
+    out["encoder_attention_mask_2"] = _mask(cond, f"{tag}prompt_attention_mask_2", pe2)
+    return out
+
+
+def _mask(cond: Mapping[str, Any], name: str, embeds: Tensor) -> Tensor:
+    mask = cond.get(name)
+    if mask is None:
+        return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    if not isinstance(mask, Tensor) or mask.shape != embeds.shape[:2]:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must have shape {tuple(embeds.shape[:2])}, got {shape}")
+    return mask
+
+
+def _call(
+    model: HunyuanImageTransformer2DModel,
+    z: Tensor,
+    t: Tensor,
+    inputs: dict[str, Any],
+    r: Tensor | None = None,
+) -> Tensor:
+    """One transformer call in model units (times and guidance x 1000); ``z``'s dtype out."""
+    dtype = model.dtype
+    kwargs = {k: (v.to(dtype) if k.startswith("encoder_hidden") else v) for k, v in inputs.items()}
+    g = kwargs.pop("guidance", None)
+    out = model(
+        hidden_states=z.to(dtype),
+        timestep=(t * 1000).to(dtype),
+        timestep_r=None if r is None else (r * 1000).to(dtype),
+        guidance=None if g is None else (g * 1000).to(dtype),
+        return_dict=False,
+        **kwargs,
+    )[0]
+    return out.to(z.dtype)
+
+
+class HunyuanImage2Family(FamilyBase):
+    """HunyuanImage 2.1's conventions for the adapter core (see the module docstring).
+
+    diffusers 0.42.1 has no HunyuanImage pipeline LoRA loader, so the LoRA is written in the
+    model's own format (:class:`~mfcore.adapters.family.FamilyBase`), which a stock
+    transformer's ``load_lora_adapter(folder, weight_name=..., prefix=None)`` reads.
+    """
+
+    name = "hunyuanimage2"
+    label = "HunyuanImage 2.1"
+    class_names = ("HunyuanImageTransformer2DModel",)
+    _text = ("prompt_embeds", "prompt_attention_mask", "prompt_embeds_2", "prompt_attention_mask_2")
+    cond_keys = frozenset({*_text, *(f"negative_{k}" for k in _text), "guidance"})
+    student_config_name = "mfcore_hunyuanimage2_student.json"
+    student_format = "mfcore.adapters.hunyuanimage2.HunyuanImage2Student"
+    shift_key, default_shift, attention_class = "shift", DEFAULT_SHIFT, Attention
+    summary_keys = tuple(sorted({*TINY_HY21_CONFIG, "mlp_ratio"}))
+
+    def check_model(self, model: object) -> HunyuanImageTransformer2DModel:
+        return check_hunyuan2_transformer(model)
+
+    def check_call(
+        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
+    ) -> Call:
+        self.check_latents(model, z)
+        embeds = model.config.guidance_embeds
+        g = guidance_input(embeds, cond.get("guidance"), guidance, z, self.label)
+        inputs = {**_check_text(model, z, cond, ""), "guidance": g}
+        if not negative:
+            return Call(inputs)
+        return Call(inputs, {**_check_text(model, z, cond, "negative_"), "guidance": g})
+
+    def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
+        return _call(model, z, t, inputs)
+
+    def lora_targets(self, model: nn.Module) -> tuple[str, ...]:
+        return lora_targets(model.config)
+
+    def interval_embedding(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        embed = model.time_guidance_embed
+        return diffusers_interval_embedding(embed.time_proj, embed.timestep_embedder), [embed]
+
+    def latent_channels(self, model: nn.Module) -> int:
+        return model.config.in_channels
+
+    # ----------------------------------------------------------------------- entry point
+
+    data_keys = ("prompt_embeds", "prompt_attention_mask")
+    optional_keys = (
+        "prompt_embeds_2",
+        "prompt_attention_mask_2",
+        *(f"negative_{k}" for k in _text),
+    )
+    negative_key = "negative_prompt_embeds"
+    tiny_dims = {"channels": 4, "text_embed_dim": 24}
+    vae_factor = 32
+
+    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
+        cfg = model.config
+        if shapes["latents"][0] != cfg.in_channels:
+            raise ValueError(
+                f"latents have {shapes['latents'][0]} channels; this HunyuanImage 2.1 takes "
+                f"{cfg.in_channels}"
+            )
+        for tag in ("", "negative_"):
+            pe = shapes.get(f"{tag}prompt_embeds")
+            if pe is not None and (len(pe) != 2 or pe[1] != cfg.text_embed_dim):
+                raise ValueError(
+                    f"{tag}prompt_embeds must be (N, L, {cfg.text_embed_dim}), got (N, *{pe})"
+                )
+            mask = shapes.get(f"{tag}prompt_attention_mask")
+            if pe is not None and mask != pe[:1]:
+                raise ValueError(f"{tag}prompt_attention_mask must be (N, {pe[0]}), got {mask}")
+
+    def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
+        n, seq_len, dims, g = request.n, request.seq_len, request.dims, request.generator
+        shape = (n, dims["channels"], request.height, request.width)
+        data = {"latents": torch.randn(shape, generator=g)}
+        for tag in ("", "negative_") if request.negatives else ("",):
+            data[f"{tag}prompt_embeds"] = torch.randn(
+                n, seq_len, dims["text_embed_dim"], generator=g
+            )
+            lengths = torch.randint(1, seq_len + 1, (n, 1), generator=g)
+            data[f"{tag}prompt_attention_mask"] = (torch.arange(seq_len) < lengths).long()
+        return data
+
+    def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
+        torch.manual_seed(seed)
+        config = dict(TINY_HY21_CONFIG, guidance_embeds=guidance)
+        return HunyuanImageTransformer2DModel(**config).to(dtype)
+
+    def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+        model = load_transformer(path, HunyuanImageTransformer2DModel, self.label, dtype)
+        if model.config.use_meanflow:
+            raise ValueError(
+                f"{path} is a use_meanflow (distilled) HunyuanImage 2.1 checkpoint, a MeanFlow "
+                "model already: distil from the base checkpoint (compare with this one "
+                "through HunyuanMeanFlow)"
+            )
+        return model, load_scheduler_config(path)
+
+    def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
+        return load_vae(path, AutoencoderKLHunyuanImage, dtype)
+
+    def prompt_encoder(self, path: str, dtype: torch.dtype) -> PipelinePromptEncoder:
+        return PipelinePromptEncoder(path, dtype, HunyuanImagePipeline, _encode, _too_long)
+
+
+def _encode(pipe: HunyuanImagePipeline, prompts: list[str], tag: str) -> dict[str, Tensor]:
+    """The pipeline's own prompt encoding (Qwen2.5-VL template and ByT5 glyph text)."""
+    pe, mask, pe2, mask2 = pipe.encode_prompt(
+        prompts, device=pipe.text_encoder.device, batch_size=len(prompts)
+    )
+    return {
+        f"{tag}prompt_embeds": pe,
+        f"{tag}prompt_attention_mask": mask,
+        f"{tag}prompt_embeds_2": pe2,
+        f"{tag}prompt_attention_mask_2": mask2,
+    }
+
+
+def _too_long(pipe: HunyuanImagePipeline, prompt: str) -> str | None:
+    """Why Qwen2.5-VL would truncate ``prompt`` (the pipeline cuts silently), or None."""
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids
+    n = len(ids) - pipe.prompt_template_encode_start_idx
+    if n > pipe.tokenizer_max_length:
+        return f"{n} Qwen2.5-VL tokens, the encoder takes {pipe.tokenizer_max_length}"
+    return None
+
+
+FAMILY = HunyuanImage2Family()
+
+
+class HunyuanImage2Student(MeanFlowStudent):
+    """A base HunyuanImage 2.1 transformer as a MeanFlow student ``u(z, r, t, **cond)``.
+
+    The core's :class:`~mfcore.adapters.student.MeanFlowStudent` with this family's
+    conventions (module docstring); :meth:`teacher` is the base model (two-pass CFG through
+    ``true_cfg_scale``). Build it on a base checkpoint: a ``use_meanflow`` checkpoint is
+    already a MeanFlow model (:class:`HunyuanMeanFlow`).
+
+    Args:
+        transformer: a diffusers ``HunyuanImageTransformer2DModel`` (modified in place).
+        lora: LoRA rank and targets (default targets: :func:`lora_targets`).
+        guidance_scale: guidance input of a guidance-embedding checkpoint.
+        adapter_name: peft's name for the adapter.
+        attention: ``"auto"``, ``"math"`` or ``"mfcore"`` (:mod:`mfcore.adapters.routing`).
+    """
+
+    default_family = FAMILY
+
+
+class HunyuanMeanFlow(nn.Module):
+    """A ``use_meanflow`` checkpoint (Tencent's distilled 2.1) as ``u(z, r, t, **cond)``.
+
+    Its own ``timestep_r`` input makes it a MeanFlow model: the pipeline's step
+    ``z + (sigma_next - sigma) * out`` with ``timestep_r = sigma_next`` is mfcore's
+    ``z_r = z_t - (t - r) u``. So :func:`mfcore.adapters.generation.generate_latents` (and
+    :func:`mfcore.solvers.sample_meanflow`) run it like an mfcore student, and the two can be
+    compared against the same base teacher. Adapters, if any, are off during the call.
+
+    Args:
+        transformer: a ``HunyuanImageTransformer2DModel`` with ``use_meanflow=True``.
+        guidance_scale: its distilled guidance scale (the pipeline's default is 3.25).
+    """
+
+    def __init__(self, transformer: HunyuanImageTransformer2DModel, *, guidance_scale=3.25):
+        super().__init__()
+        check_hunyuan2_transformer(transformer)
+        if not transformer.config.use_meanflow:
+            raise ValueError("transformer is not a use_meanflow checkpoint (no timestep_r input)")
+        self.transformer = transformer
+        self.family = FAMILY
+        self.guidance_scale = float(guidance_scale)
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """Average velocity over ``[r, t]`` ``(B, C, H, W)``; ``r``, ``t`` ``(B,)``."""
+        check_cond_keys(FAMILY, cond)
+        call = FAMILY.check_call(self.transformer, z, cond, self.guidance_scale, False)
+        check_time("r", r, z)
+        check_time("t", t, z)
+        with lora_disabled(self.transformer):
+            return _call(self.transformer, z, t, call.inputs, r=r)

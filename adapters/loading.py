@@ -1,0 +1,57 @@
+"""Loading a family's transformer, scheduler config and VAE from a local diffusers checkpoint.
+
+A checkpoint is a pipeline folder (``transformer/``, ``scheduler/``, ``vae/``, ...) or a bare
+transformer folder. Nothing is downloaded: the entry point reads local folders only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["transformer_folder", "load_transformer", "load_scheduler_config", "load_vae"]
+
+
+def transformer_folder(path: str | os.PathLike) -> str:
+    """The folder holding the transformer's ``config.json`` (``FileNotFoundError`` if none)."""
+    sub = os.path.join(path, "transformer")
+    folder = sub if os.path.isdir(sub) else str(path)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(
+            f"{path} is not a diffusers checkpoint: no {os.path.join(folder, 'config.json')}"
+        )
+    return folder
+
+
+def load_transformer(
+    path: str | os.PathLike, model_cls: type, label: str, dtype: torch.dtype
+) -> nn.Module:
+    """``model_cls.from_pretrained`` on the checkpoint's transformer, after checking that its
+    config names ``model_cls`` (``ValueError`` naming the class it holds otherwise)."""
+    folder = transformer_folder(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        cls = json.load(f).get("_class_name")
+    if cls != model_cls.__name__:
+        raise ValueError(f"{path} holds a {cls} checkpoint, not {label} ({model_cls.__name__})")
+    return model_cls.from_pretrained(folder, torch_dtype=dtype)
+
+
+def load_scheduler_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The pipeline's ``scheduler/scheduler_config.json``, or ``{}`` if it has none."""
+    sched = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(sched):
+        return {}
+    with open(sched) as f:
+        return json.load(f)
+
+
+def load_vae(path: str | os.PathLike, vae_cls: type, dtype: torch.dtype) -> nn.Module | None:
+    """The pipeline's ``vae/`` as ``vae_cls``, or None if the checkpoint has none."""
+    folder = os.path.join(path, "vae")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    return vae_cls.from_pretrained(folder, torch_dtype=dtype)

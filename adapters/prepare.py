@@ -1,0 +1,282 @@
+"""``mfcore-distill prepare``: a text file of prompts (and optionally images) -> a data folder.
+
+Each non-empty line of the prompt file is one prompt. The family encodes the prompts with
+its own text encoders from the local diffusers checkpoint (FLUX: CLIP and T5;
+HunyuanImage 2.1: Qwen2.5-VL and ByT5; HunyuanImage 3.0: the tokenizer's ids), through its
+pipeline's own prompt encoding, and refuses a prompt longer than the encoder takes. The
+latents come from the images of ``--images`` (sorted by file name, one per prompt, resized
+to ``--height x --width`` pixels and encoded with the checkpoint's VAE, normalised as the
+pipeline normalises them) or, without images, from the teacher itself: ``--teacher-steps``
+Euler steps of its (guided) ODE from seeded noise along the family's sampling grid.
+
+The output is the folder :class:`mfcore.adapters.data.LatentDataset` reads:
+``samples-XXXXX.safetensors`` files of ``--per-file`` samples each.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import PIL.Image
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mfcore._checks import check_positive_int, check_real
+from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
+from mfcore.adapters.generation import seeded_noise, vae_scale_factor
+from mfcore.adapters.student import Teacher
+from mfcore.solvers import sample_teacher
+
+__all__ = [
+    "PromptEncoder",
+    "PipelinePromptEncoder",
+    "read_prompts",
+    "encode_images",
+    "prepare",
+    "add_prepare_parser",
+    "run_prepare",
+]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class PromptEncoder(Protocol):
+    """A family's prompt encoding: prompts -> the condition tensors of its data samples.
+
+    ``latent_size`` is the latent ``(H, W)`` the condition is made for (HunyuanImage 3.0's
+    token sequence holds one ``<img>`` token per latent pixel); raises ``ValueError`` naming
+    a prompt that is longer than the encoder takes.
+    """
+
+    def __call__(
+        self, prompts: list[str], latent_size: tuple[int, int], negative: str | None
+    ) -> dict[str, Tensor]: ...
+
+
+class PipelinePromptEncoder:
+    """A :class:`PromptEncoder` through a diffusers pipeline's own ``encode_prompt``.
+
+    Loads only the pipeline's text encoders and tokenizers from the local checkpoint.
+
+    Args:
+        path: the diffusers pipeline folder (with ``model_index.json``).
+        dtype: dtype of the text encoders.
+        pipeline_cls: the family's pipeline class.
+        encode: ``(pipe, prompts, tag) -> {tag + key: tensor}`` in the data's keys.
+        too_long: ``(pipe, prompt) -> reason or None``: why a prompt exceeds the encoder.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        dtype: torch.dtype,
+        pipeline_cls: type,
+        encode: Callable[[Any, list[str], str], dict[str, Tensor]],
+        too_long: Callable[[Any, str], str | None],
+    ) -> None:
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json): prepare "
+                "needs its text encoders"
+            )
+        self.pipe = pipeline_cls.from_pretrained(
+            path, transformer=None, vae=None, scheduler=None, torch_dtype=dtype
+        )
+        self.encode = encode
+        self.too_long = too_long
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: list[str], latent_size: tuple[int, int], negative: str | None
+    ) -> dict[str, Tensor]:
+        for i, prompt in enumerate(prompts):
+            reason = self.too_long(self.pipe, prompt)
+            if reason is not None:
+                raise ValueError(f"prompt {i + 1} is too long: {reason}")
+        out = self.encode(self.pipe, prompts, "")
+        if negative is not None:
+            out |= self.encode(self.pipe, [negative] * len(prompts), "negative_")
+        return out
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The non-empty lines of a prompt file (``ValueError`` if there are none)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompt (every line is empty)")
+    return prompts
+
+
+def _image_files(folder: str, count: int) -> list[str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(_IMAGE_SUFFIXES))
+    if len(files) != count:
+        raise ValueError(f"image folder {folder} holds {len(files)} images for {count} prompts")
+    return [os.path.join(folder, f) for f in files]
+
+
+@torch.no_grad()
+def encode_images(
+    vae: nn.Module, paths: list[str], height: int, width: int, generator: torch.Generator
+) -> Tensor:
+    """VAE latents of images resized to ``height x width`` pixels, normalised as the
+    pipelines do: ``(sample - shift_factor) * scaling_factor`` ``(N, C, H / f, W / f)``."""
+    pixels = []
+    for path in paths:
+        image = PIL.Image.open(path).convert("RGB").resize((width, height), PIL.Image.BICUBIC)
+        pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0))
+    x = torch.stack(pixels).permute(0, 3, 1, 2)
+    param = next(vae.parameters())
+    out = []
+    for xi in x.split(1):
+        dist = vae.encode(xi.to(device=param.device, dtype=param.dtype)).latent_dist
+        mean, std = dist.mean, dist.std
+        noise = torch.randn(mean.shape, generator=generator).to(mean)
+        out.append((mean + std * noise).float().cpu())
+    cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    return (torch.cat(out) - shift) * cfg.scaling_factor
+
+
+def _teacher_latents(
+    family: TrainingFamily,
+    model: nn.Module,
+    cond: Mapping[str, Tensor],
+    size: tuple[int, int],
+    steps: int,
+    guidance: float,
+    cfg_scale: float,
+    seed: int,
+) -> Tensor:
+    teacher = Teacher(model, family, guidance_scale=guidance, true_cfg_scale=cfg_scale)
+    n = next(iter(cond.values())).shape[0]
+    noise = seeded_noise((n, family.latent_channels(model), *size), seed, "cpu", torch.float32)
+    grid = family.sampling_grid(steps, *size)
+    return sample_teacher(teacher, noise, steps, grid=grid, cond=dict(cond))
+
+
+def prepare(
+    model_path: str,
+    prompts_file: str,
+    output: str,
+    *,
+    family: str = "auto",
+    images: str | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    negative_prompt: str | None = None,
+    teacher_steps: int = 28,
+    guidance_scale: float = 3.5,
+    true_cfg_scale: float = 1.0,
+    per_file: int = 16,
+    dtype: str = "bf16",
+    seed: int = 0,
+) -> list[str]:
+    """Write the data folder of ``prompts_file`` (see the module docstring).
+
+    Returns:
+        the paths written.
+    """
+    name = detect_family(model_path) if family == "auto" else family
+    fam: TrainingFamily = get_family(name)  # type: ignore[assignment]
+    prompts = read_prompts(prompts_file)
+    per_file = check_positive_int("per_file", per_file)
+    teacher_steps = check_positive_int("teacher_steps", teacher_steps)
+    check_real("true_cfg_scale", true_cfg_scale, minimum=1.0)
+    torch_dtype = _DTYPES[dtype]
+    vae = fam.load_vae(model_path, torch_dtype)
+    factor = vae_scale_factor(vae) if vae is not None else fam.vae_factor
+    for label, n in (("height", height), ("width", width)):
+        if check_positive_int(label, n) % factor:
+            raise ValueError(f"{label} must be a multiple of the VAE's factor {factor}, got {n}")
+    size = (height // factor, width // factor)
+    encoder: PromptEncoder = fam.prompt_encoder(model_path, torch_dtype)
+    negative = negative_prompt
+    if negative is None and true_cfg_scale > 1:
+        negative = ""  # two-pass CFG needs a negative prompt: the empty one, as the pipelines
+    cond = encoder(prompts, size, negative)
+    generator = torch.Generator().manual_seed(seed)
+    if images is not None:
+        if vae is None:
+            raise FileNotFoundError(f"{model_path} has no vae/ to encode --images with")
+        latents = encode_images(vae, _image_files(images, len(prompts)), height, width, generator)
+    else:
+        model, _ = fam.load_model(model_path, torch_dtype)
+        latents = _teacher_latents(
+            fam, model, cond, size, teacher_steps, guidance_scale, true_cfg_scale, seed
+        )
+    os.makedirs(output, exist_ok=True)
+    paths = []
+    for i, start in enumerate(range(0, len(prompts), per_file)):
+        part = {"latents": latents[start : start + per_file].float().contiguous()}
+        for k, v in cond.items():
+            v = v[start : start + per_file]
+            part[k] = (v.float() if v.is_floating_point() else v).cpu().contiguous()
+        path = os.path.join(output, f"samples-{i:05d}.safetensors")
+        save_file(part, path)
+        paths.append(path)
+    return paths
+
+
+def add_prepare_parser(sub: Any, formatter: type) -> None:
+    """Add the ``prepare`` subcommand to ``mfcore-distill``'s parser."""
+    pr = sub.add_parser(
+        "prepare",
+        help="turn a prompt file (and images) into a data folder",
+        formatter_class=formatter,
+    )
+    pr.add_argument("--model", required=True, help="local diffusers checkpoint folder")
+    pr.add_argument("--prompts", required=True, help="text file, one prompt a line")
+    pr.add_argument("--output", required=True, help="data folder to write")
+    pr.add_argument(
+        "--family", default="auto", help=f"auto (from the config) or one of {tuple(FAMILIES)}"
+    )
+    pr.add_argument(
+        "--images",
+        default=None,
+        help="folder of images, one per prompt (sorted by name); default: teacher samples",
+    )
+    pr.add_argument("--height", type=int, default=1024, help="image height in pixels")
+    pr.add_argument("--width", type=int, default=1024, help="image width in pixels")
+    pr.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="negative prompt (written for two-pass CFG teachers)",
+    )
+    pr.add_argument(
+        "--teacher-steps", type=int, default=28, help="teacher ODE steps when there are no images"
+    )
+    pr.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=3.5,
+        help="teacher's guidance input (guidance-distilled checkpoints)",
+    )
+    pr.add_argument(
+        "--true-cfg-scale", type=float, default=1.0, help="teacher's two-pass CFG scale"
+    )
+    pr.add_argument("--per-file", type=int, default=16, help="samples per file")
+    pr.add_argument(
+        "--dtype",
+        choices=tuple(_DTYPES),
+        default="bf16",
+        help="dtype of the encoders, VAE and teacher",
+    )
+    pr.add_argument(
+        "--seed", type=int, default=0, help="seed of the VAE sampling and the teacher's noise"
+    )
+
+
+def run_prepare(args: dict[str, Any]) -> str:
+    """Run ``prepare`` from parsed arguments; returns the line to print."""
+    paths = prepare(args.pop("model"), args.pop("prompts"), args.pop("output"), **args)
+    return f"wrote {len(paths)} files\n"

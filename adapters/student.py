@@ -1,0 +1,386 @@
+"""The shared-weights teacher and MeanFlow student of any family (the adapter core).
+
+The student ``u(z, r, t, **cond)`` (MeanFlow, arXiv 2505.13447) is the family's transformer
+with LoRA updates (:func:`mfcore.adapters.lora.add_lora`, base frozen, trained weights fp32)
+and an :class:`~mfcore.adapters.interval.IntervalEmbedding` of ``t - r`` added by forward
+hooks at the family's time-conditioning modules. Both start at zero, so
+``u(z, r, t) = v_teacher(z, t)`` bit for bit for every ``r`` before training. The teacher
+``v(z, t, **cond)`` is the same transformer with every adapter off
+(:func:`~mfcore.adapters.lora.lora_disabled`, our own switch, which leaves ``requires_grad``
+alone) and the interval branch off: the base weights exist once, and nothing is copied.
+
+What differs between families (how to call the model, packing, time units, conditioning,
+LoRA targets, hook points) comes from a :class:`~mfcore.adapters.family.Family`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mfcore._checks import check_choice, check_interval, check_time
+from mfcore.adapters._state import read_tensors
+from mfcore.adapters.family import Family
+from mfcore.adapters.lora import (
+    LoraSpec,
+    adapter_parameters,
+    add_lora,
+    load_lora_state_dict,
+    lora_active,
+    lora_disabled,
+    lora_state_dict,
+    pinned_checkpointing,
+)
+from mfcore.adapters.routing import (
+    ATTENTION_MODES,
+    AttentionRouting,
+    checkpointing_off,
+    has_tangent,
+    route_attention,
+)
+
+__all__ = [
+    "INTERVAL_WEIGHT_NAME",
+    "check_cond_keys",
+    "Teacher",
+    "SharedWeightsStudent",
+    "MeanFlowStudent",
+    "load_student",
+    "student_kwargs",
+    "read_student_config",
+]
+
+INTERVAL_WEIGHT_NAME = "interval_embedding.safetensors"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_cond_keys(family: Family, cond: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` naming a keyword that ``family``'s calls do not take."""
+    unknown = sorted(set(cond) - family.cond_keys)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument {unknown[0]!r} for a {family.label} model "
+            f"(it takes {sorted(family.cond_keys)})"
+        )
+
+
+def _velocity(family: Family, model: nn.Module, z: Tensor, t: Tensor, inputs: dict) -> Tensor:
+    with pinned_checkpointing(model):  # recomputed blocks keep this call's adapters
+        return family.velocity(model, z, t, inputs)
+
+
+class Teacher:
+    """A family's transformer as a frozen :class:`mfcore.fields.VelocityField` ``v(z, t)``.
+
+    Runs under ``torch.no_grad()`` with every LoRA update off, so it shares the transformer
+    of a student.
+
+    Args:
+        transformer: the family's transformer.
+        family: its conventions.
+        guidance_scale: default guidance input of a guidance-distilled checkpoint.
+        true_cfg_scale: scale ``s`` of two-pass classifier-free guidance
+            ``v = v_neg + s (v_pos - v_neg)``; 1 disables it (one pass, negatives unused).
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        family: Family,
+        *,
+        guidance_scale: float = 3.5,
+        true_cfg_scale: float = 1.0,
+    ) -> None:
+        self.family = family
+        self.transformer = family.check_model(transformer)
+        if not true_cfg_scale >= 1.0:
+            raise ValueError(f"true_cfg_scale must be >= 1, got {true_cfg_scale!r}")
+        self.guidance_scale = float(guidance_scale)
+        self.true_cfg_scale = float(true_cfg_scale)
+
+    def __call__(self, z: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """Velocity ``v(z, t) = eps - x`` of the (guided) teacher, ``z``'s shape and dtype."""
+        check_cond_keys(self.family, cond)
+        tr, cfg = self.transformer, self.true_cfg_scale != 1.0
+        call = self.family.check_call(tr, z, cond, self.guidance_scale, cfg)
+        check_time("t", t, z)
+        with torch.no_grad(), lora_disabled(tr):
+            v = _velocity(self.family, tr, z, t, call.inputs)
+            if cfg:
+                assert call.negative is not None
+                v_neg = _velocity(self.family, tr, z, t, call.negative)
+                v = v_neg + self.true_cfg_scale * (v - v_neg)
+        return v
+
+
+class SharedWeightsStudent(nn.Module):
+    """What every student on a shared transformer has: the transformer (with LoRA), its
+    family, and the teacher on the same base weights.
+
+    Subclasses set ``transformer``, ``family``, ``guidance_scale`` and ``adapter_name``.
+    """
+
+    transformer: nn.Module
+    family: Family
+    guidance_scale: float
+    adapter_name: str
+
+    def teacher(self, *, true_cfg_scale: float = 1.0) -> Teacher:
+        """The teacher on the same base weights (LoRA and the student's additions off)."""
+        return Teacher(
+            self.transformer,
+            self.family,
+            guidance_scale=self.guidance_scale,
+            true_cfg_scale=true_cfg_scale,
+        )
+
+    def _train_in_fp32(self) -> None:
+        """Keep the student's own trained weights in fp32 on a half-precision base, so small
+        optimiser steps are not rounded away (the layers cast their inputs to them)."""
+        foreign = self._foreign_lora()
+        for p in self.parameters():
+            if p.requires_grad and id(p) not in foreign and p.dtype in _HALF:
+                p.data = p.data.float()
+
+    def _foreign_lora(self) -> set[int]:
+        """Ids of the LoRA weights of other adapters on the shared transformer (a critic's)."""
+        others = set(getattr(self.transformer, "peft_config", {})) - {self.adapter_name}
+        return {
+            id(p) for name in others for p in adapter_parameters(self.transformer, name).values()
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's trained parameters: its LoRA weights and additions (``requires_grad``),
+        not the weights of other adapters that share the transformer."""
+        foreign = self._foreign_lora()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in foreign]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (works on the meta device); other adapters
+        on the shared transformer count in neither."""
+        foreign = self._foreign_lora()
+        params = [p for p in self.parameters() if id(p) not in foreign]
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class MeanFlowStudent(SharedWeightsStudent):
+    """A family's transformer as a MeanFlow student ``u(z, r, t, **cond)``.
+
+    See the module docstring. Attention runs as :mod:`mfcore.adapters.routing` says for
+    ``attention`` (``"auto"``, ``"math"`` or ``"mfcore"``; pick it with
+    :func:`~mfcore.adapters.routing.attention_mode_for`). Gradient checkpointing is switched
+    off for a call that takes a JVP with a graph (it cannot recompute forward-mode AD).
+
+    Args:
+        transformer: the family's transformer (modified in place: LoRA, hooks, routing).
+        family: its conventions (default: the class's ``default_family``).
+        lora: LoRA rank and targets (targets None: the family's default).
+        guidance_scale: guidance input of a guidance-distilled checkpoint (the student
+            distils the teacher at this scale).
+        adapter_name: peft's name for the adapter.
+        attention: the attention mode.
+    """
+
+    #: The family of a subclass that is one family's student (``family`` may then be omitted).
+    default_family: Family | None = None
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        family: Family | None = None,
+        *,
+        lora: LoraSpec | None = None,
+        guidance_scale: float = 3.5,
+        adapter_name: str = "mfcore",
+        attention: str = "auto",
+    ) -> None:
+        super().__init__()
+        family = family if family is not None else self.default_family
+        if family is None:
+            raise TypeError("family is required (this student class has no default_family)")
+        family.check_model(transformer)
+        if lora is not None and not isinstance(lora, LoraSpec):
+            raise TypeError(f"lora must be a LoraSpec or None, got {type(lora).__name__}")
+        self._routing = AttentionRouting(attention)
+        route_attention(family.attention_modules(transformer), self._routing)
+        self.family = family
+        self.lora_spec = (lora or LoraSpec()).with_default_targets(family.lora_targets(transformer))
+        self.guidance_scale = float(guidance_scale)
+        self.adapter_name = adapter_name
+        self.transformer = transformer
+        add_lora(transformer, self.lora_spec, adapter_name=adapter_name)
+        self.interval, points = family.interval_embedding(transformer)
+        self._train_in_fp32()
+        self._delta: Tensor | None = None
+        self._hooks = [p.register_forward_hook(self._add_interval) for p in points]
+
+    @property
+    def attention(self) -> str:
+        """How attention runs: ``"auto"``, ``"math"`` or ``"mfcore"``."""
+        return self._routing.mode
+
+    @attention.setter
+    def attention(self, mode: str) -> None:
+        self._routing.mode = check_choice("attention", mode, ATTENTION_MODES)
+
+    def _add_interval(self, module: nn.Module, args: tuple, temb: Tensor) -> Tensor | None:
+        if self._delta is None:
+            return None
+        return temb + self.interval(self._delta).to(temb.dtype)
+
+    @contextlib.contextmanager
+    def _interval_on(self, delta: Tensor) -> Iterator[None]:
+        self._delta = delta
+        try:
+            yield
+        finally:
+            self._delta = None
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """Average velocity ``u(z_t, r, t)``; one step is ``z_r = z_t - (t - r) u``.
+
+        Args:
+            z: latents ``(B, C, H, W)`` at time ``t``.
+            r: end times ``(B,)``, ``r <= t``.
+            t: start times ``(B,)`` in ``[0, 1]``.
+            **cond: the family's conditioning; negative prompts are accepted and ignored
+                (the student distils the guided teacher in one pass, so one ``cond``
+                serves teacher and student).
+
+        Returns:
+            ``u`` ``(B, C, H, W)`` in ``z``'s dtype.
+        """
+        check_cond_keys(self.family, cond)
+        tr = self.transformer
+        call = self.family.check_call(tr, z, cond, self.guidance_scale, False)
+        check_interval(r, t, z)
+        jvp_graph = torch.is_grad_enabled() and has_tangent(z, t)
+        with (
+            self._interval_on(t - r),
+            checkpointing_off(tr, jvp_graph),
+            lora_active(tr, self.adapter_name),
+        ):
+            return _velocity(self.family, tr, z, t, call.inputs)
+
+    # ----------------------------------------------------------------------- trainable state
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Every trained tensor, keyed ``lora.<module>...`` and ``interval.<name>``, detached."""
+        state = {
+            f"lora.{k}": v
+            for k, v in lora_state_dict(self.transformer, adapter_name=self.adapter_name).items()
+        }
+        state.update({f"interval.{k}": v.detach() for k, v in self.interval.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load a :meth:`trainable_state_dict`; every key must match (``ValueError`` otherwise)."""
+        lora = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
+        interval = {k[9:]: v for k, v in state.items() if k.startswith("interval.")}
+        other = [k for k in state if not k.startswith(("lora.", "interval."))]
+        if other:
+            raise ValueError(f"unexpected keys in the student state: {other[:3]}")
+        load_lora_state_dict(self.transformer, lora, adapter_name=self.adapter_name)
+        self._load_interval(interval)
+
+    def _load_interval(self, state: Mapping[str, Tensor]) -> None:
+        missing, unexpected = self.interval.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"interval state mismatch: missing {missing}, unexpected {unexpected}")
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the trained state to ``directory`` as safetensors plus JSON (no pickle).
+
+        Files: ``pytorch_lora_weights.safetensors`` (diffusers' LoRA format for the family),
+        ``interval_embedding.safetensors`` and the family's student config (LoRA spec,
+        guidance scale, transformer config).
+        """
+        directory = str(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.family.save_lora(directory, self.transformer, self.adapter_name)
+        interval = {k: v.detach().contiguous() for k, v in self.interval.state_dict().items()}
+        save_file(interval, os.path.join(directory, INTERVAL_WEIGHT_NAME))
+        meta = {
+            "format": self.family.student_format,
+            "version": 1,
+            "family": self.family.name,
+            "lora": self.lora_spec.to_dict(),
+            "guidance_scale": self.guidance_scale,
+            "adapter_name": self.adapter_name,
+            "transformer_config": self.family.config_summary(self.transformer),
+        }
+        with open(os.path.join(directory, self.family.student_config_name), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    def load_pretrained(self, directory: str | os.PathLike) -> None:
+        """Load what :meth:`save_pretrained` wrote into this student (same LoRA spec and model)."""
+        meta = read_student_config(directory, self.family)
+        summary = self.family.config_summary(self.transformer)
+        if meta["transformer_config"] != summary:
+            raise ValueError(
+                f"{directory} was saved for transformer {meta['transformer_config']}, "
+                f"not this one {summary}"
+            )
+        if LoraSpec(**meta["lora"]) != self.lora_spec:
+            raise ValueError(
+                f"{directory} has LoRA {meta['lora']}, this student {self.lora_spec.to_dict()}"
+            )
+        self.family.load_lora(str(directory), self.transformer, self.adapter_name)
+        self._load_interval(read_tensors(os.path.join(directory, INTERVAL_WEIGHT_NAME)))
+
+    @classmethod
+    def from_pretrained(
+        cls, transformer: nn.Module, directory: str | os.PathLike, family: Family | None = None
+    ) -> MeanFlowStudent:
+        """Build a student on ``transformer`` from a :meth:`save_pretrained` folder."""
+        family = family if family is not None else cls.default_family
+        if family is None:
+            raise TypeError("family is required (this student class has no default_family)")
+        student = cls(transformer, family, **student_kwargs(directory, family))
+        student.load_pretrained(directory)
+        return student
+
+
+def load_student(
+    transformer: nn.Module, directory: str | os.PathLike, family: Family
+) -> MeanFlowStudent:
+    """Build a student on ``transformer`` from a :meth:`MeanFlowStudent.save_pretrained` folder."""
+    return MeanFlowStudent.from_pretrained(transformer, directory, family)
+
+
+def student_kwargs(directory: str | os.PathLike, family: Family) -> dict[str, Any]:
+    """The constructor arguments recorded in a student folder of ``family``."""
+    meta = read_student_config(directory, family)
+    return {
+        "lora": LoraSpec(**meta["lora"]),
+        "guidance_scale": meta["guidance_scale"],
+        "adapter_name": meta["adapter_name"],
+    }
+
+
+def read_student_config(directory: str | os.PathLike, family: Family) -> dict[str, Any]:
+    """The JSON config of a student folder of ``family``.
+
+    Raises:
+        FileNotFoundError: if the folder holds no such config.
+        ValueError: if the config is another family's or another format.
+    """
+    path = os.path.join(directory, family.student_config_name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no saved {family.label} student at {directory} (missing {family.student_config_name})"
+        )
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != family.student_format:
+        raise ValueError(
+            f"{path} is not a saved {family.label} student (format {meta.get('format')!r})"
+        )
+    return meta

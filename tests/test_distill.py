@@ -1,0 +1,240 @@
+"""``mfcore-distill`` for every family on tiny random models (CPU): the whole seed method,
+exact resume after a kill, EMA, previews, named errors, and today's FLUX files loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from diffusers import HunyuanImageTransformer2DModel
+from safetensors.torch import load_file
+
+import mfcore.adapters.distill as distill_module
+from mfcore.adapters._state import load_state
+from mfcore.adapters.data import make_synthetic_data
+from mfcore.adapters.distill import HELP, DistillConfig, distill, latest_checkpoint, main
+from mfcore.adapters.family import FAMILIES, get_family
+from mfcore.adapters.flux import FluxStudent
+from mfcore.adapters.hunyuanimage2 import TINY_HY21_CONFIG
+
+LEGACY = os.path.join(os.path.dirname(__file__), "data", "flux_legacy")
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "flux_golden.safetensors")
+
+
+def config(tmp_path, family, name="run", **kw) -> DistillConfig:
+    base = dict(
+        data=str(tmp_path / f"data-{family}"),
+        output=str(tmp_path / name),
+        tiny=True,
+        family=family,
+        steps=4,
+        switch="fixed",
+        warmup_steps=1,
+        signal_every=1,
+        warmup_ode_steps=2,
+        checkpoint_every=2,
+        lora_rank=2,
+        batch_size=2,
+        device="cpu",
+        weights_dtype="fp32",
+        progress=False,
+        lr=1e-3,
+        align="fake",
+        critic_lead=1,
+        critic_rank=2,
+        preview_every=0,
+        tensorboard=False,
+    )
+    return DistillConfig(**(base | kw))
+
+
+def data(tmp_path, family, **kw):
+    folder = tmp_path / f"data-{family}"
+    make_synthetic_data(folder, family=family, num_files=2, per_file=2, height=4, width=4,
+                        seq_len=4, **kw)  # fmt: skip
+    return folder
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_whole_run_trains_only_adapters_and_resumes_exactly_after_a_kill(
+    tmp_path, family, monkeypatch
+):
+    data(tmp_path, family)
+    fam = get_family(family)
+    base = fam.tiny_model(0, torch.float32, False).state_dict()
+    straight = distill(config(tmp_path, family, "a"))
+    # everything but the adapters (student LoRA, interval, the critic's LoRA) is the base
+    trained = {"student": 0, "fake": 0}
+    for name, p in straight.named_parameters():
+        key = name.removeprefix("transformer.").replace(".base_layer", "")
+        if ".lora_" in name or name.startswith("interval."):
+            owner = "fake" if ".mfcore_fake." in name else "student"
+            if "lora_B" in name:
+                trained[owner] += int(bool(p.detach().abs().sum() > 0))
+        else:
+            assert torch.equal(p, base[key]), name
+    assert trained["student"] > 0 and trained["fake"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["phase"] == "discrete" and any(r["phase"] == "differential" for r in rows)
+    assert all("align_loss" in r for r in rows[1:])
+
+    # the run is killed in step 3, after the checkpoint of step 2 ...
+    honest = distill_module._train_step
+
+    def dies_at_three(run):
+        if run.step == 2:
+            raise Killed
+        return honest(run)
+
+    monkeypatch.setattr(distill_module, "_train_step", dies_at_three)
+    with pytest.raises(Killed):
+        distill(config(tmp_path, family, "b"))
+    monkeypatch.setattr(distill_module, "_train_step", honest)
+    # ... and resumed: bit-identical weights, EMA and critic
+    resumed = distill(config(tmp_path, family, "b", resume=True))
+    a, b = dict(straight.named_parameters()), dict(resumed.named_parameters())
+    for k in a:
+        if ".lora_" in k or k.startswith("interval."):
+            assert torch.equal(a[k], b[k]), k
+    ema = [load_state(os.path.join(latest_checkpoint(tmp_path / n), "state"))["ema"] for n in "ab"]
+    assert all(torch.equal(x, y) for x, y in zip(ema[0]["shadow"], ema[1]["shadow"], strict=True))
+
+
+def test_ema_is_checkpointed_and_exported(tmp_path):
+    data(tmp_path, "flux")
+    student = distill(config(tmp_path, "flux", steps=3, checkpoint_every=3))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    state = load_state(os.path.join(ckpt, "state"))
+    raw = load_file(os.path.join(ckpt, "student.safetensors"))
+    exported = student.trainable_state_dict()
+    assert state["ema"]["updates"] == 3
+    assert [tuple(s.shape) for s in state["ema"]["shadow"]] == [
+        tuple(p.shape) for p in student.trainable_parameters()
+    ]
+    assert any(not torch.equal(exported[k], raw[k]) for k in raw if "lora_B" in k)
+    for s, p in zip(state["ema"]["shadow"], student.trainable_parameters(), strict=True):
+        assert torch.equal(s, p.detach())
+
+
+def test_tensorboard_and_preview_images(tmp_path):
+    data(tmp_path, "hunyuanimage2")
+    distill(config(tmp_path, "hunyuanimage2", align="none", preview_every=2, tensorboard=True))
+    previews = sorted(os.listdir(tmp_path / "run" / "previews"))
+    assert previews == [f"step-000000{s}-{k}step.png" for s in (2, 4) for k in (1, 2)]
+    events = os.listdir(tmp_path / "run" / "tensorboard")
+    assert any(e.startswith("events.out.tfevents") for e in events)
+
+
+def test_todays_flux_checkpoint_resumes_and_its_student_loads(tmp_path):
+    golden = load_file(GOLDEN)
+    expected = {k[len("distill.") :]: v for k, v in golden.items() if k.startswith("distill.")}
+    run = tmp_path / "legacy"
+    shutil.copytree(LEGACY, run)
+    path = run / "checkpoints" / "step-0000002" / "config.json"
+    saved = json.loads(path.read_text())
+    assert "family" not in saved and "ema" not in saved  # written before both existed
+    saved["data"], saved["output"] = str(run / "data"), str(run)
+    path.write_text(json.dumps(saved))
+    cfg = DistillConfig(**{**saved, "steps": 4, "resume": True, "ema": False})
+    student = distill(cfg)
+    state = student.trainable_state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    tr = get_family("flux").tiny_model(0, torch.float32, False)
+    loaded = FluxStudent.from_pretrained(tr, os.path.join(LEGACY, "student"))
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.trainable_state_dict().items())
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_every_flag_has_help_and_shows_its_default(capsys):
+    for command in ("train", "prepare", "make-data"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        flags = [w for w in out.split() if w.startswith("--") and w != "--help"]
+        assert flags
+    assert set(HELP) == {f.name for f in distill_module.dataclasses.fields(DistillConfig)} - {
+        "data",
+        "output",
+        "model",
+        "tiny",
+    }
+    parser = distill_module.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.dest)
+                assert "%(default)" in p.formatter_class("x")._get_help_string(action)
+
+
+def test_named_errors_before_any_step(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(distill_module, "_train_step", lambda run: calls.append(1))
+    out = ["--output", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    hy = data(tmp_path, "hunyuanimage2")
+    flux = data(tmp_path, "flux")
+    # a HunyuanImage 2.1 checkpoint, detected from its config; given as FLUX it is refused
+    ckpt = tmp_path / "hy21" / "transformer"
+    get_family("hunyuanimage2").tiny_model(0, torch.float32, False).save_pretrained(ckpt)
+    err = _usage_error(["train", "--model", str(ckpt.parent), "--family", "flux",
+                        "--data", str(hy), *out], capsys)  # fmt: skip
+    assert "not FLUX" in err
+    err = _usage_error(["train", "--model", str(ckpt.parent), "--data", str(flux), *out], capsys)
+    assert "prompt_attention_mask" in err  # detected as HunyuanImage 2.1: FLUX data lacks it
+    meanflow = tmp_path / "hy21-distilled" / "transformer"
+    HunyuanImageTransformer2DModel(**(TINY_HY21_CONFIG | {"use_meanflow": True})).save_pretrained(
+        meanflow
+    )
+    err = _usage_error(["train", "--model", str(meanflow.parent), "--data", str(hy), *out], capsys)
+    assert "use_meanflow" in err  # Tencent's distilled student is not a teacher
+    wrong = data(tmp_path / "w", "hunyuanimage2", channels=3)
+    err = _usage_error(["train", "--tiny", "--family", "hunyuanimage2", "--data", str(wrong),
+                        *out], capsys)  # fmt: skip
+    assert "channels" in err
+    other = tmp_path / "sd3"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    assert "none of the families" in _usage_error(
+        ["train", "--model", str(other), "--data", str(flux), *out], capsys
+    )
+    assert "family" in _usage_error(
+        ["train", "--tiny", "--family", "sd3", "--data", str(flux), *out], capsys
+    )
+    assert "guidance" in _usage_error(
+        ["train", "--tiny", "--family", "hunyuanimage3", "--tiny-guidance",
+         "--data", str(data(tmp_path, "hunyuanimage3")), *out], capsys,
+    )  # fmt: skip
+    assert "ema_decay" in _usage_error(
+        ["train", "--tiny", "--data", str(flux), "--ema-decay", "1.5", *out], capsys
+    )
+    assert not calls
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cli_make_data_and_a_tiny_run(tmp_path, family, capsys):
+    folder = tmp_path / "d"
+    argv = ["make-data", str(folder), "--family", family, "--height", "4", "--width", "4"]
+    assert main([*argv, "--num-files", "1"]) == 0
+    assert "wrote 1 files" in capsys.readouterr().out
+    argv = ["train", "--tiny", "--family", family, "--data", str(folder)]
+    argv += ["--output", str(tmp_path / "out"), "--steps", "1", "--device", "cpu"]
+    argv += ["--weights-dtype", "fp32", "--no-progress", "--lora-rank", "2", "--no-tensorboard"]
+    assert main(argv) == 0
+    student = tmp_path / "out" / "student"
+    assert os.path.isfile(student / get_family(family).student_config_name)
