@@ -74,7 +74,7 @@ from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.time import LogitNormalTime, TimePairSampler
-from mfcore.warmup import SwitchGate, SwitchGuard, WarmupTarget
+from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
 
 __all__ = [
     "SWITCHES",
@@ -132,6 +132,7 @@ class DistillConfig:
     guard: bool = True
     guard_margin: float = 0.25
     guard_patience: int = 2
+    rollback: bool = True
     jvp: str = "func"
     single_forward: bool = False
     equal_fraction: float = 0.75
@@ -220,6 +221,8 @@ _LEGACY = {"switch": "fixed", "guard": False, "family": "flux"}
 # without steering them; a checkpoint without one starts it from the resumed weights).
 _RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "output"}
 _RESUMABLE |= {"ema", "ema_decay", "preview_every", "tensorboard"}
+# (a rollback needs the copy taken at the switch: resumed without one, it waits for the next)
+_RESUMABLE |= {"rollback"}
 # Settings that only matter with an alignment term.
 _ALIGN_ONLY = {f.name for f in dataclasses.fields(DistillConfig)} & {
     "align_weight",
@@ -279,6 +282,7 @@ class _Run:
     scheduler: dict
     vae: nn.Module | None
     ema: EMA | None = None
+    rollback: SwitchRollback | None = None
     step: int = 0
 
 
@@ -384,6 +388,10 @@ def _setup(
         student.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    ema = EMA(student.trainable_parameters(), cfg.ema_decay) if cfg.ema else None
+    rollback = None
+    if cfg.switch != "never" and cfg.guard and cfg.rollback:
+        rollback = SwitchRollback(optimizer, also=(ema,) if ema is not None else (), device="cpu")
     return _Run(
         cfg,
         family,
@@ -397,7 +405,8 @@ def _setup(
         alignment,
         scheduler,
         vae,
-        EMA(student.trainable_parameters(), cfg.ema_decay) if cfg.ema else None,
+        ema,
+        rollback,
     )
 
 
@@ -458,6 +467,11 @@ def _train_step(run: _Run) -> dict[str, float]:
             metrics["loss_total"] = loss.detach()
     if not bool(torch.isfinite(loss)):
         raise FloatingPointError(f"the loss is not finite at step {run.step}: {float(loss)}")
+    if run.rollback is not None and run.rollback.observe(mf):
+        # the guard reverted: back to the weights, optimiser and EMA of the switch, no update
+        run.step += 1
+        metrics |= {"rolled_back": 1.0, "phase": getattr(run.loss.target, "phase", "discrete")}
+        return {k: (v if isinstance(v, str) else float(v)) for k, v in metrics.items()}
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if math.isfinite(cfg.grad_clip):
@@ -499,6 +513,7 @@ def _save_checkpoint(run: _Run) -> str:
         "rng": _rng_state(run),
         "alignment": run.alignment.state_dict() if run.alignment is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "rollback": run.rollback.state_dict() if run.rollback is not None else None,
     }
     save_state(state, os.path.join(tmp, "state"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -560,6 +575,8 @@ def _load_checkpoint(run: _Run, path: str) -> None:
     elif run.ema is not None:  # a checkpoint without an EMA: start it from the weights
         logger.info("%s holds no EMA: the average starts from the resumed weights", path)
         run.ema = EMA(run.student.trainable_parameters(), run.cfg.ema_decay)
+    if run.rollback is not None and state.get("rollback") is not None:
+        run.rollback.load_state_dict(state["rollback"])
     run.step = int(state["step"])
 
 
@@ -662,6 +679,7 @@ HELP: dict[str, str] = {
     "guard": "revert to the warm-up target if the differential target diverges",
     "guard_margin": "guard: relative rise of the held-out error that counts as a failure",
     "guard_patience": "guard: failures in a row before reverting",
+    "rollback": "on a revert, also restore the weights, optimiser and EMA saved at the switch",
     "jvp": "how du/dt is taken: func (forward AD), autograd (double backward) or fd",
     "single_forward": "take du/dt and the loss's forward in one pass (no checkpointing then)",
     "equal_fraction": "fraction of (r, t) pairs with r = t (flow matching)",

@@ -613,47 +613,51 @@ class SwitchRollback:
     from exactly the state at the switch.
 
     Call :meth:`observe` with a step's metrics after the loss and *before* the optimiser
-    step: at ``warmup_switched`` it copies the trainable parameters (``requires_grad``) and
-    the optimiser state; at ``warmup_reverted`` it writes them back and returns ``True``,
-    and the caller then skips this step's update. The copy is part of :meth:`state_dict`,
-    so a resumed run can still roll back.
+    step: at ``warmup_switched`` it copies the optimiser's parameters and state (and the
+    states of ``also``, e.g. an EMA of the weights); at ``warmup_reverted`` it writes them
+    back and returns ``True``, and the caller then skips this step's update. The copy is
+    part of :meth:`state_dict`, so a resumed run can still roll back.
 
     Args:
-        module: the student (only its parameters with ``requires_grad`` are kept).
-        optimizer: its optimiser.
+        optimizer: the student's optimiser; its parameters are what is restored.
+        also: further objects with ``state_dict()`` / ``load_state_dict()`` to restore.
         device: where the copy lives (e.g. ``"cpu"`` to spare accelerator memory; default:
             beside each tensor).
     """
 
     def __init__(
         self,
-        module: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
+        also: tuple[Any, ...] = (),
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
-        self.module, self.optimizer, self.device = module, optimizer, device
+        for obj in also:
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise TypeError(f"also must hold objects with state_dict(), got {obj!r}")
+        self.optimizer, self.also, self.device = optimizer, tuple(also), device
         self.saved: dict[str, Any] | None = None
 
-    def _trainable(self) -> dict[str, Tensor]:
-        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def observe(self, metrics: Mapping[str, Any]) -> bool:
         """Save at a switch, restore at a revert; ``True`` when this step was rolled back."""
         if "warmup_switched" in metrics:
             self.saved = {
-                "params": _clone(self._trainable(), self.device),
+                "params": _clone(self._params(), self.device),
                 "optimizer": _clone(self.optimizer.state_dict(), self.device),
+                "also": [_clone(obj.state_dict(), self.device) for obj in self.also],
             }
         if "warmup_reverted" in metrics and self.saved is not None:
             with torch.no_grad():
-                for name, p in self._trainable().items():
-                    p.copy_(self.saved["params"][name])
-            self.optimizer.load_state_dict(self.saved["optimizer"])
+                for p, saved in zip(self._params(), self.saved["params"], strict=True):
+                    p.copy_(saved)
+            self.optimizer.load_state_dict(_clone(self.saved["optimizer"], None))
+            for obj, state in zip(self.also, self.saved["also"], strict=True):
+                obj.load_state_dict(_clone(state, None))
             self.saved = None
             return True
         return False

@@ -288,6 +288,15 @@ def test_signals_are_logged_and_an_injected_fault_reverts(tmp_path, data, monkey
     assert switched == [5] and len(reverted) == 1 and reverted[0] > 5
     assert rows[reverted[0] - 1]["guard_error"] > 1.25 * rows[reverted[0] - 1]["guard_ref"]
     assert all(r["phase"] == "discrete" for r in rows if r["step"] > reverted[0])
+    assert rows[reverted[0] - 1]["rolled_back"] == 1.0
+    # the rollback restores the weights of the switch: a run stopped at the revert ends with
+    # the weights of a clean run stopped at the switch (EMA off: the raw weights)
+    common = dict(switch="fixed", warmup_steps=4, signal_every=2, guard_patience=1, ema=False)
+    faulty = distill(config(tmp_path, "faulty", steps=reverted[0], checkpoint_every=50, **common))
+    monkeypatch.setattr(DifferentialTarget, "_target", honest)
+    clean = distill(config(tmp_path, "clean", steps=4, checkpoint_every=50, **common))
+    a, b = faulty.trainable_state_dict(), clean.trainable_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_default_switch_is_gated_and_guarded(tmp_path, data):

@@ -286,7 +286,7 @@ def test_rollback_restores_the_switch_state_and_round_trips():
     w = WarmupTarget(DISCRETE, switch_step=1, guard=SwitchGuard(patience=2), every=5)
     loss = MeanFlowLoss(long_pairs(), w, AdaptiveWeight(p=0))
     opt = torch.optim.Adam(student.parameters(), lr=0.01)
-    rollback = SwitchRollback(student, opt, device="cpu")
+    rollback = SwitchRollback(opt, device="cpu")
     at_switch = rolled_at = None
     for step in range(40):
         gen = torch.Generator().manual_seed(step)
@@ -304,12 +304,14 @@ def test_rollback_restores_the_switch_state_and_round_trips():
             continue
         if at_switch is not None and rolled_at is None:
             # mid-guard: a fresh rollback object restored from the state can roll back too
-            copy = SwitchRollback(student, opt)
+            copy = SwitchRollback(opt)
             copy.load_state_dict(rollback.state_dict())
-            assert torch.equal(copy.saved["params"]["w"], at_switch[0])
+            assert torch.equal(copy.saved["params"][0], at_switch[0])
         opt.zero_grad()
         value.backward()
         opt.step()
     assert rolled_at is not None and w.phase == "discrete"
     with pytest.raises(TypeError, match="optimizer"):
-        SwitchRollback(student, None)
+        SwitchRollback(None)
+    with pytest.raises(TypeError, match="also"):
+        SwitchRollback(opt, also=(object(),))

@@ -477,7 +477,7 @@ def _train(cfg, gmm, student, teacher, gen, probe) -> dict[str, Any]:
     history = _History(every=max(1, cfg.steps // 500))
     probes: list[dict[str, Any]] = []
     bar = _progress(cfg)
-    rollback = SwitchRollback(student, opt) if cfg.rollback else None
+    rollback = SwitchRollback(opt) if cfg.rollback else None
     at_switch = None
     collapse, step, start = None, 0, time.perf_counter()
     eval_seed = cfg.seed + 10_000
