@@ -42,6 +42,7 @@ import torch
 
 from mfcore._checks import check_choice, check_positive_int, check_real
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, KernelCritic, MeanFlowCritic
+from mfcore.fields import Target
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.solvers import ODE_METHODS, sample_meanflow, sample_teacher
@@ -329,13 +330,14 @@ class _GridPairs:
 class _PhaseWeight:
     """MeanFlow's adaptive weight with its own power on the discrete and differential targets."""
 
-    def __init__(self, target: Any, discrete: AdaptiveWeight, differential: AdaptiveWeight) -> None:
+    def __init__(
+        self, target: Target, discrete: AdaptiveWeight, differential: AdaptiveWeight
+    ) -> None:
         self.target, self.discrete, self.differential = target, discrete, differential
 
     def __call__(self, sq_err: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        phase = getattr(self.target, "phase", None)
-        is_discrete = getattr(self.target, "discrete", False) or phase == "discrete"
-        return (self.discrete if is_discrete else self.differential)(sq_err, r, t)
+        weight = self.discrete if self.target.phase == "discrete" else self.differential
+        return weight(sq_err, r, t)
 
 
 def _critic(cfg: ToyConfig, dim: int) -> Any:
@@ -420,8 +422,7 @@ def _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen, rollback
     loss, metrics = mf_loss(student, x, teacher=teacher, step=step, generator=gen)
     values = {"mf_loss": float(loss.detach()), "phase": float(metrics.get("warmup_phase", -1.0))}
     values |= {k: float(v) for k, v in metrics.items() if k.startswith(_LOGGED)}
-    phase = getattr(mf_loss.target, "phase", "discrete" if cfg.target == "discrete" else "-")
-    if cfg.deriv_weight > 0 and phase == "discrete":
+    if cfg.deriv_weight > 0 and mf_loss.target.phase == "discrete":
         d_loss = _derivative_step(cfg, student, teacher, mf_loss, gen)
         loss = loss + cfg.deriv_weight * d_loss
         values["deriv_loss"] = float(d_loss.detach())
