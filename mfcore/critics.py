@@ -254,6 +254,24 @@ class FakeVelocityCritic:
 
     A :class:`~mfcore.fields.TrainedCritic`: :class:`AlignmentLoss` calls it with checked
     segments ``r < t``, which it does not check again.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import AlignmentLoss, FakeVelocityCritic
+        >>> class Fake(torch.nn.Module):  # v(z, t)
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(3, 2)
+        ...     def forward(self, z, t):
+        ...         return self.lin(torch.cat([z, t[:, None]], dim=1))
+        >>> align = AlignmentLoss(FakeVelocityCritic(Fake(), lr=1e-3), steps=1)
+        >>> student = lambda z, r, t: 0.5 * z
+        >>> critic_loss, metrics = align.critic_step(student, torch.randn(16, 2))
+        >>> sorted(metrics)
+        ['critic_fm', 'critic_updates']
+        >>> loss, metrics = align.student_loss(student, torch.randn(16, 2), teacher=lambda z, t: z)
+        >>> sorted(metrics)
+        ['align_g_rms', 'align_gap_rms', 'align_loss']
     """
 
     def __init__(

@@ -123,6 +123,17 @@ class MeanFlowGuidance:
 
     Called as ``guidance(v, student, z_t, t, cond, *, drop=None) -> v_tilde`` with ``v`` and
     ``z_t`` of shape ``(B, ...)``, ``t`` and ``drop`` of shape ``(B,)``.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import MeanFlowGuidance, MeanFlowLoss
+        >>> guidance = MeanFlowGuidance(1.5, 0.5, uncond={"y": 10}, label_dropout=0.1)
+        >>> student = lambda z, r, t, y: z * (y[:, None] < 10)
+        >>> loss_fn = MeanFlowLoss(guidance=guidance)
+        >>> y = torch.randint(0, 10, (8,))
+        >>> loss, metrics = loss_fn(student, torch.randn(8, 2), cond={"y": y})
+        >>> sorted(k for k in metrics if k.startswith("frac_"))
+        ['frac_dropped', 'frac_guided', 'frac_r_neq_t']
     """
 
     def __init__(

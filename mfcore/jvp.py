@@ -137,6 +137,17 @@ def total_derivative(
 
     Raises:
         TypeError / ValueError: on bad input (naming the argument).
+
+    Example:
+        For ``u(z, r, t) = t z`` along ``(v, 0, 1)``: ``du/dt = t v + z``.
+
+        >>> import torch
+        >>> from mfcore import total_derivative
+        >>> z, v = torch.ones(3, 2), torch.full((3, 2), 2.0)
+        >>> r, t = torch.zeros(3), torch.full((3,), 0.5)
+        >>> u, dudt = total_derivative(lambda z, r, t: t[:, None] * z, z, r, t, v)
+        >>> dudt[0]
+        tensor([2., 2.])
     """
     check_tensor("z", z, ndim_min=1)
     r, t = check_interval(r, t, z)

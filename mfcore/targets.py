@@ -76,6 +76,15 @@ def differential_target(u: Tensor, dudt: Tensor, v: Tensor, r: Tensor, t: Tensor
     Returns:
         the detached target ``(B, ...)`` in the compute dtype of ``u`` (fp32 at least, fp64
         stays fp64).
+
+    Example:
+        >>> import torch
+        >>> from mfcore import differential_target
+        >>> u, dudt, v = torch.zeros(2, 3), torch.full((2, 3), 2.0), torch.ones(2, 3)
+        >>> r, t = torch.tensor([0.0, 0.5]), torch.tensor([0.25, 0.5])
+        >>> differential_target(u, dudt, v, r, t)  # v - (t - r) du/dt
+        tensor([[0.5000, 0.5000, 0.5000],
+                [1.0000, 1.0000, 1.0000]])
     """
     check_tensor("u", u, ndim_min=1)
     check_like("dudt", dudt, u, "u")
@@ -116,6 +125,17 @@ def teacher_ode_target(
         the detached target ``(B, ...)`` in the compute dtype of ``z_t`` (fp32 at least, fp64
         stays fp64): the end state is integrated and differenced there, never rounded to a
         half-precision ``z_t`` first (that would cancel the secant of a short interval).
+
+    Example:
+        The field ``v = z`` takes ``z_t`` to ``z_r = z_t e^{r - t}``: over ``[0, 1]`` the average
+        velocity at ``z_t = 1`` is ``1 - 1/e``; where ``r = t`` it is ``v``.
+
+        >>> import torch
+        >>> from mfcore import teacher_ode_target
+        >>> z, r, t = torch.ones(2, 1), torch.tensor([0.0, 0.5]), torch.tensor([1.0, 0.5])
+        >>> teacher_ode_target(lambda z, t: z, z, r, t, steps=16, method="rk4")
+        tensor([[0.6321],
+                [1.0000]])
     """
     check_tensor("z_t", z_t, ndim_min=1)
     r, t = check_interval(r, t, z_t)
@@ -260,6 +280,21 @@ class DifferentialTarget:
 
     A :class:`~mfcore.fields.Target`: :class:`~mfcore.losses.MeanFlowLoss` calls it with
     checked arguments, which it does not check again.
+
+    Example:
+        For ``u(z, r, t) = t z`` along ``v``, ``du/dt = t v + z``, so the target is
+        ``v - (t - r) (t v + z)``.
+
+        >>> import torch
+        >>> from mfcore import DifferentialTarget
+        >>> target = DifferentialTarget("func")
+        >>> target.phase
+        'differential'
+        >>> z, v = torch.ones(3, 2), torch.full((3, 2), 2.0)
+        >>> r, t = torch.zeros(3), torch.full((3,), 0.5)
+        >>> out = target(lambda z, r, t: t[:, None] * z, z, r, t, v)
+        >>> out.target[0], out.pred[0]
+        (tensor([1., 1.]), tensor([0.5000, 0.5000]))
     """
 
     phase = "differential"
@@ -368,6 +403,17 @@ class TeacherODETarget(_DiscreteTarget):
     Args:
         steps: solver steps per sample.
         method: solver name of :mod:`mfcore.solvers`.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import TeacherODETarget
+        >>> target = TeacherODETarget(steps=16, method="rk4")
+        >>> target.phase
+        'discrete'
+        >>> z, r, t = torch.ones(2, 1), torch.tensor([0.0, 0.5]), torch.tensor([1.0, 0.5])
+        >>> target.compute(None, z, r, t, z, teacher=lambda z, t: z, cond={}, generator=None)
+        tensor([[0.6321],
+                [1.0000]])
     """
 
     def __init__(self, steps: int = 8, method: str = "heun") -> None:

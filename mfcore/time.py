@@ -367,6 +367,14 @@ class TimePairSampler:
         t_sampler: sampler of the first time; ``None`` means ``LogitNormalTime(-0.4, 1.0)``.
         r_sampler: sampler of the second time; ``None`` means ``t_sampler``.
         equal_fraction: fraction of the pairs with ``r = t``, in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import TimePairSampler
+        >>> sampler = TimePairSampler(equal_fraction=0.5)
+        >>> r, t = sampler(8, generator=torch.Generator().manual_seed(0))
+        >>> bool((r <= t).all()), int((r == t).sum())
+        (True, 4)
     """
 
     t_sampler: Callable[..., Tensor] | None = None
@@ -443,6 +451,13 @@ class ClampedPairSampler:
         r_sampler: sampler of ``r'``; ``None`` means ``LogitNormalTime(-4.0, 1.6)``.
         equal_prob: probability in ``[0, 1]`` that a pair is set to ``r = t`` before the
             clamp.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import ClampedPairSampler
+        >>> r, t = ClampedPairSampler()(1000, generator=torch.Generator().manual_seed(0))
+        >>> bool((r <= t).all()), 0.6 < (r != t).float().mean().item() < 0.8
+        (True, True)
     """
 
     t_sampler: Callable[..., Tensor] | None = None
@@ -545,6 +560,11 @@ def uniform_grid(
 
     Returns:
         times ``(N + 1,)``, decreasing from 1 (noise) to 0 (data).
+
+    Example:
+        >>> from mfcore import uniform_grid
+        >>> uniform_grid(4)
+        tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000])
     """
     steps = check_positive_int("steps", steps)
     dev, dtype = check_device(device), check_dtype(dtype)
@@ -574,6 +594,11 @@ def shifted_grid(
 
     Returns:
         times ``(N + 1,)``, decreasing from 1 to 0.
+
+    Example:
+        >>> from mfcore import shifted_grid
+        >>> shifted_grid(2, shift=3.0)  # the middle time moves towards the noise end
+        tensor([1.0000, 0.7500, 0.0000])
     """
     steps = check_positive_int("steps", steps)
     dev, dtype = check_device(device), check_dtype(dtype)

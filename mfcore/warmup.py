@@ -325,6 +325,20 @@ class WarmupTarget:
     internal counter of calls when none is given. ``state_dict()`` holds the phase, the
     fit error, the gate's streak and the guard's held-out batch and counters, so a resumed
     run continues exactly.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import MeanFlowLoss, TeacherODETarget, WarmupTarget
+        >>> warm = WarmupTarget(TeacherODETarget(steps=4), switch_step=2)
+        >>> loss_fn = MeanFlowLoss(target=warm)
+        >>> teacher = lambda z, t: -z
+        >>> student = lambda z, r, t: -z
+        >>> for step in range(3):
+        ...     loss, metrics = loss_fn(student, torch.randn(8, 2), teacher=teacher, step=step)
+        ...     print(step, warm.phase)
+        0 discrete
+        1 discrete
+        2 differential
     """
 
     def __init__(
