@@ -142,6 +142,7 @@ def _table(now: dict, before: dict | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", help="an mfcore source tree to count too (before/after)")
+    parser.add_argument("--before-label", default="", help="what that tree is (e.g. a commit)")
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -155,7 +156,10 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"after": now, "before": before}, indent=1) + "\n")
     device = f"{platform.machine()} CPU, counted with a TorchDispatchMode (see the script)"
-    body = f"{provenance(device)} Batch {BATCH}, dimension {DIM}.\n\n{_table(now, before)}"
+    body = f"{provenance(device)} Batch {BATCH}, dimension {DIM}."
+    if before is not None:
+        body += f" Before: {args.before_label or args.before}."
+    body += f"\n\n{_table(now, before)}"
     update_section(
         "host_syncs", "Host syncs per MeanFlowLoss call (`benchmarks/host_syncs.py`)", body
     )
