@@ -717,6 +717,36 @@ class AlignmentLoss:
             _, traj = meanflow_path(student, noise, self._grid_for(noise), cond, None, True)
         return traj
 
+    def trajectory(
+        self,
+        student: Callable[..., Tensor],
+        noise: Tensor,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        grad: bool = True,
+    ) -> Tensor:
+        """The student's ``K``-step trajectory from ``noise``, ``(K + 1, B, ...)`` (``[0]`` is
+        ``noise``), attached to the student's graph when ``grad``.
+
+        Computed once, it serves :meth:`critic_step` (which detaches it) and
+        :meth:`student_loss` of the same training step, neither of which then runs the
+        student again (the critic does not change the student's trajectory).
+        """
+        check_callable("student", student)
+        check_tensor("noise", noise, ndim_min=1)
+        return self._trajectory(student, noise, check_cond(cond), bool(grad))
+
+    def _given(self, trajectory: object, noise: Tensor) -> Tensor:
+        """A trajectory passed by the caller: ``(K + 1, *noise.shape)`` on noise's device."""
+        expected = (self.steps + 1, *noise.shape)
+        traj = check_tensor("trajectory", trajectory)
+        if tuple(traj.shape) != expected or traj.device != noise.device:
+            raise ValueError(
+                f"trajectory must have shape (K + 1, *noise.shape) = {expected} on "
+                f"{noise.device}, got {tuple(traj.shape)} on {traj.device}"
+            )
+        return traj
+
     def critic_step(
         self,
         student: Callable[..., Tensor],
@@ -724,6 +754,7 @@ class AlignmentLoss:
         *,
         cond: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        trajectory: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Train the critic's network on the student's (detached) trajectory from ``noise``.
 
@@ -732,6 +763,8 @@ class AlignmentLoss:
             noise: starting states ``(B, ...)`` at ``t = 1``.
             cond: conditioning for student and critic.
             generator: random generator for the re-noising.
+            trajectory: the student's trajectory from ``noise`` if already computed
+                (:meth:`trajectory`); default: run the student.
 
         Returns:
             ``(loss, metrics)``: the last update's loss (detached) and ``critic_fm`` /
@@ -742,7 +775,10 @@ class AlignmentLoss:
         cond = check_cond(cond)
         if not self._trained:
             return noise.new_zeros(()), {}
-        traj = self._trajectory(student, noise, cond, grad=False)
+        if trajectory is None:
+            traj = self._trajectory(student, noise, cond, grad=False)
+        else:
+            traj = self._given(trajectory, noise).detach()
         loss = noise.new_zeros(())
         for _ in range(self.critic_updates):
             losses = [
@@ -768,6 +804,7 @@ class AlignmentLoss:
         reference: Tensor | None = None,
         cond: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        trajectory: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's alignment loss on its K-step trajectory from ``noise``.
 
@@ -780,6 +817,8 @@ class AlignmentLoss:
                 sample critic (default: its ``reference_samples`` with ``teacher_steps``).
             cond: conditioning for all models.
             generator: random generator.
+            trajectory: the student's trajectory from ``noise``, attached to its graph, if
+                already computed (:meth:`trajectory`); default: run the student.
 
         Returns:
             ``(loss, metrics)``; ``loss`` is the mean over segments, ``metrics`` the
@@ -797,7 +836,15 @@ class AlignmentLoss:
             reference = self.critic.reference_samples(  # type: ignore[attr-defined]
                 teacher, noise, steps=self.teacher_steps, cond=cond, generator=generator
             )
-        traj = self._trajectory(student, noise, cond, grad=True)
+        if trajectory is None:
+            traj = self._trajectory(student, noise, cond, grad=True)
+        else:
+            traj = self._given(trajectory, noise)
+            if torch.is_grad_enabled() and not traj.requires_grad:
+                raise ValueError(
+                    "trajectory must be attached to the student's graph (trajectory(..., "
+                    "grad=True)): a detached one would give the student no alignment gradient"
+                )
         losses, sums = [], {}
         for z, r, t in self._segments(traj, noise):
             loss_i, m_i = self.critic.alignment_loss(

@@ -442,3 +442,25 @@ def test_renoise_times_stay_above_r_in_bfloat16():
     r = torch.full((4096,), 0.5, dtype=torch.bfloat16)
     s = _draw_renoise_time(r, torch.ones_like(r), gen)
     assert s.dtype == torch.float32 and bool((s > r.float()).all())
+
+
+def test_one_trajectory_serves_the_critic_step_and_the_student_loss():
+    student = GaussianStudent((0.3, 0.1), 0.8)
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for shared in (False, True):
+        torch.manual_seed(0)
+        align = AlignmentLoss(FakeVelocityCritic(VelocityMLP()), steps=2, critic_updates=2)
+        gen = torch.Generator().manual_seed(3)
+        traj = align.trajectory(student, noise) if shared else None
+        critic, _ = align.critic_step(student, noise, generator=gen, trajectory=traj)
+        kw = dict(teacher=_teacher(), generator=gen, trajectory=traj)
+        loss, _ = align.student_loss(student, noise, **kw)
+        (grad,) = torch.autograd.grad(loss, student.mu)
+        outs.append((critic, loss.detach(), grad))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="attached"):
+        align.student_loss(student, noise, teacher=_teacher(), trajectory=traj.detach())
+    with pytest.raises(ValueError, match=r"trajectory must have shape \(K \+ 1, \*noise.shape\)"):
+        align.critic_step(student, noise, trajectory=traj[:2])
