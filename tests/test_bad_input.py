@@ -484,6 +484,9 @@ CASES = [
     toy_cli("--batch x", ["--batch", "x"], "batch"),
     toy_cli("--align-start -5", ["--align-start", "-5"], "align_start"),
     toy_cli("--target jvp", ["--target", "jvp"], "target"),
+    toy_cli("--resume without a checkpoint", ["--resume", "--name", "none"], "resume"),
+    toy_cli("--save-every -1", ["--save-every", "-1"], "save_every"),
+    toy_cli("--threads 0", ["--threads", "0"], "threads"),
     # ------------------------------------------------------------------ flux_distill
     flux_cli(
         "--keep-checkpoints 0",
