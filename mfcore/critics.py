@@ -24,9 +24,11 @@ matching of the re-noised distribution (for ``r = 0`` it is the usual ``eps - x`
 
     zhat_fake = z_s - (s - r) v_fake(z_s, s),   zhat_teacher = z_s - (s - r) v(z_s, s),
 
-and the student's state receives the gradient ``g = w(s, r) (zhat_fake - zhat_teacher) / n``
+and the student's state receives the gradient ``g = w (zhat_fake - zhat_teacher) / n``
 through the surrogate ``L = 1/2 ||z_r - sg(z_r - g)||^2`` (so ``dL/dz_r = g``), with the
-normaliser ``n = mean |z_r - zhat_teacher|`` per sample (DMD, eq. 8). In the velocity
+normaliser ``n = mean |z_r - zhat_teacher|`` per sample (DMD, eq. 8) and an optional weight
+``w = weighting(||zhat_fake - zhat_teacher||^2, r, s)`` (:class:`~mfcore.fields.Weighting`,
+1 by default). In the velocity
 convention ``zhat_fake - zhat_teacher = (s - r) (v - v_fake)``, which is a positive multiple
 of the gradient of ``KL(p_student || p_teacher)`` at ``s`` with respect to ``z_r``
 (``score = -(z + (1 - s) v) / s``, ``dz_s/dz_r = a``): a step against ``g`` lowers the KL.
@@ -241,7 +243,7 @@ class FakeVelocityCritic:
     student states re-noised inside their segment (weight :func:`renoise_weight`); the
     student's alignment gradient (:meth:`alignment_loss`) at a state ``z_r`` is
 
-        g = w(s, r) (zhat_fake - zhat_teacher) / n,   zhat = z_s - (s - r) v(z_s, s),
+        g = w (zhat_fake - zhat_teacher) / n,   zhat = z_s - (s - r) v(z_s, s),
 
     i.e. ``(s - r) (v_teacher - v_fake)`` in velocity terms, with ``n`` DMD's normaliser.
 
