@@ -21,6 +21,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    toy = shutil.which("mfcore-toy")
+    beside = Path(sys.executable).parent / "mfcore-toy"  # this environment's, before PATH's
+    toy = str(beside) if beside.is_file() else shutil.which("mfcore-toy")
     if toy is None:
         parser.error("mfcore-toy is not on PATH (pip install -e '.[toys]')")
     results = {}
