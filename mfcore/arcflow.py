@@ -39,15 +39,26 @@ import torch
 from torch import Tensor, nn
 
 from mfcore._checks import (
+    check_callable,
+    check_cond,
     check_finite,
+    check_fraction,
     check_grid,
+    check_grid_steps,
+    check_instance,
+    check_interval,
     check_positive_int,
+    check_real,
+    check_shape,
     check_tensor,
     check_time,
+    check_values_finite,
+    check_weighting,
+    check_weights,
     compute_dtype,
     expand_time,
 )
-from mfcore.fields import VelocityField
+from mfcore.fields import VelocityField, Weighting
 from mfcore.time import uniform_grid
 
 __all__ = [
@@ -102,7 +113,7 @@ class ArcParams:
         for name in ("weights", "rates"):
             _check_mixture_field(name, getattr(self, name), self.m)
         for name in ("m", "weights", "rates"):
-            _check_finite_value(f"ArcParams.{name}", getattr(self, name))
+            check_values_finite(f"ArcParams.{name}", getattr(self, name))
         if self.s0.device != self.m.device:
             raise ValueError(f"s0 is on {self.s0.device} but m is on {self.m.device}")
         _check_rate_range(self.rates)
@@ -139,11 +150,6 @@ class ArcFlowStudent(Protocol):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_finite_value(name: str, x: Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} must be finite (it holds a NaN or an infinity)")
-
-
 def _check_mixture_field(name: str, x: object, m: Tensor) -> None:
     """``x`` must be ``(B, K, *S)`` with ``S`` broadcasting to ``m.shape[2:]`` explicitly."""
     check_tensor(name, x)
@@ -169,8 +175,8 @@ def _check_rate_range(rates: Tensor) -> None:
 
 def _check_params(params: object, z: Tensor) -> ArcParams:
     """``params`` must be :class:`ArcParams` with ``m`` of shape ``(B, K, *z.shape[1:])``."""
-    if not isinstance(params, ArcParams):
-        raise TypeError(f"params must be an ArcParams, got {type(params).__name__}")
+    check_instance("params", params, ArcParams, "an ArcParams")
+    assert isinstance(params, ArcParams)
     expected = (z.shape[0], params.m.shape[1], *z.shape[1:])
     if tuple(params.m.shape) != expected:
         raise ValueError(
@@ -184,19 +190,9 @@ def _check_params(params: object, z: Tensor) -> ArcParams:
 
 def _check_velocity_time(params: object, s: object) -> None:
     """``params`` must be :class:`ArcParams` and ``s`` a ``(B,)`` time no later than its ``s0``."""
-    if not isinstance(params, ArcParams):
-        raise TypeError(f"params must be an ArcParams, got {type(params).__name__}")
-    check_time("s", s, batch=params.m.shape[0])
-    assert isinstance(s, Tensor)
-    if s.device != params.m.device:
-        raise ValueError(f"s is on {s.device} but params are on {params.m.device}")
-    _check_before("s", s, params.s0, "params.s0")
-
-
-def _check_before(name: str, s: Tensor, later: Tensor, later_name: str) -> None:
-    """Time runs backwards inside a step: require ``s <= later`` elementwise."""
-    if bool((s > later).any()):
-        raise ValueError(f"{name} must satisfy {name} <= {later_name} elementwise")
+    check_instance("params", params, ArcParams, "an ArcParams")
+    assert isinstance(params, ArcParams)
+    check_interval(s, params.s0, names=("s", "params.s0"), batch=params.m.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,10 +295,8 @@ def arc_step(params: ArcParams, z: Tensor, s_a: Tensor, s_b: Tensor) -> Tensor:
     """
     check_tensor("z", z, ndim_min=1)
     _check_params(params, z)
-    check_time("s_a", s_a, z)
-    check_time("s_b", s_b, z)
-    _check_before("s_a", s_a, params.s0, "params.s0")
-    _check_before("s_b", s_b, s_a, "s_a")
+    check_interval(s_a, params.s0, z, names=("s_a", "params.s0"))
+    check_interval(s_b, s_a, z, names=("s_b", "s_a"))
     return _arc_step(params, z, s_a, s_b).to(z.dtype)
 
 
@@ -461,10 +455,10 @@ class ArcFlowHead(nn.Module):
         k, c = self.num_components, self.channels
         w, b = self.proj.weight, self.proj.bias
         if velocity_weight is not None:
-            _check_shape("velocity_weight", velocity_weight, (c, w.shape[1]))
+            check_shape("velocity_weight", velocity_weight, (c, w.shape[1]))
             w[:c] = k * velocity_weight.to(w.dtype)
         if velocity_bias is not None:
-            _check_shape("velocity_bias", velocity_bias, (c,))
+            check_shape("velocity_bias", velocity_bias, (c,))
         b[:c] = 0 if velocity_bias is None else k * velocity_bias.to(b.dtype)
         w[c:].zero_()
         b[c:].zero_()
@@ -485,13 +479,6 @@ class ArcFlowHead(nn.Module):
         return split_arc_output(raw, s0, num_components=self.num_components, max_rate=self.max_rate)
 
 
-def _check_shape(name: str, x: object, shape: tuple[int, ...]) -> None:
-    check_tensor(name, x)
-    assert isinstance(x, Tensor)
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------
@@ -503,11 +490,7 @@ def _resolve_grid(steps: int | None, grid: Tensor | None, ref: Tensor) -> Tensor
         n = 2 if steps is None else check_positive_int("steps", steps)
         return uniform_grid(n, device=ref.device, dtype=torch.float64)
     grid = check_grid(grid, ref, full_span=False)
-    if steps is not None and check_positive_int("steps", steps) != grid.shape[0] - 1:
-        raise ValueError(
-            f"steps={steps} does not match the grid's {grid.shape[0] - 1} steps; "
-            "pass steps=None with a grid"
-        )
+    check_grid_steps(steps, grid)
     return grid.double()
 
 
@@ -522,14 +505,6 @@ def _call_student(student: ArcFlowStudent, z: Tensor, s0: Tensor, cond: dict) ->
     if not torch.equal(params.s0.to(s0.dtype), s0):
         raise ValueError("the student must return ArcParams whose s0 is the s0 it was given")
     return params
-
-
-def _check_cond(cond: object) -> dict:
-    if cond is None:
-        return {}
-    if not isinstance(cond, dict):
-        raise TypeError(f"cond must be a dict or None, got {type(cond).__name__}")
-    return cond
 
 
 def sample_arcflow(
@@ -569,7 +544,7 @@ def sample_arcflow(
         :func:`mfcore.solvers.sample_meanflow`).
     """
     check_tensor("noise", noise, ndim_min=1)
-    cond = _check_cond(cond)
+    cond = check_cond(cond)
     n_sub = check_positive_int("substeps", substeps)
     times = _resolve_grid(steps, grid, noise)
     with torch.set_grad_enabled(enable_grad):
@@ -617,15 +592,9 @@ class TeacherMixSchedule:
         self._set(start, decay_steps, power)
 
     def _set(self, start: object, decay_steps: object, power: object) -> None:
-        for name, value in (("start", start), ("power", power)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not 0.0 <= start <= 1.0:
-            raise ValueError(f"start must lie in [0, 1], got {start}")
-        if not power > 0:
-            raise ValueError(f"power must be > 0, got {power}")
+        self.start = check_fraction("start", start)
+        self.power = check_real("power", power, minimum=0.0, strict=True)
         self.decay_steps = check_positive_int("decay_steps", decay_steps)
-        self.start, self.power = float(start), float(power)
 
     def __call__(self, step: int) -> float:
         """The mixing probability at training step ``step >= 0``."""
@@ -644,6 +613,15 @@ class TeacherMixSchedule:
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
         self._set(state["start"], state["decay_steps"], state["power"])
+
+
+def _from_error_weighting(old: Callable[[Tensor], Tensor]) -> Weighting:
+    """A weighting of the former ArcFlow signature ``w(err)`` as ``w(err, r, t)``."""
+
+    def weighting(sq_err: Tensor, r: Tensor, t: Tensor) -> Tensor:
+        return old(sq_err)
+
+    return weighting
 
 
 class ArcFlowDistillationLoss:
@@ -673,8 +651,10 @@ class ArcFlowDistillationLoss:
         mix_schedule: teacher mixing schedule (``TeacherMixSchedule()`` by default;
             ``TeacherMixSchedule(start=0.0)`` switches mixing off).
         teacher_substeps: teacher Euler steps per interval for mixed-in states.
-        weighting: optional callable mapping the per-sample errors ``(B,)`` (detached) to
-            per-sample weights ``(B,)``, e.g. an adaptive weight.
+        weighting: optional :class:`~mfcore.fields.Weighting`, called ``w(err, r, t)`` with
+            the per-sample errors ``(B,)`` (detached) and the rollout's grid ends ``r =
+            grid[-1]``, ``t = grid[0]`` as ``(B,)`` times, e.g. an
+            :class:`~mfcore.losses.AdaptiveWeight`.
 
     Call:
         ``loss, metrics = loss_fn(student, teacher, noise, *, cond=None, step=None,
@@ -690,21 +670,22 @@ class ArcFlowDistillationLoss:
         points_per_step: int = 2,
         mix_schedule: TeacherMixSchedule | None = None,
         teacher_substeps: int = 4,
-        weighting: Callable[[Tensor], Tensor] | None = None,
+        weighting: Weighting | None = None,
     ) -> None:
         if grid is not None or steps is not None:
             _resolve_grid(steps, grid, grid if grid is not None else torch.zeros(()))
         self.steps, self.grid = steps, grid
         self.points_per_step = check_positive_int("points_per_step", points_per_step)
         self.teacher_substeps = check_positive_int("teacher_substeps", teacher_substeps)
-        if mix_schedule is not None and not isinstance(mix_schedule, TeacherMixSchedule):
-            raise TypeError(
-                f"mix_schedule must be a TeacherMixSchedule, got {type(mix_schedule).__name__}"
-            )
+        if mix_schedule is not None:
+            check_instance("mix_schedule", mix_schedule, TeacherMixSchedule, "a TeacherMixSchedule")
         self.mix_schedule = mix_schedule if mix_schedule is not None else TeacherMixSchedule()
-        if weighting is not None and not callable(weighting):
-            raise TypeError(f"weighting must be callable, got {type(weighting).__name__}")
-        self.weighting = weighting
+        self.weighting = check_weighting(
+            weighting,
+            old_arity=1,
+            old_form="weighting(per_sample_err)",
+            adapt=_from_error_weighting,
+        )
         self.num_calls = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -732,15 +713,15 @@ class ArcFlowDistillationLoss:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Roll the student from ``noise (B, *Z)``; returns the scalar loss and detached metrics."""
         check_tensor("noise", noise, ndim_min=1)
-        cond = _check_cond(cond)
-        if not callable(student) or not callable(teacher):
-            raise TypeError("student and teacher must be callable")
+        cond = check_cond(cond)
+        check_callable("student", student)
+        check_callable("teacher", teacher)
         step = self.num_calls if step is None else check_positive_int("step", step, minimum=0)
         self.num_calls = step + 1
         p_mix = self.mix_schedule(step)
         times = _resolve_grid(self.steps, self.grid, noise)
         per_sample, stats = self._rollout(student, teacher, noise, times, p_mix, cond, generator)
-        return self._reduce(per_sample, stats, p_mix)
+        return self._reduce(per_sample, stats, p_mix, times)
 
     def _rollout(
         self, student, teacher, noise, times, p_mix, cond, generator
@@ -799,19 +780,14 @@ class ArcFlowDistillationLoss:
             work = work + expand_time(h, z) * teacher(work.to(z.dtype), s, **cond).to(h.dtype)
         return work.to(z.dtype)
 
-    def _reduce(self, per_sample, stats, p_mix) -> tuple[Tensor, dict[str, Tensor]]:
+    def _reduce(self, per_sample, stats, p_mix, times) -> tuple[Tensor, dict[str, Tensor]]:
         check_finite("ArcFlow distillation loss", per_sample)
         if self.weighting is None:
             weight = torch.ones_like(per_sample)
         else:
-            weight = self.weighting(per_sample.detach())
-            check_tensor("weighting output", weight)
-            if weight.shape != per_sample.shape:
-                raise ValueError(
-                    f"weighting must return shape {tuple(per_sample.shape)}, "
-                    f"got {tuple(weight.shape)}"
-                )
-            weight = weight.detach().to(per_sample.dtype)
+            err = per_sample.detach()
+            r, t = _batch_time(times[-1], err), _batch_time(times[0], err)
+            weight = check_weights(self.weighting(err, r, t), err).detach().to(per_sample.dtype)
         loss = (weight * per_sample).mean()
         check_finite("ArcFlow distillation loss", loss)
         metrics = {

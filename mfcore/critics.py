@@ -24,9 +24,11 @@ matching of the re-noised distribution (for ``r = 0`` it is the usual ``eps - x`
 
     zhat_fake = z_s - (s - r) v_fake(z_s, s),   zhat_teacher = z_s - (s - r) v(z_s, s),
 
-and the student's state receives the gradient ``g = w(s, r) (zhat_fake - zhat_teacher) / n``
+and the student's state receives the gradient ``g = w (zhat_fake - zhat_teacher) / n``
 through the surrogate ``L = 1/2 ||z_r - sg(z_r - g)||^2`` (so ``dL/dz_r = g``), with the
-normaliser ``n = mean |z_r - zhat_teacher|`` per sample (DMD, eq. 8). In the velocity
+normaliser ``n = mean |z_r - zhat_teacher|`` per sample (DMD, eq. 8) and an optional weight
+``w = weighting(||zhat_fake - zhat_teacher||^2, r, s)`` (:class:`~mfcore.fields.Weighting`,
+1 by default). In the velocity
 convention ``zhat_fake - zhat_teacher = (s - r) (v - v_fake)``, which is a positive multiple
 of the gradient of ``KL(p_student || p_teacher)`` at ``s`` with respect to ``z_r``
 (``score = -(z + (1 - s) v) / s``, ``dz_s/dz_r = a``): a step against ``g`` lowers the KL.
@@ -51,23 +53,31 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mfcore._checks import (
-    check_choice,
+    check_callable,
+    check_cond,
     check_finite,
+    check_grid,
+    check_interval,
     check_like,
     check_positive_int,
     check_real,
     check_tensor,
     check_time,
+    check_weighting,
+    check_weights,
     compute_dtype,
     expand_time,
+    lookup,
 )
-from mfcore.solvers import ODE_METHODS, odeint, sample_meanflow, sample_teacher
+from mfcore.fields import Critic, SampleCritic, TrainedCritic, Weighting
+from mfcore.solvers import SOLVERS, meanflow_path, sample_teacher, solve_span
 from mfcore.time import uniform_grid
 
 __all__ = [
@@ -82,33 +92,10 @@ __all__ = [
     "AlignmentLoss",
 ]
 
-Weighting = Callable[[Tensor, Tensor], Tensor]
 _MIN_FRACTION = 1e-3  # smallest (s - r) / (t - r) drawn, keeping sigma > 0
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_cond(cond: object) -> dict[str, Any]:
-    if cond is None:
-        return {}
-    if not isinstance(cond, Mapping):
-        raise TypeError(f"cond must be a dict of keyword arguments or None, got {type(cond)}")
-    return dict(cond)
-
-
-def _check_callable(name: str, fn: object) -> None:
-    if not callable(fn):
-        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-
-
-def _check_segment(z_r: Tensor, r: Tensor, t: Tensor) -> None:
-    """``z_r`` ``(B, ...)`` with segment ends ``r < t`` and ``r < 1``, both ``(B,)``."""
-    check_tensor("z_r", z_r, ndim_min=1)
-    check_time("r", r, z_r)
-    check_time("t", t, z_r)
-    if bool((r >= t).any()):
-        raise ValueError("a segment needs r < t elementwise (r: its end, t: its start)")
 
 
 def _check_positive(name: str, value: object) -> float:
@@ -131,16 +118,12 @@ def _transition(r: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _check_renoise(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor, strict: bool) -> None:
+    """``r <= s`` (``r < s`` for the velocity, singular at ``s = r``) and ``r < 1``."""
     check_tensor("z_r", z_r, ndim_min=1)
-    check_time("r", r, z_r)
-    check_time("s", s, z_r)
+    check_interval(r, s, z_r, names=("r", "s"), strict=strict)
     check_like("noise", noise, z_r, "z_r")
-    if bool((r >= 1).any()):
+    if not strict and bool((r >= 1).any()):  # strict: r < s <= 1 already
         raise ValueError("r must be < 1 (the transition from pure noise is undefined)")
-    if strict and bool((s <= r).any()):
-        raise ValueError("s must satisfy s > r elementwise (the velocity is singular at s = r)")
-    if not strict and bool((s < r).any()):
-        raise ValueError("s must satisfy s >= r elementwise (re-noising only adds noise)")
 
 
 def renoise(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor) -> Tensor:
@@ -162,6 +145,11 @@ def renoise(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor) -> Tensor:
         with respect to ``z_r``.
     """
     _check_renoise(z_r, r, s, noise, strict=False)
+    return _renoise(z_r, r, s, noise)
+
+
+def _renoise(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor) -> Tensor:
+    """:func:`renoise` on trusted arguments."""
     work = compute_dtype(z_r.dtype)
     a, sigma, _, _ = _transition(r.to(work), s.to(work))
     z_s = expand_time(a, z_r) * z_r.to(work) + expand_time(sigma, z_r) * noise.to(work)
@@ -186,6 +174,11 @@ def renoise_velocity(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor) -> Tensor
         the velocity ``(B, ...)`` in ``z_r``'s dtype.
     """
     _check_renoise(z_r, r, s, noise, strict=True)
+    return _renoise_velocity(z_r, r, s, noise)
+
+
+def _renoise_velocity(z_r: Tensor, r: Tensor, s: Tensor, noise: Tensor) -> Tensor:
+    """:func:`renoise_velocity` on trusted arguments."""
     work = compute_dtype(z_r.dtype)
     _, _, da, dsigma = _transition(r.to(work), s.to(work))
     vel = expand_time(da, z_r) * z_r.to(work) + expand_time(dsigma, z_r) * noise.to(work)
@@ -200,6 +193,11 @@ def renoise_weight(r: Tensor, s: Tensor) -> Tensor:
     """
     check_time("r", r)
     check_time("s", s, batch=r.shape[0])
+    return _renoise_weight(r, s)
+
+
+def _renoise_weight(r: Tensor, s: Tensor) -> Tensor:
+    """:func:`renoise_weight` on trusted arguments."""
     work = compute_dtype(r.dtype)
     _, sigma, _, _ = _transition(r.to(work), s.to(work))
     return (sigma / s.to(work)).square().to(r.dtype)
@@ -225,6 +223,11 @@ def surrogate_loss(x: Tensor, g: Tensor) -> Tensor:
     """
     check_tensor("x", x, ndim_min=1)
     check_like("g", g, x, "x")
+    return _surrogate(x, g)
+
+
+def _surrogate(x: Tensor, g: Tensor) -> Tensor:
+    """:func:`surrogate_loss` on trusted arguments."""
     work = compute_dtype(x.dtype)
     xw = x.to(work)
     return 0.5 * (xw - (xw - g.to(work)).detach()).square().flatten(1).sum(1)
@@ -240,7 +243,7 @@ class FakeVelocityCritic:
     student states re-noised inside their segment (weight :func:`renoise_weight`); the
     student's alignment gradient (:meth:`alignment_loss`) at a state ``z_r`` is
 
-        g = w(s, r) (zhat_fake - zhat_teacher) / n,   zhat = z_s - (s - r) v(z_s, s),
+        g = w (zhat_fake - zhat_teacher) / n,   zhat = z_s - (s - r) v(z_s, s),
 
     i.e. ``(s - r) (v_teacher - v_fake)`` in velocity terms, with ``n`` DMD's normaliser.
 
@@ -250,10 +253,28 @@ class FakeVelocityCritic:
             part of :meth:`state_dict`.
         lr: learning rate of the default optimiser.
         normalize: divide ``g`` per sample by ``mean |z_r - zhat_teacher| + 1e-4`` (DMD eq. 8).
-    """
 
-    has_network = True
-    needs_reference = False
+    A :class:`~mfcore.fields.TrainedCritic`: :class:`AlignmentLoss` calls it with checked
+    segments ``r < t``, which it does not check again.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import AlignmentLoss, FakeVelocityCritic
+        >>> class Fake(torch.nn.Module):  # v(z, t)
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(3, 2)
+        ...     def forward(self, z, t):
+        ...         return self.lin(torch.cat([z, t[:, None]], dim=1))
+        >>> align = AlignmentLoss(FakeVelocityCritic(Fake(), lr=1e-3), steps=1)
+        >>> student = lambda z, r, t: 0.5 * z
+        >>> critic_loss, metrics = align.critic_step(student, torch.randn(16, 2))
+        >>> sorted(metrics)
+        ['critic_fm', 'critic_updates']
+        >>> loss, metrics = align.student_loss(student, torch.randn(16, 2), teacher=lambda z, t: z)
+        >>> sorted(metrics)
+        ['align_g_rms', 'align_gap_rms', 'align_loss']
+    """
 
     def __init__(
         self,
@@ -305,18 +326,16 @@ class FakeVelocityCritic:
             ``(loss, metrics)``: the weighted mean over the batch of the squared error
             summed over non-batch dims, and ``{"critic_fm": loss}`` detached.
         """
-        _check_segment(z_r, r, t)
-        cond = _check_cond(cond)
+        cond = cond or {}
         z_r = z_r.detach()
         s = _draw_renoise_time(r, t, generator)
         noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
-        z_s = renoise(z_r, r, s, noise)
-        target = renoise_velocity(z_r, r, s, noise)
+        z_s = _renoise(z_r, r, s, noise)
+        target = _renoise_velocity(z_r, r, s, noise)
         pred = check_like("the output of fake", self.fake(z_s, s, **cond), z_s, "z_s")
         work = compute_dtype(pred.dtype)
         sq = (pred.to(work) - target.to(work)).square().flatten(1).sum(1)
-        loss = (renoise_weight(r, s).to(work) * sq).mean()
-        check_finite("the critic's flow-matching loss", loss)
+        loss = (_renoise_weight(r, s).to(work) * sq).mean()
         return loss, {"critic_fm": loss.detach()}
 
     def alignment_loss(
@@ -337,7 +356,8 @@ class FakeVelocityCritic:
             z_r: student states ``(B, ...)`` at ``r``, attached to the student's graph.
             r: segment ends ``(B,)``; ``t``: segment starts ``(B,)``, ``r < t``.
             teacher: velocity field ``teacher(z, t, **cond)``.
-            weighting: optional ``w(s, r) -> (B,)`` multiplying ``g`` (default 1).
+            weighting: optional :class:`~mfcore.fields.Weighting`, called ``w(||gap||^2, r,
+                s)`` with the unnormalised gap of each sample, multiplying ``g`` (default 1).
             reference: unused (kept for a common call with :class:`KernelCritic`).
             cond: conditioning for teacher and fake.
             generator: random generator for ``s`` and ``eps``.
@@ -348,13 +368,11 @@ class FakeVelocityCritic:
             difference ``zhat_fake - zhat_teacher``).
         """
         del reference
-        _check_segment(z_r, r, t)
-        _check_callable("teacher", teacher)
-        cond = _check_cond(cond)
+        cond = cond or {}
         s = _draw_renoise_time(r, t, generator)
         noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
         with torch.no_grad():
-            z_s = renoise(z_r.detach(), r, s, noise)
+            z_s = _renoise(z_r.detach(), r, s, noise)
             hat_teacher = self._transport(teacher, z_s, s, r, cond)
             hat_fake = self._transport(self.fake, z_s, s, r, cond)
             gap = hat_fake - hat_teacher
@@ -363,11 +381,10 @@ class FakeVelocityCritic:
                 scale = (z_r.detach().to(gap.dtype) - hat_teacher).abs().flatten(1).mean(1)
                 g = g / expand_time(scale + 1e-4, g)
             if weighting is not None:
-                _check_callable("weighting", weighting)
-                w = check_like("the output of weighting", weighting(s, r), s, "s")
+                gap_sq = gap.square().flatten(1).sum(1)
+                w = check_weights(weighting(gap_sq, r, s), gap_sq)
                 g = g * expand_time(w.to(g.dtype), g)
-        check_finite("the alignment gradient", g)
-        loss = surrogate_loss(z_r, g).mean()
+        loss = _surrogate(z_r, g).mean()
         metrics = {
             "align_g_rms": g.square().mean().sqrt(),
             "align_gap_rms": gap.square().mean().sqrt(),
@@ -415,17 +432,35 @@ class MeanFlowCritic(FakeVelocityCritic):
     ) -> None:
         super().__init__(fake, optimizer, lr=lr, normalize=normalize)
         self.ode_steps = check_positive_int("ode_steps", ode_steps)
-        self.method = check_choice("method", method, ODE_METHODS)
+        self._step = lookup("method", method, SOLVERS)
+        self.method = method
 
     def _transport(self, v_fn, z_s: Tensor, s: Tensor, r: Tensor, cond: dict) -> Tensor:
-        """The ODE solution of ``v`` from ``s`` back to ``r`` (``ode_steps`` steps)."""
-        z = odeint(v_fn, z_s, s, r, self.ode_steps, method=self.method, cond=cond)
-        return z.to(compute_dtype(z_s.dtype))
+        """The ODE solution of ``v`` from ``s`` back to ``r`` (``ode_steps`` steps), in the
+        compute dtype."""
+        steps, step, name = self.ode_steps, self._step, "the critic's velocity"
+        return solve_span(v_fn, z_s, s, r, steps, step, cond, z_s.dtype, name)
 
 
 # --------------------------------------------------------------------------- kernel critic
 
-_KERNELS = ("mmd", "energy")
+
+def _rbf_mixture(d_sq: Tensor, bandwidths: tuple[float, ...]) -> Tensor:
+    """``mean_h exp(-d^2 / (2 h^2))``: a mixture of RBF kernels."""
+    return sum(torch.exp(-d_sq / (2.0 * h * h)) for h in bandwidths) / len(bandwidths)
+
+
+def _negative_distance(d_sq: Tensor, bandwidths: tuple[float, ...]) -> Tensor:
+    """``-sqrt(d^2 + 1e-12)``: the energy distance's kernel (smoothed at 0)."""
+    del bandwidths
+    return -(d_sq + 1e-12).sqrt()
+
+
+#: The kernels of :func:`kernel_discrepancy` by name: ``kernel(d_sq, bandwidths)`` of the
+#: squared distances.
+KERNELS: Mapping[str, Callable[[Tensor, tuple[float, ...]], Tensor]] = MappingProxyType(
+    {"mmd": _rbf_mixture, "energy": _negative_distance}
+)
 
 
 def _pairwise_sq(a: Tensor, b: Tensor) -> Tensor:
@@ -461,34 +496,36 @@ def kernel_discrepancy(
     """
     check_tensor("a", a, ndim_min=1)
     check_tensor("b", b, ndim_min=1)
-    check_choice("kind", kind, _KERNELS)
+    kernel = lookup("kind", kind, KERNELS)
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(f"a and b must share the per-sample shape, got {a.shape} and {b.shape}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"a and b need at least 2 points each, got {a.shape[0]}, {b.shape[0]}")
     if a.device != b.device:
         raise ValueError(f"a is on {a.device} but b is on {b.device}")
-    bw = [_check_positive("bandwidths", h) for h in bandwidths]
+    return _discrepancy(a, b, kernel, _check_bandwidths(bandwidths))
+
+
+def _check_bandwidths(bandwidths: Sequence[float]) -> tuple[float, ...]:
+    bw = tuple(_check_positive("bandwidths", h) for h in bandwidths)
     if not bw:
         raise ValueError("bandwidths must not be empty")
+    return bw
+
+
+def _discrepancy(a: Tensor, b: Tensor, kernel, bandwidths: tuple[float, ...]) -> Tensor:
+    """:func:`kernel_discrepancy` on trusted arguments (``kernel`` of :data:`KERNELS`)."""
     work = compute_dtype(a.dtype)
     x, y = a.flatten(1).to(work), b.flatten(1).to(work)
-    d_xx, d_yy, d_xy = _pairwise_sq(x, x), _pairwise_sq(y, y), _pairwise_sq(x, y)
-    if kind == "mmd":
+    within_x, within_y = _within(x, kernel, bandwidths), _within(y, kernel, bandwidths)
+    return within_x + within_y - 2.0 * kernel(_pairwise_sq(x, y), bandwidths).mean()
 
-        def k(d):
-            return sum(torch.exp(-d / (2.0 * h * h)) for h in bw) / len(bw)
-    else:
 
-        def k(d):
-            return -(d + 1e-12).sqrt()
-
-    n, m = x.shape[0], y.shape[0]
-    off_x = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    off_y = ~torch.eye(m, dtype=torch.bool, device=y.device)
-    within_x = k(d_xx)[off_x].sum() / (n * (n - 1))
-    within_y = k(d_yy)[off_y].sum() / (m * (m - 1))
-    return within_x + within_y - 2.0 * k(d_xy).mean()
+def _within(x: Tensor, kernel, bandwidths: tuple[float, ...]) -> Tensor:
+    """The kernel's mean over the distinct pairs of ``x`` (masked, not indexed: no sync)."""
+    n = x.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    return torch.where(off, kernel(_pairwise_sq(x, x), bandwidths), 0.0).sum() / (n * (n - 1))
 
 
 class KernelCritic:
@@ -501,18 +538,31 @@ class KernelCritic:
     Args:
         kind: ``"mmd"`` (mixture of RBF kernels) or ``"energy"``.
         bandwidths: RBF bandwidths for ``"mmd"`` (suited to unit-variance data by default).
-    """
 
-    has_network = False
-    needs_reference = True
+    A :class:`~mfcore.fields.SampleCritic`: :class:`AlignmentLoss` calls it with checked
+    segments and reference samples, which it does not check again.
+    """
 
     def __init__(
         self, kind: str = "mmd", bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0)
     ) -> None:
-        self.kind = check_choice("kind", kind, _KERNELS)
-        self.bandwidths = tuple(_check_positive("bandwidths", h) for h in bandwidths)
-        if not self.bandwidths:
-            raise ValueError("bandwidths must not be empty")
+        self._kernel = lookup("kind", kind, KERNELS)
+        self.kind = kind
+        self.bandwidths = _check_bandwidths(bandwidths)
+
+    def reference_samples(
+        self,
+        teacher: Callable[..., Tensor],
+        like: Tensor,
+        *,
+        steps: int,
+        cond: dict[str, Any],
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Teacher samples at ``t = 0`` shaped like ``like``: a ``steps``-step Heun solve from
+        fresh noise drawn from ``generator``."""
+        fresh = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        return sample_teacher(teacher, fresh, steps, method="heun", cond=cond)
 
     def alignment_loss(
         self,
@@ -532,8 +582,9 @@ class KernelCritic:
             z_r: student states ``(B, ...)`` at ``r`` (attached).
             r: segment ends ``(B,)``; ``t``: segment starts ``(B,)``, ``r < t``.
             teacher, cond: unused (the reference stands for the teacher).
-            weighting: optional ``w(s, r) -> (B,)``, evaluated at ``s = r``; its batch mean
-                multiplies the discrepancy.
+            weighting: optional :class:`~mfcore.fields.Weighting`, called ``w(d^2, r, r)``
+                with each state's squared distance ``d^2`` to its nearest noised reference
+                sample; the weights' batch mean multiplies the discrepancy.
             reference: teacher samples at ``t = 0``, ``(B, ...)`` like ``z_r``.
             generator: random generator for the noise.
 
@@ -541,19 +592,18 @@ class KernelCritic:
             ``(loss, {"align_kernel": loss})``.
         """
         del teacher, cond
-        _check_segment(z_r, r, t)
         if reference is None:
             raise ValueError("KernelCritic needs reference (teacher samples at t = 0)")
-        check_like("reference", reference, z_r, "z_r")
         noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
         work = compute_dtype(z_r.dtype)
         rr = expand_time(r.to(work), z_r)
         ref_r = (1.0 - rr) * reference.detach().to(work) + rr * noise.to(work)
-        loss = kernel_discrepancy(z_r, ref_r, kind=self.kind, bandwidths=self.bandwidths)
+        loss = _discrepancy(z_r, ref_r, self._kernel, self.bandwidths)
         if weighting is not None:
-            _check_callable("weighting", weighting)
-            loss = loss * check_like("the output of weighting", weighting(r, r), r, "r").mean()
-        check_finite("the kernel alignment loss", loss)
+            with torch.no_grad():
+                work_z = z_r.detach().flatten(1).to(work)
+                nearest = _pairwise_sq(work_z, ref_r.flatten(1)).min(1).values
+            loss = loss * check_weights(weighting(nearest, r, r), nearest).mean()
         return loss, {"align_kernel": loss.detach()}
 
     def state_dict(self) -> dict:
@@ -564,6 +614,15 @@ class KernelCritic:
 
 
 # --------------------------------------------------------------------------- AlignmentLoss
+
+
+def _from_time_weighting(old: Callable[[Tensor, Tensor], Tensor]) -> Weighting:
+    """A weighting of the former critic signature ``w(s, r)`` as ``w(sq_err, r, t=s)``."""
+
+    def weighting(sq_err: Tensor, r: Tensor, t: Tensor) -> Tensor:
+        return old(t, r)
+
+    return weighting
 
 
 class AlignmentLoss:
@@ -579,19 +638,39 @@ class AlignmentLoss:
       trajectory; add ``lambda *`` it to :class:`~mfcore.losses.MeanFlowLoss`.
 
     Args:
-        critic: :class:`FakeVelocityCritic`, :class:`MeanFlowCritic` or :class:`KernelCritic`.
+        critic: a :class:`~mfcore.fields.Critic`: :class:`FakeVelocityCritic`,
+            :class:`MeanFlowCritic` (:class:`~mfcore.fields.TrainedCritic` s) or
+            :class:`KernelCritic` (a :class:`~mfcore.fields.SampleCritic`).
         steps: student steps ``K`` on a uniform grid (1, 2, 4, ...); or give ``grid``.
         grid: optional ``(K + 1,)`` grid strictly decreasing from 1 to 0.
-        weighting: optional ``w(s, r) -> (B,)`` over the critic's time ``s`` and segment
-            end ``r`` (see the critics).
+        weighting: optional :class:`~mfcore.fields.Weighting` ``w(sq_err, r, t) -> (B,)``,
+            with ``r`` the segment end (see the critics for ``sq_err`` and ``t``).
         critic_updates: optimiser steps of the critic per :meth:`critic_step`.
-        teacher_steps: Heun steps of the teacher when a kernel critic needs reference
+        teacher_steps: Heun steps of the teacher when a sample critic needs reference
             samples and none are passed.
+
+    :meth:`critic_step` and :meth:`student_loss` check their inputs; the critic then gets
+    the segments of the grid checked here, and is not asked to check them again.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import AlignmentLoss, KernelCritic
+        >>> student = lambda z, r, t: 0.9 * z
+        >>> teacher = lambda z, t: z
+        >>> align = AlignmentLoss(KernelCritic("mmd"), steps=2, teacher_steps=4)
+        >>> align.critic_step(student, torch.randn(16, 2))  # no network to train
+        (tensor(0.), {})
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> loss, metrics = align.student_loss(
+        ...     student, torch.randn(16, 2), teacher=teacher, generator=gen
+        ... )
+        >>> sorted(metrics)
+        ['align_kernel', 'align_loss']
     """
 
     def __init__(
         self,
-        critic: Any,
+        critic: Critic,
         *,
         steps: int = 1,
         grid: Tensor | None = None,
@@ -599,26 +678,22 @@ class AlignmentLoss:
         critic_updates: int = 1,
         teacher_steps: int = 32,
     ) -> None:
-        if not isinstance(critic, FakeVelocityCritic | KernelCritic):
+        if not isinstance(critic, Critic):
             raise TypeError(
-                "critic must be a FakeVelocityCritic, MeanFlowCritic or KernelCritic, "
-                f"got {type(critic).__name__}"
+                "critic must be a mfcore.fields.Critic (FakeVelocityCritic, MeanFlowCritic, "
+                f"KernelCritic, ...), got {type(critic).__name__}"
             )
         if grid is None:
             grid = uniform_grid(check_positive_int("steps", steps), dtype=torch.float64)
         else:
-            check_tensor("grid", grid)
-            if grid.ndim != 1 or grid.shape[0] < 2:
-                raise ValueError(f"grid must have shape (K + 1,), K >= 1, got {tuple(grid.shape)}")
-            if grid[0].item() != 1.0 or grid[-1].item() != 0.0:
-                raise ValueError("grid must run from exactly 1 to exactly 0")
-            if not bool((grid[1:] < grid[:-1]).all()):
-                raise ValueError("grid must be strictly decreasing")
-        if weighting is not None:
-            _check_callable("weighting", weighting)
+            grid = check_grid(grid, full_span=True)
         self.critic = critic
+        self._trained = isinstance(critic, TrainedCritic)
+        self._sampled = isinstance(critic, SampleCritic)
         self.grid = grid.detach().to(torch.float64).cpu()
-        self.weighting = weighting
+        self.weighting = check_weighting(
+            weighting, old_arity=2, old_form="weighting(s, r)", adapt=_from_time_weighting
+        )
         self.critic_updates = check_positive_int("critic_updates", critic_updates)
         self.teacher_steps = check_positive_int("teacher_steps", teacher_steps)
         self.updates_done = 0
@@ -640,14 +715,38 @@ class AlignmentLoss:
             yield trajectory[i + 1], r, t
 
     def _trajectory(self, student, noise: Tensor, cond: dict, grad: bool) -> Tensor:
-        _, traj = sample_meanflow(
-            student,
-            noise,
-            grid=self._grid_for(noise),
-            cond=cond,
-            return_trajectory=True,
-            enable_grad=grad,
-        )
+        with torch.enable_grad() if grad else torch.no_grad():
+            _, traj = meanflow_path(student, noise, self._grid_for(noise), cond, None, True)
+        return traj
+
+    def trajectory(
+        self,
+        student: Callable[..., Tensor],
+        noise: Tensor,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        grad: bool = True,
+    ) -> Tensor:
+        """The student's ``K``-step trajectory from ``noise``, ``(K + 1, B, ...)`` (``[0]`` is
+        ``noise``), attached to the student's graph when ``grad``.
+
+        Computed once, it serves :meth:`critic_step` (which detaches it) and
+        :meth:`student_loss` of the same training step, neither of which then runs the
+        student again (the critic does not change the student's trajectory).
+        """
+        check_callable("student", student)
+        check_tensor("noise", noise, ndim_min=1)
+        return self._trajectory(student, noise, check_cond(cond), bool(grad))
+
+    def _given(self, trajectory: object, noise: Tensor) -> Tensor:
+        """A trajectory passed by the caller: ``(K + 1, *noise.shape)`` on noise's device."""
+        expected = (self.steps + 1, *noise.shape)
+        traj = check_tensor("trajectory", trajectory)
+        if tuple(traj.shape) != expected or traj.device != noise.device:
+            raise ValueError(
+                f"trajectory must have shape (K + 1, *noise.shape) = {expected} on "
+                f"{noise.device}, got {tuple(traj.shape)} on {traj.device}"
+            )
         return traj
 
     def critic_step(
@@ -657,6 +756,7 @@ class AlignmentLoss:
         *,
         cond: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        trajectory: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Train the critic's network on the student's (detached) trajectory from ``noise``.
 
@@ -665,24 +765,29 @@ class AlignmentLoss:
             noise: starting states ``(B, ...)`` at ``t = 1``.
             cond: conditioning for student and critic.
             generator: random generator for the re-noising.
+            trajectory: the student's trajectory from ``noise`` if already computed
+                (:meth:`trajectory`); default: run the student.
 
         Returns:
             ``(loss, metrics)``: the last update's loss (detached) and ``critic_fm`` /
             ``critic_updates``; ``(0, {})`` for a critic without a network.
         """
-        _check_callable("student", student)
+        check_callable("student", student)
         check_tensor("noise", noise, ndim_min=1)
-        cond = _check_cond(cond)
-        if not self.critic.has_network:
+        cond = check_cond(cond)
+        if not self._trained:
             return noise.new_zeros(()), {}
-        traj = self._trajectory(student, noise, cond, grad=False)
+        if trajectory is None:
+            traj = self._trajectory(student, noise, cond, grad=False)
+        else:
+            traj = self._given(trajectory, noise).detach()
         loss = noise.new_zeros(())
         for _ in range(self.critic_updates):
             losses = [
                 self.critic.critic_loss(z, r, t, cond=cond, generator=generator)[0]
                 for z, r, t in self._segments(traj, noise)
             ]
-            loss = torch.stack(losses).mean()
+            loss = check_finite("the critic's loss", torch.stack(losses).mean())
             self.critic.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.critic.optimizer.step()
@@ -701,34 +806,47 @@ class AlignmentLoss:
         reference: Tensor | None = None,
         cond: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        trajectory: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's alignment loss on its K-step trajectory from ``noise``.
 
         Args:
             student: ``u(z, r, t, **cond)``; gradients flow through every step.
             noise: starting states ``(B, ...)`` at ``t = 1``.
-            teacher: ``v(z, t, **cond)``; required by the velocity critics, and by the kernel
+            teacher: ``v(z, t, **cond)``; required by the velocity critics, and by a sample
                 critic when ``reference`` is not given.
-            reference: teacher samples ``(B, ...)`` at ``t = 0`` for the kernel critic
-                (default: a ``teacher_steps``-step Heun solve from fresh noise).
+            reference: teacher samples ``(B, ...)`` at ``t = 0``, shaped like ``noise``, for a
+                sample critic (default: its ``reference_samples`` with ``teacher_steps``).
             cond: conditioning for all models.
             generator: random generator.
+            trajectory: the student's trajectory from ``noise``, attached to its graph, if
+                already computed (:meth:`trajectory`); default: run the student.
 
         Returns:
             ``(loss, metrics)``; ``loss`` is the mean over segments, ``metrics`` the
             critic's, averaged over segments, plus ``align_loss``.
         """
-        _check_callable("student", student)
+        check_callable("student", student)
         check_tensor("noise", noise, ndim_min=1)
-        cond = _check_cond(cond)
-        if teacher is None and not (self.critic.needs_reference and reference is not None):
-            raise ValueError("student_loss needs a teacher (or a reference for a KernelCritic)")
-        if self.critic.needs_reference and reference is None:
-            fresh = torch.randn(
-                noise.shape, generator=generator, device=noise.device, dtype=noise.dtype
+        cond = check_cond(cond)
+        check_callable("teacher", teacher, optional=True)
+        if reference is not None:
+            check_like("reference", reference, noise, "noise")
+        if teacher is None and not (self._sampled and reference is not None):
+            raise ValueError("student_loss needs a teacher (or a reference for a sample critic)")
+        if self._sampled and reference is None:
+            reference = self.critic.reference_samples(  # type: ignore[attr-defined]
+                teacher, noise, steps=self.teacher_steps, cond=cond, generator=generator
             )
-            reference = sample_teacher(teacher, fresh, self.teacher_steps, method="heun", cond=cond)
-        traj = self._trajectory(student, noise, cond, grad=True)
+        if trajectory is None:
+            traj = self._trajectory(student, noise, cond, grad=True)
+        else:
+            traj = self._given(trajectory, noise)
+            if torch.is_grad_enabled() and not traj.requires_grad:
+                raise ValueError(
+                    "trajectory must be attached to the student's graph (trajectory(..., "
+                    "grad=True)): a detached one would give the student no alignment gradient"
+                )
         losses, sums = [], {}
         for z, r, t in self._segments(traj, noise):
             loss_i, m_i = self.critic.alignment_loss(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_like, check_real
+from mfcore._checks import check_fraction, check_like, check_real
 
 __all__ = ["cfg_velocity", "ClassifierFreeGuidance", "MeanFlowGuidance"]
 
@@ -123,6 +123,17 @@ class MeanFlowGuidance:
 
     Called as ``guidance(v, student, z_t, t, cond, *, drop=None) -> v_tilde`` with ``v`` and
     ``z_t`` of shape ``(B, ...)``, ``t`` and ``drop`` of shape ``(B,)``.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import MeanFlowGuidance, MeanFlowLoss
+        >>> guidance = MeanFlowGuidance(1.5, 0.5, uncond={"y": 10}, label_dropout=0.1)
+        >>> student = lambda z, r, t, y: z * (y[:, None] < 10)
+        >>> loss_fn = MeanFlowLoss(guidance=guidance)
+        >>> y = torch.randint(0, 10, (8,))
+        >>> loss, metrics = loss_fn(student, torch.randn(8, 2), cond={"y": y})
+        >>> sorted(k for k in metrics if k.startswith("frac_"))
+        ['frac_dropped', 'frac_guided', 'frac_r_neq_t']
     """
 
     def __init__(
@@ -137,13 +148,11 @@ class MeanFlowGuidance:
         eval_mode: bool = True,
     ) -> None:
         self.omega = check_real("omega", omega, minimum=0.0, strict=True)
-        self.kappa = check_real("kappa", kappa, minimum=0.0)
-        if not self.kappa < 1.0:
-            raise ValueError(f"kappa must lie in [0, 1), got {kappa!r}")
+        self.kappa = check_fraction("kappa", kappa, below_one=True)
         _check_uncond(uncond)
-        self.t_min = check_real("t_min", t_min, minimum=0.0)
-        self.t_max = check_real("t_max", t_max, minimum=self.t_min)
-        if self.t_max > 1.0:
+        self.t_min = check_fraction("t_min", t_min)
+        self.t_max = check_fraction("t_max", t_max)
+        if self.t_max < self.t_min:
             raise ValueError(f"t_max must satisfy t_min <= t_max <= 1, got {t_max!r}")
         if label_dropout is None:
             warnings.warn(
@@ -156,9 +165,7 @@ class MeanFlowGuidance:
                 stacklevel=2,
             )
             label_dropout = 0.1
-        self.label_dropout = check_real("label_dropout", label_dropout, minimum=0.0)
-        if not self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout!r}")
+        self.label_dropout = check_fraction("label_dropout", label_dropout, below_one=True)
         if not isinstance(eval_mode, bool):
             raise TypeError(f"eval_mode must be a bool, got {type(eval_mode).__name__}")
         self.uncond, self.eval_mode = uncond, eval_mode

@@ -37,6 +37,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -44,18 +45,17 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from mfcore._checks import (
-    check_choice,
+    check_cond,
     check_interval,
     check_like,
     check_real,
     check_tensor,
     compute_dtype,
+    lookup,
 )
 from mfcore.attention import use_jvp_attention
 
-__all__ = ["JVP_METHODS", "total_derivative", "fd_step_size"]
-
-JVP_METHODS = ("func", "autograd", "fd")
+__all__ = ["JVP_BACKENDS", "JVP_METHODS", "total_derivative", "fd_step_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,41 +137,95 @@ def total_derivative(
 
     Raises:
         TypeError / ValueError: on bad input (naming the argument).
+
+    Example:
+        For ``u(z, r, t) = t z`` along ``(v, 0, 1)``: ``du/dt = t v + z``.
+
+        >>> import torch
+        >>> from mfcore import total_derivative
+        >>> z, v = torch.ones(3, 2), torch.full((3, 2), 2.0)
+        >>> r, t = torch.zeros(3), torch.full((3,), 0.5)
+        >>> u, dudt = total_derivative(lambda z, r, t: t[:, None] * z, z, r, t, v)
+        >>> dudt[0]
+        tensor([2., 2.])
     """
     check_tensor("z", z, ndim_min=1)
     r, t = check_interval(r, t, z)
     check_like("v", v, z)
-    check_choice("method", method, JVP_METHODS)
-    if cond is not None and not isinstance(cond, Mapping):
-        raise TypeError(f"cond must be a mapping of keyword arguments, got {type(cond).__name__}")
+    backend = lookup("method", method, JVP_BACKENDS)
     if fd_step is not None:
         check_real("fd_step", fd_step, minimum=0.0, strict=True)
-    cond = dict(cond or {})
+    cond = check_cond(cond)
+    return along_flow(
+        backend, u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents
+    )
+
+
+def along_flow(
+    backend: _Backend,
+    u_fn: Callable[..., Tensor],
+    z: Tensor,
+    r: Tensor,
+    t: Tensor,
+    v: Tensor,
+    cond: dict[str, Any],
+    keep_graph: bool,
+    fd_step: float | None,
+    route_sdpa: bool,
+    detach_tangents: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`total_derivative` with a backend of :data:`JVP_BACKENDS`. Internal: the
+    arguments are trusted (validate at the public entry); the model's output is checked."""
     v = v.to(z.dtype)
-    routing = use_jvp_attention() if route_sdpa else contextlib.nullcontext()
-    if method == "func":
-        cut = detach_tangents and keep_graph and torch.is_grad_enabled()
-        with routing:
-            u = dudt = None
-            if cut and isinstance(u_fn, nn.Module) and _plain_forward_ad():
-                try:
-                    u, dudt = _jvp_dual_cut(u_fn, z, r, t, v, cond)
-                except NotImplementedError as err:  # e.g. a compiled region: no dual rule
-                    logger.warning(
-                        "detach_tangents: forward_ad failed (%s); using torch.func.jvp with "
-                        "the tangents' history kept",
-                        str(err).splitlines()[0][:120],
-                    )
-            if u is None:
-                u, dudt = _jvp_func(u_fn, z, r, t, v, cond, keep_graph)
-    elif method == "autograd":
-        with routing:
-            u, dudt = _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph)
-    else:
-        u, dudt = _jvp_fd(u_fn, z, r, t, v, cond, keep_graph, fd_step)
+    u, dudt = backend(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents)
     if u.shape != z.shape:
         raise ValueError(f"u_fn returned shape {tuple(u.shape)}, expected z's {tuple(z.shape)}")
     return u, dudt.detach().to(u.dtype)
+
+
+def _func(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents):
+    """The ``"func"`` backend: forward-mode AD, the tangents' history cut when asked."""
+    del fd_step
+    cut = detach_tangents and keep_graph and torch.is_grad_enabled()
+    with _routing(route_sdpa):
+        if cut and isinstance(u_fn, nn.Module) and _plain_forward_ad():
+            try:
+                return _jvp_dual_cut(u_fn, z, r, t, v, cond)
+            except NotImplementedError as err:  # e.g. a compiled region: no dual rule
+                logger.warning(
+                    "detach_tangents: forward_ad failed (%s); using torch.func.jvp with "
+                    "the tangents' history kept",
+                    str(err).splitlines()[0][:120],
+                )
+        return _jvp_func(u_fn, z, r, t, v, cond, keep_graph)
+
+
+def _autograd(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents):
+    """The ``"autograd"`` backend: the double-backward trick."""
+    del fd_step, detach_tangents
+    with _routing(route_sdpa):
+        return _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph)
+
+
+def _fd(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents):
+    """The ``"fd"`` backend: a central finite difference (no AD, no attention routing)."""
+    del route_sdpa, detach_tangents
+    return _jvp_fd(u_fn, z, r, t, v, cond, keep_graph, fd_step)
+
+
+def _routing(route_sdpa: bool) -> contextlib.AbstractContextManager:
+    return use_jvp_attention() if route_sdpa else contextlib.nullcontext()
+
+
+_Backend = Callable[..., tuple[Tensor, Tensor]]
+
+#: The backends of :func:`total_derivative` by name (see the module docstring).
+JVP_BACKENDS: Mapping[str, _Backend] = MappingProxyType(
+    {"func": _func, "autograd": _autograd, "fd": _fd}
+)
+
+#: Names of the backends.
+JVP_METHODS: tuple[str, ...] = tuple(JVP_BACKENDS)
 
 
 def _plain_forward_ad() -> bool:

@@ -19,18 +19,22 @@ import torch
 from torch import Tensor
 
 from mfcore._checks import (
+    check_callable,
     check_interval,
     check_like,
     check_positive_int,
     check_real,
     check_tensor,
     check_time,
+    check_weighting,
+    check_weights,
     compute_dtype,
     expand_time,
 )
+from mfcore.fields import Target, Weighting
 from mfcore.guidance import MeanFlowGuidance
 from mfcore.targets import DifferentialTarget
-from mfcore.time import LogitNormalTime, TimePairSampler
+from mfcore.time import LogitNormalTime, TimePairSampler, valid_by_construction
 
 __all__ = [
     "AdaptiveWeight",
@@ -39,8 +43,6 @@ __all__ = [
     "MeanFlowLoss",
     "FlowMatchingLoss",
 ]
-
-Weighting = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class AdaptiveWeight:
@@ -53,7 +55,15 @@ class AdaptiveWeight:
         p: the power, ``>= 0``.
         c: the offset, ``> 0``.
 
-    Called as ``weight(sq_err, r, t) -> (B,)`` with ``sq_err`` the per-sample squared norm.
+    A :class:`~mfcore.fields.Weighting`: called as ``weight(sq_err, r, t) -> (B,)`` with
+    ``sq_err`` the per-sample squared norm.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import AdaptiveWeight
+        >>> w = AdaptiveWeight(p=1.0, c=1.0)
+        >>> w(torch.tensor([0.0, 1.0, 3.0]), torch.zeros(3), torch.ones(3))
+        tensor([1.0000, 0.5000, 0.2500])
     """
 
     def __init__(self, p: float = 1.0, c: float = 1e-3) -> None:
@@ -112,16 +122,6 @@ def _sq_error(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.to(work) - target.to(work)).pow(2).flatten(1).sum(1)
 
 
-def _weigh(weighting: Weighting, sq_err: Tensor, r: Tensor, t: Tensor) -> Tensor:
-    """The weighting's ``(B,)`` weights, checked: a ``(B, 1)`` weight would broadcast the
-    mean over a ``B x B`` matrix."""
-    weight = weighting(sq_err, r, t)
-    if not isinstance(weight, Tensor) or weight.shape != sq_err.shape:
-        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weighting must return a ({sq_err.shape[0]},) tensor, got {got}")
-    return weight
-
-
 def _prepare(x, noise, generator):
     check_tensor("x", x, ndim_min=1)
     if noise is None:
@@ -131,23 +131,27 @@ def _prepare(x, noise, generator):
     return noise
 
 
-def _check_sampled(name: str, t: object, x: Tensor) -> None:
-    """Check a sampler's draw at once, naming the sampler, rather than deep in a target."""
+def _draw(sampler, x: Tensor, generator, trusted: bool, check, what: str):
+    """A sampler's draw for the batch ``x``; unless ``trusted`` (one of :mod:`mfcore.time`'s
+    samplers, valid by construction), ``check(draw, x)`` at once (one sync), naming the
+    sampler, before any model runs, rather than deep in a target."""
+    draw = sampler(x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator)
+    if trusted:
+        return draw
     try:
-        check_time("t", t, x)
+        return check(draw, x)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} is invalid: {err}") from None
+        raise type(err)(f"{what} returned invalid times: {err}") from None
 
 
-def _sampled_pair(sampler, x: Tensor, generator) -> tuple[Tensor, Tensor]:
-    """``(r, t)`` from a pair sampler, checked (``(B,)``, in ``[0, 1]``, ``r <= t``)."""
-    pair = sampler(x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator)
-    if not (isinstance(pair, tuple | list) and len(pair) == 2):
-        raise TypeError(f"time_sampler must return a pair (r, t), got {type(pair).__name__}")
-    try:
-        return check_interval(pair[0], pair[1], x)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"time_sampler returned invalid times: {err}") from None
+def _pair(draw: object, x: Tensor) -> tuple[Tensor, Tensor]:
+    if not (isinstance(draw, tuple | list) and len(draw) == 2):
+        raise TypeError(f"a pair (r, t) was expected, got {type(draw).__name__}")
+    return check_interval(draw[0], draw[1], x)
+
+
+def _times(draw: object, x: Tensor) -> Tensor:
+    return check_time("t", draw, x)
 
 
 def _reduce(sq_err: Tensor, weight: Tensor) -> Tensor:
@@ -181,11 +185,15 @@ class MeanFlowLoss:
 
     Args:
         time_sampler: returns ``(r, t)`` for a batch size (default MeanFlow's:
-            logit-normal(-0.4, 1.0), 25% of pairs with ``r != t``).
-        target: a target object of :mod:`mfcore.targets` (default the differential one
-            with ``torch.func.jvp``); a :class:`~mfcore.targets.WarmupTarget` gives the warm-up.
-        weighting: ``weighting(sq_err, r, t) -> (B,)`` detached weights (default
-            :class:`AdaptiveWeight` ``(p=1, c=1e-3)``; ``AdaptiveWeight(p=0)`` is plain L2).
+            logit-normal(-0.4, 1.0), 25% of pairs with ``r != t``). The draws of
+            :mod:`mfcore.time`'s samplers are valid by construction
+            (:func:`~mfcore.time.valid_by_construction`) and not checked; any other
+            sampler's draw is checked at every call, before any model runs (one sync).
+        target: a :class:`~mfcore.fields.Target` (default the differential one with
+            ``torch.func.jvp``); a :class:`~mfcore.warmup.WarmupTarget` gives the warm-up.
+        weighting: a :class:`~mfcore.fields.Weighting` ``weighting(sq_err, r, t) -> (B,)``
+            of detached weights (default :class:`AdaptiveWeight` ``(p=1, c=1e-3)``;
+            ``AdaptiveWeight(p=0)`` is plain L2).
         guidance: a :class:`~mfcore.guidance.MeanFlowGuidance`: guided training (eq. 21)
             inside its window of ``t``, with label dropout (the dropped samples train on
             the null condition and the unguided ``v``; with a teacher, the teacher's ``v``
@@ -197,6 +205,21 @@ class MeanFlowLoss:
     ``r`` and ``t`` ``(B,)`` (``r <= t``) fix the times instead of the sampler;
     ``cond_drop`` ``(B,)`` bool fixes which conditions are dropped (with a
     ``MeanFlowGuidance``) instead of drawing them from ``generator``.
+
+    A call checks its inputs once and then trusts them: the default path (a sampler of
+    :mod:`mfcore.time`, any target of :mod:`mfcore.targets`) reads the host once, to check
+    that the loss is finite.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import MeanFlowLoss, TeacherODETarget
+        >>> student = lambda z, r, t: torch.zeros_like(z)
+        >>> teacher = lambda z, t: -z
+        >>> loss_fn = MeanFlowLoss(target=TeacherODETarget(steps=2))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> loss, metrics = loss_fn(student, torch.randn(8, 2), teacher=teacher, generator=gen)
+        >>> loss.shape, sorted(metrics)[:3]
+        (torch.Size([]), ['frac_r_neq_t', 'loss', 'mse'])
     """
 
     def __init__(
@@ -207,8 +230,16 @@ class MeanFlowLoss:
         *,
         guidance: MeanFlowGuidance | Callable[..., Tensor] | None = None,
     ) -> None:
+        check_callable("time_sampler", time_sampler, optional=True)
         self.time_sampler = time_sampler if time_sampler is not None else TimePairSampler()
+        self._trusted = valid_by_construction(self.time_sampler)
+        if target is not None and not isinstance(target, Target):
+            raise TypeError(
+                "target must be a mfcore.fields.Target (phase, __call__, state_dict, "
+                f"load_state_dict), got {type(target).__name__}"
+            )
         self.target = target if target is not None else DifferentialTarget()
+        weighting = check_weighting(weighting)
         self.weighting = weighting if weighting is not None else AdaptiveWeight()
         if guidance is not None and not callable(guidance):
             raise TypeError(
@@ -243,7 +274,8 @@ class MeanFlowLoss:
             check_positive_int("step", step, minimum=0)
         cond = dict(cond or {})
         if r is None and t is None:
-            r, t = _sampled_pair(self.time_sampler, x, generator)
+            draw = (self.time_sampler, x, generator, self._trusted, _pair, "time_sampler")
+            r, t = _draw(*draw)
         elif r is None or t is None:
             raise ValueError("pass r and t together (fixed times), or neither (sampled times)")
         else:
@@ -263,7 +295,7 @@ class MeanFlowLoss:
             step=step,
         )
         sq_err = _sq_error(out.pred, out.target)
-        weight = _weigh(self.weighting, sq_err, r, t)
+        weight = check_weights(self.weighting(sq_err, r, t), sq_err)
         loss = _reduce(sq_err, weight)
         metrics = {
             "loss": loss.detach(),
@@ -327,15 +359,26 @@ class FlowMatchingLoss:
 
     Args:
         time_sampler: ``sampler(B, device=, dtype=, generator=) -> (B,)`` (default
-            logit-normal(0, 1), SD3 arXiv 2403.03206).
-        weighting: ``weighting(sq_err, t, t) -> (B,)`` detached weights, or ``None`` (L2).
+            logit-normal(0, 1), SD3 arXiv 2403.03206); checked as in :class:`MeanFlowLoss`.
+        weighting: a :class:`~mfcore.fields.Weighting`, called ``weighting(sq_err, t, t)``,
+            or ``None`` (L2).
+
+    Example:
+        >>> import torch
+        >>> from mfcore import FlowMatchingLoss
+        >>> teacher = lambda z, t: -z
+        >>> loss, metrics = FlowMatchingLoss()(teacher, torch.randn(8, 2), teacher=teacher)
+        >>> loss.item(), sorted(metrics)  # a model equal to its teacher: zero loss
+        (0.0, ['loss', 'mse'])
     """
 
     def __init__(
         self, time_sampler: Callable[..., Tensor] | None = None, weighting: Weighting | None = None
     ) -> None:
+        check_callable("time_sampler", time_sampler, optional=True)
         self.time_sampler = time_sampler if time_sampler is not None else LogitNormalTime()
-        self.weighting = weighting
+        self._trusted = valid_by_construction(self.time_sampler)
+        self.weighting = check_weighting(weighting)
 
     def __call__(
         self,
@@ -352,10 +395,7 @@ class FlowMatchingLoss:
         noise = _prepare(x, noise, generator)
         cond = dict(cond or {})
         if t is None:
-            t = self.time_sampler(
-                x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator
-            )
-            _check_sampled("the time sampler's t", t, x)
+            t = _draw(self.time_sampler, x, generator, self._trusted, _times, "the time sampler")
         else:
             check_time("t", t, x)
         z_t = _path(x, noise, t)
@@ -366,6 +406,6 @@ class FlowMatchingLoss:
         if self.weighting is None:
             weight = torch.ones_like(sq_err)
         else:
-            weight = _weigh(self.weighting, sq_err, t, t)
+            weight = check_weights(self.weighting(sq_err, t, t), sq_err)
         loss = _reduce(sq_err, weight)
         return loss, {"loss": loss.detach(), "mse": (sq_err.detach() / pred[0].numel()).mean()}

@@ -19,27 +19,31 @@ results are cast back to the input's dtype.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from mfcore._checks import (
-    check_choice,
+    check_callable,
+    check_cond,
     check_finite,
     check_grid,
+    check_grid_steps,
     check_like,
     check_positive_int,
+    check_real,
     check_tensor,
     check_time,
     compute_dtype,
     expand_time,
+    lookup,
 )
 from mfcore.time import shift_time, shifted_grid, uniform_grid
 
-__all__ = ["ODE_METHODS", "solver_order", "odeint", "sample_teacher", "sample_meanflow"]
+__all__ = ["SOLVERS", "ODE_METHODS", "solver_order", "odeint", "sample_teacher", "sample_meanflow"]
 
 _Field = Callable[[Tensor, Tensor], Tensor]
 _Step = Callable[[_Field, Tensor, Tensor, Tensor], Tensor]
@@ -83,46 +87,27 @@ _heun.order = 2  # type: ignore[attr-defined]
 _midpoint.order = 2  # type: ignore[attr-defined]
 _rk4.order = 4  # type: ignore[attr-defined]
 
-_STEPS: dict[str, _Step] = {"euler": _euler, "heun": _heun, "midpoint": _midpoint, "rk4": _rk4}
+#: The fixed-step methods by name (the registry), in order of accuracy: each a step
+#: function ``step(f, z, t0, t1) -> dz`` with an ``order`` attribute.
+SOLVERS: Mapping[str, _Step] = MappingProxyType(
+    {"euler": _euler, "heun": _heun, "midpoint": _midpoint, "rk4": _rk4}
+)
 
 #: Names of the fixed-step methods, in order of accuracy.
-ODE_METHODS: tuple[str, ...] = tuple(_STEPS)
+ODE_METHODS: tuple[str, ...] = tuple(SOLVERS)
 
 
 def solver_order(method: str) -> int:
     """Order of accuracy of a method in :data:`ODE_METHODS` (global error ``O(h^order)``)."""
-    return _STEPS[check_choice("method", method, ODE_METHODS)].order  # type: ignore[attr-defined]
+    return lookup("method", method, SOLVERS).order  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _check_callable(name: str, fn: object, *, optional: bool = False) -> None:
-    """Raise unless ``fn`` is callable (or ``None`` when ``optional``)."""
-    if optional and fn is None:
-        return
-    if not callable(fn):
-        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-
-
-def _check_cond(cond: object) -> dict[str, Any]:
-    """Conditioning as a dict (``None`` means no conditioning)."""
-    if cond is None:
-        return {}
-    if not isinstance(cond, Mapping):
-        raise TypeError(f"cond must be a dict of keyword arguments or None, got {type(cond)}")
-    return dict(cond)
-
-
 def _check_shift(shift: object) -> float | None:
     """``None`` or a finite real ``shift > 0``."""
-    if shift is None:
-        return None
-    if isinstance(shift, bool) or not isinstance(shift, int | float):
-        raise TypeError(f"shift must be a real number or None, got {type(shift).__name__}")
-    if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift must be finite and > 0, got {shift}")
-    return float(shift)
+    return None if shift is None else check_real("shift", shift, minimum=0.0, strict=True)
 
 
 def _sampling_grid(
@@ -138,11 +123,7 @@ def _sampling_grid(
     if shift is not None:
         raise ValueError("pass either grid or shift, not both (shift the grid yourself)")
     grid = check_grid(grid, ref, full_span=True)
-    if steps is not None and check_positive_int("steps", steps) != grid.shape[0] - 1:
-        raise ValueError(
-            f"steps={steps} does not match the grid's {grid.shape[0] - 1} steps; "
-            "pass steps=None with a grid"
-        )
+    check_grid_steps(steps, grid)
     return grid.to(cd)
 
 
@@ -206,17 +187,19 @@ def solve_span(
     t_start: Tensor,
     t_end: Tensor,
     steps: int,
-    method: str,
+    step: _Step,
     cond: dict[str, Any],
     model_dtype: torch.dtype,
+    name: str = "the teacher",
 ) -> Tensor:
     """The end state of :func:`odeint` in the compute dtype (fp32 at least), for callers that
     difference it (the discrete targets): a half-precision end state would round the secant
     away. ``z`` may be held at a higher precision than ``model_dtype``, the dtype ``v_fn``
-    is called in. Internal: the arguments are trusted (validate at the public entry)."""
+    is called in; ``step`` is a step function of :data:`SOLVERS`. Internal: the
+    arguments are trusted (validate at the public entry)."""
     times = _span_times(t_start, t_end, steps, None, compute_dtype(model_dtype))
-    f = _field(v_fn, "the teacher", model_dtype, cond)
-    return _advance(f, z, times, _STEPS[method], None, None)
+    f = _field(v_fn, name, model_dtype, cond)
+    return _advance(f, z, times, step, None, None)
 
 
 def _span_times(
@@ -277,16 +260,23 @@ def odeint(
     Returns:
         ``z_end`` ``(B, ...)`` at ``t_end`` in ``z``'s dtype, or ``(z_end, trajectory)`` with
         ``trajectory`` ``(N + 1, B, ...)`` (``trajectory[0] = z``, ``trajectory[-1] = z_end``).
+
+    Example:
+        >>> import torch
+        >>> from mfcore import odeint
+        >>> z0, t0, t1 = torch.ones(2, 1), torch.zeros(2), torch.tensor([1.0, 0.5])
+        >>> odeint(lambda z, t: z, z0, t0, t1, 32, method="rk4").squeeze(1)  # e^t, per sample
+        tensor([2.7183, 1.6487])
     """
-    _check_callable("v_fn", v_fn)
+    check_callable("v_fn", v_fn)
     check_tensor("z", z, ndim_min=1)
     check_time("t_start", t_start, z)
     check_time("t_end", t_end, z)
     steps = check_positive_int("steps", steps)
-    step = _STEPS[check_choice("method", method, ODE_METHODS)]
+    step = lookup("method", method, SOLVERS)
     shift = _check_shift(shift)
     times = _span_times(t_start, t_end, steps, shift, compute_dtype(z.dtype))
-    f = _field(v_fn, "v_fn", z.dtype, _check_cond(cond))
+    f = _field(v_fn, "v_fn", z.dtype, check_cond(cond))
     z_end, trajectory = _integrate(f, z, times, step, None, return_trajectory)
     return z_end if trajectory is None else (z_end, trajectory)
 
@@ -326,14 +316,25 @@ def sample_teacher(
     Returns:
         samples ``z_0`` ``(B, ...)`` in ``noise``'s dtype, or ``(z_0, trajectory)`` with
         ``trajectory`` ``(N + 1, B, ...)`` from ``noise`` to ``z_0``.
+
+    Example:
+        Straight paths to the point ``c`` have the velocity ``(z - c) / t``; Euler follows them
+        exactly.
+
+        >>> import torch
+        >>> from mfcore import sample_teacher
+        >>> c = torch.tensor([2.0, -1.0])
+        >>> x = sample_teacher(lambda z, t: (z - c) / t[:, None], torch.randn(3, 2), 4)
+        >>> torch.allclose(x, c.expand(3, 2), atol=1e-5)
+        True
     """
-    _check_callable("v_fn", v_fn)
-    _check_callable("callback", callback, optional=True)
+    check_callable("v_fn", v_fn)
+    check_callable("callback", callback, optional=True)
     check_tensor("noise", noise, ndim_min=1)
-    step = _STEPS[check_choice("method", method, ODE_METHODS)]
+    step = lookup("method", method, SOLVERS)
     grid = _sampling_grid(steps, grid, _check_shift(shift), 50, noise)
     times = grid[:, None].repeat(1, noise.shape[0])
-    f = _field(v_fn, "v_fn", noise.dtype, _check_cond(cond))
+    f = _field(v_fn, "v_fn", noise.dtype, check_cond(cond))
     with torch.no_grad():
         z_end, trajectory = _integrate(f, noise, times, step, callback, return_trajectory)
     return z_end if trajectory is None else (z_end, trajectory)
@@ -372,26 +373,40 @@ def sample_meanflow(
     Returns:
         samples ``z_0`` ``(B, ...)`` in ``noise``'s dtype, or ``(z_0, trajectory)`` with
         ``trajectory`` ``(N + 1, B, ...)`` from ``noise`` to ``z_0``.
+
+    Example:
+        Straight paths to the point ``c``: the average velocity is ``(z - c) / t`` over any
+        interval, and one step lands on ``c``.
+
+        >>> import torch
+        >>> from mfcore import sample_meanflow
+        >>> c = torch.tensor([2.0, -1.0])
+        >>> x = sample_meanflow(lambda z, r, t: (z - c) / t[:, None], torch.randn(3, 2), steps=1)
+        >>> torch.allclose(x, c.expand(3, 2), atol=1e-6)
+        True
     """
-    _check_callable("u_fn", u_fn)
-    _check_callable("callback", callback, optional=True)
+    check_callable("u_fn", u_fn)
+    check_callable("callback", callback, optional=True)
     check_tensor("noise", noise, ndim_min=1)
     grid = _sampling_grid(steps, grid, None, 1, noise)
-    cond = _check_cond(cond)
+    cond = check_cond(cond)
     with torch.enable_grad() if enable_grad else torch.no_grad():
-        z_end, trajectory = _meanflow_loop(u_fn, noise, grid, cond, callback, return_trajectory)
+        z_end, trajectory = meanflow_path(u_fn, noise, grid, cond, callback, return_trajectory)
+    check_finite("the samples (did u_fn return NaN or inf?)", z_end)
     return z_end if trajectory is None else (z_end, trajectory)
 
 
-def _meanflow_loop(
+def meanflow_path(
     u_fn: Callable[..., Tensor],
     noise: Tensor,
     grid: Tensor,
     cond: dict[str, Any],
-    callback: Callable[[dict[str, Any]], None] | None,
-    return_trajectory: bool,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    return_trajectory: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The loop of :func:`sample_meanflow`; ``grid`` is in the compute dtype."""
+    """The loop of :func:`sample_meanflow` along ``grid`` (in the compute dtype), in the
+    current grad mode: ``(z_end, trajectory or None)``, not checked for finiteness.
+    Internal: the arguments are trusted (validate at the public entry)."""
     batch, state = noise.shape[0], noise.to(grid.dtype)
     trajectory = [noise] if return_trajectory else None
     for i in range(grid.shape[0] - 1):
@@ -404,5 +419,4 @@ def _meanflow_loop(
             trajectory.append(current)
         if callback is not None:
             callback({"step": i, "t": t, "t_next": r, "z": current, "u": u})
-    z_end = check_finite("the samples (did u_fn return NaN or inf?)", state.to(noise.dtype))
-    return z_end, None if trajectory is None else torch.stack(trajectory)
+    return state.to(noise.dtype), None if trajectory is None else torch.stack(trajectory)

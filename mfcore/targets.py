@@ -18,7 +18,9 @@ The warm-up switch (arXiv 2605.17834, Sec. 3), which trains on a discrete target
 then switches to the differential one, is :class:`mfcore.warmup.WarmupTarget` (importable
 from here too), with the target-agreement signals, gate and guard that make it safe.
 
-Pure functions come first; the target objects on top share one call signature,
+Pure functions come first (each checks its arguments); the target objects on top are
+:class:`~mfcore.fields.Target` s (the discrete ones :class:`~mfcore.fields.DiscreteTarget` s),
+called by :class:`~mfcore.losses.MeanFlowLoss` with arguments it has checked:
 ``target(student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None)
 -> TargetOutput``.
 """
@@ -27,14 +29,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from mfcore._checks import (
-    check_choice,
+    check_cond,
     check_interval,
     check_like,
     check_positive_int,
@@ -42,9 +44,11 @@ from mfcore._checks import (
     check_tensor,
     compute_dtype,
     expand_time,
+    lookup,
 )
-from mfcore.jvp import JVP_METHODS, restore_rng, rng_state, total_derivative
-from mfcore.solvers import ODE_METHODS, solve_span
+from mfcore.fields import TargetOutput
+from mfcore.jvp import JVP_BACKENDS, along_flow, restore_rng, rng_state
+from mfcore.solvers import SOLVERS, solve_span
 
 __all__ = [
     "TargetOutput",
@@ -55,21 +59,6 @@ __all__ = [
     "TeacherODETarget",
     "SplitTarget",
 ]
-
-
-@dataclass(frozen=True)
-class TargetOutput:
-    """What a target object returns.
-
-    Attributes:
-        pred: the student's ``u(z_t, r, t)``, ``(B, ...)``, attached to the graph.
-        target: the regression target ``u_tgt``, ``(B, ...)``, detached.
-        metrics: detached scalars for logging.
-    """
-
-    pred: Tensor
-    target: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -87,6 +76,15 @@ def differential_target(u: Tensor, dudt: Tensor, v: Tensor, r: Tensor, t: Tensor
     Returns:
         the detached target ``(B, ...)`` in the compute dtype of ``u`` (fp32 at least, fp64
         stays fp64).
+
+    Example:
+        >>> import torch
+        >>> from mfcore import differential_target
+        >>> u, dudt, v = torch.zeros(2, 3), torch.full((2, 3), 2.0), torch.ones(2, 3)
+        >>> r, t = torch.tensor([0.0, 0.5]), torch.tensor([0.25, 0.5])
+        >>> differential_target(u, dudt, v, r, t)  # v - (t - r) du/dt
+        tensor([[0.5000, 0.5000, 0.5000],
+                [1.0000, 1.0000, 1.0000]])
     """
     check_tensor("u", u, ndim_min=1)
     check_like("dudt", dudt, u, "u")
@@ -127,14 +125,25 @@ def teacher_ode_target(
         the detached target ``(B, ...)`` in the compute dtype of ``z_t`` (fp32 at least, fp64
         stays fp64): the end state is integrated and differenced there, never rounded to a
         half-precision ``z_t`` first (that would cancel the secant of a short interval).
+
+    Example:
+        The field ``v = z`` takes ``z_t`` to ``z_r = z_t e^{r - t}``: over ``[0, 1]`` the average
+        velocity at ``z_t = 1`` is ``1 - 1/e``; where ``r = t`` it is ``v``.
+
+        >>> import torch
+        >>> from mfcore import teacher_ode_target
+        >>> z, r, t = torch.ones(2, 1), torch.tensor([0.0, 0.5]), torch.tensor([1.0, 0.5])
+        >>> teacher_ode_target(lambda z, t: z, z, r, t, steps=16, method="rk4")
+        tensor([[0.6321],
+                [1.0000]])
     """
     check_tensor("z_t", z_t, ndim_min=1)
     r, t = check_interval(r, t, z_t)
     check_positive_int("steps", steps)
-    check_choice("method", method, ODE_METHODS)
+    step = lookup("method", method, SOLVERS)
     if v is not None:
         check_like("v", v, z_t, "z_t")
-    return _ode_secant(teacher, z_t, r, t, steps, method, v, dict(cond or {}), z_t.dtype)
+    return _ode_secant(teacher, z_t, r, t, steps, step, v, check_cond(cond), z_t.dtype)
 
 
 def _gap(r: Tensor, t: Tensor, work: torch.dtype) -> Tensor:
@@ -143,13 +152,14 @@ def _gap(r: Tensor, t: Tensor, work: torch.dtype) -> Tensor:
     return t.to(work) - r.to(work)
 
 
-def _ode_secant(teacher, z_t, r, t, steps, method, v, cond, dtype) -> Tensor:
-    """:func:`teacher_ode_target` on trusted arguments, in the compute dtype of ``dtype`` (the
-    teacher's input dtype; ``z_t`` may be held at a higher precision)."""
+def _ode_secant(teacher, z_t, r, t, steps, step, v, cond, dtype) -> Tensor:
+    """:func:`teacher_ode_target` on trusted arguments (``step``: a step function of
+    :data:`~mfcore.solvers.SOLVERS`), in the compute dtype of ``dtype`` (the teacher's
+    input dtype; ``z_t`` may be held at a higher precision)."""
     work = compute_dtype(dtype)
     with torch.no_grad():
         z_t = z_t.to(work)
-        z_r = solve_span(teacher, z_t, t, r, steps, method, cond, dtype)
+        z_r = solve_span(teacher, z_t, t, r, steps, step, cond, dtype)
         gap = _gap(r, t, work)
         equal = gap == 0
         u = (z_t - z_r) / expand_time(torch.where(equal, 1.0, gap), z_t)
@@ -161,7 +171,11 @@ def _ode_secant(teacher, z_t, r, t, steps, method, v, cond, dtype) -> Tensor:
     return u
 
 
-_PIECES = ("first", "both", "none")
+#: Who supplies each piece of a split, ``(first [s, t], second [r, s])``: the teacher
+#: (``True``) or the stop-gradient student.
+_PIECES: Mapping[str, tuple[bool, bool]] = MappingProxyType(
+    {"first": (True, False), "both": (True, True), "none": (False, False)}
+)
 
 
 def split_target(
@@ -206,34 +220,35 @@ def split_target(
         differences a half-precision state.
     """
     check_tensor("z_t", z_t, ndim_min=1)
-    r, t = check_interval(r, t, z_t)
-    check_interval(s, t, z_t)
-    if bool((s < r).any()):
-        raise ValueError("s must satisfy r <= s <= t elementwise")
+    check_interval(s, t, z_t, names=("s", "t"))
+    r, s = check_interval(r, s, z_t, names=("r", "s"))
     check_like("v", v, z_t, "z_t")
-    check_choice("teacher_pieces", teacher_pieces, _PIECES)
+    pieces = lookup("teacher_pieces", teacher_pieces, _PIECES)
     check_positive_int("teacher_steps", teacher_steps)
-    check_choice("method", method, ODE_METHODS)
-    if teacher_pieces != "none" and teacher is None:
-        raise ValueError(f"teacher_pieces={teacher_pieces!r} needs a teacher")
-    return _split(
-        student, teacher, z_t, r, t, s, v, teacher_pieces, teacher_steps, method, dict(cond or {})
-    )
+    step = lookup("method", method, SOLVERS)
+    _need_teacher(pieces, teacher, f"teacher_pieces={teacher_pieces!r}")
+    return _split(student, teacher, z_t, r, t, s, v, pieces, teacher_steps, step, check_cond(cond))
 
 
-def _split(student, teacher, z_t, r, t, s, v, pieces, steps, method, cond) -> Tensor:
-    """:func:`split_target` on trusted arguments."""
+def _need_teacher(pieces: tuple[bool, bool], teacher: object, who: str) -> None:
+    if pieces[0] and teacher is None:
+        raise ValueError(f"{who} needs a teacher")
+
+
+def _split(student, teacher, z_t, r, t, s, v, pieces, steps, step, cond) -> Tensor:
+    """:func:`split_target` on trusted arguments (``pieces`` from ``_PIECES``, ``step`` a
+    step function)."""
     dtype, work = z_t.dtype, compute_dtype(z_t.dtype)
 
     def piece(z, lo, hi, use_teacher, v_hi=None):
         if use_teacher:
-            return _ode_secant(teacher, z, lo, hi, steps, method, v_hi, cond, dtype)
+            return _ode_secant(teacher, z, lo, hi, steps, step, v_hi, cond, dtype)
         return student(z.to(dtype), lo, hi, **cond).to(work)
 
     with torch.no_grad():
-        u1 = piece(z_t, s, t, pieces != "none", v)
+        u1 = piece(z_t, s, t, pieces[0], v)
         z_s = z_t.to(work) - expand_time(_gap(s, t, work), z_t) * u1
-        u2 = piece(z_s, r, s, pieces == "both")
+        u2 = piece(z_s, r, s, pieces[1])
         gap = _gap(r, t, work)
         first, second = expand_time(_gap(s, t, work), z_t), expand_time(_gap(r, s, work), z_t)
         u = (first * u1 + second * u2) / expand_time(torch.where(gap == 0, 1.0, gap), z_t)
@@ -242,13 +257,6 @@ def _split(student, teacher, z_t, r, t, s, v, pieces, steps, method, cond) -> Te
 
 
 # --------------------------------------------------------------------------- target objects
-
-
-def _check_call(z_t: Tensor, r: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    check_tensor("z_t", z_t, ndim_min=1)
-    r, t = check_interval(r, t, z_t)
-    check_like("v", v, z_t, "z_t")
-    return r, t
 
 
 class DifferentialTarget:
@@ -269,9 +277,27 @@ class DifferentialTarget:
         tangent_norm: if set to ``c > 0``, replace the tangent term ``T = (t - r) du/dt``
             by ``T / (rms(T) + c)`` per sample (the tangent normalisation of sCM,
             arXiv 2410.11081, Sec. 4.2), which bounds its scale early in training.
+
+    A :class:`~mfcore.fields.Target`: :class:`~mfcore.losses.MeanFlowLoss` calls it with
+    checked arguments, which it does not check again.
+
+    Example:
+        For ``u(z, r, t) = t z`` along ``v``, ``du/dt = t v + z``, so the target is
+        ``v - (t - r) (t v + z)``.
+
+        >>> import torch
+        >>> from mfcore import DifferentialTarget
+        >>> target = DifferentialTarget("func")
+        >>> target.phase
+        'differential'
+        >>> z, v = torch.ones(3, 2), torch.full((3, 2), 2.0)
+        >>> r, t = torch.zeros(3), torch.full((3,), 0.5)
+        >>> out = target(lambda z, r, t: t[:, None] * z, z, r, t, v)
+        >>> out.target[0], out.pred[0]
+        (tensor([1., 1.]), tensor([0.5000, 0.5000]))
     """
 
-    discrete = False
+    phase = "differential"
 
     def __init__(
         self,
@@ -284,7 +310,7 @@ class DifferentialTarget:
         route_sdpa: bool = False,
         detach_tangents: bool = True,
     ) -> None:
-        check_choice("jvp_method", jvp_method, JVP_METHODS)
+        self._backend = lookup("jvp_method", jvp_method, JVP_BACKENDS)
         for name, value in (("clamp", clamp), ("tangent_norm", tangent_norm), ("fd_step", fd_step)):
             if value is not None:
                 check_real(name, value, minimum=0.0, strict=True)
@@ -299,7 +325,7 @@ class DifferentialTarget:
     def __call__(
         self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
     ) -> TargetOutput:
-        r, t = _check_call(z_t, r, t, v)
+        cond = cond or {}
         rng = None if self.single_forward else rng_state(z_t.device)
         u, dudt = self._jvp(student, z_t, r, t, v, cond, keep_graph=self.single_forward)
         pred = u if self.single_forward else _same_draws_forward(student, z_t, r, t, cond, rng)
@@ -309,23 +335,12 @@ class DifferentialTarget:
     def compute(self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None) -> Tensor:
         """The detached target alone, from one JVP that keeps no graph (e.g. to compare it
         with a discrete target on the same batch)."""
-        _, dudt = self._jvp(student, z_t, r, t, v, cond, keep_graph=False)
+        _, dudt = self._jvp(student, z_t, r, t, v, cond or {}, keep_graph=False)
         return self._target(z_t, r, t, v, dudt)
 
     def _jvp(self, student, z_t, r, t, v, cond, *, keep_graph: bool) -> tuple[Tensor, Tensor]:
-        return total_derivative(
-            student,
-            z_t,
-            r,
-            t,
-            v,
-            method=self.jvp_method,
-            cond=cond,
-            keep_graph=keep_graph,
-            fd_step=self.fd_step,
-            route_sdpa=self.route_sdpa,
-            detach_tangents=self.detach_tangents,
-        )
+        fd, route, cut = self.fd_step, self.route_sdpa, self.detach_tangents
+        return along_flow(self._backend, student, z_t, r, t, v, cond, keep_graph, fd, route, cut)
 
     def _target(self, z_t, r, t, v, dudt) -> Tensor:
         """``v - (t - r) du/dt`` with the optional tangent normalisation and clamp."""
@@ -351,13 +366,15 @@ def _same_draws_forward(student, z_t, r, t, cond, state: Tensor) -> Tensor:
     that started from RNG ``state``: the graph forward then differentiates the function
     whose ``du/dt`` made the target. The RNG ends where that second forward leaves it."""
     restore_rng(state, z_t.device)
-    return student(z_t, r, t, **dict(cond or {}))
+    return student(z_t, r, t, **cond)
 
 
 class _DiscreteTarget(ABC):
-    """Shared shell of the discrete targets: the prediction is a plain forward."""
+    """Shared shell of the discrete targets (:class:`~mfcore.fields.DiscreteTarget`): the
+    prediction is a plain forward. :class:`~mfcore.losses.MeanFlowLoss` calls it with
+    checked arguments, which it does not check again; the student's output is checked."""
 
-    discrete = True
+    phase = "discrete"
 
     @abstractmethod
     def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
@@ -366,11 +383,11 @@ class _DiscreteTarget(ABC):
     def __call__(
         self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
     ) -> TargetOutput:
-        r, t = _check_call(z_t, r, t, v)
+        cond = cond or {}
         target = self.compute(
             student, z_t, r, t, v, teacher=teacher, cond=cond, generator=generator
         )
-        pred = check_like("the student's output", student(z_t, r, t, **dict(cond or {})), z_t)
+        pred = check_like("the student's output", student(z_t, r, t, **cond), z_t)
         return TargetOutput(pred, target, {})
 
     def state_dict(self) -> dict:
@@ -386,17 +403,29 @@ class TeacherODETarget(_DiscreteTarget):
     Args:
         steps: solver steps per sample.
         method: solver name of :mod:`mfcore.solvers`.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import TeacherODETarget
+        >>> target = TeacherODETarget(steps=16, method="rk4")
+        >>> target.phase
+        'discrete'
+        >>> z, r, t = torch.ones(2, 1), torch.tensor([0.0, 0.5]), torch.tensor([1.0, 0.5])
+        >>> target.compute(None, z, r, t, z, teacher=lambda z, t: z, cond={}, generator=None)
+        tensor([[0.6321],
+                [1.0000]])
     """
 
     def __init__(self, steps: int = 8, method: str = "heun") -> None:
         self.steps = check_positive_int("steps", steps)
-        self.method = check_choice("method", method, ODE_METHODS)
+        self._step = lookup("method", method, SOLVERS)
+        self.method = method
 
     def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
         if teacher is None:
             raise ValueError("TeacherODETarget needs a teacher (pass teacher=...)")
-        cond = dict(cond or {})
-        return _ode_secant(teacher, z_t, r, t, self.steps, self.method, v, cond, z_t.dtype)
+        cond = cond or {}
+        return _ode_secant(teacher, z_t, r, t, self.steps, self._step, v, cond, z_t.dtype)
 
 
 class SplitTarget(_DiscreteTarget):
@@ -411,17 +440,17 @@ class SplitTarget(_DiscreteTarget):
     def __init__(
         self, teacher_pieces: str = "first", teacher_steps: int = 1, method: str = "euler"
     ) -> None:
-        self.teacher_pieces = check_choice("teacher_pieces", teacher_pieces, _PIECES)
+        self._pieces = lookup("teacher_pieces", teacher_pieces, _PIECES)
         self.teacher_steps = check_positive_int("teacher_steps", teacher_steps)
-        self.method = check_choice("method", method, ODE_METHODS)
+        self._step = lookup("method", method, SOLVERS)
+        self.teacher_pieces, self.method = teacher_pieces, method
 
     def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
-        if self.teacher_pieces != "none" and teacher is None:
-            raise ValueError(f"SplitTarget({self.teacher_pieces!r}) needs a teacher")
+        _need_teacher(self._pieces, teacher, f"SplitTarget({self.teacher_pieces!r})")
         lam = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
         s = torch.minimum(r + lam * (t - r), t)
-        pieces, steps, cond = self.teacher_pieces, self.teacher_steps, dict(cond or {})
-        return _split(student, teacher, z_t, r, t, s, v, pieces, steps, self.method, cond)
+        pieces, steps, cond = self._pieces, self.teacher_steps, cond or {}
+        return _split(student, teacher, z_t, r, t, s, v, pieces, steps, self._step, cond)
 
 
 def __getattr__(name: str) -> Any:

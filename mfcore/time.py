@@ -37,7 +37,17 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from mfcore._checks import check_positive_int, check_tensor, compute_dtype
+from mfcore._checks import (
+    check_callable,
+    check_device,
+    check_dtype,
+    check_fraction,
+    check_generator,
+    check_positive_int,
+    check_real,
+    check_unit,
+    compute_dtype,
+)
 
 __all__ = [
     "TimeSampler",
@@ -47,6 +57,7 @@ __all__ = [
     "ResolutionShiftedTime",
     "TimePairSampler",
     "ClampedPairSampler",
+    "valid_by_construction",
     "shift_time",
     "exponential_shift",
     "resolution_shift_mu",
@@ -84,83 +95,18 @@ class TimeSampler(Protocol):
 # --------------------------------------------------------------------------- validation
 
 
-def _check_real(name: str, x: object, *, positive: bool = False) -> float:
-    """Raise unless ``x`` is a finite real number (``> 0`` when ``positive``)."""
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    if positive and x <= 0:
-        raise ValueError(f"{name} must be > 0, got {x}")
-    return x
-
-
-def _check_dtype(dtype: object) -> torch.dtype:
-    """Raise unless ``dtype`` is a floating-point torch dtype."""
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-    return dtype
-
-
-def _check_device(device: object) -> torch.device:
-    """Resolve ``device`` (``None`` means torch's default device)."""
-    if device is None:
-        return torch.get_default_device()
-    if not isinstance(device, str | torch.device):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a valid torch device") from err
-
-
-def _check_generator(generator: object, device: torch.device) -> torch.Generator | None:
-    """Raise unless ``generator`` is ``None`` or a :class:`torch.Generator` on ``device``."""
-    if generator is None:
-        return None
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    gen = generator.device
-    if gen.type != device.type or (
-        device.index is not None and gen.index is not None and gen.index != device.index
-    ):
-        raise ValueError(f"generator is on {gen} but the times are drawn on {device}")
-    return generator
-
-
 def _check_draw(
     batch_size: object, device: object, dtype: object, generator: object
 ) -> tuple[int, torch.device, torch.dtype, torch.Generator | None]:
     """Validate the common arguments of every sampler call."""
     batch_size = check_positive_int("batch_size", batch_size)
-    dev = _check_device(device)
-    return batch_size, dev, _check_dtype(dtype), _check_generator(generator, dev)
-
-
-def _check_sampler(name: str, sampler: object) -> None:
-    """Raise unless ``sampler`` is callable."""
-    if not callable(sampler):
-        raise TypeError(f"{name} must be a callable time sampler, got {type(sampler).__name__}")
-
-
-def _check_unit(name: str, t: object) -> Tensor:
-    """Raise unless ``t`` is a floating tensor (any shape) with finite values in ``[0, 1]``."""
-    check_tensor(name, t)
-    assert isinstance(t, Tensor)
-    if t.device.type != "meta":
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} must be finite")
-        if bool(((t < 0) | (t > 1)).any()):
-            raise ValueError(f"{name} must lie in [0, 1] (t = 0 data, t = 1 noise)")
-    return t
+    dev = check_device(device)
+    return batch_size, dev, check_dtype(dtype), check_generator(generator, dev)
 
 
 def _exp_of_mu(mu: object) -> float:
     """``exp(mu)`` for a finite ``mu`` whose exponential is a finite positive float."""
-    mu = _check_real("mu", mu)
+    mu = check_real("mu", mu)
     scale = math.exp(mu) if mu < 709.0 else math.inf
     if not 0.0 < scale < math.inf:
         raise ValueError(f"mu must keep exp(mu) a finite positive float, got mu = {mu}")
@@ -197,8 +143,8 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     Returns:
         shifted times, shape and dtype of ``t`` (computed in fp32 at least).
     """
-    _check_unit("t", t)
-    return _shift(t, _check_real("shift", shift, positive=True))
+    check_unit("t", t)
+    return _shift(t, check_real("shift", shift, minimum=0.0, strict=True))
 
 
 def exponential_shift(t: Tensor, mu: float) -> Tensor:
@@ -216,7 +162,7 @@ def exponential_shift(t: Tensor, mu: float) -> Tensor:
     Returns:
         shifted times, shape and dtype of ``t`` (computed in fp32 at least).
     """
-    _check_unit("t", t)
+    check_unit("t", t)
     return _shift(t, _exp_of_mu(mu))
 
 
@@ -250,8 +196,8 @@ def resolution_shift_mu(
     max_seq_len = check_positive_int("max_seq_len", max_seq_len)
     if max_seq_len <= base_seq_len:
         raise ValueError(f"max_seq_len must be > base_seq_len, got {max_seq_len} <= {base_seq_len}")
-    base = _check_real("base_shift", base_shift)
-    slope = (_check_real("max_shift", max_shift) - base) / (max_seq_len - base_seq_len)
+    base = check_real("base_shift", base_shift)
+    slope = (check_real("max_shift", max_shift) - base) / (max_seq_len - base_seq_len)
     return base + slope * (seq_len - base_seq_len)
 
 
@@ -271,7 +217,7 @@ class UniformTime:
     high: float = 1.0
 
     def __post_init__(self) -> None:
-        low, high = _check_real("low", self.low), _check_real("high", self.high)
+        low, high = check_real("low", self.low), check_real("high", self.high)
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"low and high must satisfy 0 <= low < high <= 1, got {low}, {high}")
         object.__setattr__(self, "low", low)
@@ -307,8 +253,8 @@ class LogitNormalTime:
     std: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", _check_real("mean", self.mean))
-        object.__setattr__(self, "std", _check_real("std", self.std, positive=True))
+        object.__setattr__(self, "mean", check_real("mean", self.mean))
+        object.__setattr__(self, "std", check_real("std", self.std, minimum=0.0, strict=True))
 
     def __call__(
         self,
@@ -333,7 +279,7 @@ def _draw_shifted(
     generator: torch.Generator | None,
 ) -> Tensor:
     """Draw from ``base`` in fp32 at least, shift by ``scale``, cast to ``dtype``."""
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     t = base(batch_size, device=device, dtype=compute_dtype(dtype), generator=generator)
     return _shift(t, scale).to(dtype)
 
@@ -353,8 +299,8 @@ class ShiftedTime:
     shift: float
 
     def __post_init__(self) -> None:
-        _check_sampler("base", self.base)
-        object.__setattr__(self, "shift", _check_real("shift", self.shift, positive=True))
+        check_callable("base", self.base)
+        object.__setattr__(self, "shift", check_real("shift", self.shift, minimum=0.0, strict=True))
 
     def __call__(
         self,
@@ -383,7 +329,7 @@ class ResolutionShiftedTime:
     mu: float
 
     def __post_init__(self) -> None:
-        _check_sampler("base", self.base)
+        check_callable("base", self.base)
         _exp_of_mu(self.mu)
         object.__setattr__(self, "mu", float(self.mu))
 
@@ -421,6 +367,14 @@ class TimePairSampler:
         t_sampler: sampler of the first time; ``None`` means ``LogitNormalTime(-0.4, 1.0)``.
         r_sampler: sampler of the second time; ``None`` means ``t_sampler``.
         equal_fraction: fraction of the pairs with ``r = t``, in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import TimePairSampler
+        >>> sampler = TimePairSampler(equal_fraction=0.5)
+        >>> r, t = sampler(8, generator=torch.Generator().manual_seed(0))
+        >>> bool((r <= t).all()), int((r == t).sum())
+        (True, 4)
     """
 
     t_sampler: Callable[..., Tensor] | None = None
@@ -430,12 +384,10 @@ class TimePairSampler:
     def __post_init__(self) -> None:
         if self.t_sampler is None:
             object.__setattr__(self, "t_sampler", _default_t_sampler())
-        _check_sampler("t_sampler", self.t_sampler)
+        check_callable("t_sampler", self.t_sampler)
         if self.r_sampler is not None:
-            _check_sampler("r_sampler", self.r_sampler)
-        fraction = _check_real("equal_fraction", self.equal_fraction)
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"equal_fraction must lie in [0, 1], got {fraction}")
+            check_callable("r_sampler", self.r_sampler)
+        fraction = check_fraction("equal_fraction", self.equal_fraction)
         object.__setattr__(self, "equal_fraction", fraction)
 
     def __call__(
@@ -499,6 +451,13 @@ class ClampedPairSampler:
         r_sampler: sampler of ``r'``; ``None`` means ``LogitNormalTime(-4.0, 1.6)``.
         equal_prob: probability in ``[0, 1]`` that a pair is set to ``r = t`` before the
             clamp.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import ClampedPairSampler
+        >>> r, t = ClampedPairSampler()(1000, generator=torch.Generator().manual_seed(0))
+        >>> bool((r <= t).all()), 0.6 < (r != t).float().mean().item() < 0.8
+        (True, True)
     """
 
     t_sampler: Callable[..., Tensor] | None = None
@@ -510,12 +469,9 @@ class ClampedPairSampler:
             object.__setattr__(self, "t_sampler", LogitNormalTime(-0.6, 1.6))
         if self.r_sampler is None:
             object.__setattr__(self, "r_sampler", LogitNormalTime(-4.0, 1.6))
-        _check_sampler("t_sampler", self.t_sampler)
-        _check_sampler("r_sampler", self.r_sampler)
-        prob = _check_real("equal_prob", self.equal_prob)
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"equal_prob must lie in [0, 1], got {prob}")
-        object.__setattr__(self, "equal_prob", prob)
+        check_callable("t_sampler", self.t_sampler)
+        check_callable("r_sampler", self.r_sampler)
+        object.__setattr__(self, "equal_prob", check_fraction("equal_prob", self.equal_prob))
 
     def __call__(
         self,
@@ -542,6 +498,31 @@ class ClampedPairSampler:
         second = self.r_sampler(n, **kw)
         equal = torch.rand(n, device=dev, generator=gen) < self.equal_prob
         return torch.minimum(t, torch.where(equal, t, second)), t
+
+
+_SINGLE = (UniformTime, LogitNormalTime)
+_SHIFTED = (ShiftedTime, ResolutionShiftedTime)
+_PAIRS = (TimePairSampler, ClampedPairSampler)
+
+
+def valid_by_construction(sampler: object) -> bool:
+    """Whether ``sampler`` is one of this module's samplers, all the way down.
+
+    Their draws are finite, lie in ``[0, 1]`` and (for the pair samplers) satisfy
+    ``r <= t`` by construction, so :class:`~mfcore.losses.MeanFlowLoss` decides once, when
+    it is built, not to check them (no host sync); any other sampler's draw is checked at
+    every call. A subclass is "any other": it may draw differently.
+    """
+    kind = type(sampler)
+    if kind in _SINGLE:
+        return True
+    if kind in _SHIFTED:
+        return valid_by_construction(sampler.base)  # type: ignore[attr-defined]
+    if kind in _PAIRS:
+        second = sampler.r_sampler  # type: ignore[attr-defined]
+        first_ok = valid_by_construction(sampler.t_sampler)  # type: ignore[attr-defined]
+        return first_ok and (second is None or valid_by_construction(second))
+    return False
 
 
 # --------------------------------------------------------------------------- grids
@@ -579,9 +560,14 @@ def uniform_grid(
 
     Returns:
         times ``(N + 1,)``, decreasing from 1 (noise) to 0 (data).
+
+    Example:
+        >>> from mfcore import uniform_grid
+        >>> uniform_grid(4)
+        tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000])
     """
     steps = check_positive_int("steps", steps)
-    dev, dtype = _check_device(device), _check_dtype(dtype)
+    dev, dtype = check_device(device), check_dtype(dtype)
     return _cast_grid(_unit_grid(steps), dev, dtype)
 
 
@@ -608,10 +594,15 @@ def shifted_grid(
 
     Returns:
         times ``(N + 1,)``, decreasing from 1 to 0.
+
+    Example:
+        >>> from mfcore import shifted_grid
+        >>> shifted_grid(2, shift=3.0)  # the middle time moves towards the noise end
+        tensor([1.0000, 0.7500, 0.0000])
     """
     steps = check_positive_int("steps", steps)
-    dev, dtype = _check_device(device), _check_dtype(dtype)
+    dev, dtype = check_device(device), check_dtype(dtype)
     if (shift is None) == (mu is None):
         raise ValueError("shifted_grid needs exactly one of shift and mu")
-    scale = _check_real("shift", shift, positive=True) if mu is None else _exp_of_mu(mu)
+    scale = check_real("shift", shift, minimum=0.0, strict=True) if mu is None else _exp_of_mu(mu)
     return _cast_grid(_shift(_unit_grid(steps), scale), dev, dtype)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from mfcore._checks import (
+    check_fraction,
     check_interval,
     check_like,
     check_positive_int,
@@ -50,7 +51,8 @@ from mfcore._checks import (
     check_tensor,
     compute_dtype,
 )
-from mfcore.targets import DifferentialTarget, TargetOutput
+from mfcore.fields import DiscreteTarget, TargetOutput
+from mfcore.targets import DifferentialTarget
 
 __all__ = [
     "DEFAULT_GAP_EDGES",
@@ -305,8 +307,8 @@ class WarmupTarget:
     ``torch.distributed.all_reduce``; default none).
 
     Args:
-        discrete: a discrete target object (:class:`~mfcore.targets.TeacherODETarget`,
-            :class:`~mfcore.targets.SplitTarget`).
+        discrete: a :class:`~mfcore.fields.DiscreteTarget`
+            (:class:`~mfcore.targets.TeacherODETarget`, :class:`~mfcore.targets.SplitTarget`).
         differential: a :class:`~mfcore.targets.DifferentialTarget` (default ``"func"``).
         switch_step: fixed switch step (with a gate: the earliest one).
         threshold: fit-error threshold of the automatic criterion (``None``: off).
@@ -323,6 +325,20 @@ class WarmupTarget:
     internal counter of calls when none is given. ``state_dict()`` holds the phase, the
     fit error, the gate's streak and the guard's held-out batch and counters, so a resumed
     run continues exactly.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import MeanFlowLoss, TeacherODETarget, WarmupTarget
+        >>> warm = WarmupTarget(TeacherODETarget(steps=4), switch_step=2)
+        >>> loss_fn = MeanFlowLoss(target=warm)
+        >>> teacher = lambda z, t: -z
+        >>> student = lambda z, r, t: -z
+        >>> for step in range(3):
+        ...     loss, metrics = loss_fn(student, torch.randn(8, 2), teacher=teacher, step=step)
+        ...     print(step, warm.phase)
+        0 discrete
+        1 discrete
+        2 differential
     """
 
     def __init__(
@@ -341,8 +357,11 @@ class WarmupTarget:
         edges: tuple[float, ...] = DEFAULT_GAP_EDGES,
         reduce: Callable[[Tensor], Tensor | None] | None = None,
     ) -> None:
-        if not getattr(discrete, "discrete", False):
-            raise TypeError("discrete must be a discrete target (TeacherODETarget, SplitTarget)")
+        if not (isinstance(discrete, DiscreteTarget) and discrete.phase == "discrete"):
+            raise TypeError(
+                "discrete must be a DiscreteTarget whose phase is 'discrete' (TeacherODETarget, "
+                f"SplitTarget), got {type(discrete).__name__}"
+            )
         differential = differential if differential is not None else DifferentialTarget()
         if not isinstance(differential, DifferentialTarget):
             raise TypeError("differential must be a DifferentialTarget")
@@ -354,8 +373,7 @@ class WarmupTarget:
             check_positive_int("switch_step", switch_step, minimum=0)
         if threshold is not None:
             check_real("threshold", threshold, minimum=0.0, strict=True)
-        if not (isinstance(ema, int | float) and 0.0 <= ema < 1.0):
-            raise ValueError(f"ema must lie in [0, 1), got {ema!r}")
+        check_fraction("ema", ema, below_one=True)
         check_positive_int("min_steps", min_steps, minimum=0)
         check_positive_int("blend_steps", blend_steps, minimum=0)
         if gate is not None and not isinstance(gate, SwitchGate):

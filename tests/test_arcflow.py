@@ -450,7 +450,7 @@ def test_sampler_rejects_bad_input():
         sample_arcflow(s, noise, substeps=0)
     with pytest.raises(ValueError, match="steps"):
         sample_arcflow(s, noise, steps=0)
-    with pytest.raises(TypeError, match="cond must be a dict"):
+    with pytest.raises(TypeError, match="cond must be a mapping"):
         sample_arcflow(s, noise, cond=[1])
     with pytest.raises(TypeError, match="params must be an ArcParams"):
         sample_arcflow(lambda z, s0: z, noise)
@@ -550,14 +550,27 @@ def test_weighting_scales_per_sample_errors():
         return fn(student, teacher, noise, generator=torch.Generator().manual_seed(3))
 
     plain, _ = run(None)
-    doubled, metrics = run(lambda err: 2 * torch.ones_like(err))
+    doubled, metrics = run(lambda err, r, t: 2 * torch.ones_like(err))
     torch.testing.assert_close(doubled, 2 * plain)
     assert metrics["weight_mean"].item() == 2.0
     seen = []
-    run(lambda err: seen.append(err.requires_grad) or torch.ones_like(err))
-    assert seen == [False]
-    with pytest.raises(ValueError, match="weighting must return shape"):
-        run(lambda err: torch.ones(3))
+    run(lambda err, r, t: seen.append((err.requires_grad, r[0].item(), t[0].item())) or 1 + 0 * err)
+    assert seen == [(False, 0.0, 1.0)]  # detached errors, the rollout's grid ends
+    with pytest.raises(ValueError, match=r"weighting must return a \(6,\) tensor"):
+        run(lambda err, r, t: torch.ones(3))
+
+
+def test_a_weighting_of_the_former_signature_is_adapted_with_a_warning():
+    noise = torch.randn(6, 2)
+    student, teacher = TinyStudent(), gaussian_teacher(torch.zeros(2), 1.0)
+    with pytest.warns(FutureWarning, match=r"weighting\(per_sample_err\) is deprecated"):
+        fn = ArcFlowDistillationLoss(
+            mix_schedule=TeacherMixSchedule(0.0), weighting=lambda err: 2 * torch.ones_like(err)
+        )
+    plain = ArcFlowDistillationLoss(mix_schedule=TeacherMixSchedule(0.0))
+    loss, _ = fn(student, teacher, noise, generator=torch.Generator().manual_seed(3))
+    ref, _ = plain(student, teacher, noise, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss, 2 * ref)
 
 
 def test_loss_rejects_bad_input_and_non_finite_teacher():
@@ -565,7 +578,7 @@ def test_loss_rejects_bad_input_and_non_finite_teacher():
     loss_fn = ArcFlowDistillationLoss()
     with pytest.raises(FloatingPointError, match="teacher velocity"):
         loss_fn(ExactStudent(), lambda z, s: z * math.nan, noise)
-    with pytest.raises(TypeError, match="cond must be a dict"):
+    with pytest.raises(TypeError, match="cond must be a mapping"):
         loss_fn(ExactStudent(), exp_teacher, noise, cond=3)
     with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
         loss_fn(ExactStudent(), exp_teacher, noise.tolist())

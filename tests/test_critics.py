@@ -22,6 +22,7 @@ from mfcore.critics import (
     renoise_weight,
     surrogate_loss,
 )
+from mfcore.fields import Critic, SampleCritic, TrainedCritic
 from mfcore.toys.gmm import GaussianMixture
 from mfcore.toys.metrics import mmd as reference_mmd
 
@@ -106,7 +107,7 @@ def _train(critic, *, iters, steps=2, batch=128, lr=3e-2, reference=False, seed=
     start = _distance(student)
     for _ in range(iters):
         noise = torch.randn(batch, 2, generator=gen)
-        if critic.has_network and not isinstance(critic.fake, ExactFake):
+        if isinstance(critic, TrainedCritic) and not isinstance(critic.fake, ExactFake):
             align.critic_step(student, noise, generator=gen)
         ref = teacher.sample(batch, generator=gen) if reference else None
         loss, _ = align.student_loss(student, noise, teacher=teacher, reference=ref, generator=gen)
@@ -269,11 +270,65 @@ def test_weighting_scales_the_injected_gradient():
     student = GaussianStudent((0.3, 0.1), 0.8, dtype=F64)
     noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     values = []
-    for weighting in (None, lambda s, r: torch.full_like(s, 3.0)):
+    for weighting in (None, lambda sq_err, r, t: torch.full_like(sq_err, 3.0)):
         align = AlignmentLoss(FakeVelocityCritic(ExactFake(student)), weighting=weighting)
         gen = torch.Generator().manual_seed(5)
         values.append(align.student_loss(student, noise, teacher=_teacher(), generator=gen)[0])
     torch.testing.assert_close(values[1], 9.0 * values[0])  # the loss is ||g||^2 / 2
+
+
+def test_weighting_sees_the_gap_and_the_segment_and_the_former_signature_still_works():
+    student = GaussianStudent((0.3, 0.1), 0.8, dtype=F64)
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    seen = []
+
+    def weighting(sq_err, r, t):
+        seen.append((sq_err, r, t))
+        return 1.0 / (sq_err + 1.0)
+
+    def loss_with(w):
+        align = AlignmentLoss(FakeVelocityCritic(ExactFake(student)), steps=2, weighting=w)
+        gen = torch.Generator().manual_seed(5)
+        return align.student_loss(student, noise, teacher=_teacher(), generator=gen)[0]
+
+    loss_with(weighting)
+    assert len(seen) == 2  # one call per segment
+    for (sq_err, r, t), (lo, hi) in zip(seen, [(0.5, 1.0), (0.0, 0.5)], strict=True):
+        assert sq_err.shape == (32,) and bool((sq_err >= 0).all())
+        assert bool((r == lo).all()) and bool((t > r).all() & (t <= hi).all())  # t = s
+    with pytest.warns(FutureWarning, match=r"weighting\(s, r\) is deprecated"):
+        old = AlignmentLoss(FakeVelocityCritic(ExactFake(student)), weighting=lambda s, r: s - r)
+    new = AlignmentLoss(
+        FakeVelocityCritic(ExactFake(student)), weighting=lambda sq_err, r, t: t - r
+    )
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(
+        old.student_loss(student, noise, teacher=_teacher(), generator=gen_a)[0],
+        new.student_loss(student, noise, teacher=_teacher(), generator=gen_b)[0],
+    )
+
+
+def test_the_critics_are_typed_by_their_protocols():
+    fake, kernel = FakeVelocityCritic(VelocityMLP()), KernelCritic()
+    assert isinstance(fake, TrainedCritic) and not isinstance(fake, SampleCritic)
+    assert isinstance(kernel, SampleCritic) and not isinstance(kernel, TrainedCritic)
+    assert isinstance(MeanFlowCritic(VelocityMLP()), TrainedCritic)
+
+    class Zero:  # a user's critic: the protocol, nothing else
+        def alignment_loss(self, z_r, r, t, **kw):
+            return (0.0 * z_r).sum(), {"zero": torch.zeros(())}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    assert isinstance(Zero(), Critic)
+    align = AlignmentLoss(Zero(), steps=2)
+    assert align.critic_step(GaussianStudent(), torch.randn(4, 2))[1] == {}
+    loss, metrics = align.student_loss(GaussianStudent(), torch.randn(4, 2), teacher=_teacher())
+    assert float(loss.detach()) == 0.0 and "zero" in metrics
 
 
 def test_critic_fits_the_exact_velocity_of_a_gaussian_sample():
@@ -348,11 +403,9 @@ def test_errors():
         KernelCritic("wasserstein")
     with pytest.raises(ValueError, match="bandwidths"):
         KernelCritic(bandwidths=(0.1, -1.0))
-    with pytest.raises(ValueError, match="r < t"):
-        FakeVelocityCritic(VelocityMLP()).critic_loss(z, t, t)
-    with pytest.raises(ValueError, match="s > r"):
+    with pytest.raises(ValueError, match="r < s"):
         renoise_velocity(z, r, r, z)
-    with pytest.raises(ValueError, match="s >= r"):
+    with pytest.raises(ValueError, match="r <= s"):
         renoise(z, torch.full((4,), 0.5), r, z)
     with pytest.raises(ValueError, match="r must be < 1"):
         renoise(z, t, t, z)
@@ -389,3 +442,25 @@ def test_renoise_times_stay_above_r_in_bfloat16():
     r = torch.full((4096,), 0.5, dtype=torch.bfloat16)
     s = _draw_renoise_time(r, torch.ones_like(r), gen)
     assert s.dtype == torch.float32 and bool((s > r.float()).all())
+
+
+def test_one_trajectory_serves_the_critic_step_and_the_student_loss():
+    student = GaussianStudent((0.3, 0.1), 0.8)
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for shared in (False, True):
+        torch.manual_seed(0)
+        align = AlignmentLoss(FakeVelocityCritic(VelocityMLP()), steps=2, critic_updates=2)
+        gen = torch.Generator().manual_seed(3)
+        traj = align.trajectory(student, noise) if shared else None
+        critic, _ = align.critic_step(student, noise, generator=gen, trajectory=traj)
+        kw = dict(teacher=_teacher(), generator=gen, trajectory=traj)
+        loss, _ = align.student_loss(student, noise, **kw)
+        (grad,) = torch.autograd.grad(loss, student.mu)
+        outs.append((critic, loss.detach(), grad))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="attached"):
+        align.student_loss(student, noise, teacher=_teacher(), trajectory=traj.detach())
+    with pytest.raises(ValueError, match=r"trajectory must have shape \(K \+ 1, \*noise.shape\)"):
+        align.critic_step(student, noise, trajectory=traj[:2])

@@ -134,6 +134,23 @@ def test_velocity_matches_score_identity(seed, k, d, t):
     )
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16), k=st.integers(1, 6), d=st.integers(1, 3), std=st.floats(0.05, 2.0)
+)
+def test_shared_variance_velocity_equals_the_general_form(seed, k, d, std):
+    gen = torch.Generator().manual_seed(seed)
+    gmm = GaussianMixture.isotropic(torch.randn(k, d, generator=gen, dtype=F64), std)
+    assert gmm._shared_var == pytest.approx(std * std)
+    general = GaussianMixture.isotropic(gmm.means, std)
+    general._shared_var = None  # the eigenbasis route every mixture can take
+    z = 3.0 * torch.randn(64, d, generator=gen, dtype=F64)
+    t = torch.rand(64, generator=gen, dtype=F64)
+    t[:3] = torch.tensor([0.0, 1.0, 1e-9], dtype=F64)
+    torch.testing.assert_close(gmm.velocity(z, t), general.velocity(z, t), rtol=1e-10, atol=1e-12)
+    assert GaussianMixture.anisotropic3d()._shared_var is None
+
+
 def test_covariance_forms_agree():
     means = torch.tensor([[0.0, 1.0], [1.0, -1.0], [-1.0, 0.5]], dtype=F64)
     var = torch.tensor([0.3, 0.5, 0.2], dtype=F64)

@@ -274,3 +274,25 @@ def test_fixed_times_replace_the_sampler():
 def test_fixed_times_are_validated(kw, exc, match):
     with pytest.raises(exc, match=match):
         MeanFlowLoss()(MLPStudent(2), torch.zeros(4, 2), **kw)
+
+
+# --------------------------------------------------------------------------- host syncs
+
+
+def test_a_default_call_reads_the_host_once_and_a_foreign_sampler_twice():
+    from tests._syncs import count_host_reads
+
+    student, x = MLPStudent(2), torch.randn(16, 2)
+    gen = torch.Generator().manual_seed(0)
+
+    def foreign(batch, **kw):
+        t = torch.rand(batch, generator=kw["generator"])
+        return 0.5 * t, t
+
+    for loss_fn, reads_expected in ((MeanFlowLoss(), 1), (MeanFlowLoss(foreign), 2)):
+        with count_host_reads() as reads:
+            loss_fn(student, x, generator=gen)
+        assert len(reads) == reads_expected, reads  # the finite-loss check (+ the draw's)
+    with count_host_reads() as reads:
+        MeanFlowLoss(target=TeacherODETarget(steps=2))(student, x, teacher=lambda z, t: -z)
+    assert len(reads) == 1, reads

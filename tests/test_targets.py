@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 
 from mfcore.jvp import total_derivative
+from mfcore.losses import MeanFlowLoss
 from mfcore.solvers import odeint
 from mfcore.targets import (
     DifferentialTarget,
@@ -224,7 +225,7 @@ def test_bad_input():
         teacher_ode_target(gmm, z, r, t, steps=0)
     with pytest.raises(ValueError, match="v"):
         differential_target(z, z, v[:2], r, t)
-    with pytest.raises(ValueError, match="s must"):
+    with pytest.raises(ValueError, match="r <= s|s <= t"):
         split_target(gmm, gmm, z, r, t, r - 0.01 * (r > 0), v) if bool((r > 0.01).all()) else (
             split_target(gmm, gmm, z, r + 0.01, t + 0.01 * (t < 0.99), r, v)
         )
@@ -235,3 +236,20 @@ def test_bad_input():
     with pytest.raises(ValueError, match="jvp_method"):
         DifferentialTarget("numeric")
     assert math.isfinite(float(teacher_ode_target(gmm, z, r, t).sum()))
+
+
+def test_targets_are_typed_by_their_protocols_and_the_loss_refuses_anything_else():
+    from mfcore.fields import DiscreteTarget, Target
+
+    ode, split, diff = TeacherODETarget(), SplitTarget(), DifferentialTarget()
+    warm = WarmupTarget(TeacherODETarget(), switch_step=3)
+    assert all(isinstance(x, Target) for x in (ode, split, diff, warm))
+    assert isinstance(ode, DiscreteTarget) and isinstance(split, DiscreteTarget)
+    assert (ode.phase, split.phase, diff.phase, warm.phase) == (
+        "discrete",
+        "discrete",
+        "differential",
+        "discrete",
+    )
+    with pytest.raises(TypeError, match="target must be a mfcore.fields.Target"):
+        MeanFlowLoss(target=lambda student, z, r, t, v, **kw: None)

@@ -24,6 +24,7 @@ from mfcore.time import (
     shift_time,
     shifted_grid,
     uniform_grid,
+    valid_by_construction,
 )
 
 N_KS = 20_000
@@ -471,3 +472,31 @@ def test_extreme_shifts_stay_finite_with_exact_limits():
     torch.testing.assert_close(exponential_shift(t, 100.0), torch.tensor([0.0, 1.0, 1.0]))
     torch.testing.assert_close(exponential_shift(t, -110.0), torch.tensor([0.0, 0.0, 1.0]))
     torch.testing.assert_close(shift_time(t, 1e-50), torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_valid_by_construction_trusts_only_this_modules_samplers_all_the_way_down():
+    def mine(batch, **kw):
+        return torch.rand(batch)
+
+    class Subclass(UniformTime):
+        pass
+
+    trusted = [
+        UniformTime(),
+        LogitNormalTime(),
+        ShiftedTime(LogitNormalTime(), 3.0),
+        ResolutionShiftedTime(UniformTime(0.2, 0.9), 0.5),
+        TimePairSampler(),
+        TimePairSampler(ShiftedTime(UniformTime(), 2.0), LogitNormalTime()),
+        ClampedPairSampler(),
+    ]
+    foreign = [
+        mine,
+        Subclass(),
+        ShiftedTime(mine, 2.0),
+        TimePairSampler(mine),
+        TimePairSampler(UniformTime(), mine),
+        ClampedPairSampler(UniformTime(), mine),
+    ]
+    assert all(valid_by_construction(s) for s in trusted)
+    assert not any(valid_by_construction(s) for s in foreign)

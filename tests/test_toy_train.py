@@ -158,3 +158,51 @@ def test_networks_check_inputs_and_keep_shapes():
         net(torch.randn(5, 3), t, t)
     with pytest.raises(ValueError, match="act"):
         MeanFlowMLP(2, act="tanh")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_a_resumed_run_continues_exactly(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import mfcore.toys.train as toy
+
+    # the warm-up switch fires at step 6 (its guard keeps a held-out batch), the critics
+    # start at step 4: a checkpoint at step 8 holds all of that
+    cfg = dict(TINY, out_dir=str(tmp_path), figures=False, save_every=4)
+    full = run(dict(cfg, name="full"))
+    real, calls = toy._train_step, []
+
+    def killed_after_9(*args, **kwargs):
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(toy, "_train_step", killed_after_9)
+    with pytest.raises(KeyboardInterrupt):
+        run(dict(cfg, name="killed"))
+    monkeypatch.setattr(toy, "_train_step", real)
+    assert toy.read_checkpoint(ToyConfig(**dict(cfg, name="killed")))["step"] == 8
+    resumed = run(dict(cfg, name="killed", resume=True, progress=True))
+    assert resumed["student"] == full["student"]
+    for key in ("history", "probes", "events", "switch_step", "teacher_points", "steps_done"):
+        assert resumed["training"][key] == full["training"][key], key
+    a = load_file(str(tmp_path / "full" / "student.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings_and_a_missing_checkpoint(tmp_path, capsys):
+    import mfcore.toys.train as toy
+
+    cfg = dict(TINY, out_dir=str(tmp_path), name="r", figures=False, steps=4)
+    run(cfg)
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 -> 0.01\)"):
+        run(dict(cfg, resume=True, lr=0.01))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        toy.read_checkpoint(ToyConfig(**dict(cfg, name="none", resume=True)))
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path), "--name", "none", "--resume", "--quiet"])
+    assert exc.value.code == 2 and "no checkpoint" in capsys.readouterr().err

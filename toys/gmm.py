@@ -171,6 +171,18 @@ def _log_joint(z: Tensor, p: _Params, a: Tensor, b: Tensor) -> tuple[Tensor, Ten
     return p.log_weights + _log_gaussian(y, var), y, var
 
 
+def _shared_variance_velocity(z: Tensor, t: Tensor, p: _Params, var: float) -> Tensor:
+    """The velocity when every ``S_k = var I``: with ``c = a^2 var + b^2`` and ``g = (b - a
+    var) / c`` shared by the components, ``v = g z - (1 + a g) sum_k gamma_k mu_k`` (the
+    general form with one eigenvalue; ``(B, D)`` in ``z``'s dtype)."""
+    a, b = 1.0 - t, t
+    c = a * a * var + b * b
+    diff = z[:, None, :] - a[:, None, None] * p.means
+    gamma = torch.softmax(p.log_weights - 0.5 * diff.square().sum(-1) / c[:, None], dim=-1)
+    g = (b - a * var) / c
+    return g[:, None] * z - (1.0 + a * g)[:, None] * (gamma @ p.means)
+
+
 def _unequal_weights(k: int) -> Tensor:
     """Weights rising linearly from 1 to ``_UNEQUAL_RATIO`` over the components, normalised."""
     w = torch.linspace(1.0, _UNEQUAL_RATIO, k, dtype=torch.float64)
@@ -230,6 +242,9 @@ class GaussianMixture:
         self._evals, self._evecs = _eigen(self._covs)
         self._weights = _check_weights(weights, k)
         self._cache: dict[tuple[torch.device, torch.dtype], _Params] = {}
+        shared = self._covs[0, 0, 0] * torch.eye(d, dtype=torch.float64)
+        # every S_k = s^2 I with one s (the presets): the velocity has a cheaper closed form
+        self._shared_var = float(shared[0, 0]) if bool((self._covs == shared).all()) else None
 
     # ----------------------------------------------------------------------- constructors
     @classmethod
@@ -415,6 +430,8 @@ class GaussianMixture:
         (z - a mu_k))`` with ``a = 1 - t``, ``b = t`` and posteriors ``gamma_k`` from a
         log-sum-exp (Gaussian conditioning on the path of arXiv 2209.03003 / 2210.02747).
         Finite on the closed interval: ``v(z, 0) = -z`` and ``v(z, 1) = z - sum_k w_k mu_k``.
+        When every component has the same isotropic covariance (the presets) the gain is
+        one scalar per sample and ``v = g z - (1 + a g) sum_k gamma_k mu_k``.
 
         Args:
             z: states ``(B, D)`` at time ``t``.
@@ -430,6 +447,14 @@ class GaussianMixture:
         """
         if cond:
             raise TypeError(f"GaussianMixture is unconditional; got conditioning {sorted(cond)}")
+        if self._shared_var is not None:
+            _check_points("z", z, self.dim)
+            check_time("t", t, z)
+            p = self._params(z.device, z.dtype)
+            v = _shared_variance_velocity(
+                z.to(p.means.dtype), t.to(p.means.dtype), p, self._shared_var
+            )
+            return v.to(z.dtype)
         p, a, b, log_joint, y, var = self._marginal_parts(z, t)
         gamma = torch.softmax(log_joint, dim=-1)
         gain = (b - a * p.evals) / var

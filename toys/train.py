@@ -18,6 +18,10 @@ config; flags override it (``--help``). It writes ``<out>/<name>/metrics.json`` 
 figures, shows a progress bar and prints a summary table. :func:`run` does the same from
 Python for any :class:`~mfcore.toys.gmm.GaussianMixture` teacher and returns the metrics.
 
+Besides ``metrics.json`` a run writes the student's weights, ``student.safetensors``, and
+its whole training state, ``checkpoint/`` (every ``save_every`` steps and at the end):
+``--resume`` (``resume=True``) continues a run from there exactly as if it had not stopped.
+
 ``metrics.json`` holds ``teacher`` (a 100-step Heun solve: its NFE and metrics),
 ``data_floor`` (the metrics of a second data sample), ``student`` keyed by step count
 (``"1"``, ``"2"``, ``"4"``), each with ``w2``, ``mmd``, ``nll``, ``mode_precision`` and
@@ -32,6 +36,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +48,7 @@ import torch
 
 from mfcore._checks import check_choice, check_positive_int, check_real
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, KernelCritic, MeanFlowCritic
+from mfcore.fields import Target
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.solvers import ODE_METHODS, sample_meanflow, sample_teacher
@@ -56,7 +63,7 @@ from .nets import IntervalStudent, MeanFlowMLP, VelocityMLP, activation
 from .probe import AverageVelocityProbe
 from .teacher_net import TeacherNetConfig, fit_teacher_net, teacher_net_report
 
-__all__ = ["ToyConfig", "run", "main", "TARGETS", "CRITICS"]
+__all__ = ["ToyConfig", "run", "main", "read_checkpoint", "TARGETS", "CRITICS"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +138,9 @@ class ToyConfig:
             ``critic_lead`` steps later.
         critic_lead: critic-only steps before the student feels the alignment.
         critic_updates: critic updates per student update (the two time scales).
+        align_batch: noise samples per alignment step (``None``: ``batch``). The alignment
+            is most of a step's cost; with one critic update on 128 samples the default run
+            meets its bars in a third of the time of two updates on 256.
         critic_lr, critic_hidden: the critic's Adam learning rate and MLP width.
         critic_ode_steps: ODE steps of the mean-flow critic's transports.
         eval_samples: size of the evaluation samples (student, teacher, data).
@@ -138,6 +148,11 @@ class ToyConfig:
         teacher_steps: Heun steps of the reference teacher solve.
         figures: write PNG figures.
         progress: show a tqdm progress bar.
+        save_every: steps between checkpoints of the whole training state in
+            ``<run>/checkpoint/`` (0: only at the end); the student's weights are written to
+            ``<run>/student.safetensors`` at the end. Nothing is written without ``out_dir``.
+        resume: continue from ``<run>/checkpoint/`` (written with the same settings, but for
+            ``progress``, ``figures`` and ``save_every``) exactly where it stopped.
     """
 
     preset: str = "ring8"
@@ -187,7 +202,8 @@ class ToyConfig:
     align_steps: tuple[int, ...] = (1, 2)
     align_start: int = 300
     critic_lead: int = 100
-    critic_updates: int = 2
+    critic_updates: int = 1
+    align_batch: int | None = 128
     critic_lr: float = 1e-3
     critic_hidden: int = 128
     critic_ode_steps: int = 2
@@ -196,6 +212,8 @@ class ToyConfig:
     teacher_steps: int = 100
     figures: bool = True
     progress: bool = True
+    save_every: int = 500
+    resume: bool = False
 
     def validate(self) -> ToyConfig:
         """Raise ``ValueError``/``TypeError`` naming a bad field; return ``self``."""
@@ -220,7 +238,16 @@ class ToyConfig:
         activation(self.act)
         for name in _POSITIVE_INTS:
             check_positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "blend_steps", "align_start", "critic_lead", "point_features"):
+        if self.resume and self.out_dir is None:
+            raise ValueError("resume needs out_dir (the run folder holding the checkpoint)")
+        for name in (
+            "warmup_steps",
+            "blend_steps",
+            "align_start",
+            "critic_lead",
+            "point_features",
+            "save_every",
+        ):
             check_positive_int(name, getattr(self, name), minimum=0)
         check_positive_int("eval_samples", self.eval_samples, minimum=2)
         for name in ("align_steps", "eval_steps"):
@@ -236,6 +263,8 @@ class ToyConfig:
             check_real(name, getattr(self, name), minimum=0.0)
         if self.grad_clip is not None:
             check_real("grad_clip", self.grad_clip, minimum=0.0, strict=True)
+        if self.align_batch is not None:
+            check_positive_int("align_batch", self.align_batch, minimum=2)
         if not check_real("equal_fraction", self.equal_fraction, minimum=0.0) < 1.0:
             raise ValueError(f"equal_fraction must lie in [0, 1), got {self.equal_fraction}")
         if not check_real("grid_fraction", self.grid_fraction, minimum=0.0) <= 1.0:
@@ -329,13 +358,14 @@ class _GridPairs:
 class _PhaseWeight:
     """MeanFlow's adaptive weight with its own power on the discrete and differential targets."""
 
-    def __init__(self, target: Any, discrete: AdaptiveWeight, differential: AdaptiveWeight) -> None:
+    def __init__(
+        self, target: Target, discrete: AdaptiveWeight, differential: AdaptiveWeight
+    ) -> None:
         self.target, self.discrete, self.differential = target, discrete, differential
 
     def __call__(self, sq_err: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        phase = getattr(self.target, "phase", None)
-        is_discrete = getattr(self.target, "discrete", False) or phase == "discrete"
-        return (self.discrete if is_discrete else self.differential)(sq_err, r, t)
+        weight = self.discrete if self.target.phase == "discrete" else self.differential
+        return weight(sq_err, r, t)
 
 
 def _critic(cfg: ToyConfig, dim: int) -> Any:
@@ -376,12 +406,13 @@ class _History:
             self.rows.append({"step": step, **values})
 
 
-def _progress(cfg: ToyConfig):
+def _progress(cfg: ToyConfig, done: int):
     if not cfg.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, desc=cfg.name or cfg.preset, leave=False, mininterval=0.5)
+    name = cfg.name or cfg.preset
+    return tqdm(total=cfg.steps, initial=done, desc=name, leave=False, mininterval=0.5)
 
 
 # --------------------------------------------------------------------------- training
@@ -420,19 +451,21 @@ def _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen, rollback
     loss, metrics = mf_loss(student, x, teacher=teacher, step=step, generator=gen)
     values = {"mf_loss": float(loss.detach()), "phase": float(metrics.get("warmup_phase", -1.0))}
     values |= {k: float(v) for k, v in metrics.items() if k.startswith(_LOGGED)}
-    phase = getattr(mf_loss.target, "phase", "discrete" if cfg.target == "discrete" else "-")
-    if cfg.deriv_weight > 0 and phase == "discrete":
+    if cfg.deriv_weight > 0 and mf_loss.target.phase == "discrete":
         d_loss = _derivative_step(cfg, student, teacher, mf_loss, gen)
         loss = loss + cfg.deriv_weight * d_loss
         values["deriv_loss"] = float(d_loss.detach())
     if aligns and step >= cfg.align_start:
+        aligned = step >= cfg.align_start + cfg.critic_lead
         for align in aligns:
-            noise = torch.randn(cfg.batch, x.shape[1], generator=gen)
-            critic_loss, _ = align.critic_step(student, noise, generator=gen)
+            noise = torch.randn(cfg.align_batch or cfg.batch, x.shape[1], generator=gen)
+            # one run of the student serves the critic's update and the student's loss
+            traj = align.trajectory(student, noise, grad=aligned)
+            critic_loss, _ = align.critic_step(student, noise, generator=gen, trajectory=traj)
             values[f"critic_{align.steps}"] = float(critic_loss)
-            if step >= cfg.align_start + cfg.critic_lead:
+            if aligned:
                 a_loss, a_metrics = align.student_loss(
-                    student, noise, teacher=teacher, generator=gen
+                    student, noise, teacher=teacher, generator=gen, trajectory=traj
                 )
                 loss = loss + cfg.align_weight * a_loss / len(aligns)
                 g_rms = a_metrics.get("align_g_rms", a_loss.detach())
@@ -470,55 +503,149 @@ def _safe_probe(probe, student) -> dict[str, float] | None:
     return errors if all(math.isfinite(v) for v in errors.values()) else None
 
 
-def _train(cfg, gmm, student, teacher, gen, probe) -> dict[str, Any]:
-    mf_loss = _mean_flow_loss(cfg)
-    aligns = _alignments(cfg, gmm.dim)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    history = _History(every=max(1, cfg.steps // 500))
-    probes: list[dict[str, Any]] = []
-    bar = _progress(cfg)
-    rollback = SwitchRollback(opt) if cfg.rollback else None
-    at_switch = None
-    collapse, step, start = None, 0, time.perf_counter()
+class _Job:
+    """What a checkpoint holds besides the config and the student: the optimiser, the losses'
+    states (warm-up switch, critics), the rollback, the random generators, the logs and the
+    step to run next."""
+
+    def __init__(self, cfg: ToyConfig, dim: int, student: torch.nn.Module) -> None:
+        self.mf_loss = _mean_flow_loss(cfg)
+        self.aligns = _alignments(cfg, dim)
+        self.opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+        self.rollback = SwitchRollback(self.opt) if cfg.rollback else None
+        self.history = _History(every=max(1, cfg.steps // 500))
+        self.probes: list[dict[str, Any]] = []
+        self.at_switch: dict[str, Any] | None = None
+        self.step, self.wall = 0, 0.0
+
+    def state_dict(self, cfg: ToyConfig, student, teacher, gen, wall: float) -> dict:
+        return {
+            "config": dataclasses.asdict(cfg),
+            "step": self.step,
+            "wall_s": wall,
+            "student": student.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "loss": self.mf_loss.state_dict(),
+            "alignments": [align.state_dict() for align in self.aligns],
+            "rollback": None if self.rollback is None else self.rollback.state_dict(),
+            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
+            "teacher_points": teacher.points,
+            "history": self.history.rows,
+            "probes": self.probes,
+            "at_switch": self.at_switch,
+        }
+
+    def load_state_dict(self, state: dict, student, teacher, gen: torch.Generator) -> None:
+        student.load_state_dict(state["student"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.mf_loss.load_state_dict(state["loss"])
+        for align, saved in zip(self.aligns, state["alignments"], strict=True):
+            align.load_state_dict(saved)
+        if self.rollback is not None:
+            self.rollback.load_state_dict(state["rollback"])
+        gen.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        teacher.points = state["teacher_points"]
+        self.history.rows, self.probes = state["history"], state["probes"]
+        self.at_switch, self.step, self.wall = state["at_switch"], state["step"], state["wall_s"]
+
+
+#: Settings a run may change when it resumes (they do not touch the training).
+_RESUMABLE = ("progress", "figures", "save_every", "resume")
+
+
+def _run_dir(cfg: ToyConfig) -> Path | None:
+    return None if cfg.out_dir is None else Path(cfg.out_dir) / (cfg.name or cfg.preset)
+
+
+def read_checkpoint(cfg: ToyConfig) -> dict[str, Any]:
+    """The checkpoint a ``resume`` run continues from; raises ``FileNotFoundError`` when the
+    run folder has none and ``ValueError`` when it was written with other settings."""
+    from mfcore.adapters._state import load_state  # safetensors: a toys dependency
+
+    run_dir = _run_dir(cfg)
+    if run_dir is None or not (run_dir / "checkpoint" / "state.json").is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {run_dir}/checkpoint")
+    state = load_state(run_dir / "checkpoint" / "state")
+    now = dataclasses.asdict(cfg)
+    changed = [k for k in now if k not in _RESUMABLE and state["config"].get(k) != now[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"resume: {run_dir}/checkpoint has other settings ({diffs})")
+    return state
+
+
+def _save_checkpoint(run_dir: Path, state: dict) -> None:
+    """Write ``<run_dir>/checkpoint/`` (replaced whole: a kill leaves the old one or the new)."""
+    from mfcore.adapters._state import save_state
+
+    final, tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_state(state, tmp / "state")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _train(cfg, gmm, student, teacher, gen, probe, job: _Job) -> dict[str, Any]:
+    bar = _progress(cfg, job.step)
+    run_dir = _run_dir(cfg)
+    collapse, start = None, time.perf_counter()
     eval_seed = cfg.seed + 10_000
+
+    def save() -> None:
+        wall = job.wall + time.perf_counter() - start
+        _save_checkpoint(run_dir, job.state_dict(cfg, student, teacher, gen, wall))
+
+    def saved(step: int) -> bool:
+        return bool(cfg.save_every) and step % cfg.save_every == 0
+
     try:
-        for step in range(cfg.steps):
+        for step in range(job.step, cfg.steps):
             if step == cfg.warmup_steps:
-                at_switch = {"step": step, **_quick_eval(cfg, student, gmm, probe, eval_seed)}
+                job.at_switch = {"step": step, **_quick_eval(cfg, student, gmm, probe, eval_seed)}
             if step % cfg.probe_every == 0:
-                probes.append({"step": step, **probe(student)})
-            values = _train_step(cfg, step, student, teacher, opt, mf_loss, aligns, gen, rollback)
-            history.add(step, values)
+                job.probes.append({"step": step, **probe(student)})
+            values = _train_step(
+                cfg, step, student, teacher, job.opt, job.mf_loss, job.aligns, gen, job.rollback
+            )
+            job.history.add(step, values)
+            job.step = step + 1
+            if run_dir is not None and saved(job.step):
+                save()
             if bar is not None:
                 bar.update(1)
                 if step % 50 == 0:
                     bar.set_postfix(loss=f"{values['mf_loss']:.3g}")
     except FloatingPointError as err:  # a non-finite loss: the run collapsed
-        collapse = f"step {step}: {err}"
+        collapse = f"step {job.step}: {err}"
         logger.warning("training collapsed at %s", collapse)
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - start
-    target = mf_loss.target
+    if run_dir is not None and collapse is None and not saved(job.step):
+        save()  # the end of the run
+    job.wall += time.perf_counter() - start
+    target = job.mf_loss.target
     events = getattr(target, "events", [])
     signals = getattr(target, "signals", None)
+    done = max(job.step, 1)
     return {
         "collapsed": collapse is not None,
         "collapse": collapse,
-        "steps_done": step + (collapse is None),
+        "steps_done": job.step,
         "switch_step": getattr(target, "switched_at", None)
         or next((s for s, k in events if k == "switch"), None),
         "events": [[s, k] for s, k in events],
         "last_signals": None if signals is None else signals.metrics(),
-        "align_start": cfg.align_start + cfg.critic_lead if aligns else None,
-        "wall_s": wall,
-        "ms_per_step": 1e3 * wall / max(step + 1, 1),
+        "align_start": cfg.align_start + cfg.critic_lead if job.aligns else None,
+        "wall_s": job.wall,
+        "ms_per_step": 1e3 * job.wall / done,
         "teacher_points": teacher.points,
-        "teacher_nfe_per_sample": teacher.points / max(cfg.batch * (step + 1), 1),
-        "at_switch": at_switch,
-        "probes": probes,
-        "history": history.rows,
+        "teacher_nfe_per_sample": teacher.points / (cfg.batch * done),
+        "at_switch": job.at_switch,
+        "probes": job.probes,
+        "history": job.history.rows,
     }
 
 
@@ -623,7 +750,10 @@ def run(
     probe = AverageVelocityProbe(teacher, seed=cfg.seed)
     field = _CountingField(teacher_net if cfg.teacher == "net" else teacher)
     field.sample = teacher.sample  # type: ignore[attr-defined]  (data comes from the mixture)
-    training = _train(cfg, teacher, student, field, gen, probe)
+    job = _Job(cfg, teacher.dim, student)
+    if cfg.resume:
+        job.load_state_dict(read_checkpoint(cfg), student, field, gen)
+    training = _train(cfg, teacher, student, field, gen, probe, job)
     results = _evaluate(cfg, teacher, student, torch.Generator().manual_seed(cfg.seed + 10_000))
     samples = results.pop("_samples")
     results["probe"] = _safe_probe(probe, student)
@@ -633,7 +763,7 @@ def run(
         "teacher_net": net_report,
         "training": training,
     }
-    results["run_dir"] = _write(cfg, results, samples, teacher)
+    results["run_dir"] = _write(cfg, results, samples, teacher, student)
     return results
 
 
@@ -663,11 +793,17 @@ def _student(cfg: ToyConfig, gmm: GaussianMixture, teacher_net: VelocityMLP | No
     )
 
 
-def _write(cfg: ToyConfig, results: dict, samples: dict, teacher: GaussianMixture) -> str | None:
-    if cfg.out_dir is None:
+def _write(
+    cfg: ToyConfig, results: dict, samples: dict, teacher: GaussianMixture, student
+) -> str | None:
+    run_dir = _run_dir(cfg)
+    if run_dir is None:
         return None
-    run_dir = Path(cfg.out_dir) / (cfg.name or cfg.preset)
+    from safetensors.torch import save_file
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
+    save_file(weights, str(run_dir / "student.safetensors"))
     (run_dir / "metrics.json").write_text(json.dumps(results | {"run_dir": str(run_dir)}, indent=1))
     if cfg.figures and teacher.dim == 2:
         from . import plots
@@ -719,8 +855,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--align-weight", type=float, default=d.align_weight)
     p.add_argument("--align-start", type=int, default=d.align_start)
     p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=d.save_every,
+        help="steps between checkpoints (0: only at the end)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in <out>/<name> from its checkpoint (same settings)",
+    )
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the toy's tensors are too small to gain "
+        "from more, and a busy machine makes each op wait for the slowest thread)",
+    )
     return p
 
 
@@ -744,10 +898,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         eval_samples=args.eval_samples,
         figures=not args.no_figures,
         progress=not args.quiet,
+        save_every=args.save_every,
+        resume=args.resume,
     )
     try:
         cfg.validate()
-    except (TypeError, ValueError) as err:
+        torch.set_num_threads(check_positive_int("threads", args.threads))
+        if cfg.resume:
+            read_checkpoint(cfg)
+    except (TypeError, ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     results = run(cfg)
     print(summary_table(results))
