@@ -97,6 +97,7 @@ __all__ = [
     "DistillConfig",
     "AlignmentHook",
     "resolve_family",
+    "build_run",
     "distill",
     "latest_checkpoint",
     "build_parser",
@@ -348,11 +349,19 @@ def resolve_family(cfg: DistillConfig, transformer: nn.Module | None = None) -> 
     return detect_family(cfg.model) if cfg.model is not None else "flux"
 
 
-def _setup(
+def build_run(
     cfg: DistillConfig,
-    alignment: AlignmentHook | None,
-    transformer: nn.Module | None,
+    *,
+    alignment: AlignmentHook | None = None,
+    transformer: nn.Module | None = None,
 ) -> Run:
+    """Everything :func:`distill` trains, built but not trained (no checkpoint is read):
+    model, adapters, sharding, optimisers, EMA, data. For benchmarks and tests of a step
+    (``train_step(run)``); ``cfg.family`` must be resolved (:func:`resolve_family`).
+
+    Raises:
+        ValueError: for a setting the data, the model or the world size cannot run.
+    """
     family: TrainingFamily = get_family(cfg.family)  # type: ignore[assignment]
     data = LatentDataset(cfg.data, family)
     dtype = _DTYPES[cfg.weights_dtype]
@@ -674,7 +683,7 @@ def distill(
         transformer: an already built transformer to use instead of ``cfg.model``.
     """
     cfg = dataclasses.replace(cfg, family=resolve_family(cfg, transformer))
-    run = _setup(cfg, alignment, transformer)
+    run = build_run(cfg, alignment=alignment, transformer=transformer)
     main = run.world.main
     if cfg.resume:
         path = latest_checkpoint(cfg.output)

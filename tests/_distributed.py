@@ -118,7 +118,7 @@ def trained(module: torch.nn.Module, grads: bool = False) -> dict[str, torch.Ten
 
 def setup(cfg: DistillConfig):
     """The entry point's run, as ``distill`` builds it (no checkpoint, no loop)."""
-    return distill_module._setup(dataclasses.replace(cfg, family=resolve_family(cfg)), None, None)
+    return distill_module.build_run(dataclasses.replace(cfg, family=resolve_family(cfg)))
 
 
 def one_step(cfg: DistillConfig) -> dict[str, torch.Tensor]:

@@ -9,6 +9,9 @@ exported LoRA loads with diffusers and equals the one-process result; FSDP2's tr
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,3 +185,35 @@ def test_killed_run_resumes_bit_identically_and_its_lora_loads_with_diffusers(tm
     assert out > 0 or lora == 0
     base = rel(_lora_output(exported[0], x, cond, t), run.teacher(x, t, **cond))
     assert base > 1e-4  # the LoRA changes the model: the comparison is not of two bases
+
+
+def _torchrun(nproc: int, *argv: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={nproc}", "-m", "mfcore.adapters.distill", *argv]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_torchrun_runs_the_command_line(tmp_path):
+    folder = D.make_data(tmp_path, "hunyuanimage2")
+    out = tmp_path / "run"
+    argv = ["train", "--tiny", "--family", "hunyuanimage2", "--data", folder, "--output",
+            str(out), "--device", "cpu", "--weights-dtype", "fp32", "--lora-rank", "2",
+            "--batch-size", "2", "--no-progress", "--no-tensorboard", "--preview-every", "1",
+            "--checkpoint-every", "2", "--align", "fake", "--critic-rank", "2"]  # fmt: skip
+    done = _torchrun(2, *argv, "--steps", "2", "--parallel", "fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2]  # logged once, by rank 0
+    ckpt = D.distill_module.latest_checkpoint(out)
+    assert {"dcp", "rank-00000.json", "rank-00001.json", "config.json"} <= set(os.listdir(ckpt))
+    assert sorted(os.listdir(out / "previews")) == [
+        f"step-000000{s}-{k}step.png" for s in (1, 2) for k in (1, 2)
+    ]
+    assert (out / "student" / "pytorch_lora_weights.safetensors").is_file()
+    # another world size, or one process, is refused by name
+    done = _torchrun(1, *argv, "--steps", "3", "--parallel", "fsdp", "--resume")
+    assert done.returncode != 0 and "written by 2 processes" in done.stderr
+    with pytest.raises(SystemExit) as exc:
+        D.distill_module.main([*argv, "--steps", "3", "--resume"])
+    assert exc.value.code == 2
