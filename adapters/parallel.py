@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -227,6 +228,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, BaseTunerLayer):  # a LoRA layer's own dicts are not blocks
+            inside.append(f"{name}.")
             continue
         items = []
         if isinstance(module, nn.ModuleList | nn.ModuleDict):
