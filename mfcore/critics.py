@@ -682,14 +682,7 @@ class AlignmentLoss:
         """One update's loss of the critic's network on the student's (detached) trajectory
         from ``noise``, with the network's graph: :meth:`critic_step` without the optimiser
         step, for a trainer that accumulates the gradient over micro-batches or processes
-        and steps ``critic.optimizer`` itself.
-
-        Args:
-            student: ``u(z, r, t, **cond)``.
-            noise: starting states ``(B, ...)`` at ``t = 1``.
-            cond: conditioning for student and critic.
-            generator: random generator (or :class:`~mfcore.draws.BatchRows`) for the
-                re-noising.
+        and steps ``critic.optimizer`` itself. Arguments as :meth:`critic_step`.
 
         Returns:
             the mean over segments of the critic's flow-matching loss (0-dim).
@@ -697,13 +690,18 @@ class AlignmentLoss:
         Raises:
             ValueError: for a critic without a network.
         """
-        _check_callable("student", student)
-        check_tensor("noise", noise, ndim_min=1)
-        cond = _check_cond(cond)
+        cond = self._checked(student, noise, cond)
         if not self.critic.has_network:
             raise ValueError(f"{type(self.critic).__name__} has no network to train")
         traj = self._trajectory(student, noise, cond, grad=False)
         return self._critic_loss(traj, noise, cond, generator)
+
+    @staticmethod
+    def _checked(student: Any, noise: Any, cond: Any) -> dict[str, Any]:
+        """Validate a critic call's student and noise; the conditioning as a dict."""
+        _check_callable("student", student)
+        check_tensor("noise", noise, ndim_min=1)
+        return _check_cond(cond)
 
     def critic_step(
         self,
@@ -726,9 +724,7 @@ class AlignmentLoss:
             ``(loss, metrics)``: the last update's loss (detached) and ``critic_fm`` /
             ``critic_updates``; ``(0, {})`` for a critic without a network.
         """
-        _check_callable("student", student)
-        check_tensor("noise", noise, ndim_min=1)
-        cond = _check_cond(cond)
+        cond = self._checked(student, noise, cond)
         if not self.critic.has_network:
             return noise.new_zeros(()), {}
         traj = self._trajectory(student, noise, cond, grad=False)
