@@ -20,19 +20,16 @@ Usage: ``python benchmarks/fsdp_overhead.py [--reps 5] [--tiny]``.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import gc
-import json
 import os
 import platform
 import socket
-import statistics
 import tempfile
-import time
 
+import _report  # benchmarks/ is on sys.path as the script's dir
 import torch
 import torch.distributed as dist
-from _report import provenance, update_section  # benchmarks/ is on sys.path as the script's dir
 from diffusers import FluxTransformer2DModel
 
 from mfcore.adapters.data import make_synthetic_data
@@ -50,11 +47,6 @@ def _data(folder: str, tiny: bool) -> None:
     make_synthetic_data(folder, family="flux", num_files=1, per_file=2, **sizes, **dims)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _measure(mode: str, folder: str, device: torch.device, tiny: bool, reps: int) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
@@ -68,35 +60,18 @@ def _measure(mode: str, folder: str, device: torch.device, tiny: bool, reps: int
         device=device.type, parallel=mode, preview_every=0, tensorboard=False, progress=False,
     )  # fmt: skip
     run = build_run(cfg, transformer=transformer)
-    train_step(run)  # warm-up: allocations, the switch's copy, lazy FSDP initialisation
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        train_step(run)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    row = {"mode": mode, **_report.time_and_peak(functools.partial(train_step, run), device, reps)}
     del run, transformer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"mode": mode, "median_ms": 1e3 * statistics.median(times), "peak_gib": peak,
-            "reps": reps}  # fmt: skip
+    return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--tiny", action="store_true", help="the tiny FLUX even on CUDA")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tiny = args.tiny or device.type != "cuda"
+    args, device, tiny = _report.gpu_args(__doc__, reps=5)
     if device.type == "cuda":
         torch.cuda.set_device(0)
-        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails at this shape (notes)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -115,14 +90,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     config = "tiny FLUX" if tiny else "FLUX slice: 2 double + 4 single blocks, full width"
     result = {"device": name, "torch": torch.__version__, "config": config, "rows": rows}
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(
-        os.path.dirname(__file__),
-        "results",
-        f"fsdp_overhead-{device.type}{'-tiny' if tiny else ''}.json",
-    )
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    path = _report.write_result("fsdp_overhead", device.type, tiny, result)
     lines = [
         f"| seed-method step ({config}) | time (ms) | x plain | peak (GiB) |",
         "|---|---|---|---|",
@@ -136,8 +104,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if device.type == "cuda" and not tiny:  # a CPU smoke run never overwrites GPU numbers
-        update_section("fsdp_overhead", "FSDP2 at world size 1 (`benchmarks/fsdp_overhead.py`)",
-                       provenance(name) + f" Median of {args.reps} steps.\n\n" + table)  # fmt: skip
+        title = "FSDP2 at world size 1 (`benchmarks/fsdp_overhead.py`)"
+        head = _report.provenance(name) + f" Median of {args.reps} steps."
+        _report.update_section("fsdp_overhead", title, head + "\n\n" + table)
     print(f"\nwrote {path}")
 
 
