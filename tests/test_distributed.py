@@ -94,11 +94,10 @@ def test_bf16_policy_is_close_to_one_process(tmp_path):
     bf16 = D.config(tmp_path, "flux", "bf", parallel="fsdp", weights_dtype="bf16")
     D.spawn(D.one_step_worker, tmp_path, [(bf16, "bf16")])
     got = load_file(tmp_path / "bf16.safetensors")
-    loss, grad = rel(got["loss"], ref["loss"]), worst(got, ref, "grad/")
-    print("bf16", loss, grad)
+    loss, grad = rel(got["loss"], ref["loss"]), vector_rel(got, ref, "grad/")
+    print("bf16", loss, grad, worst(got, ref, "grad/"))
     # bf16 compute of the fp32 LoRA (FSDP2's param_dtype) against fp32 LoRA on a bf16 base
-    assert loss < 2e-2 and grad < 1e-1
-    assert rel(got["loss"], ref["loss"]) > 0  # the policy did cast: not the fp32 result
+    assert 0 < loss < 1e-3 and grad < 1e-2  # (0: the policy did cast, not the fp32 result)
 
 
 def test_fsdp2_traps(tmp_path):
