@@ -27,10 +27,16 @@ Commands::
     mfcore-distill train --model PATH --data DATA --output RUN
     mfcore-distill train --tiny --family hunyuanimage2 --data DATA --output RUN --device cpu
     mfcore-distill make-data DIR --family flux
+    torchrun --nproc-per-node 8 -m mfcore.adapters.distill train --model PATH ... --parallel fsdp
+
+Under ``torchrun`` every rank computes its share of each global batch (``--batch-size``) in
+micro-batches, with FSDP2 or DDP (``--parallel``), and the step equals the one-process step
+on the same global batch (:mod:`mfcore.adapters.step`; docs/distributed.md).
 
 A run writes ``checkpoints/step-XXXXXXX/`` every ``--checkpoint-every`` steps (student
-trainable state, EMA, optimiser, warm-up state, RNG states, step; ``--resume`` continues
-from the newest exactly), ``metrics.jsonl`` (and TensorBoard events when installed),
+trainable state, EMA, optimiser, warm-up state, RNG states, step; through
+``torch.distributed.checkpoint`` under torchrun; ``--resume`` continues from the newest
+exactly), ``metrics.jsonl`` (and TensorBoard events when installed),
 1- and 2-step ``previews/``, and the final student in ``student/`` (the EMA weights by
 default; its LoRA loads with the family's diffusers loader).
 

@@ -47,7 +47,7 @@ def worst(got: dict, ref: dict, prefix: str) -> float:
     return max(rel(got[k], ref[k]) for k in _keys(got, ref, prefix))
 
 
-@pytest.mark.parametrize("family", ["flux", "hunyuanimage2"])
+@pytest.mark.parametrize("family", ["flux", "hunyuanimage2", "hunyuanimage3"])
 def test_one_step_under_fsdp2_and_ddp_equals_one_process(tmp_path, family):
     """Global batch 4. FSDP2: 2 ranks accumulating 2 micro-batches of 1; DDP: 2 rows per rank.
 
@@ -78,7 +78,8 @@ def test_one_step_under_fsdp2_and_ddp_equals_one_process(tmp_path, family):
                 "after_tensor": worst(got, ref, "after/"),
             }
     print(family, json.dumps(report))
-    assert whole["grad/interval.mlp.linear_2.weight"].abs().sum() > 0  # the interval trains
+    interval = [v for k, v in whole.items() if k.startswith("grad/interval.")]
+    assert interval and sum(float(g.abs().sum()) for g in interval) > 0  # it trains too
     for tag, r in report.items():
         assert r["loss"] < 1e-6, (tag, r)  # a logged mean of fp32 per-sample losses
         if tag.endswith("fp32"):  # the reduction order differs: fp32 rounding, summed
