@@ -153,8 +153,7 @@ def _template(state: Stateful, meta: dict) -> dict[str, Tensor]:
         if meta["groups"].get(name) is not None:
             get_optimizer_state_dict(state.model, opt)  # gives a fresh optimiser its state
     flat, _ = _tensors(state, None)
-    if meta.get("rollback") is not None:
-        assert state.rollback is not None
+    if state.rollback is not None and meta.get("rollback") is not None:
         opt = state.rollback.optimizer
         copy = {
             "params": [p.detach().clone() for p in _rollback_params(state.rollback)],
@@ -204,7 +203,9 @@ def load(folder: str | os.PathLike, state: Stateful, world: World) -> dict:
         names = state.names()
         shadow = [flat[f"ema/{names[id(p)]}"] for p in state.ema.params]
         state.ema.load_state_dict({"shadow": shadow, **meta["ema"]})
-    if state.rollback is not None:
+    elif state.ema is not None:  # a run saved without an EMA: start it from the weights
+        state.ema.reset()
+    if state.rollback is not None:  # (without a copy it waits for the next switch)
         state.rollback.load_state_dict({"saved": _rollback_copy(state, flat, meta)})
     return own["own"]
 
@@ -216,9 +217,8 @@ def _prefixed(flat: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def _rollback_copy(state: Stateful, flat: dict[str, Tensor], meta: dict) -> dict | None:
     """The rollback's ``saved`` rebuilt from loaded tensors (None if none was saved)."""
-    if meta.get("rollback") is None:
+    if meta.get("rollback") is None or state.rollback is None:
         return None
-    assert state.rollback is not None
     names = state.names()
     params = [names[id(p)] for p in _rollback_params(state.rollback)]
     by_name = _nest(flat, "rollback/optim")

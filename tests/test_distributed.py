@@ -143,9 +143,10 @@ def _lora_output(folder, x, cond, t):
         return family.velocity(plain, x, t, call.inputs)
 
 
-def test_killed_run_resumes_bit_identically_and_its_lora_loads_with_diffusers(tmp_path):
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_killed_run_resumes_bit_identically_and_its_lora_loads_with_diffusers(tmp_path, mode):
     D.make_data(tmp_path, "flux")
-    cfg = D.config(tmp_path, "flux", "unused", parallel="fsdp", steps=4, checkpoint_every=2,
+    cfg = D.config(tmp_path, "flux", "unused", parallel=mode, steps=4, checkpoint_every=2,
                    micro_batch_size=1)  # fmt: skip
     D.spawn(D.resume_worker, tmp_path, cfg)
     got = load_file(tmp_path / "resume.safetensors")

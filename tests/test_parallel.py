@@ -100,3 +100,13 @@ def test_the_adapters_switch_lora_with_our_switch_only():
     for path in ADAPTERS.glob("*.py"):
         text = path.read_text()
         assert ".disable_adapters(" not in text and ".enable_adapters(" not in text, path
+
+
+def test_an_alignment_hook_of_ones_own_runs_whole_batches_in_one_process(tmp_path):
+    from mfcore.adapters.distill import DistillConfig, build_run
+
+    cfg = DistillConfig(data=str(data(tmp_path, "flux")), output=str(tmp_path / "o"), tiny=True,
+                        family="flux", batch_size=2, micro_batch_size=1, device="cpu",
+                        weights_dtype="fp32", lora_rank=2, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="alignment hook of your own"):
+        build_run(cfg, alignment=object())
