@@ -83,6 +83,7 @@ from mfcore.adapters.parallel import (
     join,
     leave,
     mixed_precision,
+    release_gathered,
     shard,
     wrap,
 )
@@ -664,6 +665,7 @@ def _preview(run: Run, log: RunLog | None) -> None:
             if log is not None:
                 images = latents_to_images(z) if run.vae is None else decode_latents(run.vae, z)
                 log.images(run.step, f"{steps}step", images)
+        release_gathered(run.student.transformer)  # gathered with the EMA's weights
 
 
 # the step the loop runs (a test replaces it to kill a run mid-way)

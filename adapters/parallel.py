@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from mfcore.adapters.student import MeanFlowStudent
@@ -59,6 +59,7 @@ __all__ = [
     "transformer_blocks",
     "mixed_precision",
     "shard",
+    "release_gathered",
     "Objective",
     "wrap",
     "gradient_sync",
@@ -274,6 +275,19 @@ def shard(student: MeanFlowStudent, policy: MixedPrecisionPolicy) -> None:
         full_state_dict=True, broadcast_from_rank0=True, ignore_frozen_params=True, strict=False
     )
     set_model_state_dict(tr, trained, options=options)
+
+
+def release_gathered(model: nn.Module) -> None:
+    """Drop FSDP2's gathered copy of the root unit's parameters (a no-op without FSDP2).
+
+    The root unit stays gathered from a forward until its backward; a forward without a
+    backward (the teacher's, the samplers', a step the guard rolls back) leaves it gathered,
+    and a change to the sharded parameters made meanwhile (the rollback, the EMA swapped in
+    for previews and out again) would not reach the next call. Each step and each preview
+    ends with this, so the next call gathers what the shards hold.
+    """
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 class Objective(nn.Module):

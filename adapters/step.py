@@ -35,7 +35,7 @@ from mfcore.adapters.alignment import Alignment
 from mfcore.adapters.data import LatentDataset
 from mfcore.adapters.ema import EMA
 from mfcore.adapters.family import TrainingFamily
-from mfcore.adapters.parallel import Split, World, gradient_sync
+from mfcore.adapters.parallel import Split, World, gradient_sync, release_gathered
 from mfcore.adapters.student import MeanFlowStudent
 from mfcore.draws import BatchRows
 from mfcore.losses import MeanFlowLoss
@@ -249,6 +249,7 @@ def train_step(run: Run) -> dict[str, float | str]:
         run.optimizer.step()
         if run.ema is not None:
             run.ema.update()
+    release_gathered(run.student.transformer)  # the next call sees the rollback's weights
     run.step += 1
     out: dict[str, float | str] = dict(means.result(run.world))
     if rolled_back:

@@ -25,6 +25,9 @@ from mfcore.adapters.data import make_synthetic_data
 from mfcore.adapters.distill import DistillConfig, resolve_family
 from mfcore.adapters.lora import lora_disabled
 from mfcore.adapters.parallel import INTERVAL_MODULE
+from mfcore.targets import DifferentialTarget
+
+_honest_target = DifferentialTarget._target
 
 WORLD = 2
 
@@ -234,3 +237,21 @@ def resume_worker(rank: int, folder: str, cfg: DistillConfig) -> None:
         save_file(
             {k: v.contiguous() for k, v in out.items()}, os.path.join(folder, "resume.safetensors")
         )
+
+
+def _faulty(self, *args):
+    """The differential target pushed far from the flow (the guard must revert)."""
+    return _honest_target(self, *args) + 50.0
+
+
+def run_worker(rank: int, folder: str, cfg: DistillConfig, fault: bool) -> None:
+    """A whole run (with the differential target made faulty after the switch when
+    ``fault``); rank 0 writes its trained weights to ``<output>.safetensors``."""
+    if fault:
+        DifferentialTarget._target = _faulty
+    try:
+        out = trained(distill_module.distill(cfg))
+    finally:
+        DifferentialTarget._target = _honest_target
+    if rank == 0:
+        save_file(out, cfg.output + ".safetensors")

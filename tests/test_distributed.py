@@ -218,3 +218,33 @@ def test_torchrun_runs_the_command_line(tmp_path):
     with pytest.raises(SystemExit) as exc:
         D.distill_module.main([*argv, "--steps", "3", "--resume"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_a_revert_and_previews_run_as_in_one_process(tmp_path, mode):
+    """The guard reverts (rolling back the weights) and EMA previews run between steps: a
+    2-rank run takes the same decisions and ends with the one-process weights."""
+    D.make_data(tmp_path, "flux")
+    common = dict(steps=8, warmup_steps=2, signal_every=2, guard_patience=1, checkpoint_every=8,
+                  preview_every=1, micro_batch_size=1)  # fmt: skip
+    cfg = D.config(tmp_path, "flux", mode, parallel=mode, **common)
+    D.spawn(D.run_worker, tmp_path, cfg, True)
+    D.run_worker(0, str(tmp_path), D.config(tmp_path, "flux", "one", **common), True)
+    rows = {}
+    for name in (mode, "one"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [json.loads(line) for line in lines]
+    events = {
+        name: [(r["step"], k) for r in rs for k in ("warmup_switched", "warmup_reverted") if k in r]
+        for name, rs in rows.items()
+    }
+    assert events[mode] == events["one"] and len(events["one"]) == 2, events
+    assert any(r.get("rolled_back") for r in rows[mode])
+    # every step's losses (the critic's from the student's trajectory first) agree
+    for key in ("critic_fm", "loss"):
+        values = [torch.tensor([r[key] for r in rows[n]], dtype=torch.float64) for n in rows]
+        print(mode, key, rel(values[0], values[1]))
+        assert rel(values[0], values[1]) < 1e-5, key
+    got, ref = (load_file(tmp_path / f"{n}.safetensors") for n in (mode, "one"))
+    print(mode, vector_rel(got, ref, ""))
+    assert vector_rel(got, ref, "") < 1e-5
