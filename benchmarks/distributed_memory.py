@@ -178,20 +178,30 @@ def meta_sizes(family: str, build) -> dict[str, float]:
     }
 
 
+def _trained(sizes: dict, shard: int, on_gpu_copy: bool) -> dict[str, float]:
+    """GB per GPU of the trained state: the student's and the critic's fp32 weights, their
+    gradients and AdamW moments, the student's EMA and (under FSDP2) the rollback's copy."""
+    gb, both = 1e9, sizes["trained"] + sizes["critic"]
+    copy = 16 if on_gpu_copy else 0  # weight, two moments, EMA (host memory in one process)
+    return {
+        "weights": 4 * both / shard / gb,
+        "gradients": 4 * both / shard / gb,
+        "AdamW": 8 * both / shard / gb,
+        "EMA + rollback": (4 + copy) * sizes["trained"] / shard / gb,
+    }
+
+
 def estimate(sizes: dict, acts: dict, shape: dict, world: int) -> dict[str, float]:
     """GB per GPU at ``world`` ranks (1: the plain run; more: FSDP2)."""
     gb, shard = 1e9, world if world > 1 else 1
     tokens, width = shape["image"] + shape["text"], shape["width"]
     plane = tokens * width * 2  # one bf16 activation of the whole sequence
     kept = FORWARDS * (sizes["blocks"] + acts["outside"]) * plane
-    rollback = 16 if world > 1 else 0  # (host memory in one process)
+    gathered = 2 * (sizes["outside_blocks"] + 2 * sizes["largest_block"]) / gb
     out = {
         "base": 2 * sizes["base"] / shard / gb,
-        "gathered": 2 * (sizes["outside_blocks"] + 2 * sizes["largest_block"]) / gb
-        if world > 1
-        else 0.0,
-        "student": (20 + rollback) * sizes["trained"] / shard / gb,
-        "critic": 16 * sizes["critic"] / shard / gb,
+        "gathered": gathered if world > 1 else 0.0,
+        **_trained(sizes, shard, world > 1),
         "activations": (kept + acts["block"] * plane) / gb,
     }
     out["total"] = sum(out.values())
@@ -211,8 +221,7 @@ def expert_parallel(sizes: dict, acts: dict, shape: dict, world: int) -> dict[st
         "experts": 2 * sizes["experts"] / world / gb,
         "dense (sharded)": 2 * dense / world / gb,
         "gathered": 2 * (sizes["outside_blocks"] + 2 * per_layer_dense) / gb,
-        "student": 36 * sizes["trained"] / world / gb,
-        "critic": 16 * sizes["critic"] / world / gb,
+        **{f"trained: {k}": v for k, v in _trained(sizes, world, True).items()},
         "dispatch": 2 * 2 * tokens * 8 * width * 2 / gb,
         "activations": estimate(sizes, acts, shape, world)["activations"],
     }
@@ -245,11 +254,12 @@ def main() -> None:
 
 
 def _table(rows: list[dict], parallel: dict) -> str:
-    keys = ("base", "gathered", "student", "critic", "activations", "total")
+    keys = ("base", "gathered", "weights", "gradients", "AdamW", "EMA + rollback")
+    keys += ("activations", "total")
     lines = [
-        "| model | GPUs | base (bf16) | FSDP2 gathered | student state | critic | activations "
-        "| total (GB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | GPUs | base weights (bf16) | FSDP2 gathered | trained weights (fp32) "
+        "| gradients | AdamW | EMA + rollback | activations | total (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mode = "1 (one process)" if r["world"] == 1 else f"{r['world']} (FSDP2)"
