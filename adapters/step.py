@@ -161,7 +161,7 @@ def _critic_phase(run: Run, batches: list, parts: list[tuple[int, int]]) -> dict
             return hook.critic_step(run.student, run.teacher, x, cond, run.step)
     if run.step < hook.start:
         return {}
-    gen, total, means = hook.generator, run.split.total, _Means(run.device)
+    gen, total = hook.generator, run.split.total
     rows = [BatchRows(gen, a, b, total) for a, b in parts]
     start = gen.get_state()
     noises = []
@@ -234,13 +234,13 @@ def train_step(run: Run) -> dict[str, float | str]:
                 raise FloatingPointError(
                     f"the loss is not finite at step {run.step}: {float(loss)}"
                 )
-            if j == 0 and run.rollback is not None and run.rollback.observe(metrics):
-                rolled_back = True  # the guard reverted (on every rank): back to the switch
-            if rolled_back:
-                means.add(metrics, (b - a) / split.total)
-                break
-            _weighted(loss, split.weight(b - a)).backward()
+            # the guard reverted (on every rank): back to the switch, no update this step
+            rolled_back = j == 0 and run.rollback is not None and run.rollback.observe(metrics)
+            if not rolled_back:
+                _weighted(loss, split.weight(b - a)).backward()
         means.add(metrics, (b - a) / split.total)
+        if rolled_back:
+            break
         if j == 0 and len(parts) > 1:
             loss_fn = _following(run, metrics)
     if not rolled_back:
