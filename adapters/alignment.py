@@ -38,6 +38,7 @@ from mfcore._checks import check_choice, check_positive_int, check_real, check_t
 from mfcore.adapters.lora import LoraSpec, adapter_parameters, add_lora, lora_active
 from mfcore.adapters.student import SharedWeightsStudent, _velocity, check_cond_keys
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, MeanFlowCritic
+from mfcore.draws import BatchRows, draw_normal
 
 __all__ = ["CRITICS", "FakeVelocity", "Alignment"]
 
@@ -85,9 +86,16 @@ class FakeVelocity(nn.Module):
         self.lora_spec = spec
         self.guidance_scale = student.guidance_scale
         self.family = student.family
-        self.lora = nn.ParameterDict(
-            {n.replace(".", "/"): p for n, p in adapter_parameters(tr, adapter_name).items()}
-        )
+        self.track_parameters()
+
+    def track_parameters(self) -> None:
+        """Hold the adapter's parameters as the transformer holds them now.
+
+        FSDP2's ``fully_shard`` replaces a module's parameters with sharded ones: call this
+        after sharding, and build the fake's optimiser after it.
+        """
+        params = adapter_parameters(self._transformer, self.adapter_name)
+        self.lora = nn.ParameterDict({n.replace(".", "/"): p for n, p in params.items()})
 
     def active(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: the fake's adapter is the active one inside the block."""
@@ -170,8 +178,30 @@ class Alignment:
         device = next(iter(fake.parameters())).device
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
 
-    def _noise(self, x: Tensor) -> Tensor:
-        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+    def noise(self, x: Tensor, rows: BatchRows | None = None) -> Tensor:
+        """Starting noise shaped like ``x`` from the term's generator: ``rows`` of the global
+        batch's draw when given (a :class:`~mfcore.draws.BatchRows` on :attr:`generator`)."""
+        return draw_normal(x.shape, self._draws(rows), device=x.device, dtype=x.dtype)
+
+    def _draws(self, rows: BatchRows | None) -> torch.Generator | BatchRows:
+        if rows is None:
+            return self.generator
+        if rows.generator is not self.generator:
+            raise ValueError("rows must draw from the alignment term's own generator")
+        return rows
+
+    def critic_loss(
+        self, student: nn.Module, noise: Tensor, cond: dict, rows: BatchRows | None = None
+    ) -> Tensor:
+        """One critic update's loss on the student's trajectory from ``noise``, with the
+        fake's graph (for a trainer that accumulates it over micro-batches and steps
+        :attr:`optimizer` itself); ``rows`` as in :meth:`noise`."""
+        return self.loss.critic_loss(student, noise, cond=cond, generator=self._draws(rows))
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The fake's optimiser."""
+        return self.loss.critic.optimizer
 
     def critic_step(
         self, student: nn.Module, teacher: Any, x: Tensor, cond: dict, step: int
@@ -191,12 +221,18 @@ class Alignment:
         del teacher
         if step < self.start:
             return {}
-        noise = self._noise(x)
+        noise = self.noise(x)
         _, metrics = self.loss.critic_step(student, noise, cond=cond, generator=self.generator)
         return metrics
 
     def student_loss(
-        self, student: nn.Module, teacher: Any, x: Tensor, cond: dict, step: int
+        self,
+        student: nn.Module,
+        teacher: Any,
+        x: Tensor,
+        cond: dict,
+        step: int,
+        rows: BatchRows | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's alignment loss (with graph) on its trajectory from fresh noise.
 
@@ -206,15 +242,16 @@ class Alignment:
             x: the data batch ``(B, C, H, W)`` (its shape, device and dtype only).
             cond: conditioning of every model.
             step: the training step.
+            rows: which rows of the global batch ``x`` holds, drawing from :attr:`generator`
+                (a :class:`~mfcore.draws.BatchRows`); None: draw for ``x`` alone.
 
         Returns:
             ``(loss, metrics)``; a zero loss and no metrics before ``start + critic_lead``.
         """
         if step < self.start + self.critic_lead:
             return x.new_zeros(()), {}
-        noise = self._noise(x)
         return self.loss.student_loss(
-            student, noise, teacher=teacher, cond=cond, generator=self.generator
+            student, self.noise(x, rows), teacher=teacher, cond=cond, generator=self._draws(rows)
         )
 
     def state_dict(self) -> dict:

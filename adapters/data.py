@@ -113,14 +113,21 @@ class LatentDataset:
         return out
 
     def batch(
-        self, step: int, batch_size: int, seed: int, device: torch.device | str
+        self,
+        step: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str,
+        rows: slice | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(latents (B, C, H, W) float32, cond)`` for ``step`` on ``device`` (floating
-        condition tensors in float32, integer ones, such as token ids, unchanged)."""
-        samples = [
-            self._file(i) | {"_row": j}
-            for i, j in (self.index[k] for k in self.indices(step, batch_size, seed))
-        ]
+        condition tensors in float32, integer ones, such as token ids, unchanged).
+
+        ``rows`` picks part of the step's batch of ``batch_size`` (a rank's share of the global
+        batch, a micro-batch), so that ranks together read each step's batch once, as
+        ``DistributedSampler`` shards an epoch; default: all of it."""
+        picked = self.indices(step, batch_size, seed)[rows if rows is not None else slice(None)]
+        samples = [self._file(i) | {"_row": j} for i, j in (self.index[k] for k in picked)]
         keys = [k for k in samples[0] if k != "_row"]
         stacked = {k: torch.stack([s[k][s["_row"]] for s in samples]) for k in keys}
         out = {

@@ -27,10 +27,16 @@ Commands::
     mfcore-distill train --model PATH --data DATA --output RUN
     mfcore-distill train --tiny --family hunyuanimage2 --data DATA --output RUN --device cpu
     mfcore-distill make-data DIR --family flux
+    torchrun --nproc-per-node 8 -m mfcore.adapters.distill train --model PATH ... --parallel fsdp
+
+Under ``torchrun`` every rank computes its share of each global batch (``--batch-size``) in
+micro-batches, with FSDP2 or DDP (``--parallel``), and the step equals the one-process step
+on the same global batch (:mod:`mfcore.adapters.step`; docs/distributed.md).
 
 A run writes ``checkpoints/step-XXXXXXX/`` every ``--checkpoint-every`` steps (student
-trainable state, EMA, optimiser, warm-up state, RNG states, step; ``--resume`` continues
-from the newest exactly), ``metrics.jsonl`` (and TensorBoard events when installed),
+trainable state, EMA, optimiser, warm-up state, RNG states, step; through
+``torch.distributed.checkpoint`` under torchrun; ``--resume`` continues from the newest
+exactly), ``metrics.jsonl`` (and TensorBoard events when installed),
 1- and 2-step ``previews/``, and the final student in ``student/`` (the EMA weights by
 default; its LoRA loads with the family's diffusers loader).
 
@@ -45,11 +51,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -59,6 +64,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mfcore._checks import check_choice, check_positive_int, check_real
+from mfcore.adapters import sharded_checkpoint
 from mfcore.adapters._state import load_state, read_tensors, save_state
 from mfcore.adapters.alignment import CRITICS, Alignment, FakeVelocity
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
@@ -67,8 +73,24 @@ from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_
 from mfcore.adapters.generation import decode_latents, generate_latents
 from mfcore.adapters.lora import LoraSpec
 from mfcore.adapters.monitor import RunLog, latents_to_images
+from mfcore.adapters.parallel import (
+    INTERVAL_MODULE,
+    MODES,
+    Split,
+    World,
+    choose_mode,
+    full_trained_weights,
+    join,
+    leave,
+    mixed_precision,
+    release_gathered,
+    shard,
+    wrap,
+)
 from mfcore.adapters.prepare import add_prepare_parser, run_prepare
 from mfcore.adapters.routing import attention_mode_for, enable_gradient_checkpointing
+from mfcore.adapters.sharded_checkpoint import Stateful
+from mfcore.adapters.step import Run, critic_loss, student_loss, train_step
 from mfcore.adapters.student import MeanFlowStudent
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
@@ -82,6 +104,7 @@ __all__ = [
     "DistillConfig",
     "AlignmentHook",
     "resolve_family",
+    "build_run",
     "distill",
     "latest_checkpoint",
     "build_parser",
@@ -157,6 +180,8 @@ class DistillConfig:
     weights_dtype: str = "bf16"
     autocast: bool = True
     gradient_checkpointing: bool = True
+    parallel: str = "auto"
+    micro_batch_size: int | None = None
     ema: bool = True
     ema_decay: float = 0.999
     preview_every: int = 100
@@ -196,6 +221,9 @@ class DistillConfig:
         if self.align not in ("none", *CRITICS):
             raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
         check_choice("switch", self.switch, SWITCHES)
+        check_choice("parallel", self.parallel, MODES)
+        if self.micro_batch_size is not None:
+            check_positive_int("micro_batch_size", self.micro_batch_size)
         check_real("gate_delta", self.gate_delta, minimum=0.0, strict=True)
         check_real("gate_rho", self.gate_rho, minimum=0.0, strict=True)
         check_real("guard_margin", self.guard_margin, minimum=0.0)
@@ -223,6 +251,8 @@ _RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoin
 _RESUMABLE |= {"ema", "ema_decay", "preview_every", "tensorboard"}
 # (a rollback needs the copy taken at the switch: resumed without one, it waits for the next)
 _RESUMABLE |= {"rollback"}
+# (how the global batch is computed: the engine and the micro-batches change only float order)
+_RESUMABLE |= {"parallel", "micro_batch_size"}
 # Settings that only matter with an alignment term.
 _ALIGN_ONLY = {f.name for f in dataclasses.fields(DistillConfig)} & {
     "align_weight",
@@ -267,26 +297,9 @@ class AlignmentHook(Protocol):
 # --------------------------------------------------------------------------- training
 
 
-@dataclass
-class _Run:
-    cfg: DistillConfig
-    family: TrainingFamily
-    student: MeanFlowStudent
-    teacher: Any
-    loss: MeanFlowLoss
-    optimizer: torch.optim.Optimizer
-    data: LatentDataset
-    generator: torch.Generator
-    device: torch.device
-    alignment: AlignmentHook | None
-    scheduler: dict
-    vae: nn.Module | None
-    ema: EMA | None = None
-    rollback: SwitchRollback | None = None
-    step: int = 0
-
-
-def _build_loss(cfg: DistillConfig, data: LatentDataset, scheduler: dict) -> MeanFlowLoss:
+def _build_loss(
+    cfg: DistillConfig, data: LatentDataset, scheduler: dict, world: World
+) -> MeanFlowLoss:
     base = LogitNormalTime(cfg.time_mean, cfg.time_std)
     if cfg.shift_times:
         assert data.shapes is not None
@@ -294,13 +307,16 @@ def _build_loss(cfg: DistillConfig, data: LatentDataset, scheduler: dict) -> Mea
         base = data.family.shift_times(base, h, w, scheduler)
     return MeanFlowLoss(
         time_sampler=TimePairSampler(base, equal_fraction=cfg.equal_fraction),
-        target=_build_target(cfg),
+        target=_build_target(cfg, world.reduce if world.distributed else None),
         weighting=AdaptiveWeight(p=cfg.adaptive_p),
     )
 
 
-def _build_target(cfg: DistillConfig) -> TeacherODETarget | WarmupTarget:
-    """The discrete warm-up target, behind the switch ``cfg.switch`` asks for."""
+def _build_target(
+    cfg: DistillConfig, reduce: Callable[[Tensor], Tensor] | None
+) -> TeacherODETarget | WarmupTarget:
+    """The discrete warm-up target, behind the switch ``cfg.switch`` asks for; its decisions
+    read statistics summed by ``reduce`` (over the ranks of a multi-process run)."""
     discrete = TeacherODETarget(steps=cfg.warmup_ode_steps, method=cfg.warmup_ode_method)
     if cfg.switch == "never":
         return discrete
@@ -313,6 +329,7 @@ def _build_target(cfg: DistillConfig) -> TeacherODETarget | WarmupTarget:
         gate=SwitchGate(cfg.gate_delta, cfg.gate_rho, cfg.gate_patience) if gated else None,
         guard=SwitchGuard(cfg.guard_margin, cfg.guard_patience) if cfg.guard else None,
         every=cfg.signal_every,
+        reduce=reduce,
     )
 
 
@@ -339,14 +356,23 @@ def resolve_family(cfg: DistillConfig, transformer: nn.Module | None = None) -> 
     return detect_family(cfg.model) if cfg.model is not None else "flux"
 
 
-def _setup(
+def build_run(
     cfg: DistillConfig,
-    alignment: AlignmentHook | None,
-    transformer: nn.Module | None,
-) -> _Run:
+    *,
+    alignment: AlignmentHook | None = None,
+    transformer: nn.Module | None = None,
+) -> Run:
+    """Everything :func:`distill` trains, built but not trained (no checkpoint is read):
+    model, adapters, sharding, optimisers, EMA, data. For benchmarks and tests of a step
+    (``train_step(run)``); ``cfg.family`` must be resolved (:func:`resolve_family`).
+
+    Raises:
+        ValueError: for a setting the data, the model or the world size cannot run.
+    """
     family: TrainingFamily = get_family(cfg.family)  # type: ignore[assignment]
     data = LatentDataset(cfg.data, family)
     dtype = _DTYPES[cfg.weights_dtype]
+    rank, size, device = join(cfg.device)
     vae = None
     if transformer is None and cfg.tiny:
         transformer, scheduler = family.tiny_model(cfg.seed, dtype, cfg.tiny_guidance), {}
@@ -364,8 +390,17 @@ def _setup(
         and family.negative_key not in data.shapes
     ):
         raise ValueError(f"true_cfg_scale > 1 needs {family.negative_key} in the data")
-    device = torch.device(_resolve_device(cfg.device))
-    transformer.to(device)
+    world = World(choose_mode(cfg.parallel, size, transformer, device), rank, size, device)
+    split = Split(
+        cfg.batch_size, cfg.micro_batch_size or max(cfg.batch_size // size, 1), rank, size
+    )
+    if alignment is not None and (world.distributed or len(split.parts()) > 1):
+        raise ValueError(
+            "an alignment hook of your own runs in one process without micro-batches: "
+            "use cfg.align for multi-process runs and micro_batch_size"
+        )
+    if world.mode != "fsdp":  # FSDP2 moves each unit's shards to the device itself
+        transformer.to(device)
     student = MeanFlowStudent(
         transformer,
         family,
@@ -373,17 +408,25 @@ def _setup(
         guidance_scale=cfg.guidance_scale,
         attention=attention_mode_for(cfg.jvp),
     )
-    student.to(device)
+    if world.mode != "fsdp":
+        student.to(device)
+    if cfg.align != "none" and alignment is not None:
+        raise ValueError("give either cfg.align or an alignment term, not both")
+    fake = _build_fake(cfg, student) if cfg.align != "none" else None
     if cfg.gradient_checkpointing:
         if hasattr(transformer, "enable_gradient_checkpointing"):
             enable_gradient_checkpointing(transformer)
         else:
             logger.info("%s has no gradient checkpointing of its own", type(transformer).__name__)
     teacher = student.teacher(true_cfg_scale=cfg.true_cfg_scale)
-    if cfg.align != "none":
-        if alignment is not None:
-            raise ValueError("give either cfg.align or an alignment term, not both")
-        alignment = _build_alignment(cfg, student)
+    if world.distributed:
+        transformer.add_module(INTERVAL_MODULE, student.interval)
+    if world.mode == "fsdp":
+        shard(student, mixed_precision(dtype))
+        if fake is not None:
+            fake.track_parameters()
+    if fake is not None:
+        alignment = _build_alignment(cfg, fake)
     optimizer = torch.optim.AdamW(
         student.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -391,28 +434,42 @@ def _setup(
     ema = EMA(student.trainable_parameters(), cfg.ema_decay) if cfg.ema else None
     rollback = None
     if cfg.switch != "never" and cfg.guard and cfg.rollback:
-        rollback = SwitchRollback(optimizer, also=(ema,) if ema is not None else (), device="cpu")
-    return _Run(
-        cfg,
-        family,
-        student,
-        teacher,
-        _build_loss(cfg, data, scheduler),
-        optimizer,
-        data,
-        generator,
-        device,
-        alignment,
-        scheduler,
-        vae,
-        ema,
-        rollback,
+        # under FSDP2 each rank keeps the copy of its own shards where they live
+        keep = None if world.mode == "fsdp" else "cpu"
+        rollback = SwitchRollback(optimizer, also=(ema,) if ema is not None else (), device=keep)
+    critic = None
+    if isinstance(alignment, Alignment):
+        critic = wrap(critic_loss, list(alignment.fake.parameters()), world)
+    return Run(
+        cfg=cfg,
+        family=family,
+        student=student,
+        teacher=teacher,
+        loss=_build_loss(cfg, data, scheduler, world),
+        optimizer=optimizer,
+        data=data,
+        generator=generator,
+        device=device,
+        alignment=alignment,
+        scheduler=scheduler,
+        vae=vae,
+        world=world,
+        split=split,
+        objective=wrap(student_loss, student.trainable_parameters(), world),
+        critic_objective=critic,
+        ema=ema,
+        rollback=rollback,
     )
 
 
-def _build_alignment(cfg: DistillConfig, student: MeanFlowStudent) -> Alignment:
+def _build_fake(cfg: DistillConfig, student: MeanFlowStudent) -> FakeVelocity:
+    """The critic's fake velocity: a second adapter on the student's transformer (added
+    before any sharding, never a copy of the model)."""
     spec = LoraSpec(rank=cfg.critic_rank, target_modules=student.lora_spec.target_modules)
-    fake = FakeVelocity(student, lora=spec)
+    return FakeVelocity(student, lora=spec)
+
+
+def _build_alignment(cfg: DistillConfig, fake: FakeVelocity) -> Alignment:
     return Alignment(
         fake,
         critic=cfg.align,
@@ -425,12 +482,6 @@ def _build_alignment(cfg: DistillConfig, student: MeanFlowStudent) -> Alignment:
         critic_lead=cfg.critic_lead,
         seed=cfg.seed + 1,
     )
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _check_device(device: object) -> None:
@@ -446,65 +497,49 @@ def _check_device(device: object) -> None:
         raise ValueError(f"device {device!r} is not available on this machine")
 
 
-def _train_step(run: _Run) -> dict[str, float]:
-    cfg = run.cfg
-    x, cond = run.data.batch(run.step, cfg.batch_size, cfg.seed, run.device)
-    metrics: dict[str, Any] = {}
-    use_bf16 = cfg.autocast and run.device.type == "cuda"
-    if run.alignment is not None:
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            critic = run.alignment.critic_step(run.student, run.teacher, x, cond, run.step)
-        metrics.update(critic)
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        loss, mf = run.loss(
-            run.student, x, teacher=run.teacher, cond=cond, step=run.step, generator=run.generator
-        )
-        metrics.update(mf)
-        if run.alignment is not None:
-            align, am = run.alignment.student_loss(run.student, run.teacher, x, cond, run.step)
-            loss = loss + run.alignment.weight * align
-            metrics.update(am)
-            metrics["loss_total"] = loss.detach()
-    if not bool(torch.isfinite(loss)):
-        raise FloatingPointError(f"the loss is not finite at step {run.step}: {float(loss)}")
-    if run.rollback is not None and run.rollback.observe(mf):
-        # the guard reverted: back to the weights, optimiser and EMA of the switch, no update
-        run.step += 1
-        metrics |= {"rolled_back": 1.0, "phase": getattr(run.loss.target, "phase", "discrete")}
-        return {k: (v if isinstance(v, str) else float(v)) for k, v in metrics.items()}
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if math.isfinite(cfg.grad_clip):
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-            run.student.trainable_parameters(), cfg.grad_clip
-        )
-    run.optimizer.step()
-    if run.ema is not None:
-        run.ema.update()
-    run.step += 1
-    metrics["phase"] = getattr(run.loss.target, "phase", "discrete")
-    return {k: (v if isinstance(v, str) else float(v)) for k, v in metrics.items()}
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state(run: _Run) -> dict:
+def _rng_state(run: Run) -> dict:
     state = {"torch": torch.get_rng_state(), "generator": run.generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _save_checkpoint(run: _Run) -> str:
-    root = os.path.join(run.cfg.output, "checkpoints")
-    final = os.path.join(root, f"{_CKPT_PREFIX}{run.step:07d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def _restore_rng(run: Run, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    run.generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _stateful(run: Run) -> Stateful:
+    """The tensors a multi-process checkpoint shares: weights, optimisers, EMA, rollback."""
+    optimizers = {"student": run.optimizer}
+    if isinstance(run.alignment, Alignment):
+        optimizers["critic"] = run.alignment.optimizer
+    return Stateful(run.student.transformer, optimizers, run.ema, run.rollback)
+
+
+def _own_state(run: Run) -> dict:
+    """What each rank of a multi-process run keeps for itself in a checkpoint."""
+    align = None
+    if isinstance(run.alignment, Alignment):
+        align = {
+            "updates_done": run.alignment.loss.updates_done,
+            "generator": run.alignment.generator.get_state(),
+        }
+    rng = _rng_state(run)
+    return {"step": run.step, "loss": run.loss.state_dict(), "rng": rng, "alignment": align}
+
+
+def _write_state(run: Run, folder: str) -> None:
+    """One process's checkpoint: the trained tensors, and everything else as safetensors
+    plus JSON."""
     save_file(
         {k: v.contiguous() for k, v in run.student.trainable_state_dict().items()},
-        os.path.join(tmp, "student.safetensors"),
+        os.path.join(folder, "student.safetensors"),
     )
     state = {
         "step": run.step,
@@ -515,12 +550,30 @@ def _save_checkpoint(run: _Run) -> str:
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "rollback": run.rollback.state_dict() if run.rollback is not None else None,
     }
-    save_state(state, os.path.join(tmp, "state"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(run.cfg), f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _prune(root, run.cfg.keep_checkpoints)
+    save_state(state, os.path.join(folder, "state"))
+
+
+def _save_checkpoint(run: Run) -> str:
+    world = run.world
+    root = os.path.join(run.cfg.output, "checkpoints")
+    final = os.path.join(root, f"{_CKPT_PREFIX}{run.step:07d}")
+    tmp = final + ".tmp"
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    world.barrier()
+    if world.distributed:
+        sharded_checkpoint.save(tmp, _stateful(run), _own_state(run), world)
+    else:
+        _write_state(run, tmp)
+    world.barrier()
+    if world.main:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(run.cfg), f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _prune(root, run.cfg.keep_checkpoints)
+    world.barrier()
     return final
 
 
@@ -543,10 +596,11 @@ def latest_checkpoint(output: str | os.PathLike) -> str | None:
     return os.path.join(root, ckpts[-1]) if ckpts else None
 
 
-def _load_checkpoint(run: _Run, path: str) -> None:
+def _check_settings(cfg: DistillConfig, path: str) -> None:
+    """Raise ``ValueError`` naming every setting ``cfg`` changes from checkpoint ``path``'s."""
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
-    now = dataclasses.asdict(run.cfg)
+    now = dataclasses.asdict(cfg)
     # a setting added after the checkpoint was written had its default then, or the value
     # that reproduces what the code did before it existed
     defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | _LEGACY
@@ -556,16 +610,29 @@ def _load_checkpoint(run: _Run, path: str) -> None:
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"cannot resume {path} with different settings ({diffs})")
+
+
+def _load_checkpoint(run: Run, path: str) -> None:
+    _check_settings(run.cfg, path)
+    if sharded_checkpoint.is_sharded(path) != run.world.distributed:
+        kind = "several processes" if run.world.distributed else "one process"
+        raise ValueError(f"{path} was not written by a run of {kind}: resume it as it ran")
+    if run.world.distributed:
+        own = sharded_checkpoint.load(path, _stateful(run), run.world)
+        run.loss.load_state_dict(own["loss"])
+        _restore_rng(run, own["rng"])
+        if isinstance(run.alignment, Alignment):
+            run.alignment.loss.updates_done = int(own["alignment"]["updates_done"])
+            run.alignment.generator.set_state(own["alignment"]["generator"])
+        run.step = int(own["step"])
+        return
     run.student.load_trainable_state_dict(
         read_tensors(os.path.join(path, "student.safetensors"), device=str(run.device))
     )
     state = load_state(os.path.join(path, "state"))
     run.optimizer.load_state_dict(state["optimizer"])
     run.loss.load_state_dict(state["loss"])
-    torch.set_rng_state(state["rng"]["torch"])
-    run.generator.set_state(state["rng"]["generator"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    _restore_rng(run, state["rng"])
     if run.alignment is not None:
         if state["alignment"] is None:
             raise ValueError(f"{path} was saved without an alignment term")
@@ -574,7 +641,7 @@ def _load_checkpoint(run: _Run, path: str) -> None:
         run.ema.load_state_dict(state["ema"])
     elif run.ema is not None:  # a checkpoint without an EMA: start it from the weights
         logger.info("%s holds no EMA: the average starts from the resumed weights", path)
-        run.ema = EMA(run.student.trainable_parameters(), run.cfg.ema_decay)
+        run.ema.reset()
     if run.rollback is not None and state.get("rollback") is not None:
         run.rollback.load_state_dict(state["rollback"])
     run.step = int(state["step"])
@@ -583,8 +650,9 @@ def _load_checkpoint(run: _Run, path: str) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def _preview(run: _Run, log: RunLog) -> None:
-    """1- and 2-step samples of the (EMA) student for the first data samples, as images."""
+def _preview(run: Run, log: RunLog | None) -> None:
+    """1- and 2-step samples of the (EMA) student for the first data samples, as images
+    (every rank samples, as the sharded model needs; rank 0 writes them)."""
     x, cond = run.data.batch(0, min(2, len(run.data)), run.cfg.seed, run.device)
     _, _, h, w = x.shape
     ema = run.ema.applied() if run.ema is not None else contextlib.nullcontext()
@@ -594,8 +662,14 @@ def _preview(run: _Run, log: RunLog) -> None:
                 run.student, cond, height=h, width=w, steps=steps, seed=run.cfg.seed,
                 scheduler=run.scheduler,
             )  # fmt: skip
-            images = latents_to_images(z) if run.vae is None else decode_latents(run.vae, z)
-            log.images(run.step, f"{steps}step", images)
+            if log is not None:
+                images = latents_to_images(z) if run.vae is None else decode_latents(run.vae, z)
+                log.images(run.step, f"{steps}step", images)
+        release_gathered(run.student.transformer)  # gathered with the EMA's weights
+
+
+# the step the loop runs (a test replaces it to kill a run mid-way)
+_train_step = train_step
 
 
 def distill(
@@ -607,15 +681,18 @@ def distill(
     """Run (or resume) a distillation and return the student; see the module docstring.
 
     With ``cfg.ema`` the returned student holds the EMA of its trained weights, as the
-    exported ``student/`` folder does.
+    exported ``student/`` folder does. Under ``torchrun`` every rank calls it (the CLI does):
+    it opens the process group (or uses one already open), each rank computes its share of
+    every global batch, and rank 0 logs and writes the exported student.
 
     Args:
         cfg: the run's settings.
-        alignment: optional trajectory-alignment term (:class:`AlignmentHook`).
+        alignment: optional trajectory-alignment term (:class:`AlignmentHook`; one process).
         transformer: an already built transformer to use instead of ``cfg.model``.
     """
     cfg = dataclasses.replace(cfg, family=resolve_family(cfg, transformer))
-    run = _setup(cfg, alignment, transformer)
+    run = build_run(cfg, alignment=alignment, transformer=transformer)
+    main = run.world.main
     if cfg.resume:
         path = latest_checkpoint(cfg.output)
         if path is None:
@@ -626,13 +703,18 @@ def distill(
         raise FileExistsError(
             f"{cfg.output} already holds checkpoints: pass --resume or another --output"
         )
-    os.makedirs(cfg.output, exist_ok=True)
-    log = RunLog(cfg.output, run.step, tensorboard=cfg.tensorboard)
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=not cfg.progress, desc="distil")
+    run.world.barrier()  # every rank has looked for checkpoints before any is written
+    log = None
+    if main:
+        os.makedirs(cfg.output, exist_ok=True)
+        log = RunLog(cfg.output, run.step, tensorboard=cfg.tensorboard)
+    shown = cfg.progress and main
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not shown, desc="distil")
     try:
         while run.step < cfg.steps:
             metrics = _train_step(run)
-            log.metrics(run.step, metrics)
+            if log is not None:
+                log.metrics(run.step, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", phase=metrics["phase"])
             if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
@@ -641,10 +723,14 @@ def distill(
                 _preview(run, log)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     if run.ema is not None:
         run.ema.copy_to_params()
-    run.student.save_pretrained(os.path.join(cfg.output, "student"))
+    with full_trained_weights(run.student.transformer, run.world):
+        if main:
+            run.student.save_pretrained(os.path.join(cfg.output, "student"))
+    run.world.barrier()
     return run.student
 
 
@@ -657,7 +743,7 @@ HELP: dict[str, str] = {
     "family": "model family; auto detects it from the checkpoint's config (--tiny: flux)",
     "tiny_guidance": "give the --tiny model a guidance embedding (guidance-distilled)",
     "steps": "optimiser steps in total (a resumed run continues up to it)",
-    "batch_size": "samples per step",
+    "batch_size": "samples per step (the global batch, over every rank)",
     "lr": "AdamW learning rate of the student's LoRA and interval embedding",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "clip the gradient norm to this (inf: no clipping)",
@@ -704,12 +790,22 @@ HELP: dict[str, str] = {
     "weights_dtype": "dtype of the frozen base weights (trained weights are fp32)",
     "autocast": "bf16 autocast on CUDA",
     "gradient_checkpointing": "recompute blocks in the backward to save memory",
+    "parallel": "multi-process engine under torchrun: ddp (weights replicated), fsdp "
+    "(FSDP2, sharded), none (one process) or auto (ddp when the weights take at most a "
+    "quarter of one device's memory, else fsdp; none without torchrun)",
+    "micro_batch_size": "samples per rank per forward; gradients accumulate over the "
+    "batch_size / (world size x micro_batch_size) micro-batches of a step (default: the "
+    "rank's whole share, batch_size / world size)",
     "ema": "keep an EMA of the trained weights (used for previews and the exported student)",
     "ema_decay": "EMA decay (warmed up as min(decay, (1 + n) / (10 + n)))",
     "preview_every": "write 1- and 2-step preview images every N steps (0: never)",
     "tensorboard": "also log to TensorBoard (<output>/tensorboard) when it is installed",
     "progress": "show a progress bar",
 }
+
+
+# The type of the flags whose default is None.
+_OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size": int}
 
 
 def _add_train(sub: Any) -> None:
@@ -730,8 +826,8 @@ def _add_train(sub: Any) -> None:
         kw: dict[str, Any] = {"default": value, "help": HELP[field.name]}
         if isinstance(value, bool):
             tr.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif field.name in ("lora_alpha", "warmup_threshold"):
-            tr.add_argument(flag, type=float, **kw)
+        elif field.name in _OPTIONAL:
+            tr.add_argument(flag, type=_OPTIONAL[field.name], **kw)
         else:
             tr.add_argument(flag, type=type(value), **kw)
 
@@ -797,6 +893,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> 
             distill(DistillConfig(**args))
     except (TypeError, ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
+    finally:
+        leave()
     return 0
 
 

@@ -33,6 +33,10 @@ class EMA:
             raise ValueError(f"ema_decay must be < 1, got {decay!r}")
         self.params = list(params)
         self.decay = decay
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the average again from the parameters' current values."""
         self.shadow = [
             p.detach().clone().to(torch.promote_types(p.dtype, torch.float32)) for p in self.params
         ]

@@ -22,15 +22,16 @@ Usage: ``python benchmarks/flux_step.py [--reps 10] [--tiny]``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
-import statistics
-import time
 
 import torch
-from _report import provenance, update_section  # benchmarks/ is on sys.path as the script's dir
+from _report import (  # benchmarks/ is on sys.path as the script's dir
+    gpu_args,
+    provenance,
+    time_and_peak,
+    update_section,
+    write_result,
+)
 from diffusers import FluxTransformer2DModel
 
 from mfcore.adapters.flux import FLUX_DEV_CONFIG, TINY_FLUX_CONFIG, FluxStudent, attention_mode_for
@@ -67,42 +68,15 @@ def _shapes(tiny: bool) -> dict:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _measure(fn, device: torch.device, reps: int) -> dict:
-    fn()  # warm-up (allocations, autotuning)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"median_ms": 1e3 * statistics.median(times), "peak_gib": peak, "reps": reps}
-
-
 def _row(name: str, fn, device, reps: int) -> dict:
     try:
-        return {"name": name, **_measure(fn, device, reps)}
+        return {"name": name, **time_and_peak(fn, device, reps)}
     except Exception as err:  # a failing row is a result too: record it, keep going
         return {"name": name, "error": f"{type(err).__name__}: {err}"[:300]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--tiny", action="store_true", help="the tiny config even on CUDA")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tiny = args.tiny or device.type != "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails at this shape (notes)
+    args, device, tiny = gpu_args(__doc__, reps=10)
     s = _shapes(tiny)
     config = dict(TINY_FLUX_CONFIG, guidance_embeds=True) if tiny else SLICE
     torch.manual_seed(0)
@@ -210,14 +184,7 @@ def main() -> None:
         "autocast_bf16": device.type == "cuda",
         "rows": rows,
     }
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(
-        os.path.dirname(__file__),
-        "results",
-        f"flux_step-{device.type}{'-tiny' if tiny else ''}.json",
-    )
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    path = write_result("flux_step", device.type, tiny, result)
     lines = [
         f"| step ({result['config']}) | time (ms) | x FM step | peak (GiB) |",
         "|---|---|---|---|",

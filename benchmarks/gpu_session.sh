@@ -6,12 +6,16 @@
 #   bash benchmarks/gpu_session.sh tests       # pytest -m gpu (kernels, attention, toys on CUDA)
 #   bash benchmarks/gpu_session.sh attention   # benchmarks/attention_jvp.py at S = 1536, 4608
 #   bash benchmarks/gpu_session.sh flux        # benchmarks/flux_step.py on the FLUX slice, jvp_memory.py
-#   bash benchmarks/gpu_session.sh all         # the three in a row (when time allows)
+#   bash benchmarks/gpu_session.sh distributed # benchmarks/fsdp_overhead.py: FSDP2 at world size 1
+#                                              # against the plain step on the FLUX slice (two
+#                                              # builds of the slice, 2 x 6 steps)
+#   bash benchmarks/gpu_session.sh all         # the four in a row (one 8-minute call)
 # Logs, JSON results and the updated docs/benchmarks.md land in $OUT (the device tool's
 # folder that comes back); copy the JSON and the docs page into the repository from there.
 set -uo pipefail
 part=${1:-all}
-case $part in tests|attention|flux|all) ;; *) echo "unknown part '$part' (tests, attention, flux or all)" >&2; exit 2 ;; esac
+case $part in tests|attention|flux|distributed|all) ;;
+  *) echo "unknown part '$part' (tests, attention, flux, distributed or all)" >&2; exit 2 ;; esac
 out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out"
 
@@ -40,6 +44,7 @@ case $part in
   attention|all) run attention_jvp python3 benchmarks/attention_jvp.py ;;&
   flux|all) run flux_step python3 benchmarks/flux_step.py --reps 10
             run jvp_memory python3 benchmarks/jvp_memory.py --device cuda ;;&
+  distributed|all) run fsdp_overhead python3 benchmarks/fsdp_overhead.py --reps 5 ;;&
 esac
 
 cp benchmarks/results/*.json docs/benchmarks.md "$out/" 2>/dev/null

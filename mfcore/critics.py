@@ -46,7 +46,18 @@ and as a cross-check of the network critics.
 :class:`AlignmentLoss` composes a critic with the student's K-step sampler
 (:func:`mfcore.solvers.sample_meanflow` with ``enable_grad=True``) and exposes
 ``critic_step(...)`` and ``student_loss(...)``, each returning ``(loss, metrics)``; the seed
-method trains ``MeanFlowLoss + lambda * AlignmentLoss``.
+method trains ``MeanFlowLoss + lambda * AlignmentLoss``. Every draw takes a
+:class:`~mfcore.draws.BatchRows` in place of a generator, so a data-parallel run draws what
+one process would for the global batch.
+
+**Data parallelism.** The velocity critics' losses are batch means of per-sample terms, so
+a run that averages gradients over processes (DDP, FSDP) computes the single-process
+gradient of the global batch. The kernel critic is not: its discrepancy compares the
+student's *set* of states with the teacher's, so per process it compares the local sets,
+and the average of local discrepancies is not the discrepancy of the global sets (its
+within-set terms lose the cross-process pairs). To get the global one, all-gather ``z_r``
+and ``reference`` with the autograd-aware ``torch.distributed.nn.functional.all_gather``
+before :func:`kernel_discrepancy`; ``mfcore-distill`` offers only the velocity critics.
 """
 
 from __future__ import annotations
@@ -76,6 +87,7 @@ from mfcore._checks import (
     expand_time,
     lookup,
 )
+from mfcore.draws import Draws, draw_normal, draw_uniform
 from mfcore.fields import Critic, SampleCritic, TrainedCritic, Weighting
 from mfcore.solvers import SOLVERS, meanflow_path, sample_teacher, solve_span
 from mfcore.time import uniform_grid
@@ -203,9 +215,9 @@ def _renoise_weight(r: Tensor, s: Tensor) -> Tensor:
     return (sigma / s.to(work)).square().to(r.dtype)
 
 
-def _draw_renoise_time(r: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
+def _draw_renoise_time(r: Tensor, t: Tensor, generator: Draws) -> Tensor:
     """``s = r + (t - r) u`` with ``u ~ U[1e-3, 1]``: a time inside each segment, above ``r``."""
-    u = torch.rand(r.shape, generator=generator, device=r.device, dtype=compute_dtype(r.dtype))
+    u = draw_uniform(r.shape, generator, device=r.device, dtype=compute_dtype(r.dtype))
     u = _MIN_FRACTION + (1.0 - _MIN_FRACTION) * u
     # Kept in the compute dtype: cast back to bf16, s would round onto r for short segments.
     return (r.to(u.dtype) + (t - r).to(u.dtype) * u).clamp(max=1.0)
@@ -307,7 +319,7 @@ class FakeVelocityCritic:
         t: Tensor,
         *,
         cond: Mapping[str, Any] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Draws = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Flow-matching loss of ``fake`` on the (detached) segment-end states ``z_r``.
 
@@ -320,7 +332,8 @@ class FakeVelocityCritic:
             r: segment ends ``(B,)``, ``r < t``.
             t: segment starts ``(B,)``.
             cond: conditioning for ``fake``.
-            generator: random generator for ``s`` and ``eps``.
+            generator: random generator (or :class:`~mfcore.draws.BatchRows`) for ``s``
+                and ``eps``.
 
         Returns:
             ``(loss, metrics)``: the weighted mean over the batch of the squared error
@@ -329,7 +342,7 @@ class FakeVelocityCritic:
         cond = cond or {}
         z_r = z_r.detach()
         s = _draw_renoise_time(r, t, generator)
-        noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
+        noise = draw_normal(z_r.shape, generator, device=z_r.device, dtype=z_r.dtype)
         z_s = _renoise(z_r, r, s, noise)
         target = _renoise_velocity(z_r, r, s, noise)
         pred = check_like("the output of fake", self.fake(z_s, s, **cond), z_s, "z_s")
@@ -348,7 +361,7 @@ class FakeVelocityCritic:
         weighting: Weighting | None = None,
         reference: Tensor | None = None,
         cond: Mapping[str, Any] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Draws = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's surrogate loss at segment-end states ``z_r`` (attached).
 
@@ -360,7 +373,8 @@ class FakeVelocityCritic:
                 s)`` with the unnormalised gap of each sample, multiplying ``g`` (default 1).
             reference: unused (kept for a common call with :class:`KernelCritic`).
             cond: conditioning for teacher and fake.
-            generator: random generator for ``s`` and ``eps``.
+            generator: random generator (or :class:`~mfcore.draws.BatchRows`) for ``s``
+                and ``eps``.
 
         Returns:
             ``(loss, metrics)``: the batch mean of :func:`surrogate_loss` and detached
@@ -370,7 +384,7 @@ class FakeVelocityCritic:
         del reference
         cond = cond or {}
         s = _draw_renoise_time(r, t, generator)
-        noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
+        noise = draw_normal(z_r.shape, generator, device=z_r.device, dtype=z_r.dtype)
         with torch.no_grad():
             z_s = _renoise(z_r.detach(), r, s, noise)
             hat_teacher = self._transport(teacher, z_s, s, r, cond)
@@ -557,11 +571,11 @@ class KernelCritic:
         *,
         steps: int,
         cond: dict[str, Any],
-        generator: torch.Generator | None,
+        generator: Draws,
     ) -> Tensor:
         """Teacher samples at ``t = 0`` shaped like ``like``: a ``steps``-step Heun solve from
         fresh noise drawn from ``generator``."""
-        fresh = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        fresh = draw_normal(like.shape, generator, device=like.device, dtype=like.dtype)
         return sample_teacher(teacher, fresh, steps, method="heun", cond=cond)
 
     def alignment_loss(
@@ -574,7 +588,7 @@ class KernelCritic:
         weighting: Weighting | None = None,
         reference: Tensor | None = None,
         cond: Mapping[str, Any] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Draws = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Discrepancy between ``z_r`` and ``reference`` noised to ``r``.
 
@@ -586,7 +600,7 @@ class KernelCritic:
                 with each state's squared distance ``d^2`` to its nearest noised reference
                 sample; the weights' batch mean multiplies the discrepancy.
             reference: teacher samples at ``t = 0``, ``(B, ...)`` like ``z_r``.
-            generator: random generator for the noise.
+            generator: random generator (or :class:`~mfcore.draws.BatchRows`) for the noise.
 
         Returns:
             ``(loss, {"align_kernel": loss})``.
@@ -594,7 +608,7 @@ class KernelCritic:
         del teacher, cond
         if reference is None:
             raise ValueError("KernelCritic needs reference (teacher samples at t = 0)")
-        noise = torch.randn(z_r.shape, generator=generator, device=z_r.device, dtype=z_r.dtype)
+        noise = draw_normal(z_r.shape, generator, device=z_r.device, dtype=z_r.dtype)
         work = compute_dtype(z_r.dtype)
         rr = expand_time(r.to(work), z_r)
         ref_r = (1.0 - rr) * reference.detach().to(work) + rr * noise.to(work)
@@ -749,13 +763,47 @@ class AlignmentLoss:
             )
         return traj
 
+    def _critic_loss(self, traj: Tensor, noise: Tensor, cond: dict, generator: Draws) -> Tensor:
+        losses = [
+            self.critic.critic_loss(z, r, t, cond=cond, generator=generator)[0]
+            for z, r, t in self._segments(traj, noise)
+        ]
+        return torch.stack(losses).mean()
+
+    def critic_loss(
+        self,
+        student: Callable[..., Tensor],
+        noise: Tensor,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        generator: Draws = None,
+    ) -> Tensor:
+        """One update's loss of the critic's network on the student's (detached) trajectory
+        from ``noise``, with the network's graph: :meth:`critic_step` without the optimiser
+        step, for a trainer that accumulates the gradient over micro-batches or processes
+        and steps ``critic.optimizer`` itself. Arguments as :meth:`critic_step`.
+
+        Returns:
+            the mean over segments of the critic's flow-matching loss (0-dim).
+
+        Raises:
+            ValueError: for a critic without a network.
+        """
+        check_callable("student", student)
+        check_tensor("noise", noise, ndim_min=1)
+        cond = check_cond(cond)
+        if not self._trained:
+            raise ValueError(f"{type(self.critic).__name__} has no network to train")
+        traj = self._trajectory(student, noise, cond, grad=False)
+        return self._critic_loss(traj, noise, cond, generator)
+
     def critic_step(
         self,
         student: Callable[..., Tensor],
         noise: Tensor,
         *,
         cond: Mapping[str, Any] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Draws = None,
         trajectory: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Train the critic's network on the student's (detached) trajectory from ``noise``.
@@ -764,7 +812,8 @@ class AlignmentLoss:
             student: ``u(z, r, t, **cond)``.
             noise: starting states ``(B, ...)`` at ``t = 1``.
             cond: conditioning for student and critic.
-            generator: random generator for the re-noising.
+            generator: random generator (or :class:`~mfcore.draws.BatchRows`) for the
+                re-noising.
             trajectory: the student's trajectory from ``noise`` if already computed
                 (:meth:`trajectory`); default: run the student.
 
@@ -783,11 +832,9 @@ class AlignmentLoss:
             traj = self._given(trajectory, noise).detach()
         loss = noise.new_zeros(())
         for _ in range(self.critic_updates):
-            losses = [
-                self.critic.critic_loss(z, r, t, cond=cond, generator=generator)[0]
-                for z, r, t in self._segments(traj, noise)
-            ]
-            loss = check_finite("the critic's loss", torch.stack(losses).mean())
+            loss = check_finite(
+                "the critic's loss", self._critic_loss(traj, noise, cond, generator)
+            )
             self.critic.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.critic.optimizer.step()
