@@ -162,7 +162,15 @@ _WARMUP_BASE = dict(
     lr=1e-2,
     guard=False,
 )
-_ALIGN_BASE = dict(_COMMON, steps=1000, target="discrete", align_start=200, align_weight=0.3)
+_ALIGN_BASE = dict(
+    _COMMON,
+    steps=1000,
+    target="discrete",
+    align_start=200,
+    align_weight=0.3,
+    critic_updates=2,
+    align_batch=None,
+)
 
 EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
     "seed_method": {
@@ -172,7 +180,14 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "alignment_teacher_init": {
         f"{p} / {a}": dict(
-            FAITHFUL, preset=p, target="discrete", align=a, align_start=200, align_weight=0.3
+            FAITHFUL,
+            preset=p,
+            target="discrete",
+            align=a,
+            align_start=200,
+            align_weight=0.3,
+            critic_updates=2,
+            align_batch=None,
         )
         for p in PRESETS
         for a in ("none", "fake")
