@@ -43,7 +43,8 @@ case $part in
   tests|all) run pytest_gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/ ;;&
   attention|all) run attention_jvp python3 benchmarks/attention_jvp.py ;;&
   flux|all) run flux_step python3 benchmarks/flux_step.py --reps 10
-            run jvp_memory python3 benchmarks/jvp_memory.py --device cuda ;;&
+            run jvp_memory python3 benchmarks/jvp_memory.py --device cuda
+            run warmup_signals python3 benchmarks/warmup_signals.py --device cuda --steps 50 ;;&
   distributed|all) run fsdp_overhead python3 benchmarks/fsdp_overhead.py --reps 5 ;;&
 esac
 
