@@ -481,17 +481,7 @@ class ClampedPairSampler:
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Draw ``batch_size`` pairs.
-
-        Args:
-            batch_size: number of pairs ``B``.
-            device: device of the result (default: torch's default device).
-            dtype: floating dtype of the result.
-            generator: optional :class:`torch.Generator` on ``device``.
-
-        Returns:
-            ``(r, t)``, each ``(B,)`` in ``[0, 1]`` with ``r <= t``.
-        """
+        """Draw ``batch_size`` pairs ``(r, t)``, each ``(B,)`` (see :class:`TimePairSampler`)."""
         n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
         kw = {"device": dev, "dtype": dtype, "generator": gen}
         t = self.t_sampler(n, **kw)
