@@ -884,6 +884,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> 
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    done = False
     try:
         if command == "make-data":
             sys.stdout.write(_make_data(args))
@@ -891,10 +892,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> 
             sys.stdout.write(run_prepare(args))
         else:
             distill(DistillConfig(**args))
+        done = True
     except (TypeError, ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
     finally:
-        leave()
+        leave(wait=done)  # after a failure, other ranks may never reach a barrier
     return 0
 
 

@@ -179,9 +179,12 @@ def join(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), dev
 
 
-def leave() -> None:
-    """Close the process group, if one is open."""
+def leave(*, wait: bool = True) -> None:
+    """Close the process group, if one is open; with ``wait``, once every rank got here (no
+    collective of one rank is still in flight when another tears the group down)."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -19,7 +19,10 @@ from safetensors.torch import load_file
 
 from tests import _distributed as D
 
-pytestmark = pytest.mark.slow
+# Multi-process runs go on one pytest-xdist worker, one after another (CI runs the slow step
+# with --dist loadgroup): two gloo jobs at once on 2 cores slowed each other enough to trip
+# a rare teardown abort once in about ten runs.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -191,7 +194,8 @@ def test_killed_run_resumes_bit_identically_and_its_lora_loads_with_diffusers(tm
 def _torchrun(nproc: int, *argv: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc-per-node={nproc}", "-m", "mfcore.adapters.distill", *argv]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    # faulthandler: an abort in a rank prints that rank's Python stack into the log
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
