@@ -8,7 +8,8 @@ tokens in one sequence. Its conventions, converted here and nowhere else:
 - ``forward(input_ids, latents, timestep, valid_lengths) -> (velocity,)``; ``timestep`` is
   ``sigma * 1000``, the output ``noise - x0``: mfcore's ``v`` with ``t = sigma``.
 - the sequence is ``<bos> prompt <boi> <img_size_*> <img_ratio_*> <timestep> <img> x (h w)
-  <eoi>``, right-padded, with ``valid_lengths`` the unpadded lengths; latents ``(B, 32, h, w)``
+  <eoi>``, right-padded, with ``valid_lengths`` the unpadded lengths; the ratio token names
+  the image's aspect-ratio bucket (:func:`release_ratio_index`); latents ``(B, 32, h, w)``
   from a 16x VAE, one ``<img>`` token per latent pixel. The condition is the token ids
   (``input_ids``, ``valid_lengths``); two-pass CFG replaces the prompt by ``<cfg>`` tokens of
   the same length (``negative_input_ids``).
@@ -30,6 +31,7 @@ tokens in one sequence. Its conventions, converted here and nowhere else:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -65,6 +67,7 @@ __all__ = [
     "make_jvp_ready",
     "HunyuanImage3Student",
     "SequenceBuilder",
+    "release_ratio_index",
 ]
 
 #: NeMo's defaults are the release's config (81.30B parameters, 13.65B active per token).
@@ -94,7 +97,10 @@ TINY_HY3_CONFIG: dict[str, Any] = {
     "torch_dtype": "float32",
 }
 #: The tiny vocabulary's special tokens (the release's come from its tokenizer).
-TINY_TOKENS = {"<boi>": 2, "<img_size_1024>": 3, "<img_ratio_0>": 4, "<cfg>": 8}
+#: One id stands for every aspect-ratio bucket (a random model has no use for 33).
+TINY_TOKENS = {"<boi>": 2, "<img_size_1024>": 3, "<cfg>": 8} | {
+    f"<img_ratio_{i}>": 4 for i in range(33)
+}
 #: Plain-torch kernels: what runs on a CPU and under forward-mode AD.
 BACKEND = dict(
     attn="sdpa", linear="torch", rms_norm="torch", experts="torch", dispatcher="torch", rope="torch"
@@ -337,32 +343,68 @@ def _tiny_vocab() -> dict[str, int]:
     }
 
 
+@functools.cache
+def _release_ratios(base_size: int) -> tuple[float, ...]:
+    step, low, high = base_size // 16, base_size // 2, 2 * base_size
+    sizes, h, w = [(base_size, base_size)], base_size, base_size
+    while not (h >= high and w <= low):  # taller: height up, width down, by one step
+        h, w = min(h + step, high), max(w - step, low)
+        sizes += [(h, w), (w, h)]  # and the wide mirror image
+    return tuple(sorted(a / b for a, b in sizes))
+
+
+def release_ratio_index(height: int, width: int, base_size: int = 1024) -> int:
+    """Index ``i`` of the ``<img_ratio_i>`` token for an image (or latent) of this shape.
+
+    HunyuanImage 3.0 (arXiv 2509.23951) conditions on an aspect-ratio bucket. Its release
+    builds 33 sizes around ``base_size``: from the square, the height grows and the width
+    shrinks by ``base_size // 16`` per bucket, each side clamped to ``[base_size / 2,
+    2 base_size]`` until both are at their limits, plus the mirror images; the buckets are
+    sorted by ``height / width``, and an image takes the bucket whose ratio is nearest its
+    own (the first on a tie). At 1024: index 0 is 512 x 2048, 16 the square, 32 2048 x 512.
+
+    Args:
+        height, width: the image's (or its latent's: only the ratio counts) height and width.
+        base_size: the checkpoint's ``image_base_size``.
+
+    Returns:
+        an index in ``[0, 33)``.
+    """
+    ratios, r = _release_ratios(base_size), height / width
+    return min(range(len(ratios)), key=lambda i: abs(ratios[i] - r))
+
+
 class SequenceBuilder:
     """Token ids ``<bos> prompt <boi> <img_size_*> <img_ratio_*> <timestep> <img> x (h w)
     <eoi>``, right-padded, and their ``valid_lengths``; the negative sequence has ``<cfg>``
     in place of each prompt token.
 
     Args:
-        vocab: ids of ``<bos>``, ``<boi>``, ``<img_size_*>``, ``<img_ratio_*>``,
-            ``<timestep>``, ``<img>``, ``<eoi>`` and ``<cfg>`` (the size and ratio tokens
-            under the names ``<img_size_*>`` / ``<img_ratio_*>`` of the ones to use).
+        vocab: ids of ``<bos>``, ``<boi>``, ``<img_size_{base_size}>``, ``<timestep>``,
+            ``<img>``, ``<eoi>`` and ``<cfg>``, and of the ``<img_ratio_i>`` of the latent
+            sizes to be built (:func:`release_ratio_index`; a missing one is refused).
         pad: the padding id.
+        base_size: the checkpoint's ``image_base_size``.
     """
 
-    def __init__(self, vocab: Mapping[str, int], pad: int) -> None:
+    def __init__(self, vocab: Mapping[str, int], pad: int, base_size: int = 1024) -> None:
         self.vocab = dict(vocab)
-        self.size = next(v for k, v in vocab.items() if k.startswith("<img_size_"))
-        self.ratio = next(v for k, v in vocab.items() if k.startswith("<img_ratio_"))
+        self.size = self.vocab[f"<img_size_{base_size}>"]
+        self.base_size = base_size
         self.pad = pad
 
     def __call__(
         self, prompts: list[list[int]], latent_size: tuple[int, int], tag: str, pad_to: int = 0
     ) -> dict[str, Tensor]:
         v, n = self.vocab, latent_size[0] * latent_size[1]
+        name = f"<img_ratio_{release_ratio_index(*latent_size, self.base_size)}>"
+        if name not in v:
+            size = tuple(latent_size)
+            raise ValueError(f"latent_size {size} needs the token {name}: not in vocab")
         rows = []
         for ids in prompts:
             body = [v["<cfg>"]] * len(ids) if tag else list(ids)
-            head = [v["<bos>"], *body, v["<boi>"], self.size, self.ratio, v["<timestep>"]]
+            head = [v["<bos>"], *body, v["<boi>"], self.size, v[name], v["<timestep>"]]
             rows.append(head + [v["<img>"]] * n + [v["<eoi>"]])
         width = max(max(len(r) for r in rows), pad_to + 6 + n)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
@@ -377,9 +419,10 @@ class TokenizerPromptEncoder:
 
     Reads a transformers tokenizer from the checkpoint folder (or its ``tokenizer/``), looks
     up the special tokens by name (``<boi>``, ``<img_size_{image_base_size}>``,
-    ``<img_ratio_0>``, ``<timestep>``, ``<img>``, ``<eoi>``, ``<cfg>``; ``<bos>`` is the
-    tokenizer's) and lays the sequence out with :class:`SequenceBuilder`. A prompt whose
-    sequence exceeds the config's ``max_position_embeddings`` is refused.
+    ``<timestep>``, ``<img>``, ``<eoi>``, ``<cfg>``, and every ``<img_ratio_i>`` it has;
+    ``<bos>`` is the tokenizer's) and lays the sequence out with :class:`SequenceBuilder`, so
+    the ratio token is the latent size's bucket. A prompt whose sequence exceeds the config's
+    ``max_position_embeddings`` is refused.
     """
 
     def __init__(self, path: str) -> None:
@@ -390,15 +433,20 @@ class TokenizerPromptEncoder:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
         base = config.get("image_base_size", 1024)
-        names = ["<boi>", f"<img_size_{base}>", "<img_ratio_0>", "<timestep>", "<img>"]
-        names += ["<eoi>", "<cfg>"]
-        vocab = {n: self.tokenizer.convert_tokens_to_ids(n) for n in names}
-        unknown = [n for n, i in vocab.items() if i is None or i == self.tokenizer.unk_token_id]
+        names = ["<boi>", f"<img_size_{base}>", "<timestep>", "<img>", "<eoi>", "<cfg>"]
+        vocab = {n: self._id(n) for n in names}
+        unknown = [n for n, i in vocab.items() if i is None]
         if unknown:
             raise ValueError(f"the tokenizer at {path} has no token {unknown[0]}")
+        ratios = {f"<img_ratio_{i}>": self._id(f"<img_ratio_{i}>") for i in range(33)}
+        vocab |= {n: i for n, i in ratios.items() if i is not None}
         vocab["<bos>"] = self.tokenizer.bos_token_id
-        self.builder = SequenceBuilder(vocab, self.tokenizer.pad_token_id or 0)
+        self.builder = SequenceBuilder(vocab, self.tokenizer.pad_token_id or 0, base)
         self.max_length = int(config.get("max_position_embeddings", 22800))
+
+    def _id(self, token: str) -> int | None:
+        i = self.tokenizer.convert_tokens_to_ids(token)
+        return None if i is None or i == self.tokenizer.unk_token_id else i
 
     def __call__(
         self, prompts: list[str], latent_size: tuple[int, int], negative: str | None

@@ -25,6 +25,7 @@ from mfcore.adapters.hunyuanimage3 import (
     SequenceBuilder,
     _tiny_vocab,
     build_model,
+    release_ratio_index,
 )
 from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec
 from mfcore.adapters.routing import attention_mode_for
@@ -72,6 +73,43 @@ def test_sequence_layout():
     assert (ids == 6).sum(1).tolist() == [16, 16] and ids[0, lengths[0] :].eq(0).all()
     neg = cond["negative_input_ids"]
     assert neg[1, 1:5].tolist() == [8] * 4 and torch.equal(neg[:, 5:], ids[:, 5:])
+
+
+# The release's buckets at 1024 (height, width), written out from its rule: the square, then
+# 16 taller sizes (height +64, width -64, each clamped to [512, 2048]) and their mirrors.
+TALL = [(min(1024 + 64 * k, 2048), max(1024 - 64 * k, 512)) for k in range(1, 17)]
+BUCKETS = sorted([(1024, 1024), *TALL, *[(w, h) for h, w in TALL]], key=lambda s: s[0] / s[1])
+
+
+def test_ratio_buckets_of_the_release():
+    assert len(BUCKETS) == 33 and BUCKETS[0] == (512, 2048) and BUCKETS[32] == (2048, 512)
+    for i, (h, w) in enumerate(BUCKETS):  # each bucket's own size, at pixel and latent scale
+        assert release_ratio_index(h, w) == i == release_ratio_index(h // 16, w // 16)
+    assert release_ratio_index(4, 4) == 16  # the square is the middle one, not <img_ratio_0>
+    assert release_ratio_index(1024, 768) == 18  # 4:3 tall -> 1152 x 896 (ratio 1.286)
+    assert release_ratio_index(64, 128) == 11  # 1:2 wide -> 704 x 1344 (ratio 0.524)
+    assert release_ratio_index(1, 100) == 0 and release_ratio_index(100, 1) == 32
+    assert release_ratio_index(256, 256, base_size=256) == 16
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4096), st.integers(1, 4096), st.integers(1, 4096), st.integers(1, 4096))
+def test_ratio_index_is_the_nearest_bucket_and_monotone(h1, w1, h2, w2):
+    i = release_ratio_index(h1, w1)
+    gaps = [abs(h / w - h1 / w1) for h, w in BUCKETS]
+    assert gaps[i] == min(gaps) and gaps.index(min(gaps)) == i  # nearest, first on a tie
+    if h1 / w1 <= h2 / w2:
+        assert i <= release_ratio_index(h2, w2)
+
+
+def test_sequence_takes_the_ratio_token_of_its_size():
+    vocab = _tiny_vocab() | {"<img_ratio_16>": 40, "<img_ratio_11>": 41}
+    builder = SequenceBuilder(vocab, 0)
+    assert builder([[10]], (4, 4), "")["input_ids"][0, 4].item() == 40
+    assert builder([[10]], (4, 8), "")["input_ids"][0, 4].item() == 41
+    del vocab["<img_ratio_32>"]
+    with pytest.raises(ValueError, match=r"latent_size \(8, 2\) needs the token <img_ratio_32>"):
+        SequenceBuilder(vocab, 0)([[10]], (8, 2), "")
 
 
 def test_teacher_matches_direct_call_and_cfg():

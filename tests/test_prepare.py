@@ -123,9 +123,11 @@ def hy3_ckpt(tmp_path_factory):
     (path / "generation_config.json").write_text(json.dumps({"flow_shift": 3.0}))
     cfg = TINY_HY3_CONFIG
     names = {cfg["pad_token_id"]: "[PAD]", cfg["bos_token_id"]: "<s>", 5: "<timestep>", 6: "<img>",
-             7: "<eoi>", **{v: k for k, v in TINY_TOKENS.items()}}  # fmt: skip
+             7: "<eoi>", 4: "<img_ratio_16>",
+             **{TINY_TOKENS[k]: k for k in ("<boi>", "<img_size_1024>", "<cfg>")}}  # fmt: skip
     vocab = {names.get(i, f"[x{i}]"): i for i in range(10)}
     vocab |= {c: 10 + i for i, c in enumerate(string.ascii_lowercase + " ")}
+    vocab["<img_ratio_11>"] = 40  # 1:2 wide; the square's <img_ratio_16> is 4
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[x9]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
     PreTrainedTokenizerFast(
@@ -247,6 +249,16 @@ def test_hunyuanimage3_token_ids(tmp_path, hy3_ckpt):
     assert ids[0, 6:10].tolist() == [2, 3, 4, 5] and (ids == 6).sum(1).tolist() == [16, 16]
     assert data["negative_input_ids"][0, 1:6].tolist() == [8] * 5
     assert data["latents"].shape == (2, 4, 4, 4) and torch.isfinite(data["latents"]).all()
+    # the ratio token is the size's bucket: 1:2 wide is <img_ratio_11>; 2:1 tall needs
+    # <img_ratio_21>, which this tokenizer lacks
+    prepare(str(path), prompt_file(tmp_path, ["a cat"]), str(tmp_path / "wide"), height=64,
+            width=128, teacher_steps=1, dtype="fp32")  # fmt: skip
+    wide = _load(str(tmp_path / "wide" / "samples-00000.safetensors"))
+    assert wide["input_ids"][0, 6:10].tolist() == [2, 3, 40, 5]
+    assert wide["latents"].shape[-2:] == (4, 8)
+    with pytest.raises(ValueError, match="<img_ratio_21>"):
+        prepare(str(path), prompt_file(tmp_path, ["a cat"]), str(tmp_path / "tall"), height=128,
+                width=64, teacher_steps=1, dtype="fp32")  # fmt: skip
     too_long = prompt_file(tmp_path, ["a" * 22800])
     with pytest.raises(ValueError, match="too long"):
         prepare(str(path), too_long, str(tmp_path / "e"), height=64, width=64, dtype="fp32")
