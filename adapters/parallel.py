@@ -29,6 +29,7 @@ each rank computes its rows of the global batch with every random draw the globa
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -181,8 +182,12 @@ def join(device: str) -> tuple[int, int, torch.device]:
 
 def leave(*, wait: bool = True) -> None:
     """Close the process group, if one is open; with ``wait``, once every rank got here (no
-    collective of one rank is still in flight when another tears the group down)."""
+    collective of one rank is still in flight when another tears the group down).
+
+    The run's DDP and FSDP2 objects are collected first: a gloo work they still hold, freed
+    during the interpreter's shutdown instead, can abort the process."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         if wait:
             dist.barrier()
         dist.destroy_process_group()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import faulthandler
 import json
 import math
 import os
 import socket
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -24,7 +27,7 @@ import mfcore.adapters.distill as distill_module
 from mfcore.adapters.data import make_synthetic_data
 from mfcore.adapters.distill import DistillConfig, resolve_family
 from mfcore.adapters.lora import lora_disabled
-from mfcore.adapters.parallel import INTERVAL_MODULE
+from mfcore.adapters.parallel import INTERVAL_MODULE, leave
 from mfcore.targets import DifferentialTarget
 
 _honest_target = DifferentialTarget._target
@@ -48,11 +51,23 @@ def _worker(rank: int, world: int, port: int, fn, folder: str, args: tuple) -> N
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    faulthandler.enable()  # an abort in a rank prints that rank's Python stack into the log
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    done = False
     try:
         fn(rank, folder, *args)
+        done = True
+    except BaseException:
+        traceback.print_exc()  # mp.spawn reports only the first rank to fail: log every one
+        raise
     finally:
-        dist.destroy_process_group()
+        leave(wait=done)
+    # The work is done and written. Skip the interpreter's shutdown: gloo's threads can still
+    # free a work there and abort the process (pytorch/pytorch#179291), a torch teardown
+    # fault that would fail a finished test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, folder, *args, world: int = WORLD) -> None:
