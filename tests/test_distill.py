@@ -19,6 +19,7 @@ from mfcore.adapters.distill import HELP, DistillConfig, distill, latest_checkpo
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.flux import FluxStudent
 from mfcore.adapters.hunyuanimage2 import TINY_HY21_CONFIG
+from tests._close import FP32, assert_close_to, flat
 
 LEGACY = os.path.join(os.path.dirname(__file__), "data", "flux_legacy")
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "flux_golden.safetensors")
@@ -146,7 +147,8 @@ def test_todays_flux_checkpoint_resumes_and_its_student_loads(tmp_path):
     student = distill(cfg)
     state = student.trainable_state_dict()
     assert state.keys() == expected.keys()
-    assert all(torch.equal(state[k], expected[k]) for k in state)
+    # recomputed training steps: fp32 rounding of the machine that stored them
+    assert_close_to(flat(state, expected), flat(expected, expected), FP32, "trained state")
     tr = get_family("flux").tiny_model(0, torch.float32, False)
     loaded = FluxStudent.from_pretrained(tr, os.path.join(LEGACY, "student"))
     assert all(torch.equal(v, expected[k]) for k, v in loaded.trainable_state_dict().items())

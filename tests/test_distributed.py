@@ -186,7 +186,6 @@ def test_killed_run_resumes_bit_identically_and_its_lora_loads_with_diffusers(tm
     )
     print("export", lora, out)
     assert lora < 1e-5 and out < 1e-5
-    assert out > 0 or lora == 0
     base = rel(_lora_output(exported[0], x, cond, t), run.teacher(x, t, **cond))
     assert base > 1e-4  # the LoRA changes the model: the comparison is not of two bases
 
