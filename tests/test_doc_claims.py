@@ -150,4 +150,4 @@ def test_fastgen_default_cond_dropout_none_ports_as_label_dropout_zero():
     assert round(100 * (loss.item() - stored) / stored) == 34
     flat = _flat(CONCEPTS.read_text())
     assert "`cond_dropout_prob` defaults to `None`: no label dropout" in flat
-    assert "loss then moves by 34 %" in flat
+    assert "dropping none moves the loss by 34 %" in flat
