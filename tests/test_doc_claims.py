@@ -101,6 +101,9 @@ def test_eval_mode_false_is_zhuyus_train_mode_passes():
     torch.manual_seed(0)
     in_eval = peer_guidance(key)(v, student, z, t, {"y": d["y"]})
     assert (in_eval - ours).abs().max() > 1e-2  # with dropout the two differ
+    plain = peer_student().train()  # without, they agree
+    modes = [peer_guidance(key, eval_mode=e)(v, plain, z, t, {"y": d["y"]}) for e in (True, False)]
+    assert torch.equal(*modes)
 
 
 # --------------------------------------------------------------------------- FastGen's dtype
