@@ -100,8 +100,11 @@ class MeanFlowGuidance:
     the null condition ``uncond`` for it and it trains on the unguided ``v``, which is
     unconditional MeanFlow. Those samples are what teaches ``u(. | null)``, the term the
     guided velocity is built from. This is what the official JAX MeanFlow, NVlabs/FastGen and
-    zhuyu-cs/MeanFlow do (window on ``t`` inclusive at both ends, dropped samples unguided,
-    guidance passes with dropout off); the tests hold mfcore to their values.
+    zhuyu-cs/MeanFlow do (window on ``t`` inclusive at both ends, dropped samples unguided);
+    the tests hold mfcore to their values. The guidance passes run with dropout off
+    (``eval_mode=True``), as in the JAX reference and FastGen; zhuyu-cs/MeanFlow runs them in
+    the model's current mode (train mode, in its training script), which ``eval_mode=False``
+    reproduces. The two differ only for a network with dropout.
 
     ``MeanFlowGuidance(omega, kappa, uncond=..., label_dropout=0.0, eval_mode=False)``
     is the behaviour before this was the default: every sample guided with its own
@@ -119,7 +122,9 @@ class MeanFlowGuidance:
             drops a sample's condition. ``None`` means 0.1 (the peers' value) and warns that
             this default changed (there used to be no label dropout); pass it to silence.
         eval_mode: run the guidance passes with every submodule of an ``nn.Module`` student
-            in eval mode (dropout off), restoring each module's own mode afterwards.
+            in eval mode (dropout off), restoring each module's own mode afterwards (the JAX
+            reference, FastGen); ``False`` runs them in the student's current mode
+            (zhuyu-cs/MeanFlow).
 
     Called as ``guidance(v, student, z_t, t, cond, *, drop=None) -> v_tilde`` with ``v`` and
     ``z_t`` of shape ``(B, ...)``, ``t`` and ``drop`` of shape ``(B,)``.

@@ -93,3 +93,53 @@ def reference_loss(
         sq = ((student(z, r, t, y) - u_tgt) ** 2).sum(1)
         loss = ((sq + c) ** -p * sq).mean()
     return loss, u_tgt, v_tilde
+
+
+def peer_guidance(key: str, **kw):
+    """mfcore's ``MeanFlowGuidance`` for the guided case ``key``, with the peers' window."""
+    from mfcore.guidance import MeanFlowGuidance
+
+    case, data = peer_data()["cases"][key], peer_data()
+    window, null = data["window"], data["model"]["null_class"]
+    kw = {"t_min": window["t_min"], "t_max": window["t_max"], **kw}
+    kw.setdefault("label_dropout", case["label_dropout"])
+    return MeanFlowGuidance(case["omega"], case["kappa"], uncond={"y": null}, **kw)
+
+
+def fastgen_opt_grad_grads(key: str, *, p: float, c: float) -> list[Tensor]:
+    """FastGen's ``loss_type="opt_grad"`` gradient on case ``key``, by hand, fp64.
+
+    FastGen (``_mf_pred_to_loss``) takes ``tangent = u_tgt - sg(u)``, the detached weight
+    ``w = 1 / (||tangent|| + c)^p`` (``norm_method="poly_<p>"``, ``norm_const=c``) and the
+    loss ``mean ||u - sg(u + w tangent)||^2``, whose gradient in ``u`` is
+    ``2 w (u - u_tgt) / B``. ``u_tgt`` is FastGen's own, stored for the case.
+    """
+    d, case = peer_inputs(), peer_data()["cases"][key]
+    u_tgt = torch.tensor(case["peers"]["fastgen"]["u_tgt"], dtype=F64)
+    student = peer_student()
+    z = (1 - d["t"][:, None]) * d["x"] + d["t"][:, None] * d["eps"]
+    y = torch.where(d["drop"], peer_data()["model"]["null_class"], d["y"])
+    u = student(z, d["r"], d["t"], y)
+    tangent = u_tgt - u.detach()
+    w = (tangent.norm(dim=1) + c) ** -p
+    loss = ((u - (u + w[:, None] * tangent).detach()) ** 2).sum(1).mean()
+    return list(torch.autograd.grad(loss, list(student.parameters())))
+
+
+def mfcore_grads(key: str, weighting) -> list[Tensor]:
+    """The gradient of mfcore's ``MeanFlowLoss(weighting=...)`` on case ``key``, fp64."""
+    from mfcore.losses import MeanFlowLoss
+
+    d, student = peer_inputs(), peer_student()
+    loss_fn = MeanFlowLoss(weighting=weighting, guidance=peer_guidance(key))
+    loss, _ = loss_fn(
+        student, d["x"], noise=d["eps"], cond={"y": d["y"]}, r=d["r"], t=d["t"], cond_drop=d["drop"]
+    )
+    return list(torch.autograd.grad(loss, list(student.parameters())))
+
+
+def fastgen_gradient_gap(weighting, *, p: float, c: float, key: str = "w1.0_k0.5/l2") -> float:
+    """Largest relative gap between mfcore's gradient with ``weighting`` and FastGen's
+    ``opt_grad`` gradient (:func:`fastgen_opt_grad_grads`) over the student's parameters."""
+    ours, theirs = mfcore_grads(key, weighting), fastgen_opt_grad_grads(key, p=p, c=c)
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, theirs, strict=True))

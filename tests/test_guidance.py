@@ -18,6 +18,7 @@ from tests._cfg_peers import (
     F64,
     TinyStudent,
     peer_data,
+    peer_guidance,
     peer_inputs,
     peer_student,
     reference_loss,
@@ -154,19 +155,6 @@ GUIDED_CASES = [k for k, v in peer_data()["cases"].items() if v["guided"]]
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 
 
-def _peer_guidance(case: dict, **kw) -> MeanFlowGuidance:
-    window = peer_data()["window"]
-    return MeanFlowGuidance(
-        case["omega"],
-        case["kappa"],
-        uncond={"y": peer_data()["model"]["null_class"]},
-        t_min=window["t_min"],
-        t_max=window["t_max"],
-        label_dropout=case["label_dropout"],
-        **kw,
-    )
-
-
 def _run(guidance, case, drop):
     """(loss, u_tgt, v_tilde) of mfcore on the peers' inputs."""
     student, d = peer_student(), peer_inputs()
@@ -186,12 +174,12 @@ def test_guided_loss_matches_every_peer(key):
     # omega/kappa in {(1, .5), (2, 0), (1.5, .3)}, 10% label dropout (sample 0 dropped, with
     # r < t), window t in [0, 0.75] (sample 2 sits on its edge), L2 and three adaptive weights.
     case = peer_data()["cases"][key]
-    loss, u_tgt, v_tilde = _run(_peer_guidance(case), case, peer_inputs()["drop"])
+    loss, u_tgt, v_tilde = _run(peer_guidance(key), case, peer_inputs()["drop"])
     for peer, ref in case["peers"].items():
         torch.testing.assert_close(loss, torch.tensor(ref["loss"], dtype=F64), **TOL, msg=peer)
         torch.testing.assert_close(u_tgt, torch.tensor(ref["u_tgt"], dtype=F64), **TOL, msg=peer)
         torch.testing.assert_close(v_tilde, torch.tensor(ref["v_tilde"], dtype=F64), **TOL)
-    guided = _peer_guidance(case).guided(peer_inputs()["t"], peer_inputs()["drop"])
+    guided = peer_guidance(key).guided(peer_inputs()["t"], peer_inputs()["drop"])
     assert guided.tolist() == case["consensus"]["guided_mask"]
 
 
@@ -324,9 +312,8 @@ def test_dropped_samples_train_unguided_on_the_null_condition():
 
 
 def test_the_loss_draws_the_drop_mask_from_its_generator():
-    case = peer_data()["cases"]["w1.0_k0.5/l2"]
     student, d = peer_student(), peer_inputs()
-    g = _peer_guidance(case)
+    g = peer_guidance("w1.0_k0.5/l2")
     loss_fn = MeanFlowLoss(weighting=AdaptiveWeight(p=0.0), guidance=g)
     kw = {"noise": d["eps"], "cond": {"y": d["y"]}, "r": d["r"], "t": d["t"]}
     for seed in range(5):
