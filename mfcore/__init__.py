@@ -57,6 +57,7 @@ from mfcore.targets import (
 )
 from mfcore.time import (
     ClampedPairSampler,
+    GridPairSampler,
     LogitNormalTime,
     ResolutionShiftedTime,
     ShiftedTime,
@@ -102,6 +103,7 @@ __all__ = [
     "ResolutionShiftedTime",
     "TimePairSampler",
     "ClampedPairSampler",
+    "GridPairSampler",
     "uniform_grid",
     "shifted_grid",
     # critics

@@ -14,7 +14,9 @@ The samplers here are small frozen dataclasses (so they compare, print and pickl
 - :class:`TimePairSampler` draws the ``(r, t)`` pairs of MeanFlow (Geng et al., arXiv 2505.13447,
   sec. 4.3 and Table 1: logit-normal(-0.4, 1.0) with 25% of the pairs ``r != t``);
 - :class:`ClampedPairSampler` keeps ``t``'s own law and clamps ``r = min(t, r')``, with a
-  Bernoulli choice of the ``r = t`` pairs: py-meanflow's default ("v1") pair sampler.
+  Bernoulli choice of the ``r = t`` pairs: py-meanflow's default ("v1") pair sampler;
+- :class:`GridPairSampler` replaces a share of another sampler's pairs by the intervals of
+  few-step sampling grids, the maps a 1- or 2-step student is used for.
 
 Both shifts are the same map in logit space: ``logit(shift_time(t, s)) = logit(t) + log(s)``
 and ``exponential_shift(t, mu) = shift_time(t, exp(mu))``; a shift above 1 (``mu > 0``) moves
@@ -45,6 +47,7 @@ from mfcore._checks import (
     check_generator,
     check_positive_int,
     check_real,
+    check_tensor,
     check_unit,
     compute_dtype,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "ResolutionShiftedTime",
     "TimePairSampler",
     "ClampedPairSampler",
+    "GridPairSampler",
     "valid_by_construction",
     "shift_time",
     "exponential_shift",
@@ -490,6 +494,74 @@ class ClampedPairSampler:
         return torch.minimum(t, torch.where(equal, t, second)), t
 
 
+@dataclass(frozen=True, eq=False)
+class GridPairSampler:
+    """Pairs of which a share ``fraction`` are intervals of few-step sampling grids.
+
+    Each pair is, with probability ``fraction``, an interval ``[r, t] = [g_{i+1}, g_i]`` of
+    one of ``grids`` (the grid, then the interval, drawn uniformly), and otherwise the pair
+    of ``base``. Under pairs of two logit-normal or uniform times the long intervals a 1-step
+    sampler uses are rare (the density of ``t - r`` vanishes at 1): in the toys a student
+    trained on MeanFlow's pairs alone never learned the 1-step map, while one that also saw
+    the grid intervals did (docs/toys.md, "the shipped recipe").
+
+    Args:
+        base: the other pairs, a sampler returning ``(r, t)`` (e.g. :class:`TimePairSampler`).
+        grids: one or more sampling grids, each ``(K + 1,)`` decreasing from 1 to 0 (e.g.
+            :func:`uniform_grid` or a model's shifted grid, at 1, 2 and 4 steps).
+        fraction: share of grid intervals, in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from mfcore import GridPairSampler, TimePairSampler, uniform_grid
+        >>> sampler = GridPairSampler(TimePairSampler(), (uniform_grid(1),), fraction=1.0)
+        >>> sampler(3, generator=torch.Generator().manual_seed(0))
+        (tensor([0., 0., 0.]), tensor([1., 1., 1.]))
+    """
+
+    base: Callable[..., tuple[Tensor, Tensor]]
+    grids: tuple[Tensor, ...]
+    fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_callable("base", self.base)
+        grids = tuple(self.grids) if isinstance(self.grids, list | tuple) else (self.grids,)
+        if not grids:
+            raise ValueError("grids must hold at least one sampling grid")
+        for g in grids:
+            g = check_tensor("grids", g, ndim_min=1)
+            if g.ndim != 1 or g.shape[0] < 2 or g[0] != 1 or g[-1] != 0 or (g[1:] >= g[:-1]).any():
+                raise ValueError(f"each of grids must decrease from 1 to 0, got {g.tolist()}")
+        # padded to one (n_grids, K_max + 1) float64 table; K per grid
+        steps = torch.tensor([g.shape[0] - 1 for g in grids], dtype=torch.float64)
+        table = torch.zeros(len(grids), int(steps.max()) + 1, dtype=torch.float64)
+        for row, g in zip(table, grids, strict=True):
+            row[: g.shape[0]] = g.detach().to("cpu", torch.float64)
+        object.__setattr__(self, "grids", grids)
+        object.__setattr__(self, "_steps", steps)
+        object.__setattr__(self, "_table", table)
+        object.__setattr__(self, "fraction", check_fraction("fraction", self.fraction))
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``batch_size`` pairs ``(r, t)``, each ``(B,)`` (see :class:`TimePairSampler`)."""
+        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
+        r, t = self.base(n, device=dev, dtype=dtype, generator=gen)
+        pick = torch.rand(n, device=dev, generator=gen) < self.fraction
+        which = torch.randint(len(self.grids), (n,), device=dev, generator=gen)
+        steps, table = self._steps.to(dev)[which], self._table.to(dev)
+        u = torch.rand(n, device=dev, generator=gen, dtype=torch.float64)
+        i = torch.floor(u * steps).long()
+        t_grid, r_grid = table[which, i].to(dtype), table[which, i + 1].to(dtype)
+        return torch.where(pick, r_grid, r), torch.where(pick, t_grid, t)
+
+
 _SINGLE = (UniformTime, LogitNormalTime)
 _SHIFTED = (ShiftedTime, ResolutionShiftedTime)
 _PAIRS = (TimePairSampler, ClampedPairSampler)
@@ -507,6 +579,8 @@ def valid_by_construction(sampler: object) -> bool:
     if kind in _SINGLE:
         return True
     if kind in _SHIFTED:
+        return valid_by_construction(sampler.base)  # type: ignore[attr-defined]
+    if kind is GridPairSampler:
         return valid_by_construction(sampler.base)  # type: ignore[attr-defined]
     if kind in _PAIRS:
         second = sampler.r_sampler  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from scipy import stats
 
 from mfcore.time import (
     ClampedPairSampler,
+    GridPairSampler,
     LogitNormalTime,
     ResolutionShiftedTime,
     ShiftedTime,
@@ -489,6 +490,7 @@ def test_valid_by_construction_trusts_only_this_modules_samplers_all_the_way_dow
         TimePairSampler(),
         TimePairSampler(ShiftedTime(UniformTime(), 2.0), LogitNormalTime()),
         ClampedPairSampler(),
+        GridPairSampler(TimePairSampler(), (uniform_grid(2),)),
     ]
     foreign = [
         mine,
@@ -497,6 +499,60 @@ def test_valid_by_construction_trusts_only_this_modules_samplers_all_the_way_dow
         TimePairSampler(mine),
         TimePairSampler(UniformTime(), mine),
         ClampedPairSampler(UniformTime(), mine),
+        GridPairSampler(TimePairSampler(mine), (uniform_grid(2),)),
     ]
     assert all(valid_by_construction(s) for s in trusted)
     assert not any(valid_by_construction(s) for s in foreign)
+
+
+# ---------------------------------------------------------------- grid pairs
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 64),
+    fraction=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    steps=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    shift=st.sampled_from([None, 3.0]),
+)
+def test_grid_pairs_are_grid_intervals_or_the_base_pairs(seed, n, fraction, steps, shift):
+    grids = [uniform_grid(k, dtype=torch.float64) if shift is None else
+             shifted_grid(k, shift=shift, dtype=torch.float64) for k in steps]  # fmt: skip
+    base = TimePairSampler(equal_fraction=0.5)
+    r, t = GridPairSampler(base, grids, fraction)(
+        n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    r0, t0 = base(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    intervals = {(float(g[i + 1]), float(g[i])) for g in grids for i in range(len(g) - 1)}
+    on_grid = [(float(a), float(b)) in intervals for a, b in zip(r, t, strict=True)]
+    from_base = (r == r0) & (t == t0)
+    assert all(g or bool(b) for g, b in zip(on_grid, from_base, strict=True))
+    assert bool((r <= t).all()) and bool((r >= 0).all()) and bool((t <= 1).all())
+    if fraction == 0.0:
+        assert bool(from_base.all())
+    if fraction == 1.0:
+        assert all(on_grid)
+
+
+def test_grid_pairs_draw_every_interval_of_every_grid_uniformly():
+    grids = (uniform_grid(1), uniform_grid(2), uniform_grid(4))
+    r, t = GridPairSampler(TimePairSampler(), grids, 1.0)(
+        30_000, generator=torch.Generator().manual_seed(0)
+    )
+    # a grid with probability 1/3, then one of its K intervals: 1/3, 1/6 and 1/12 each
+    for lo, hi, p in [(0.0, 1.0, 1 / 3), (0.5, 1.0, 1 / 6), (0.0, 0.5, 1 / 6), (0.75, 1.0, 1 / 12)]:
+        share = ((r == lo) & (t == hi)).double().mean().item()
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / 30_000), (lo, hi, share)
+
+
+def test_grid_pairs_refuse_grids_that_are_not_sampling_grids():
+    base = TimePairSampler()
+    for bad in ([], [torch.tensor([1.0, 0.5])], [torch.tensor([0.0, 1.0])],
+                [torch.tensor([1.0, 0.5, 0.5, 0.0])], [torch.ones(2, 2)]):  # fmt: skip
+        with pytest.raises(ValueError, match="grids"):
+            GridPairSampler(base, bad)
+    with pytest.raises(ValueError, match="fraction"):
+        GridPairSampler(base, [uniform_grid(1)], 1.5)
+    with pytest.raises(TypeError, match="base"):
+        GridPairSampler(3, [uniform_grid(1)])

@@ -126,6 +126,46 @@ HYPOTHESES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 PRESETS = ("ring8", "grid25", "aniso3d")
 
+SHIPPED: dict[str, Any] = dict(
+    FAITHFUL,
+    target="warmup",
+    switch="gated",
+    guard=True,
+    rollback=True,
+    warmup_steps=200,
+    discrete_steps=4,
+    discrete_method="heun",
+    discrete_p=1.0,
+    adaptive_p=1.0,
+    grad_clip=1.0,
+    lr=1e-4,
+    lr_final=1e-4,
+    times="logit_normal",
+    time_mean=-0.4,
+    time_std=1.0,
+    equal_fraction=0.75,
+    grid_fraction=0.0,
+    steps=2000,
+    probe_every=250,
+)
+"""``mfcore-distill``'s recipe (``DistillConfig``'s defaults before the recipe experiment) in
+the faithful toy: logit-normal(-0.4, 1) times with 75 % ``r = t``, the adaptive weight
+``p = 1``, a constant lr 1e-4, clipping at 1, the Heun-4 discrete target behind the gated and
+guarded switch at step 200 (no EMA: the toy trainer has none)."""
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "shipped (MeanFlow pairs), lr 1e-4": dict(),
+    "shipped, lr 1e-3": dict(lr=1e-3, lr_final=1e-3),
+    "+ 25 % grid pairs, lr 1e-4": dict(grid_fraction=0.25),
+    "+ 25 % grid pairs, lr 1e-3": dict(grid_fraction=0.25, lr=1e-3, lr_final=1e-3),
+    "+ 50 % grid pairs, lr 1e-3": dict(grid_fraction=0.5, lr=1e-3, lr_final=1e-3),
+    "toy job's pairs (uniform, 25 % r = t, 50 % grid), lr 1e-3": dict(
+        times="uniform", equal_fraction=0.25, grid_fraction=0.5, lr=1e-3, lr_final=1e-3
+    ),
+}
+"""The time-pair distribution and learning rate of the shipped recipe against the toy job's
+(issue 19, item 1): grid pairs are the intervals of the 1- and 2-step sampling grids."""
+
 
 def _hypotheses() -> dict[str, dict[str, Any]]:
     out = {}
@@ -173,6 +213,9 @@ _ALIGN_BASE = dict(
 )
 
 EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "recipe": {
+        f"{p} / {v}": dict(SHIPPED, preset=p, **o) for p in PRESETS for v, o in RECIPES.items()
+    },
     "seed_method": {
         f"{p} / {v}": dict(FAITHFUL, preset=p, **o)
         for p in PRESETS
@@ -210,7 +253,7 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """Experiment -> variant -> config overrides of :class:`~mfcore.toys.train.ToyConfig`."""
 
-SEEDS = {"seed_method": 5, "hypotheses": 2, "alignment_teacher_init": 5}
+SEEDS = {"seed_method": 5, "hypotheses": 2, "alignment_teacher_init": 5, "recipe": 2}
 """Seeds per experiment (5 where not listed)."""
 
 # ----------------------------------------------------------------------------- running

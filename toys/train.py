@@ -53,7 +53,13 @@ from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.solvers import ODE_METHODS, sample_meanflow, sample_teacher
 from mfcore.targets import DifferentialTarget, SplitTarget, TeacherODETarget
-from mfcore.time import TimePairSampler, UniformTime
+from mfcore.time import (
+    GridPairSampler,
+    LogitNormalTime,
+    TimePairSampler,
+    UniformTime,
+    uniform_grid,
+)
 from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
 
 from .derivative import derivative_loss
@@ -72,6 +78,7 @@ SWITCHES = ("fixed", "gated")
 DISCRETE = ("ode", "split")
 TEACHERS = ("exact", "net")
 INITS = ("random", "teacher")
+TIMES = ("uniform", "logit_normal")
 CRITICS = ("fake", "meanflow", "kernel", "none")
 METRIC_KEYS = ("w2", "mmd", "nll", "mode_precision", "mode_recall")
 
@@ -92,7 +99,9 @@ class ToyConfig:
         hidden, depth, act: the student MLP (width, hidden layers, activation).
         point_features, point_scale: random Fourier features of the student's input points
             (:class:`~mfcore.toys.nets.FourierPoints`); they sharpen the 1-step map.
-        equal_fraction: share of ``(r, t)`` pairs with ``r = t`` (times uniform on [0, 1]).
+        equal_fraction: share of ``(r, t)`` pairs with ``r = t``.
+        times: the distribution of the two times of a pair, ``"uniform"`` on [0, 1] or
+            ``"logit_normal"`` (``time_mean``, ``time_std``; MeanFlow's and mfcore-distill's).
         grid_fraction: share of the pairs drawn as intervals of the ``eval_steps`` grids.
         target: ``"warmup"`` (discrete then differential), ``"discrete"`` or
             ``"differential"`` (from scratch).
@@ -169,6 +178,9 @@ class ToyConfig:
     point_features: int = 32
     point_scale: float = 2.0
     equal_fraction: float = 0.25
+    times: str = "uniform"
+    time_mean: float = -0.4
+    time_std: float = 1.0
     grid_fraction: float = 0.5
     target: str = "discrete"
     warmup_steps: int = 1400
@@ -226,6 +238,9 @@ class ToyConfig:
         check_choice("jvp", self.jvp, JVP_METHODS)
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("init", self.init, INITS)
+        check_choice("times", self.times, TIMES)
+        check_real("time_mean", self.time_mean)
+        check_real("time_std", self.time_std, minimum=0.0, strict=True)
         if self.init == "teacher" and self.teacher != "net":
             raise ValueError("init='teacher' needs teacher='net' (a network to copy)")
         for name in ("fd_step", "tangent_norm"):
@@ -325,34 +340,20 @@ def _target(cfg: ToyConfig) -> Any:
 
 def _mean_flow_loss(cfg: ToyConfig) -> MeanFlowLoss:
     target = _target(cfg)
-    base = TimePairSampler(UniformTime(), equal_fraction=cfg.equal_fraction)
-    pairs = _GridPairs(base, cfg.eval_steps, cfg.grid_fraction) if cfg.grid_fraction > 0 else base
+    if cfg.times == "uniform":
+        times = UniformTime()
+    else:
+        times = LogitNormalTime(cfg.time_mean, cfg.time_std)
+    base = TimePairSampler(times, equal_fraction=cfg.equal_fraction)
+    if cfg.grid_fraction > 0:
+        grids = tuple(uniform_grid(k, dtype=torch.float64) for k in cfg.eval_steps)
+        pairs = GridPairSampler(base, grids, cfg.grid_fraction)
+    else:
+        pairs = base
     weighting = _PhaseWeight(
         target, AdaptiveWeight(p=cfg.discrete_p), AdaptiveWeight(p=cfg.adaptive_p)
     )
     return MeanFlowLoss(pairs, target, weighting)
-
-
-class _GridPairs:
-    """``(r, t)`` pairs: a share ``fraction`` are intervals of the uniform ``K``-step sampling
-    grids (``K`` drawn from ``grid_steps``), the rest come from ``base``.
-
-    The intervals a few-step sampler uses, ``[1 - (i + 1) / K, 1 - i / K]``, are rare under
-    pairs of uniform times (the density of ``t - r`` vanishes at 1); drawing them directly
-    trains the maps the student is evaluated on.
-    """
-
-    def __init__(self, base: TimePairSampler, grid_steps: tuple[int, ...], fraction: float) -> None:
-        self.base, self.fraction = base, fraction
-        self.grid_steps = torch.tensor(grid_steps, dtype=torch.float64)
-
-    def __call__(self, batch_size, *, device=None, dtype=torch.float32, generator=None):
-        r, t = self.base(batch_size, device=device, dtype=dtype, generator=generator)
-        pick = torch.rand(batch_size, generator=generator) < self.fraction
-        k = self.grid_steps[torch.randint(len(self.grid_steps), (batch_size,), generator=generator)]
-        i = torch.floor(torch.rand(batch_size, generator=generator, dtype=torch.float64) * k)
-        t_grid, r_grid = (1.0 - i / k).to(dtype), (1.0 - (i + 1) / k).clamp_min(0.0).to(dtype)
-        return torch.where(pick, r_grid, r), torch.where(pick, t_grid, t)
 
 
 class _PhaseWeight:
