@@ -220,19 +220,20 @@ def solve_span(
     return _advance(f, z, times, step, None, None, k1)
 
 
-def span_rows(t_start: Tensor, t_end: Tensor) -> Tensor:
-    """Indices ``(K,)`` of the samples whose span is not empty (``t_start != t_end``), or
-    ``[0]`` when every span is empty.
+def span_rows(t_start: Tensor, t_end: Tensor, *, at_least_one: bool = False) -> Tensor:
+    """Indices ``(K,)`` of the samples whose span is not empty (``t_start != t_end``).
 
     The discrete targets integrate only these rows (the others' answer is the velocity at the
     start, already known). ``K`` is the shape of the solve, so it is read to the host: one
-    sync (``nonzero``). At least one row is integrated (an empty span costs its evaluations
-    but changes nothing), so the teacher is called the same number of times whatever the
-    batch holds: every rank of a sharded teacher (FSDP2 gathers a block's weights at each
-    call, on every rank) takes part in every gather.
+    sync (``nonzero``). With ``at_least_one``, ``[0]`` when every span is empty (an empty
+    span costs its evaluations but changes nothing), so the teacher is called the same number
+    of times whatever the batch holds: every rank of a sharded teacher (FSDP2 gathers a
+    block's weights at each call, on every rank together) takes part in every gather.
     """
     rows = torch.nonzero(t_start != t_end).squeeze(1)
-    return rows if rows.numel() else torch.zeros(1, dtype=rows.dtype, device=rows.device)
+    if rows.numel() or not at_least_one:
+        return rows
+    return torch.zeros(1, dtype=rows.dtype, device=rows.device)
 
 
 def cond_rows(cond: dict[str, Any], rows: Tensor, batch: int) -> dict[str, Any]:

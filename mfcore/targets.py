@@ -178,8 +178,8 @@ def _ode_secant(
             that overwrites them).
         dtype: the teacher's input dtype (``z_t`` may be held at a higher precision); the
             answer is in its compute dtype.
-        rows: ``(K,)`` indices of the samples to integrate (:func:`~mfcore.solvers.span_rows`);
-            every other sample must have ``r = t``.
+        rows: ``(K,)`` indices of the samples to integrate (:func:`~mfcore.solvers.span_rows`;
+            possibly none); every other sample must have ``r = t``.
 
     Returns:
         ``(u, the teacher evaluations made)``.
@@ -187,6 +187,8 @@ def _ode_secant(
     work = compute_dtype(dtype)
     n = rows.numel()
     with torch.no_grad():
+        if n == 0:  # every r = t: nothing to integrate
+            return (torch.zeros_like(z_t, dtype=work) if v is None else v.to(work)), 0
         z = z_t.to(work).index_select(0, rows)
         lo, hi = r.index_select(0, rows), t.index_select(0, rows)
         sub = cond_rows(cond, rows, t.shape[0])
@@ -277,13 +279,15 @@ def _need_teacher(pieces: tuple[bool, bool], teacher: object, who: str) -> None:
         raise ValueError(f"{who} needs a teacher")
 
 
-def _split(student, teacher, z_t, r, t, s, v, pieces, steps, step, cond, v_is_teacher=True):
+def _split(
+    student, teacher, z_t, r, t, s, v, pieces, steps, step, cond, v_is_teacher=True, one=False
+):
     """:func:`split_target` on trusted arguments (``pieces`` from ``_PIECES``, ``step`` a
     step function): ``(u, the teacher evaluations made)``. The teacher integrates its pieces
-    at the samples with ``r < t`` only (one host read, shared by both pieces); the others'
-    target is ``v``."""
+    at the samples with ``r < t`` only (one host read, shared by both pieces; at least one
+    sample with ``one``); the others' target is ``v``."""
     dtype, work = z_t.dtype, compute_dtype(z_t.dtype)
-    rows = span_rows(r, t) if pieces[0] else None
+    rows = span_rows(r, t, at_least_one=one) if pieces[0] else None
     evals = 0
 
     def piece(z, lo, hi, use_teacher, v_hi=None):
@@ -466,6 +470,11 @@ class TeacherODETarget(_DiscreteTarget):
             velocity, as :class:`~mfcore.losses.MeanFlowLoss` passes it without guidance;
             with a guidance that changes ``v`` (:class:`~mfcore.guidance.MeanFlowGuidance`)
             pass ``False`` to integrate the teacher alone.
+        always_call: call the teacher the same number of times at every batch, integrating
+            one sample (an empty span) when no pair has ``r < t``. A teacher sharded over
+            ranks needs it (FSDP2 gathers a block's weights at each call, on every rank
+            together; ``mfcore-distill --parallel fsdp`` sets it); otherwise a batch of
+            ``r = t`` pairs calls no teacher.
 
     Only the pairs with ``r < t`` are integrated (see :func:`teacher_ode_target`); a call
     reports ``teacher_evals_per_sample`` in its metrics (``1 + (steps * stages - 1) K / B``
@@ -483,16 +492,24 @@ class TeacherODETarget(_DiscreteTarget):
                 [1.0000]])
     """
 
-    def __init__(self, steps: int = 8, method: str = "heun", *, reuse_v: bool = True) -> None:
+    def __init__(
+        self,
+        steps: int = 8,
+        method: str = "heun",
+        *,
+        reuse_v: bool = True,
+        always_call: bool = False,
+    ) -> None:
         self.steps = check_positive_int("steps", steps)
         self._step = lookup("method", method, SOLVERS)
         self.method = method
-        self.reuse_v = bool(reuse_v)
+        self.reuse_v, self.always_call = bool(reuse_v), bool(always_call)
 
     def _compute(self, student, z_t, r, t, v, teacher, cond, generator) -> tuple[Tensor, int]:
         if teacher is None:
             raise ValueError("TeacherODETarget needs a teacher (pass teacher=...)")
-        steps, step, rows = self.steps, self._step, span_rows(r, t)
+        steps, step = self.steps, self._step
+        rows = span_rows(r, t, at_least_one=self.always_call)
         return _ode_secant(
             teacher, z_t, r, t, steps, step, v, cond, z_t.dtype, rows, v_is_teacher=self.reuse_v
         )
@@ -506,6 +523,7 @@ class SplitTarget(_DiscreteTarget):
         teacher_steps: the teacher's solver steps on each piece it covers.
         method: solver name.
         reuse_v: as :class:`TeacherODETarget`'s, for the teacher's piece ``[s, t]``.
+        always_call: as :class:`TeacherODETarget`'s.
 
     A call reports ``teacher_evals_per_sample`` in its metrics.
     """
@@ -517,19 +535,21 @@ class SplitTarget(_DiscreteTarget):
         method: str = "euler",
         *,
         reuse_v: bool = True,
+        always_call: bool = False,
     ) -> None:
         self._pieces = lookup("teacher_pieces", teacher_pieces, _PIECES)
         self.teacher_steps = check_positive_int("teacher_steps", teacher_steps)
         self._step = lookup("method", method, SOLVERS)
         self.teacher_pieces, self.method = teacher_pieces, method
-        self.reuse_v = bool(reuse_v)
+        self.reuse_v, self.always_call = bool(reuse_v), bool(always_call)
 
     def _compute(self, student, z_t, r, t, v, teacher, cond, generator) -> tuple[Tensor, int]:
         _need_teacher(self._pieces, teacher, f"SplitTarget({self.teacher_pieces!r})")
         lam = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
         s = torch.minimum(r + lam * (t - r), t)
-        pieces, steps, step = self._pieces, self.teacher_steps, self._step
-        return _split(student, teacher, z_t, r, t, s, v, pieces, steps, step, cond, self.reuse_v)
+        pieces, steps, step, reuse = self._pieces, self.teacher_steps, self._step, self.reuse_v
+        one = self.always_call
+        return _split(student, teacher, z_t, r, t, s, v, pieces, steps, step, cond, reuse, one)
 
 
 def __getattr__(name: str) -> Any:

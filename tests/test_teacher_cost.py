@@ -79,9 +79,12 @@ def test_no_wasted_teacher_calls_the_target_equals_the_full_batch_solve(batch, m
     torch.testing.assert_close(new, old, **FP64_TOL)
     omitted = teacher_ode_target(teacher, z, r, t, steps=steps, method=method, cond=cond)
     torch.testing.assert_close(omitted, old, **FP64_TOL)
-    target = TeacherODETarget(steps, method)
-    obj = target.compute(None, z, r, t, v, teacher=teacher, cond=cond, generator=None)
-    torch.testing.assert_close(obj, old, **FP64_TOL)
+    for target in (
+        TeacherODETarget(steps, method),
+        TeacherODETarget(steps, method, always_call=True),
+    ):
+        obj = target.compute(None, z, r, t, v, teacher=teacher, cond=cond, generator=None)
+        torch.testing.assert_close(obj, old, **FP64_TOL)
 
 
 @settings(max_examples=25, deadline=None)
@@ -111,12 +114,14 @@ def test_no_wasted_teacher_calls_the_split_target_equals_the_full_batch_solve(ba
         torch.testing.assert_close(new, old, **FP64_TOL)
 
 
+@pytest.mark.parametrize("always_call", [False, True])
 @pytest.mark.parametrize("method", sorted(SOLVERS))
 @pytest.mark.parametrize("equal", [[1, 1, 1, 1], [1, 0, 1, 1, 1, 0, 1, 1], [0, 0, 0]])
-def test_no_wasted_teacher_calls_counts_the_teacher_rows(method, equal):
+def test_no_wasted_teacher_calls_counts_the_teacher_rows(method, equal, always_call):
     """Only the ``K`` pairs with ``r < t`` are integrated, the first stage from ``v``:
-    ``K (steps * stages - 1)`` rows; with none, one row still runs (an empty span) so every
-    batch calls the teacher alike (ranks of a sharded teacher gather together)."""
+    ``K (steps * stages - 1)`` rows, none when every ``r = t``; with ``always_call`` one row
+    runs then (an empty span), so every batch calls the teacher alike (a sharded teacher's
+    ranks gather together)."""
     steps, stages = 4, SOLVERS[method].stages
     gen = torch.Generator().manual_seed(0)
     b = len(equal)
@@ -124,14 +129,32 @@ def test_no_wasted_teacher_calls_counts_the_teacher_rows(method, equal):
     r = torch.where(torch.tensor(equal, dtype=torch.bool), t, 0.5 * t)
     z = torch.randn(b, 2, generator=gen, dtype=F64)
     v = teacher(z, t)
-    k = max(b - sum(equal), 1)
+    k = b - sum(equal)
+    k = max(k, 1) if always_call else k
     counting = Counting()
-    out = TeacherODETarget(steps, method)(MLPStudent(2).to(F64), z, r, t, v, teacher=counting)
-    assert counting.rows == [k] * (steps * stages - 1)
+    target = TeacherODETarget(steps, method, always_call=always_call)
+    out = target(MLPStudent(2).to(F64), z, r, t, v, teacher=counting)
+    assert counting.rows == ([k] * (steps * stages - 1) if k else [])
     expected = 1.0 + k * (steps * stages - 1) / b
     assert out.metrics["teacher_evals_per_sample"].item() == pytest.approx(expected)
     if all(equal):
         assert torch.equal(out.target, v)
+
+
+@pytest.mark.parametrize("always_call", [False, True])
+def test_no_wasted_teacher_calls_split_both_on_r_equal_t_pairs_only(always_call):
+    """``SplitTarget("both")`` integrates both pieces at the same rows (one count): none when
+    every ``r = t`` (one with ``always_call``), and the target is then ``v``."""
+    gen = torch.Generator().manual_seed(6)
+    t = 0.1 + 0.9 * torch.rand(4, generator=gen, dtype=F64)
+    z = torch.randn(4, 2, generator=gen, dtype=F64)
+    v, counting = teacher(z, t), Counting()
+    target = SplitTarget("both", 2, "heun", always_call=always_call)
+    out = target(MLPStudent(2).to(F64), z, t, t, v, teacher=counting, generator=gen)
+    k = 1 if always_call else 0
+    assert counting.rows == ([k] * (3 + 4) if k else [])  # [s, t], then v at s and [r, s]
+    assert torch.equal(out.target, v)
+    assert out.metrics["teacher_evals_per_sample"].item() == pytest.approx(1 + 7 * k / 4)
 
 
 def test_no_wasted_teacher_calls_heun4_at_a_quarter_of_the_pairs_costs_2_75_not_9():
