@@ -307,17 +307,23 @@ def _build_loss(
         base = data.family.shift_times(base, h, w, scheduler)
     return MeanFlowLoss(
         time_sampler=TimePairSampler(base, equal_fraction=cfg.equal_fraction),
-        target=_build_target(cfg, world.reduce if world.distributed else None),
+        target=_build_target(
+            cfg, world.reduce if world.distributed else None, always_call=world.mode == "fsdp"
+        ),
         weighting=AdaptiveWeight(p=cfg.adaptive_p),
     )
 
 
 def _build_target(
-    cfg: DistillConfig, reduce: Callable[[Tensor], Tensor] | None
+    cfg: DistillConfig, reduce: Callable[[Tensor], Tensor] | None, *, always_call: bool = False
 ) -> TeacherODETarget | WarmupTarget:
     """The discrete warm-up target, behind the switch ``cfg.switch`` asks for; its decisions
-    read statistics summed by ``reduce`` (over the ranks of a multi-process run)."""
-    discrete = TeacherODETarget(steps=cfg.warmup_ode_steps, method=cfg.warmup_ode_method)
+    read statistics summed by ``reduce`` (over the ranks of a multi-process run).
+    ``always_call``: the teacher is sharded (FSDP2), so every rank calls it alike, whatever
+    its pairs (:class:`~mfcore.targets.TeacherODETarget`)."""
+    discrete = TeacherODETarget(
+        steps=cfg.warmup_ode_steps, method=cfg.warmup_ode_method, always_call=always_call
+    )
     if cfg.switch == "never":
         return discrete
     gated = cfg.switch == "gated"

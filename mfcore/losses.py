@@ -207,8 +207,9 @@ class MeanFlowLoss:
     ``MeanFlowGuidance``) instead of drawing them from ``generator``.
 
     A call checks its inputs once and then trusts them: the default path (a sampler of
-    :mod:`mfcore.time`, any target of :mod:`mfcore.targets`) reads the host once, to check
-    that the loss is finite.
+    :mod:`mfcore.time`, the differential target) reads the host once, to check that the
+    loss is finite; a discrete target of :mod:`mfcore.targets` with a teacher reads it once
+    more, to count the pairs ``r < t`` its teacher integrates.
 
     Example:
         >>> import torch

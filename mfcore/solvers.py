@@ -11,7 +11,9 @@ Convention: ``t = 0`` data, ``t = 1`` noise; the probability-flow ODE is
 - :func:`sample_meanflow` runs a student :class:`~mfcore.fields.MeanVelocityField` with the
   MeanFlow step ``z_r = z_t - (t - r) u(z_t, r, t)`` (Geng et al., arXiv 2505.13447, eq. 12).
 
-Each method is a step function ``step(f, z, t0, t1) -> dz`` with an ``order`` attribute. The
+Each method is a step function ``step(f, z, t0, t1, k1=None) -> dz`` with an ``order`` and a
+``stages`` attribute; every method's first stage is ``k1 = f(z, t0)``, which a caller that
+knows it already (the teacher's ``v`` at the start of a span) passes in. The
 state and all time coefficients are kept in fp32 at least (fp64 stays fp64); the model is
 called with the state cast to the input's dtype and with times in that compute dtype, and the
 results are cast back to the input's dtype.
@@ -46,36 +48,39 @@ from mfcore.time import shift_time, shifted_grid, uniform_grid
 __all__ = ["SOLVERS", "ODE_METHODS", "solver_order", "odeint", "sample_teacher", "sample_meanflow"]
 
 _Field = Callable[[Tensor, Tensor], Tensor]
-_Step = Callable[[_Field, Tensor, Tensor, Tensor], Tensor]
+_Step = Callable[..., Tensor]  # step(f, z, t0, t1, k1=None) -> dz
 
 
 # --------------------------------------------------------------------------- step functions
 # f(z, t) is the velocity in the compute dtype; t0, t1 are (B,); each returns the increment dz.
+# k1, when given, is f(z, t0) already known (the first stage of every method): the step uses
+# it instead of evaluating the field there again.
 
 
-def _euler(f: _Field, z: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+def _euler(f: _Field, z: Tensor, t0: Tensor, t1: Tensor, k1: Tensor | None = None) -> Tensor:
     """Forward Euler: ``dz = h v(z, t0)``."""
-    return expand_time(t1 - t0, z) * f(z, t0)
+    return expand_time(t1 - t0, z) * (f(z, t0) if k1 is None else k1)
 
 
-def _heun(f: _Field, z: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+def _heun(f: _Field, z: Tensor, t0: Tensor, t1: Tensor, k1: Tensor | None = None) -> Tensor:
     """Heun (explicit trapezoid): average of the slopes at both ends of an Euler step."""
     h = expand_time(t1 - t0, z)
-    k1 = f(z, t0)
+    k1 = f(z, t0) if k1 is None else k1
     k2 = f(z + h * k1, t1)
     return 0.5 * h * (k1 + k2)
 
 
-def _midpoint(f: _Field, z: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+def _midpoint(f: _Field, z: Tensor, t0: Tensor, t1: Tensor, k1: Tensor | None = None) -> Tensor:
     """Explicit midpoint: the slope half an Euler step ahead."""
     h = expand_time(t1 - t0, z)
-    return h * f(z + 0.5 * h * f(z, t0), 0.5 * (t0 + t1))
+    k1 = f(z, t0) if k1 is None else k1
+    return h * f(z + 0.5 * h * k1, 0.5 * (t0 + t1))
 
 
-def _rk4(f: _Field, z: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+def _rk4(f: _Field, z: Tensor, t0: Tensor, t1: Tensor, k1: Tensor | None = None) -> Tensor:
     """Classical fourth-order Runge-Kutta."""
     h, tm = expand_time(t1 - t0, z), 0.5 * (t0 + t1)
-    k1 = f(z, t0)
+    k1 = f(z, t0) if k1 is None else k1
     k2 = f(z + 0.5 * h * k1, tm)
     k3 = f(z + 0.5 * h * k2, tm)
     k4 = f(z + h * k3, t1)
@@ -86,9 +91,14 @@ _euler.order = 1  # type: ignore[attr-defined]
 _heun.order = 2  # type: ignore[attr-defined]
 _midpoint.order = 2  # type: ignore[attr-defined]
 _rk4.order = 4  # type: ignore[attr-defined]
+_euler.stages = 1  # type: ignore[attr-defined]
+_heun.stages = 2  # type: ignore[attr-defined]
+_midpoint.stages = 2  # type: ignore[attr-defined]
+_rk4.stages = 4  # type: ignore[attr-defined]
 
 #: The fixed-step methods by name (the registry), in order of accuracy: each a step
-#: function ``step(f, z, t0, t1) -> dz`` with an ``order`` attribute.
+#: function ``step(f, z, t0, t1, k1=None) -> dz`` with an ``order`` attribute and a
+#: ``stages`` attribute (field evaluations per step, the first one ``k1 = f(z, t0)``).
 SOLVERS: Mapping[str, _Step] = MappingProxyType(
     {"euler": _euler, "heun": _heun, "midpoint": _midpoint, "rk4": _rk4}
 )
@@ -151,12 +161,14 @@ def _advance(
     step: _Step,
     callback: Callable[[dict[str, Any]], None] | None,
     trajectory: list[Tensor] | None,
+    k1: Tensor | None = None,
 ) -> Tensor:
     """Take ``len(times) - 1`` steps along per-sample ``times`` ``(N + 1, B)`` from ``z``;
-    the end state in the compute dtype (fp32 at least), unchecked."""
+    the end state in the compute dtype (fp32 at least), unchecked. ``k1``: the field at
+    ``(z, times[0])`` if known (the first step's first stage, not evaluated again)."""
     state = z.to(compute_dtype(z.dtype))
     for i in range(times.shape[0] - 1):
-        state = state + step(f, state, times[i], times[i + 1])
+        state = state + step(f, state, times[i], times[i + 1], k1 if i == 0 else None)
         if trajectory is not None or callback is not None:
             current = state.to(z.dtype)
             if trajectory is not None:
@@ -191,15 +203,49 @@ def solve_span(
     cond: dict[str, Any],
     model_dtype: torch.dtype,
     name: str = "the teacher",
+    v_start: Tensor | None = None,
 ) -> Tensor:
     """The end state of :func:`odeint` in the compute dtype (fp32 at least), for callers that
     difference it (the discrete targets): a half-precision end state would round the secant
     away. ``z`` may be held at a higher precision than ``model_dtype``, the dtype ``v_fn``
-    is called in; ``step`` is a step function of :data:`SOLVERS`. Internal: the
-    arguments are trusted (validate at the public entry)."""
-    times = _span_times(t_start, t_end, steps, None, compute_dtype(model_dtype))
+    is called in; ``step`` is a step function of :data:`SOLVERS`; ``v_start``, if given, is
+    ``v_fn`` at ``(z, t_start)`` (``(B, ...)``, any floating dtype), used as the first stage
+    instead of evaluating it again: ``steps * step.stages - 1`` evaluations instead of
+    ``steps * step.stages``. Internal: the arguments are trusted (validate at the public
+    entry)."""
+    cd = compute_dtype(model_dtype)
+    times = _span_times(t_start, t_end, steps, None, cd)
     f = _field(v_fn, name, model_dtype, cond)
-    return _advance(f, z, times, step, None, None)
+    k1 = None if v_start is None else v_start.to(cd)
+    return _advance(f, z, times, step, None, None, k1)
+
+
+def span_rows(t_start: Tensor, t_end: Tensor, *, at_least_one: bool = False) -> Tensor:
+    """Indices ``(K,)`` of the samples whose span is not empty (``t_start != t_end``).
+
+    The discrete targets integrate only these rows (the others' answer is the velocity at the
+    start, already known). ``K`` is the shape of the solve, so it is read to the host: one
+    sync (``nonzero``). With ``at_least_one``, ``[0]`` when every span is empty (an empty
+    span costs its evaluations but changes nothing), so the teacher is called the same number
+    of times whatever the batch holds: every rank of a sharded teacher (FSDP2 gathers a
+    block's weights at each call, on every rank together) takes part in every gather.
+    """
+    rows = torch.nonzero(t_start != t_end).squeeze(1)
+    if rows.numel() or not at_least_one:
+        return rows
+    return torch.zeros(1, dtype=rows.dtype, device=rows.device)
+
+
+def cond_rows(cond: dict[str, Any], rows: Tensor, batch: int) -> dict[str, Any]:
+    """``cond`` at the samples ``rows``: each tensor whose first dimension is the batch
+    (``batch``) is indexed there; anything else (flags, shared tensors such as position ids
+    without a batch dimension) is passed as it is. A shared tensor whose first dimension
+    happens to equal the batch would be indexed too: give it a leading dimension of 1."""
+    out = {}
+    for key, x in cond.items():
+        per_sample = isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == batch
+        out[key] = x.index_select(0, rows) if per_sample else x
+    return out
 
 
 def _span_times(

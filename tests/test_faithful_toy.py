@@ -130,15 +130,17 @@ TINY = dict(
 
 
 def test_faithful_run_records_the_switch_state_the_probe_and_the_teacher(small_teacher):
-    res = run(dict(TINY, target="warmup", switch="fixed", guard=False), teacher_net=small_teacher)
+    cfg = dict(TINY, target="warmup", switch="fixed", guard=False, grid_fraction=0.0)
+    res = run(cfg, teacher_net=small_teacher)
     tr = res["training"]
     assert tr["at_switch"]["step"] == 8 and math.isfinite(tr["at_switch"]["w2_1"])
     assert set(tr["at_switch"]["probe"]) == {"pooled", *gap_bin_names()}
     assert [p["step"] for p in tr["probes"]] == [0, 8, 16]
     assert tr["events"] == [[8, "switch"]]
     assert res["probe"]["pooled"] > 0 and res["teacher_net"]["config"]["hidden"] == 32
-    # teacher cost: 2 Heun steps (4 NFE) plus v for 8 discrete steps, then v alone
-    assert tr["teacher_nfe_per_sample"] == pytest.approx((8 * 5 + 16 * 1) / 24)
+    # teacher cost: v, and 2 Heun steps from v (3 NFE) on the 24 of 32 pairs with r < t, for
+    # 8 discrete steps; then v alone
+    assert tr["teacher_nfe_per_sample"] == pytest.approx((8 * (1 + 3 * 24 / 32) + 16 * 1) / 24)
     assert any("agree_rho" in h for h in tr["history"])
 
 

@@ -107,9 +107,10 @@ def test_cli_smoke_run(tmp_path, capsys):
 
 def test_non_finite_teacher_is_reported_as_a_collapse():
     class NaNTeacher(GaussianMixture):
-        # non-finite on training batches only, so the evaluation can still run
+        # non-finite on training batches only (the discrete target's solve sees the rows
+        # with r < t of one), so the evaluation (64 samples) can still run
         def velocity(self, z, t, **cond):
-            if z.shape[0] == TINY["batch"]:
+            if z.shape[0] <= TINY["batch"]:
                 return torch.full_like(z, float("nan"))
             return super().velocity(z, t, **cond)
 
