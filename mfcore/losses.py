@@ -255,6 +255,14 @@ class MeanFlowLoss:
                 stacklevel=2,
             )
         self.guidance = guidance
+        if guidance is not None:
+            for part in (self.target, getattr(self.target, "discrete_target", None)):
+                if getattr(part, "reuse_v", False):
+                    raise ValueError(
+                        f"with guidance, the target's {type(part).__name__} must take "
+                        "reuse_v=False: the loss's v is the guided velocity, not the teacher's "
+                        "own, so a solve must not start from it"
+                    )
 
     def __call__(
         self,

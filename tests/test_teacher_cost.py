@@ -248,3 +248,19 @@ def test_no_wasted_teacher_calls_reads_the_host_once_for_the_row_count():
         with count_host_reads() as reads:
             target.compute(MLPStudent(2), z, r, t, v, teacher=teacher, cond={}, generator=gen)
         assert reads == ["aten.nonzero"]
+
+
+def test_no_wasted_teacher_calls_guided_training_must_not_start_a_solve_from_the_guided_v():
+    from mfcore.guidance import MeanFlowGuidance
+
+    guidance = MeanFlowGuidance(omega=2.0, uncond={"y": torch.zeros(1)})
+    for target in (
+        TeacherODETarget(steps=2),
+        SplitTarget("first"),
+        WarmupTarget(TeacherODETarget(steps=2), switch_step=5),
+    ):
+        with pytest.raises(ValueError, match="reuse_v=False"):
+            MeanFlowLoss(target=target, guidance=guidance)
+    MeanFlowLoss(target=TeacherODETarget(steps=2, reuse_v=False), guidance=guidance)
+    warm = WarmupTarget(TeacherODETarget(steps=2, reuse_v=False), switch_step=5)
+    MeanFlowLoss(target=warm, guidance=guidance)
