@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from mfcore._checks import check_choice, check_positive_int, check_real
 from mfcore.adapters import sharded_checkpoint
-from mfcore.adapters._durable import read_json, replace_folder, sync_tree, write_json
+from mfcore.adapters._durable import read_json, replace_folder, write_json
 from mfcore.adapters._state import check_entries, load_state, read_tensors, save_state
 from mfcore.adapters.alignment import CRITICS, Alignment, FakeVelocity
 from mfcore.adapters.checkpoint_files import (
@@ -579,10 +579,12 @@ def _save_checkpoint(run: Run) -> str:
         sharded_checkpoint.save(tmp, _stateful(run), _own_state(run), world)
     else:
         _write_state(run, tmp)
-    sync_tree(tmp)  # every rank, its own files (a shared file system may be several hosts')
+    # (each rank's files are synced by their writers, DCP's and save_state; rank 0 syncs the
+    # whole folder again before the rename)
     world.barrier()
     if world.main:
-        write_json(os.path.join(tmp, "config.json"), dataclasses.asdict(run.cfg), indent=2)
+        settings = dataclasses.asdict(run.cfg)  # (--grad-clip inf: read back by Python)
+        write_json(os.path.join(tmp, "config.json"), settings, indent=2, allow_nan=True)
         write_json(os.path.join(tmp, _DATA_FILE), {"files": run.data.fingerprint()})
         replace_folder(tmp, final)
         try:
