@@ -591,6 +591,7 @@ def _save_checkpoint(run: Run) -> str:
             _verify(final, world.rank)
         except (ValueError, FileNotFoundError) as err:
             logger.warning("%s does not read back (%s): the older ones stay", final, err)
+            shutil.rmtree(final + ".unverified", ignore_errors=True)
             os.replace(final, final + ".unverified")
         else:
             prune(root, run.cfg.keep_checkpoints)
@@ -613,12 +614,16 @@ def _check_finite(tensors: dict[str, Tensor], where: str) -> None:
 def _verify(path: str, rank: int) -> dict:
     """Read a checkpoint whole without applying it: the saved step, settings and data
     fingerprint, and its student and state (one process) or ``rank``'s file and the DCP
-    metadata (several). Raises ``ValueError`` or
-    ``FileNotFoundError`` naming the file (and key) at fault: a missing or corrupt file, a
-    missing entry, non-finite weights."""
-    found = {"config": read_json(os.path.join(path, "config.json"), "checkpoint file")}
+    metadata (several). Raises ``ValueError`` or ``FileNotFoundError`` naming the file (and
+    key) at fault: a missing or corrupt file, a missing entry, non-finite weights."""
+    config = os.path.join(path, "config.json")
+    found = {"config": read_json(config, "checkpoint file"), "data": None}
+    check_entries(found["config"], ("steps",), config)
     data = os.path.join(path, _DATA_FILE)
-    found["data"] = read_json(data, "checkpoint file")["files"] if os.path.exists(data) else None
+    if os.path.exists(data):  # (checkpoints before the record have none)
+        record = read_json(data, "checkpoint file")
+        check_entries(record, ("files",), data)
+        found["data"] = record["files"]
     if sharded_checkpoint.is_sharded(path):
         own = load_state(sharded_checkpoint.rank_stem(path, rank))
         check_entries(own, ("world_size", "rank", "shared", "own"), path)

@@ -63,7 +63,12 @@ def truncate_log(path: str, step: int) -> None:
 
 
 def _json_value(v: Any) -> Any:
-    """``v``, with a non-finite float as ``None`` (strict JSON has no ``Infinity``)."""
+    """``v``, with every non-finite float in it as ``None`` (strict JSON has no
+    ``Infinity``)."""
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_value(x) for x in v]
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 

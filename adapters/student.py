@@ -334,7 +334,8 @@ class MeanFlowStudent(SharedWeightsStudent):
                 f"{directory} has LoRA {meta['lora']}, this student {self.lora_spec.to_dict()}"
             )
         self.family.load_lora(str(directory), self.transformer, self.adapter_name)
-        self._load_interval(read_tensors(os.path.join(directory, INTERVAL_WEIGHT_NAME)))
+        path = os.path.join(directory, INTERVAL_WEIGHT_NAME)
+        self._load_interval(read_tensors(path, what="student file"))
 
     @classmethod
     def from_pretrained(

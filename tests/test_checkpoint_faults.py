@@ -297,10 +297,26 @@ def _strict(text: str):
 
 def test_metrics_jsonl_is_strict_json_with_null_for_non_finite(tmp_path):
     log = RunLog(str(tmp_path), 0, tensorboard=False)
-    log.metrics(1, {"loss": math.inf, "gate": -math.inf, "ratio": math.nan, "ok": 0.5})
+    log.metrics(
+        1,
+        {
+            "loss": math.inf,
+            "gate": -math.inf,
+            "ratio": math.nan,
+            "ok": 0.5,
+            "bins": [1.0, math.inf],
+        },
+    )
     log.close()
     row = _strict((tmp_path / "metrics.jsonl").read_text())
-    assert row == {"step": 1, "loss": None, "gate": None, "ratio": None, "ok": 0.5}
+    assert row == {
+        "step": 1,
+        "loss": None,
+        "gate": None,
+        "ratio": None,
+        "ok": 0.5,
+        "bins": [1.0, None],
+    }
 
 
 def test_tensorboard_keeps_the_checkpoint_step_after_resume(tmp_path):
