@@ -35,10 +35,12 @@ on the same global batch (:mod:`mfcore.adapters.step`; docs/distributed.md).
 
 A run writes ``checkpoints/step-XXXXXXX/`` every ``--checkpoint-every`` steps (student
 trainable state, EMA, optimiser, warm-up state, RNG states, step; through
-``torch.distributed.checkpoint`` under torchrun; ``--resume`` continues from the newest
-exactly), ``metrics.jsonl`` (and TensorBoard events when installed),
-1- and 2-step ``previews/``, and the final student in ``student/`` (the EMA weights by
-default; its LoRA loads with the family's diffusers loader).
+``torch.distributed.checkpoint`` under torchrun; each written whole, synced and read back
+before older ones are pruned; ``--resume`` continues exactly from the newest that reads back,
+refusing changed settings, fewer ``--steps`` and changed data files), ``metrics.jsonl``
+(and TensorBoard events when installed), 1- and 2-step ``previews/``, and the final student
+in ``student/`` (the EMA weights by default; its LoRA loads with the family's diffusers
+loader).
 
 Other alignment terms plug in through :class:`AlignmentHook` (``distill(...,
 alignment=...)``).
