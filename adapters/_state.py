@@ -8,13 +8,16 @@ structure (with typed dict keys, tuples, ints and floats) in a JSON file next to
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from mfcore.adapters._durable import read_json, sync_file, write_json
 
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
 _SCALARS = (bool, int, float, str, type(None))
@@ -54,32 +57,59 @@ def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
 
 
 def save_state(state: Any, stem: str | os.PathLike) -> None:
-    """Write ``state`` to ``<stem>.safetensors`` and ``<stem>.json``."""
+    """Write ``state`` to ``<stem>.safetensors`` and ``<stem>.json``, both synced to the disk
+    (the JSON last: a folder holding it holds the tensors)."""
     tensors: dict[str, Tensor] = {}
     skeleton = _encode(state, tensors, "state")
     save_file(tensors, f"{stem}.safetensors")
-    with open(f"{stem}.json", "w") as f:
-        json.dump(skeleton, f)
+    sync_file(f"{stem}.safetensors")
+    write_json(f"{stem}.json", skeleton, allow_nan=True)  # read back by Python only
 
 
-def read_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
-    """The tensors of a safetensors file; a missing file raises ``FileNotFoundError`` and a
-    truncated or corrupt one ``ValueError``, both naming it."""
+def _check_file(path: str | os.PathLike, what: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder, not a safetensors file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing checkpoint file {path}")
+        raise FileNotFoundError(f"missing {what} {path}")
+
+
+def read_tensors(
+    path: str | os.PathLike, device: str = "cpu", what: str = "checkpoint file"
+) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a missing file raises ``FileNotFoundError`` and a
+    folder, an empty, truncated or corrupt file ``ValueError``, each naming it as ``what``."""
+    _check_file(path, what)
     try:
         return load_file(path, device=device)
     except SafetensorError as err:
-        raise ValueError(f"checkpoint file {path} is truncated or corrupt ({err})") from None
+        raise ValueError(f"{what} {path} is truncated or corrupt ({err})") from None
+
+
+@contextlib.contextmanager
+def open_tensors(path: str | os.PathLike, what: str = "data file") -> Iterator[Any]:
+    """``safe_open(path)`` (memory-mapped, CPU) with :func:`read_tensors`' named errors."""
+    _check_file(path, what)
+    try:
+        handle = safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{what} {path} is truncated or corrupt ({err})") from None
+    with handle as f:
+        yield f
 
 
 def load_state(stem: str | os.PathLike) -> Any:
     """Read what :func:`save_state` wrote (tensors on the CPU)."""
     tensors = read_tensors(f"{stem}.safetensors")
-    if not os.path.isfile(f"{stem}.json"):
-        raise FileNotFoundError(f"missing checkpoint file {stem}.json")
+    skeleton = read_json(f"{stem}.json", "checkpoint file")
     try:
-        with open(f"{stem}.json") as f:
-            return _decode(json.load(f), tensors)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return _decode(skeleton, tensors)
+    except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"checkpoint file {stem}.json is truncated or corrupt ({err})") from None
+
+
+def check_entries(state: Any, keys: Iterable[str], where: str | os.PathLike) -> None:
+    """Raise ``ValueError`` naming ``where`` and the entries of ``keys`` that the loaded
+    checkpoint state ``state`` lacks."""
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {where} lacks the entries {missing}")

@@ -12,22 +12,28 @@ import glob
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mfcore._checks import check_positive_int
+from mfcore.adapters._state import open_tensors
 from mfcore.adapters.family import Synthetic, TrainingFamily, get_family
 
 __all__ = ["LatentDataset", "make_synthetic_data"]
+
+_FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 class LatentDataset:
     """Precomputed latents and conditions in a folder of safetensors files.
 
-    Every file holds ``N >= 1`` samples: ``latents (N, C, H, W)`` and the family's condition
-    tensors (``family.data_keys``, optionally ``family.optional_keys``), all with ``N``
-    first; every sample of a folder shares one shape per key.
+    Every file holds ``N >= 1`` samples: ``latents (N, C, H, W)`` (floating point) and the
+    family's condition tensors (``family.data_keys``, optionally ``family.optional_keys``),
+    all with ``N`` first; every sample of a folder shares one shape and dtype per key.
+
+    Reading keeps no file in memory: a batch reads its rows through memory-mapped
+    ``safe_open`` slices, so a run's memory does not grow with the dataset.
 
     Args:
         folder: the folder.
@@ -35,7 +41,9 @@ class LatentDataset:
 
     Raises:
         FileNotFoundError: if the folder does not exist or holds no ``.safetensors`` file.
-        ValueError: if a file misses a key or its shapes disagree.
+        ValueError: naming the file (and key): a folder, an empty, truncated or
+            non-safetensors file, a missing key, a key with another shape or dtype than the
+            folder's first file, integer latents.
     """
 
     def __init__(self, folder: str | os.PathLike, family: TrainingFamily | None = None) -> None:
@@ -51,51 +59,82 @@ class LatentDataset:
         self.files = files
         self.index: list[tuple[int, int]] = []
         self.shapes: dict[str, tuple[int, ...]] | None = None
+        self.dtypes: dict[str, str] | None = None
         for i, path in enumerate(files):
             n = self._scan(path)
             self.index.extend((i, j) for j in range(n))
         if not self.index:
             raise ValueError(f"data folder {folder} holds no samples (every file has N = 0)")
-        self._cache: dict[int, dict[str, Tensor]] = {}
 
     def _scan(self, path: str) -> int:
-        with safe_open(path, framework="pt") as f:
+        with open_tensors(path) as f:
             keys = set(f.keys())
             missing = [k for k in self.required if k not in keys]
             if missing:
                 raise ValueError(f"{path} lacks {missing}; a sample file needs {self.required}")
-            shapes = {
-                k: tuple(f.get_slice(k).get_shape())
-                for k in keys & set(self.required + self.optional)
-            }
+            used = sorted(keys & set(self.required + self.optional))
+            slices = {k: f.get_slice(k) for k in used}
+            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            dtypes = {k: s.get_dtype() for k, s in slices.items()}
+        for k, s in shapes.items():
+            if not s:
+                raise ValueError(f"{path}: {k} is a scalar; every key needs N samples first")
+        if dtypes["latents"] not in _FLOATS:
+            raise ValueError(
+                f"{path}: latents are {dtypes['latents']}, not floating point (VAE latents)"
+            )
         n = shapes["latents"][0]
         if any(s[0] != n for s in shapes.values()):
             raise ValueError(f"{path}: the tensors disagree on the number of samples {shapes}")
         if len(shapes["latents"]) != 4:
             raise ValueError(f"{path}: latents must be (N, C, H, W), got {shapes['latents']}")
         per_sample = {k: s[1:] for k, s in shapes.items()}
-        if self.shapes is None:
-            self.shapes = per_sample
+        if self.shapes is None or self.dtypes is None:
+            self.shapes, self.dtypes = per_sample, dtypes
         elif per_sample != self.shapes:
             raise ValueError(
                 f"{path} has per-sample shapes {per_sample}, but {self.files[0]} has "
                 f"{self.shapes}: every sample in a folder must share them"
+            )
+        elif dtypes != self.dtypes:
+            k = next(k for k in dtypes if dtypes[k] != self.dtypes[k])
+            raise ValueError(
+                f"{path}: {k} is {dtypes[k]}, but {self.files[0]} holds it as "
+                f"{self.dtypes[k]}: every file in a folder must share the dtypes"
             )
         return n
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def fingerprint(self) -> list[list]:
+        """``[name, size in bytes]`` of every data file, sorted: what a checkpoint records so
+        that a resumed run can tell that the data changed."""
+        return [[os.path.basename(p), os.path.getsize(p)] for p in self.files]
+
     def check_transformer(self, transformer: nn.Module) -> None:
         """Raise ``ValueError`` unless the data fits ``transformer``'s config."""
         assert self.shapes is not None
         self.family.check_data(self.shapes, transformer)
 
-    def _file(self, i: int) -> dict[str, Tensor]:
-        if i not in self._cache:
-            with safe_open(self.files[i], framework="pt") as f:
-                self._cache[i] = {k: f.get_tensor(k) for k in f.keys() if k in self.shapes}
-        return self._cache[i]
+    def _rows(self, picked: list[int]) -> list[dict[str, Tensor]]:
+        """The samples ``picked`` (dataset indices), each file opened once, mapped, not read
+        whole."""
+        assert self.shapes is not None
+        by_file: dict[int, list[int]] = {}
+        for pos, k in enumerate(picked):
+            by_file.setdefault(self.index[k][0], []).append(pos)
+        out: list[dict[str, Tensor]] = [{} for _ in picked]
+        for i, positions in by_file.items():
+            with open_tensors(self.files[i]) as f:
+                for key in self.shapes:
+                    try:
+                        part = f.get_slice(key)
+                        for pos in positions:
+                            out[pos][key] = part[self.index[picked[pos]][1]]
+                    except SafetensorError as err:
+                        raise ValueError(f"data file {self.files[i]}: {key} ({err})") from None
+        return out
 
     def indices(self, step: int, batch_size: int, seed: int) -> list[int]:
         """Sample indices of ``step``: consecutive slices of per-epoch permutations.
@@ -127,9 +166,8 @@ class LatentDataset:
         batch, a micro-batch), so that ranks together read each step's batch once, as
         ``DistributedSampler`` shards an epoch; default: all of it."""
         picked = self.indices(step, batch_size, seed)[rows if rows is not None else slice(None)]
-        samples = [self._file(i) | {"_row": j} for i, j in (self.index[k] for k in picked)]
-        keys = [k for k in samples[0] if k != "_row"]
-        stacked = {k: torch.stack([s[k][s["_row"]] for s in samples]) for k in keys}
+        samples = self._rows(picked)
+        stacked = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         out = {
             k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
             for k, v in stacked.items()

@@ -35,10 +35,12 @@ on the same global batch (:mod:`mfcore.adapters.step`; docs/distributed.md).
 
 A run writes ``checkpoints/step-XXXXXXX/`` every ``--checkpoint-every`` steps (student
 trainable state, EMA, optimiser, warm-up state, RNG states, step; through
-``torch.distributed.checkpoint`` under torchrun; ``--resume`` continues from the newest
-exactly), ``metrics.jsonl`` (and TensorBoard events when installed),
-1- and 2-step ``previews/``, and the final student in ``student/`` (the EMA weights by
-default; its LoRA loads with the family's diffusers loader).
+``torch.distributed.checkpoint`` under torchrun; each written whole, synced and read back
+before older ones are pruned; ``--resume`` continues exactly from the newest that reads back,
+refusing changed settings, fewer ``--steps`` and changed data files), ``metrics.jsonl``
+(and TensorBoard events when installed), 1- and 2-step ``previews/``, and the final student
+in ``student/`` (the EMA weights by default; its LoRA loads with the family's diffusers
+loader).
 
 Other alignment terms plug in through :class:`AlignmentHook` (``distill(...,
 alignment=...)``).
@@ -49,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -65,8 +66,15 @@ from tqdm.auto import tqdm
 
 from mfcore._checks import check_choice, check_positive_int, check_real
 from mfcore.adapters import sharded_checkpoint
-from mfcore.adapters._state import load_state, read_tensors, save_state
+from mfcore.adapters._durable import read_json, replace_folder, write_json
+from mfcore.adapters._state import check_entries, load_state, read_tensors, save_state
 from mfcore.adapters.alignment import CRITICS, Alignment, FakeVelocity
+from mfcore.adapters.checkpoint_files import (
+    checkpoint_folders,
+    checkpoint_name,
+    data_difference,
+    prune,
+)
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
 from mfcore.adapters.ema import EMA
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
@@ -118,7 +126,8 @@ SWITCHES = ("gated", "fixed", "never")
 ``--warmup-steps`` at the earliest; at ``--warmup-steps`` unconditionally (the paper); or
 never (the discrete target throughout)."""
 
-_CKPT_PREFIX = "step-"
+#: The file of a checkpoint that records the data files it was trained on.
+_DATA_FILE = "data.json"
 
 
 # --------------------------------------------------------------------------- config
@@ -175,6 +184,7 @@ class DistillConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False
+    allow_data_change: bool = False
     seed: int = 0
     device: str = "auto"
     weights_dtype: str = "bf16"
@@ -248,6 +258,7 @@ _LEGACY = {"switch": "fixed", "guard": False, "family": "flux"}
 # Settings that may differ between a run and its resumption (the EMA shadows the weights
 # without steering them; a checkpoint without one starts it from the resumed weights).
 _RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "output"}
+_RESUMABLE |= {"allow_data_change"}
 _RESUMABLE |= {"ema", "ema_decay", "preview_every", "tensorboard"}
 # (a rollback needs the copy taken at the switch: resumed without one, it waits for the next)
 _RESUMABLE |= {"rollback"}
@@ -560,9 +571,13 @@ def _write_state(run: Run, folder: str) -> None:
 
 
 def _save_checkpoint(run: Run) -> str:
+    """Write the checkpoint of ``run.step`` (whole, synced, renamed into place), read it back,
+    and only then prune the older ones: the newest verified checkpoint stays until its
+    successor is verified. One that does not read back is renamed ``<name>.unverified``,
+    with a warning, and the run goes on."""
     world = run.world
     root = os.path.join(run.cfg.output, "checkpoints")
-    final = os.path.join(root, f"{_CKPT_PREFIX}{run.step:07d}")
+    final = os.path.join(root, checkpoint_name(run.step))
     tmp = final + ".tmp"
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -572,40 +587,128 @@ def _save_checkpoint(run: Run) -> str:
         sharded_checkpoint.save(tmp, _stateful(run), _own_state(run), world)
     else:
         _write_state(run, tmp)
+    # (each rank's files are synced by their writers, DCP's and save_state; rank 0 syncs the
+    # whole folder again before the rename)
     world.barrier()
     if world.main:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(run.cfg), f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _prune(root, run.cfg.keep_checkpoints)
+        settings = dataclasses.asdict(run.cfg)  # (--grad-clip inf: read back by Python)
+        write_json(os.path.join(tmp, "config.json"), settings, indent=2, allow_nan=True)
+        write_json(os.path.join(tmp, _DATA_FILE), {"files": run.data.fingerprint()})
+        replace_folder(tmp, final)
+        try:
+            _verify(final, world.rank)
+        except (ValueError, FileNotFoundError) as err:
+            logger.warning("%s does not read back (%s): the older ones stay", final, err)
+            shutil.rmtree(final + ".unverified", ignore_errors=True)
+            os.replace(final, final + ".unverified")
+        else:
+            prune(root, run.cfg.keep_checkpoints)
     world.barrier()
     return final
 
 
-def _prune(root: str, keep: int) -> None:
-    ckpts = sorted(
-        d for d in os.listdir(root) if d.startswith(_CKPT_PREFIX) and not d.endswith(".tmp")
-    )
-    for d in ckpts[: max(len(ckpts) - keep, 0)]:
-        shutil.rmtree(os.path.join(root, d))
-
-
 def latest_checkpoint(output: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    root = os.path.join(output, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    ckpts = sorted(
-        d for d in os.listdir(root) if d.startswith(_CKPT_PREFIX) and not d.endswith(".tmp")
-    )
-    return os.path.join(root, ckpts[-1]) if ckpts else None
+    """The newest checkpoint folder of a run (by step number), or None."""
+    folders = checkpoint_folders(os.path.join(output, "checkpoints"))
+    return folders[-1][1] if folders else None
 
 
-def _check_settings(cfg: DistillConfig, path: str) -> None:
-    """Raise ``ValueError`` naming every setting ``cfg`` changes from checkpoint ``path``'s."""
-    with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f)
+def _check_finite(tensors: dict[str, Tensor], where: str) -> None:
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"{where} holds non-finite values in {bad[:3]}")
+
+
+def _verify(path: str, rank: int) -> dict:
+    """Read a checkpoint whole without applying it: the saved step, settings and data
+    fingerprint, and its student and state (one process) or ``rank``'s file and the DCP
+    metadata (several). Raises ``ValueError`` or ``FileNotFoundError`` naming the file (and
+    key) at fault: a missing or corrupt file, a missing entry, non-finite weights."""
+    config = os.path.join(path, "config.json")
+    found = {"config": read_json(config, "checkpoint file"), "data": None}
+    check_entries(found["config"], ("steps",), config)
+    data = os.path.join(path, _DATA_FILE)
+    if os.path.exists(data):  # (checkpoints before the record have none)
+        record = read_json(data, "checkpoint file")
+        check_entries(record, ("files",), data)
+        found["data"] = record["files"]
+    if sharded_checkpoint.is_sharded(path):
+        own = load_state(sharded_checkpoint.rank_stem(path, rank))
+        check_entries(own, ("world_size", "rank", "shared", "own"), path)
+        check_entries(own["own"], ("step", "loss", "rng", "alignment"), path)
+        sharded_checkpoint.read_metadata(path)
+        found["step"] = int(own["own"]["step"])
+        return found
+    student = os.path.join(path, "student.safetensors")
+    found["student"] = read_tensors(student)
+    _check_finite(found["student"], student)
+    state = load_state(os.path.join(path, "state"))
+    check_entries(state, ("step", "optimizer", "loss", "rng", "alignment"), path)
+    if state.get("ema") is not None:
+        check_entries(state["ema"], ("shadow",), path)
+        _check_finite(dict(enumerate(state["ema"]["shadow"])), f"{path}/state (EMA)")
+    found["state"], found["step"] = state, int(state["step"])
+    return found
+
+
+def _agreed(run: Run, ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (ranks must resume from the same checkpoint)."""
+    if not run.world.distributed:
+        return ok
+    flag = torch.tensor([float(ok)], device=run.device)
+    return int(run.world.reduce(flag).item()) == run.world.size
+
+
+def _resume_point(run: Run) -> tuple[str, dict]:
+    """The newest checkpoint of the run that reads back whole on every rank, and what
+    :func:`_verify` read; a corrupt newer one is skipped with a warning naming it."""
+    root = os.path.join(run.cfg.output, "checkpoints")
+    folders = checkpoint_folders(root)
+    if not folders:
+        raise FileNotFoundError(f"--resume given but {run.cfg.output} has no checkpoint")
+    skipped = []
+    for _, path in reversed(folders):
+        try:
+            found, ok = _verify(path, run.world.rank), True
+        except (ValueError, FileNotFoundError) as err:
+            found, ok = {}, False
+            skipped.append(f"{path}: {err}")
+        if _agreed(run, ok):
+            for reason in skipped:
+                logger.warning("skipping a corrupt checkpoint, %s", reason)
+            return path, found
+    raise ValueError(f"no checkpoint in {root} reads back whole: " + "; ".join(skipped))
+
+
+def _check_resume(cfg: DistillConfig, path: str, found: dict, data: LatentDataset) -> None:
+    """Raise ``ValueError`` unless ``cfg`` may continue checkpoint ``path``: the same
+    settings, steps left to train (or the same count: a warning), the same data files (or a
+    warning with ``--allow-data-change``)."""
+    _check_settings(cfg, path, found["config"])
+    step = found["step"]
+    if cfg.steps < step:
+        raise ValueError(
+            f"--steps {cfg.steps} is below the step {step} of checkpoint {path}: "
+            f"pass --steps above {step} to train on, or use its exported student/"
+        )
+    if cfg.steps == step:
+        logger.warning("%s is at --steps %d already: nothing to train, exporting it", path, step)
+    if found["data"] is None:
+        logger.info("%s records no data fingerprint (older checkpoint): not compared", path)
+        return
+    diff = data_difference(found["data"], data.fingerprint())
+    if diff and not cfg.allow_data_change:
+        raise ValueError(
+            f"the data folder {data.folder} changed since checkpoint {path} ({diff}): "
+            "restore it, or pass --allow-data-change to resume anyway"
+        )
+    if diff:
+        logger.warning("the data folder %s changed since %s: %s", data.folder, path, diff)
+
+
+def _check_settings(cfg: DistillConfig, path: str, saved: dict) -> None:
+    """Raise ``ValueError`` naming every setting ``cfg`` changes from checkpoint ``path``'s
+    (``saved``, its ``config.json``)."""
     now = dataclasses.asdict(cfg)
     # a setting added after the checkpoint was written had its default then, or the value
     # that reproduces what the code did before it existed
@@ -618,8 +721,8 @@ def _check_settings(cfg: DistillConfig, path: str) -> None:
         raise ValueError(f"cannot resume {path} with different settings ({diffs})")
 
 
-def _load_checkpoint(run: Run, path: str) -> None:
-    _check_settings(run.cfg, path)
+def _load_checkpoint(run: Run, path: str, found: dict) -> None:
+    """Apply checkpoint ``path`` (read by :func:`_verify` into ``found``) to ``run``."""
     if sharded_checkpoint.is_sharded(path) != run.world.distributed:
         kind = "several processes" if run.world.distributed else "one process"
         raise ValueError(f"{path} was not written by a run of {kind}: resume it as it ran")
@@ -632,10 +735,9 @@ def _load_checkpoint(run: Run, path: str) -> None:
             run.alignment.generator.set_state(own["alignment"]["generator"])
         run.step = int(own["step"])
         return
-    run.student.load_trainable_state_dict(
-        read_tensors(os.path.join(path, "student.safetensors"), device=str(run.device))
-    )
-    state = load_state(os.path.join(path, "state"))
+    device = str(run.device)
+    run.student.load_trainable_state_dict({k: v.to(device) for k, v in found["student"].items()})
+    state = found["state"]
     run.optimizer.load_state_dict(state["optimizer"])
     run.loss.load_state_dict(state["loss"])
     _restore_rng(run, state["rng"])
@@ -700,10 +802,9 @@ def distill(
     run = build_run(cfg, alignment=alignment, transformer=transformer)
     main = run.world.main
     if cfg.resume:
-        path = latest_checkpoint(cfg.output)
-        if path is None:
-            raise FileNotFoundError(f"--resume given but {cfg.output} has no checkpoint")
-        _load_checkpoint(run, path)
+        path, found = _resume_point(run)
+        _check_resume(cfg, path, found, run.data)
+        _load_checkpoint(run, path, found)
         logger.info("resumed from %s at step %d", path, run.step)
     elif latest_checkpoint(cfg.output) is not None:
         raise FileExistsError(
@@ -724,6 +825,8 @@ def distill(
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", phase=metrics["phase"])
             if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+                if log is not None:
+                    log.sync()  # the metrics up to a checkpoint outlive a crash as it does
                 _save_checkpoint(run)
             if cfg.preview_every and (run.step % cfg.preview_every == 0 or run.step == cfg.steps):
                 _preview(run, log)
@@ -735,9 +838,23 @@ def distill(
         run.ema.copy_to_params()
     with full_trained_weights(run.student.transformer, run.world):
         if main:
-            run.student.save_pretrained(os.path.join(cfg.output, "student"))
+            _export(run.student, os.path.join(cfg.output, "student"))
     run.world.barrier()
     return run.student
+
+
+def _export(student: MeanFlowStudent, folder: str) -> None:
+    """Write the student to ``folder`` whole (synced, swapped in); non-finite weights are
+    never written (an error is logged and the folder is left as it was)."""
+    try:
+        _check_finite(student.trainable_state_dict(), "the trained student")
+    except ValueError as err:
+        logger.error("%s: %s is left as it was", err, folder)
+        return
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    replace_folder(tmp, folder)
 
 
 # --------------------------------------------------------------------------- command line
@@ -789,8 +906,12 @@ HELP: dict[str, str] = {
     "critic_rank": "rank of the critic's LoRA",
     "critic_ode_steps": "Heun steps of the mean-flow critic's transports",
     "checkpoint_every": "write a checkpoint every N steps",
-    "keep_checkpoints": "checkpoints to keep (the newest)",
-    "resume": "continue from the newest checkpoint in --output",
+    "keep_checkpoints": "checkpoints to keep (the newest; an older one goes only once its "
+    "successor reads back whole)",
+    "resume": "continue from the newest checkpoint in --output that reads back whole "
+    "(a corrupt newer one is skipped with a warning)",
+    "allow_data_change": "with --resume, go on (with a warning) when the data folder's files "
+    "differ from the checkpoint's record",
     "seed": "seed of the model init (--tiny), data order, noise and times",
     "device": "auto (cuda if available), cpu, cuda, cuda:1, ...",
     "weights_dtype": "dtype of the frozen base weights (trained weights are fp32)",

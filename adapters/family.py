@@ -15,7 +15,6 @@ imports no model library it does not need.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_tensor
+from mfcore.adapters._durable import read_json
 
 __all__ = [
     "Call",
@@ -297,8 +297,9 @@ def _class_names(path: str) -> list[str]:
     for sub in ("transformer", ""):
         config = os.path.join(path, sub, "config.json")
         if os.path.isfile(config):
-            with open(config) as f:
-                data = json.load(f)
+            data = read_json(config, "model config")
+            if not isinstance(data, dict):
+                raise ValueError(f"model config {config} is not a JSON object")
             names.append(str(data.get("_class_name")))
             names.extend(str(a) for a in data.get("architectures") or [])
             names.append(str(data.get("model_type")))

@@ -6,12 +6,13 @@ transformer folder. Nothing is downloaded: the entry point reads local folders o
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 from torch import nn
+
+from mfcore.adapters._durable import read_json
 
 __all__ = ["transformer_folder", "load_transformer", "load_scheduler_config", "load_vae"]
 
@@ -33,8 +34,8 @@ def load_transformer(
     """``model_cls.from_pretrained`` on the checkpoint's transformer, after checking that its
     config names ``model_cls`` (``ValueError`` naming the class it holds otherwise)."""
     folder = transformer_folder(path)
-    with open(os.path.join(folder, "config.json")) as f:
-        cls = json.load(f).get("_class_name")
+    config = read_json(os.path.join(folder, "config.json"), "model config")
+    cls = config.get("_class_name") if isinstance(config, dict) else None
     if cls != model_cls.__name__:
         raise ValueError(f"{path} holds a {cls} checkpoint, not {label} ({model_cls.__name__})")
     return model_cls.from_pretrained(folder, torch_dtype=dtype)
@@ -45,8 +46,7 @@ def load_scheduler_config(path: str | os.PathLike) -> dict[str, Any]:
     sched = os.path.join(path, "scheduler", "scheduler_config.json")
     if not os.path.isfile(sched):
         return {}
-    with open(sched) as f:
-        return json.load(f)
+    return read_json(sched, "scheduler config")
 
 
 def load_vae(path: str | os.PathLike, vae_cls: type, dtype: torch.dtype) -> nn.Module | None:

@@ -1,6 +1,7 @@
 """What a distillation run shows while it runs: JSONL metrics, TensorBoard, preview images.
 
-Every step's metrics go to ``metrics.jsonl`` (one JSON object a line); when TensorBoard is
+Every step's metrics go to ``metrics.jsonl`` (one strict JSON object a line: a non-finite
+number is written as ``null``, the JSON of a missing value); when TensorBoard is
 installed (``pip install tensorboard``, read through ``torch.utils.tensorboard``) the same
 scalars go to ``<output>/tensorboard``. Preview images (1- and 2-step samples of the EMA
 student) are written as PNG files under ``<output>/previews`` and, with TensorBoard, as
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -19,22 +21,55 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from mfcore.adapters._durable import write_atomic
+
 __all__ = ["RunLog", "latents_to_images", "truncate_log"]
 
 logger = logging.getLogger(__name__)
 
 
+def _parse(path: str, lines: list[str]) -> list[dict]:
+    """The JSON objects of a log's lines; a torn last line (a kill while it was written) is
+    dropped with a warning, any other unreadable line raises ``ValueError`` naming it."""
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                logger.warning("%s: dropping its torn last line %d (%s)", path, i + 1, err)
+                return rows
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({err})") from None
+    return rows
+
+
 def truncate_log(path: str, step: int) -> None:
     """Drop the lines of a JSONL log past ``step`` (written after the checkpoint a run
-    resumes from), so each step is logged once."""
+    resumes from), so each step is logged once, and a torn last line."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.readlines() if line.strip()]
+    rows = _parse(path, lines)
+    kept = [line for line, row in zip(lines, rows, strict=False) if row.get("step", 0) <= step]
+    # (strict=False: a torn last line has no row)
     if len(kept) != len(lines):
-        with open(path, "w") as f:
-            f.writelines(kept)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+
+        write_atomic(path, write)
+
+
+def _json_value(v: Any) -> Any:
+    """``v``, with every non-finite float in it as ``None`` (strict JSON has no
+    ``Infinity``)."""
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_value(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def latents_to_images(latents: Tensor) -> list[PIL.Image.Image]:
@@ -80,11 +115,15 @@ class RunLog:
             except ImportError:
                 logger.info("TensorBoard is not installed: metrics go to metrics.jsonl only")
             else:
-                self.writer = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=step)
+                # events past the checkpoint's step go; its own step's stay (logged once)
+                folder = os.path.join(output, "tensorboard")
+                self.writer = SummaryWriter(folder, purge_step=step + 1)
 
     def metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        """Log one step's metrics (numbers to TensorBoard, everything to the JSONL file)."""
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        """Log one step's metrics (numbers to TensorBoard, everything to the JSONL file, a
+        non-finite number as ``null``)."""
+        row = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         if self.writer is not None:
             for k, v in metrics.items():
@@ -103,8 +142,16 @@ class RunLog:
             self.writer.add_image(f"preview/{tag}", np.asarray(grid), step, dataformats="HWC")
         return path
 
+    def sync(self) -> None:
+        """Flush the metrics written so far to the disk (with each checkpoint)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         """Flush and close the files."""
+        self.sync()
         self._file.close()
         if self.writer is not None:
             self.writer.close()

@@ -20,6 +20,7 @@ hyperparameters, counters) go to the rank files, never into DCP.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ from mfcore.adapters.ema import EMA
 from mfcore.adapters.parallel import World
 from mfcore.warmup import SwitchRollback
 
-__all__ = ["DCP_FOLDER", "Stateful", "is_sharded", "save", "load"]
+__all__ = ["DCP_FOLDER", "Stateful", "is_sharded", "rank_stem", "read_metadata", "save", "load"]
 
 #: The DCP sub-folder of a sharded checkpoint.
 DCP_FOLDER = "dcp"
@@ -75,8 +76,19 @@ def is_sharded(folder: str | os.PathLike) -> bool:
     return os.path.isdir(os.path.join(folder, DCP_FOLDER))
 
 
-def _rank_stem(folder: str | os.PathLike, rank: int) -> str:
+def rank_stem(folder: str | os.PathLike, rank: int) -> str:
+    """The stem of ``rank``'s own files in a checkpoint folder (``rank-XXXXX``)."""
     return os.path.join(folder, f"rank-{rank:05d}")
+
+
+def read_metadata(folder: str | os.PathLike) -> Any:
+    """The DCP metadata of a checkpoint folder; ``ValueError`` naming the folder if it is
+    missing or unreadable."""
+    path = os.path.join(folder, DCP_FOLDER)
+    try:
+        return dcp.FileSystemReader(path).read_metadata()
+    except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ValueError(f"checkpoint {path} has no readable DCP metadata ({err})") from None
 
 
 def _optimizer_tensors(state: dict, prefix: str) -> dict[str, Tensor]:
@@ -144,7 +156,7 @@ def save(folder: str | os.PathLike, state: Stateful, rank_state: dict, world: Wo
     flat, meta = _tensors(state, saved)
     dcp.save(flat, checkpoint_id=os.path.join(folder, DCP_FOLDER))
     own = {"world_size": world.size, "rank": world.rank, "shared": meta, "own": rank_state}
-    save_state(own, _rank_stem(folder, world.rank))
+    save_state(own, rank_stem(folder, world.rank))
 
 
 def _template(state: Stateful, meta: dict) -> dict[str, Tensor]:
@@ -178,7 +190,7 @@ def load(folder: str | os.PathLike, state: Stateful, world: World) -> dict:
             both), or lacks a rank file.
         FileNotFoundError: if this rank's file is missing.
     """
-    own = load_state(_rank_stem(folder, world.rank))
+    own = load_state(rank_stem(folder, world.rank))
     if own["world_size"] != world.size:
         raise ValueError(
             f"{folder} was written by {own['world_size']} processes, this run has "
@@ -187,7 +199,7 @@ def load(folder: str | os.PathLike, state: Stateful, world: World) -> dict:
         )
     meta = own["shared"]
     template = _template(state, meta)
-    stored = dcp.FileSystemReader(os.path.join(folder, DCP_FOLDER)).read_metadata()
+    stored = read_metadata(folder)
     flat = {k: v for k, v in template.items() if k in stored.state_dict_metadata}
     missing = sorted(k for k in template if k.startswith(("model/", "ema/")) and k not in flat)
     if missing:

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_interval, check_time
+from mfcore.adapters._durable import read_json
 from mfcore.adapters._state import read_tensors
 from mfcore.adapters.family import Family
 from mfcore.adapters.lora import (
@@ -333,7 +334,8 @@ class MeanFlowStudent(SharedWeightsStudent):
                 f"{directory} has LoRA {meta['lora']}, this student {self.lora_spec.to_dict()}"
             )
         self.family.load_lora(str(directory), self.transformer, self.adapter_name)
-        self._load_interval(read_tensors(os.path.join(directory, INTERVAL_WEIGHT_NAME)))
+        path = os.path.join(directory, INTERVAL_WEIGHT_NAME)
+        self._load_interval(read_tensors(path, what="student file"))
 
     @classmethod
     def from_pretrained(
@@ -377,8 +379,9 @@ def read_student_config(directory: str | os.PathLike, family: Family) -> dict[st
         raise FileNotFoundError(
             f"no saved {family.label} student at {directory} (missing {family.student_config_name})"
         )
-    with open(path) as f:
-        meta = json.load(f)
+    meta = read_json(path, "student config")
+    if not isinstance(meta, dict):
+        raise ValueError(f"student config {path} is not a JSON object")
     if meta.get("format") != family.student_format:
         raise ValueError(
             f"{path} is not a saved {family.label} student (format {meta.get('format')!r})"

@@ -232,7 +232,7 @@ def resume_worker(rank: int, folder: str, cfg: DistillConfig) -> None:
         distill_module._train_step(one)
     distill_module._save_checkpoint(one)
     two = setup(dataclasses.replace(late, resume=True))
-    distill_module._load_checkpoint(two, distill_module.latest_checkpoint(two.cfg.output))
+    distill_module._load_checkpoint(two, *distill_module._resume_point(two))
     copies = [run.rollback.saved for run in (one, two)]
     rolled = []
     for run in (one, two):

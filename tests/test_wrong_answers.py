@@ -328,12 +328,15 @@ def test_1_6_resume_logs_each_step_once_and_a_torn_checkpoint_is_named(tmp_path,
     with open(os.path.join(tmp_path, "out", "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [1, 2, 3, 4]
-    # truncate the newest checkpoint's student file: a named error, not a SafetensorError
-    path = os.path.join(latest_checkpoint(tmp_path / "out"), "student.safetensors")
-    with open(path, "rb") as f:
-        head = f.read(100)
-    with open(path, "wb") as f:
-        f.write(head)
+    # truncate every checkpoint's student file: a named error, not a SafetensorError (with
+    # one intact checkpoint left, the resume falls back to it: test_checkpoint_faults.py)
+    root = os.path.join(tmp_path, "out", "checkpoints")
+    for name in os.listdir(root):
+        path = os.path.join(root, name, "student.safetensors")
+        with open(path, "rb") as f:
+            head = f.read(100)
+        with open(path, "wb") as f:
+            f.write(head)
     err = _usage_error(_flux_argv(tmp_path, flux_data, "--steps", "5", "--resume", *common), capsys)
     assert "student.safetensors" in err and "corrupt" in err
 

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -560,32 +558,76 @@ def _run_dir(cfg: ToyConfig) -> Path | None:
 
 
 def read_checkpoint(cfg: ToyConfig) -> dict[str, Any]:
-    """The checkpoint a ``resume`` run continues from; raises ``FileNotFoundError`` when the
-    run folder has none and ``ValueError`` when it was written with other settings."""
-    from mfcore.adapters._state import load_state  # safetensors: a toys dependency
+    """The checkpoint a ``resume`` run continues from.
+
+    A save interrupted by a kill leaves ``checkpoint/`` or ``checkpoint.old/`` whole
+    (:func:`mfcore.adapters._durable.replace_folder`): the newer that reads back is taken, a
+    corrupt one skipped with a warning naming it.
+
+    Raises:
+        FileNotFoundError: when the run folder has no checkpoint.
+        ValueError: when none reads back whole (a corrupt file, a missing entry, non-finite
+            weights, each named) or it was written with other settings.
+    """
+    from mfcore.adapters._durable import whole_folders  # safetensors: a toys dependency
 
     run_dir = _run_dir(cfg)
-    if run_dir is None or not (run_dir / "checkpoint" / "state.json").is_file():
+    folders = [] if run_dir is None else whole_folders(run_dir / "checkpoint")
+    if not folders:
         raise FileNotFoundError(f"resume: no checkpoint in {run_dir}/checkpoint")
-    state = load_state(run_dir / "checkpoint" / "state")
-    now = dataclasses.asdict(cfg)
-    changed = [k for k in now if k not in _RESUMABLE and state["config"].get(k) != now[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"resume: {run_dir}/checkpoint has other settings ({diffs})")
+    reasons = []
+    for folder in folders:
+        try:
+            state = _read_state(Path(folder))
+        except (ValueError, FileNotFoundError) as err:
+            reasons.append(str(err))
+            logger.warning("resume: skipping %s (%s)", folder, err)
+            continue
+        now = dataclasses.asdict(cfg)
+        changed = [k for k in now if k not in _RESUMABLE and state["config"].get(k) != now[k]]
+        if changed:
+            diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(f"resume: {folder} has other settings ({diffs})")
+        return state
+    raise ValueError(f"resume: no checkpoint of {run_dir} reads back whole: {'; '.join(reasons)}")
+
+
+_ENTRIES = ("config", "step", "wall_s", "student", "optimizer", "loss", "alignments")
+_ENTRIES += ("rollback", "rng", "teacher_points", "history", "probes", "at_switch")
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's state, every entry present and the student's weights finite."""
+    from mfcore.adapters._state import check_entries, load_state
+
+    state = load_state(folder / "state")
+    check_entries(state, _ENTRIES, folder)
+    bad = _non_finite(state["student"])
+    if bad:
+        raise ValueError(f"{folder}: the student's weights are non-finite in {bad[:3]}")
     return state
 
 
+def _non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors of ``weights`` holding a NaN or an infinity."""
+    return [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]
+
+
 def _save_checkpoint(run_dir: Path, state: dict) -> None:
-    """Write ``<run_dir>/checkpoint/`` (replaced whole: a kill leaves the old one or the new)."""
+    """Write ``<run_dir>/checkpoint/``: whole, synced, then swapped in (a kill leaves the old
+    one or the new); a student with non-finite weights is not saved over it."""
+    from mfcore.adapters._durable import replace_folder
     from mfcore.adapters._state import save_state
 
+    bad = _non_finite(state["student"])
+    if bad:
+        logger.warning("not checkpointing step %d: non-finite weights in %s", state["step"], bad)
+        return
     final, tmp = run_dir / "checkpoint", run_dir / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_state(state, tmp / "state")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)
 
 
 def _train(cfg, gmm, student, teacher, gen, probe, job: _Job) -> dict[str, Any]:
@@ -802,10 +844,19 @@ def _write(
         return None
     from safetensors.torch import save_file
 
+    from mfcore.adapters._durable import write_atomic, write_json
+
     run_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
-    save_file(weights, str(run_dir / "student.safetensors"))
-    (run_dir / "metrics.json").write_text(json.dumps(results | {"run_dir": str(run_dir)}, indent=1))
+    bad = _non_finite(weights)
+    if bad:  # a collapsed run: its metrics say so, and an earlier student file stays
+        logger.warning("not writing student.safetensors: non-finite weights in %s", bad[:3])
+    else:
+        write_atomic(run_dir / "student.safetensors", lambda tmp: save_file(weights, tmp))
+    # (allow_nan: a collapsed run's loss history may hold infinities, as before)
+    write_json(
+        run_dir / "metrics.json", results | {"run_dir": str(run_dir)}, indent=1, allow_nan=True
+    )
     if cfg.figures and teacher.dim == 2:
         from . import plots
 
