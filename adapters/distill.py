@@ -103,7 +103,7 @@ from mfcore.adapters.student import MeanFlowStudent
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.targets import DifferentialTarget, TeacherODETarget
-from mfcore.time import LogitNormalTime, TimePairSampler
+from mfcore.time import GridPairSampler, LogitNormalTime, TimePairSampler
 from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
 
 __all__ = [
@@ -168,6 +168,7 @@ class DistillConfig:
     jvp: str = "func"
     single_forward: bool = False
     equal_fraction: float = 0.75
+    grid_fraction: float = 0.0
     time_mean: float = -0.4
     time_std: float = 1.0
     shift_times: bool = True
@@ -246,15 +247,19 @@ class DistillConfig:
         if self.weights_dtype not in _DTYPES:
             raise ValueError(f"weights_dtype must be one of {tuple(_DTYPES)}")
         check_real("lr", self.lr, minimum=0.0, strict=True)
+        if not check_real("grid_fraction", self.grid_fraction, minimum=0.0) <= 1.0:
+            raise ValueError(f"grid_fraction must lie in [0, 1], got {self.grid_fraction!r}")
         if not 0.0 <= check_real("ema_decay", self.ema_decay, minimum=0.0) < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+# the sampling grids whose intervals grid_fraction trains (the step counts users sample with)
+GRID_STEPS = (1, 2, 4)
 
 # What a checkpoint that predates a setting ran with (before the gate and guard existed the
 # switch was fixed and unguarded; before the families every run was FLUX's).
-_LEGACY = {"switch": "fixed", "guard": False, "family": "flux"}
+_LEGACY = {"switch": "fixed", "guard": False, "family": "flux", "grid_fraction": 0.0}
 # Settings that may differ between a run and its resumption (the EMA shadows the weights
 # without steering them; a checkpoint without one starts it from the resumed weights).
 _RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "output"}
@@ -312,12 +317,20 @@ def _build_loss(
     cfg: DistillConfig, data: LatentDataset, scheduler: dict, world: World
 ) -> MeanFlowLoss:
     base = LogitNormalTime(cfg.time_mean, cfg.time_std)
+    assert data.shapes is not None
+    _, h, w = data.shapes["latents"]
     if cfg.shift_times:
-        assert data.shapes is not None
-        _, h, w = data.shapes["latents"]
         base = data.family.shift_times(base, h, w, scheduler)
+    pairs: Any = TimePairSampler(base, equal_fraction=cfg.equal_fraction)
+    if cfg.grid_fraction > 0:
+        # the intervals the 1-, 2- and 4-step samplers take, on the family's own grid
+        grids = tuple(
+            data.family.sampling_grid(k, h, w, scheduler=scheduler, dtype=torch.float64)
+            for k in GRID_STEPS
+        )
+        pairs = GridPairSampler(pairs, grids, cfg.grid_fraction)
     return MeanFlowLoss(
-        time_sampler=TimePairSampler(base, equal_fraction=cfg.equal_fraction),
+        time_sampler=pairs,
         target=_build_target(
             cfg, world.reduce if world.distributed else None, always_call=world.mode == "fsdp"
         ),
@@ -892,6 +905,8 @@ HELP: dict[str, str] = {
     "jvp": "how du/dt is taken: func (forward AD), autograd (double backward) or fd",
     "single_forward": "take du/dt and the loss's forward in one pass (no checkpointing then)",
     "equal_fraction": "fraction of (r, t) pairs with r = t (flow matching)",
+    "grid_fraction": "fraction of (r, t) pairs that are intervals of the 1-, 2- and 4-step "
+    "sampling grids (the maps a few-step student is used for)",
     "time_mean": "mean of the logit-normal time sampler",
     "time_std": "standard deviation of the logit-normal time sampler",
     "shift_times": "shift the sampled times as the family's schedule shifts",

@@ -240,3 +240,25 @@ def test_cli_make_data_and_a_tiny_run(tmp_path, family, capsys):
     assert main(argv) == 0
     student = tmp_path / "out" / "student"
     assert os.path.isfile(student / get_family(family).student_config_name)
+
+
+@pytest.mark.parametrize("family", ["flux", "hunyuanimage2"])
+def test_grid_fraction_draws_the_intervals_of_the_familys_few_step_grids(tmp_path, family):
+    import dataclasses
+
+    from mfcore.adapters.distill import GRID_STEPS, build_run, resolve_family
+
+    data_dir = str(tmp_path / "data")
+    make_synthetic_data(data_dir, family=family, num_files=1, per_file=2, height=8, width=8)
+    cfg = DistillConfig(data=data_dir, output=str(tmp_path / "o"), tiny=True, family=family,
+                        device="cpu", weights_dtype="fp32", lora_rank=2, progress=False,
+                        grid_fraction=1.0)  # fmt: skip
+    run = build_run(dataclasses.replace(cfg, family=resolve_family(cfg)))
+    r, t = run.loss.time_sampler(512, generator=torch.Generator().manual_seed(0))
+    fam = get_family(family)
+    grids = [fam.sampling_grid(k, 8, 8, dtype=torch.float64).float() for k in GRID_STEPS]
+    intervals = {(float(g[i + 1]), float(g[i])) for g in grids for i in range(len(g) - 1)}
+    drawn = {(float(a), float(b)) for a, b in zip(r, t, strict=True)}
+    assert drawn == intervals  # every interval of every grid, and nothing else
+    with pytest.raises(ValueError, match="grid_fraction"):
+        DistillConfig(data=data_dir, output="o", tiny=True, grid_fraction=1.5)
