@@ -63,7 +63,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mfcore._checks import check_choice, check_positive_int, check_real
+from mfcore._checks import check_choice, check_int64, check_positive_int, check_real, cli_int
 from mfcore.adapters import sharded_checkpoint
 from mfcore.adapters._state import load_state, read_tensors, save_state
 from mfcore.adapters.alignment import CRITICS, Alignment, FakeVelocity
@@ -213,6 +213,7 @@ class DistillConfig:
         for name in ("warmup_steps", "align_start", "critic_lead", "preview_every"):
             check_positive_int(name, getattr(self, name), minimum=0)
         check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        check_int64("seed", self.seed)
         if not (isinstance(self.grad_clip, int | float) and self.grad_clip > 0):
             raise ValueError(
                 f"grad_clip must be > 0 (inf turns clipping off), got {self.grad_clip!r}"
@@ -805,7 +806,7 @@ HELP: dict[str, str] = {
 
 
 # The type of the flags whose default is None.
-_OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size": int}
+_OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size": cli_int}
 
 
 def _add_train(sub: Any) -> None:
@@ -829,7 +830,8 @@ def _add_train(sub: Any) -> None:
         elif field.name in _OPTIONAL:
             tr.add_argument(flag, type=_OPTIONAL[field.name], **kw)
         else:
-            tr.add_argument(flag, type=type(value), **kw)
+            kind = cli_int if isinstance(value, int) else type(value)
+            tr.add_argument(flag, type=kind, **kw)
 
 
 def _add_make_data(sub: Any) -> None:
@@ -848,16 +850,16 @@ def _add_make_data(sub: Any) -> None:
         "seq_len": (8, "prompt length in tokens"),
     }
     for name, (value, text) in sizes.items():
-        md.add_argument("--" + name.replace("_", "-"), type=int, default=value, help=text)
+        md.add_argument("--" + name.replace("_", "-"), type=cli_int, default=value, help=text)
     for name in ("joint_attention_dim", "pooled_projection_dim", "text_embed_dim", "vocab_size"):
         md.add_argument(
             "--" + name.replace("_", "-"),
-            type=int,
+            type=cli_int,
             default=None,
             help=f"the condition's {name} (default: the family's tiny model's)",
         )
     md.add_argument("--negatives", action="store_true", help="also write negative prompts")
-    md.add_argument("--seed", type=int, default=0, help="seed of the random values")
+    md.add_argument("--seed", type=cli_int, default=0, help="seed of the random values")
 
 
 def build_parser(prog: str = "mfcore-distill") -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mfcore._checks import check_positive_int, check_real
+from mfcore._checks import check_positive_int, check_real, cli_int
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import seeded_noise, vae_scale_factor
 from mfcore.adapters.student import Teacher
@@ -245,15 +245,18 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
         default=None,
         help="folder of images, one per prompt (sorted by name); default: teacher samples",
     )
-    pr.add_argument("--height", type=int, default=1024, help="image height in pixels")
-    pr.add_argument("--width", type=int, default=1024, help="image width in pixels")
+    pr.add_argument("--height", type=cli_int, default=1024, help="image height in pixels")
+    pr.add_argument("--width", type=cli_int, default=1024, help="image width in pixels")
     pr.add_argument(
         "--negative-prompt",
         default=None,
         help="negative prompt (written for two-pass CFG teachers)",
     )
     pr.add_argument(
-        "--teacher-steps", type=int, default=28, help="teacher ODE steps when there are no images"
+        "--teacher-steps",
+        type=cli_int,
+        default=28,
+        help="teacher ODE steps when there are no images",
     )
     pr.add_argument(
         "--guidance-scale",
@@ -264,7 +267,7 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
     pr.add_argument(
         "--true-cfg-scale", type=float, default=1.0, help="teacher's two-pass CFG scale"
     )
-    pr.add_argument("--per-file", type=int, default=16, help="samples per file")
+    pr.add_argument("--per-file", type=cli_int, default=16, help="samples per file")
     pr.add_argument(
         "--dtype",
         choices=tuple(_DTYPES),
@@ -272,7 +275,7 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
         help="dtype of the encoders, VAE and teacher",
     )
     pr.add_argument(
-        "--seed", type=int, default=0, help="seed of the VAE sampling and the teacher's noise"
+        "--seed", type=cli_int, default=0, help="seed of the VAE sampling and the teacher's noise"
     )
 
 

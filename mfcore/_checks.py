@@ -12,6 +12,7 @@ it look again, to say which condition broke.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import math
 import warnings
@@ -33,6 +34,30 @@ def check_positive_int(name: str, n: object, *, minimum: int = 1) -> int:
     if n < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
     return n
+
+
+#: The range of torch's 64-bit integers (seeds, counts): a Python int past it overflows there.
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def check_int64(name: str, n: object) -> int:
+    """Raise unless ``n`` is an int (not a bool) that fits in int64 (torch's seeds and counts)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    low, high = INT64_RANGE
+    if not low <= n <= high:
+        raise ValueError(f"{name} must fit in int64 [{low}, {high}], got {n}")
+    return n
+
+
+def cli_int(text: str) -> int:
+    """An argparse ``type``: an integer flag that fits in int64 (an overflow is a usage error
+    naming the flag, not a library exception at its first use)."""
+    try:
+        return check_int64("the value", int(text))
+    except ValueError as err:
+        what = str(err) if "int64" in str(err) else f"invalid int value: {text!r}"
+        raise argparse.ArgumentTypeError(what) from None
 
 
 def check_real(

@@ -109,6 +109,16 @@ def _flux_train(tmp, *flags: str) -> int:
     return main([*argv, "--device", "cpu", "--no-progress", *flags])
 
 
+def _distill_train(tmp, *flags: str) -> int:
+    from mfcore.adapters.distill import main
+    from mfcore.adapters.flux_distill import make_synthetic_data
+
+    data = tmp / "data"
+    make_synthetic_data(data, num_files=1, per_file=2, height=4, width=4, seq_len=4)
+    argv = ["train", "--tiny", "--family", "flux", "--data", str(data), "--output", str(tmp / "o")]
+    return main([*argv, "--device", "cpu", "--no-progress", *flags])
+
+
 def flux_cli(case_id: str, call, names: str) -> Case:
     return Case(f"flux_distill {case_id}", call, "usage", names, True)
 
@@ -487,6 +497,13 @@ CASES = [
     toy_cli("--resume without a checkpoint", ["--resume", "--name", "none"], "resume"),
     toy_cli("--save-every -1", ["--save-every", "-1"], "save_every"),
     toy_cli("--threads 0", ["--threads", "0"], "threads"),
+    toy_cli("--seed 2**70 past int64", ["--seed", str(2**70)], "seed"),
+    api(
+        "toy seed 2**70 past int64",
+        lambda: toy.ToyConfig(seed=2**70).validate(),
+        ValueError,
+        "seed",
+    ),
     # ------------------------------------------------------------------ flux_distill
     flux_cli(
         "--keep-checkpoints 0",
@@ -498,6 +515,23 @@ CASES = [
         "make-data --per-file 0",
         lambda tmp: _flux_main(["make-data", str(tmp / "d"), "--per-file", "0"]),
         "per_file",
+    ),
+    flux_cli(
+        "--seed 2**70 past int64",
+        lambda tmp: _flux_train(tmp, "--seed", str(2**70)),
+        "seed",
+    ),
+    flux_cli(
+        "make-data --seed 2**70 past int64",
+        lambda tmp: _flux_main(["make-data", str(tmp / "d"), "--seed", str(2**70)]),
+        "seed",
+    ),
+    Case(
+        "mfcore-distill --seed 2**70 past int64",
+        lambda tmp: _distill_train(tmp, "--seed", str(2**70)),
+        "usage",
+        "seed",
+        True,
     ),
     flux_cli(
         "train without --data",

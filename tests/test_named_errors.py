@@ -1,0 +1,80 @@
+"""Issue 17, section 4: no hang, no silent result, every error naming its cause.
+
+Each test is named after the item it covers. The table of plain bad arguments lives in
+``tests/test_bad_input.py``; here are the cases that need more than one call: a launch
+environment (in a subprocess with a short timeout, so that a regression fails instead of
+hanging), a non-finite loss and what caused it, and results that used to pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mfcore.adapters.launch import LaunchError, launch_env
+from mfcore.adapters.parallel import join
+from tests.test_distill import data
+
+_STRAY = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531"}
+
+
+def _run(code_or_argv: list[str], env: dict[str, str], timeout: float = 180):
+    clean = {k: v for k, v in os.environ.items() if k not in (*_STRAY, "LOCAL_RANK")}
+    return subprocess.run(
+        [sys.executable, *code_or_argv],
+        env={**clean, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------------- launch environment
+
+
+def test_stray_launch_variables_without_torchrun_are_a_usage_error_not_a_hang(tmp_path):
+    folder = data(tmp_path, "flux")
+    argv = ["-m", "mfcore.adapters.distill", "train", "--tiny", "--data", str(folder)]
+    argv += ["--output", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
+    done = _run(argv, _STRAY)
+    assert done.returncode == 2, done.stderr
+    assert "LOCAL_RANK" in done.stderr and "WORLD_SIZE=2" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_rendezvous_whose_peers_never_come_times_out_by_name():
+    code = "from mfcore.adapters.parallel import join; join('cpu', timeout=2)"
+    done = _run(["-c", code], {**_STRAY, "LOCAL_RANK": "0", "MASTER_PORT": "29532"}, 60)
+    assert done.returncode != 0
+    assert "LaunchError" in done.stderr and "within 2 s" in done.stderr, done.stderr
+    assert "WORLD_SIZE=2" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE"),
+        ({"RANK": "1"}, "RANK=1 is set without WORLD_SIZE"),
+        ({**_STRAY, "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=3"),
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "lacks RANK, MASTER_ADDR, MASTER_PORT"),
+    ],
+)
+def test_an_inconsistent_launch_environment_names_its_variables(env, names):
+    with pytest.raises(LaunchError, match=names):
+        launch_env(env)
+
+
+def test_world_size_one_alone_is_one_process(monkeypatch):
+    assert launch_env({"WORLD_SIZE": "1"}) is None
+    assert launch_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    assert launch_env({}) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert join("cpu")[:2] == (0, 1)
+    full = {**_STRAY, "LOCAL_RANK": "1", "RANK": "1"}
+    launch = launch_env(full)
+    assert launch is not None and (launch.rank, launch.size, launch.local_rank) == (1, 2, 1)
