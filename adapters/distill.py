@@ -231,6 +231,8 @@ class DistillConfig:
         if self.warmup_threshold is not None:
             check_real("warmup_threshold", self.warmup_threshold, minimum=0.0, strict=True)
         check_real("align_weight", self.align_weight, minimum=0.0)
+        check_real("guidance_scale", self.guidance_scale)
+        check_real("true_cfg_scale", self.true_cfg_scale, minimum=1.0)
         check_real("critic_lr", self.critic_lr, minimum=0.0, strict=True)
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {self.jvp!r}")

@@ -40,7 +40,7 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from mfcore._checks import check_tensor, check_time
+from mfcore._checks import check_real, check_tensor, check_time
 from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
 from mfcore.adapters.interval import diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
@@ -375,7 +375,7 @@ class HunyuanMeanFlow(nn.Module):
             raise ValueError("transformer is not a use_meanflow checkpoint (no timestep_r input)")
         self.transformer = transformer
         self.family = FAMILY
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = check_real("guidance_scale", guidance_scale)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Average velocity over ``[r, t]`` ``(B, C, H, W)``; ``r``, ``t`` ``(B,)``."""

@@ -191,6 +191,7 @@ def prepare(
     prompts = read_prompts(prompts_file)
     per_file = check_positive_int("per_file", per_file)
     teacher_steps = check_positive_int("teacher_steps", teacher_steps)
+    check_real("guidance_scale", guidance_scale)
     check_real("true_cfg_scale", true_cfg_scale, minimum=1.0)
     torch_dtype = _DTYPES[dtype]
     vae = fam.load_vae(model_path, torch_dtype)

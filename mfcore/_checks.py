@@ -192,6 +192,20 @@ def check_tensor(name: str, x: object, *, floating: bool = True, ndim_min: int =
     return x
 
 
+def check_batch(name: str, x: object) -> Tensor:
+    """Raise unless ``x`` is a floating batch ``(B, ...)``: ``B >= 1`` samples of at least one
+    feature dimension (a ``(B,)`` tensor is ``B`` scalars: reshape it to ``(B, 1)``)."""
+    x = check_tensor(name, x)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (B, ...) with at least one dimension per sample, got "
+            f"{tuple(x.shape)} (reshape scalar samples to (B, 1))"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): B must be >= 1")
+    return x
+
+
 def check_like(name: str, x: object, ref: Tensor, ref_name: str = "z") -> Tensor:
     """Raise unless ``x`` is a floating tensor with the shape and device of ``ref``."""
     x = check_tensor(name, x)

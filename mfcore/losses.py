@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mfcore._checks import (
+    check_batch,
     check_callable,
     check_interval,
     check_like,
@@ -111,7 +112,7 @@ def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
     Returns:
         ``(B,)`` in the compute dtype of ``pred`` (fp32 at least, fp64 stays fp64).
     """
-    check_tensor("pred", pred, ndim_min=1)
+    check_batch("pred", pred)
     check_like("target", target, pred, "pred")
     return _sq_error(pred, target)
 
@@ -123,7 +124,7 @@ def _sq_error(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def _prepare(x, noise, generator):
-    check_tensor("x", x, ndim_min=1)
+    check_batch("x", x)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     else:

@@ -25,7 +25,7 @@ from mfcore.critics import (
     kernel_discrepancy,
     renoise,
 )
-from mfcore.guidance import MeanFlowGuidance
+from mfcore.guidance import ClassifierFreeGuidance, MeanFlowGuidance, cfg_velocity
 from mfcore.jvp import total_derivative
 from mfcore.losses import (
     AdaptiveWeight,
@@ -358,6 +358,25 @@ CASES = [
         ValueError,
         "teacher output",
     ),
+    api(
+        "MeanFlowLoss empty batch",
+        lambda: MeanFlowLoss()(STUDENT, Z[:0], r=R[:0], t=T[:0]),
+        ValueError,
+        "x is an empty batch",
+    ),
+    api("MeanFlowLoss (B,) data", lambda: MeanFlowLoss()(u_fn, Z[:, 0]), ValueError, "x must"),
+    api(
+        "FlowMatchingLoss empty batch",
+        lambda: FlowMatchingLoss()(teacher, Z[:0], t=T[:0]),
+        ValueError,
+        "x is an empty batch",
+    ),
+    api(
+        "FlowMatchingLoss (B,) data",
+        lambda: FlowMatchingLoss()(teacher, Z[:, 0]),
+        ValueError,
+        "x must",
+    ),
     api("sample_path t 1.5", lambda: sample_path(Z, Z, T + 0.75), ValueError, "t must lie"),
     api("per_sample_sq_error target", lambda: per_sample_sq_error(Z, Z[:1]), ValueError, "target"),
     api(
@@ -402,6 +421,13 @@ CASES = [
         lambda: MeanFlowGuidance(1.0, uncond={}, label_dropout=1.0),
         ValueError,
         "label_dropout",
+    ),
+    api("cfg_velocity scale nan", lambda: cfg_velocity(V, Z, math.nan), ValueError, "scale"),
+    api(
+        "ClassifierFreeGuidance scale inf",
+        lambda: ClassifierFreeGuidance(teacher, math.inf, uncond={}),
+        ValueError,
+        "scale",
     ),
     # ------------------------------------------------------------------ critics
     api("AlignmentLoss critic object", lambda: AlignmentLoss(object()), TypeError, "critic"),
@@ -510,6 +536,16 @@ CASES = [
         lambda tmp: _flux_train(tmp, "--keep-checkpoints", "0"),
         "keep_checkpoints",
     ),
+    flux_cli(
+        "--guidance-scale nan",
+        lambda tmp: _flux_train(tmp, "--guidance-scale", "nan"),
+        "guidance_scale",
+    ),
+    flux_cli(
+        "--true-cfg-scale inf",
+        lambda tmp: _flux_train(tmp, "--true-cfg-scale", "inf"),
+        "true_cfg_scale",
+    ),
     flux_cli("--grad-clip nan", lambda tmp: _flux_train(tmp, "--grad-clip", "nan"), "grad_clip"),
     flux_cli(
         "make-data --per-file 0",
@@ -542,7 +578,7 @@ CASES = [
 
 
 def test_the_table_is_large_and_its_ids_are_unique():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 110
     assert len({case.id for case in CASES}) == len(CASES)
 
 

@@ -8,14 +8,18 @@ hanging), a non-finite loss and what caused it, and results that used to pass si
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from mfcore.adapters.family import get_family
 from mfcore.adapters.launch import LaunchError, launch_env
 from mfcore.adapters.parallel import join
+from mfcore.adapters.student import MeanFlowStudent, Teacher
 from tests.test_distill import data
 
 _STRAY = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531"}
@@ -78,3 +82,23 @@ def test_world_size_one_alone_is_one_process(monkeypatch):
     full = {**_STRAY, "LOCAL_RANK": "1", "RANK": "1"}
     launch = launch_env(full)
     assert launch is not None and (launch.rank, launch.size, launch.local_rank) == (1, 2, 1)
+
+
+# ---------------------------------------------------------------------- scales are finite
+
+
+@pytest.mark.parametrize(
+    ("kw", "names"),
+    [
+        ({"guidance_scale": math.nan}, "guidance_scale"),
+        ({"true_cfg_scale": math.inf}, "true_cfg_scale"),
+    ],
+)
+def test_every_teachers_guidance_scale_is_checked_for_finiteness(kw, names):
+    fam = get_family("flux")
+    model = fam.tiny_model(0, torch.float32, True)
+    with pytest.raises(ValueError, match=f"{names} must be finite"):
+        Teacher(model, fam, **kw)
+    if "guidance_scale" in kw:
+        with pytest.raises(ValueError, match="guidance_scale must be finite"):
+            MeanFlowStudent(model, fam, **kw)
