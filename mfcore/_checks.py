@@ -16,11 +16,11 @@ import argparse
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _T = TypeVar("_T")
 
@@ -239,6 +239,47 @@ def check_finite(name: str, x: Tensor) -> Tensor:
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"{name} is not finite (NaN or inf)")
     return x
+
+
+def _bad_rows(x: Tensor) -> str:
+    rows = (~torch.isfinite(x.detach())).reshape(x.shape[0], -1).any(1).nonzero().flatten()
+    shown = ", ".join(str(i) for i in rows[:8].tolist())
+    return f"sample{'s' if len(rows) > 1 else ''} {shown}{', ...' if len(rows) > 8 else ''}"
+
+
+def non_finite_cause(suspects: Iterable[tuple[str, object]]) -> str | None:
+    """The first of ``(description, value)`` whose value holds a NaN or an infinity, with
+    where: a tensor ``(B, ...)`` (its bad samples) or an ``nn.Module`` (its first bad
+    parameter); ``None`` when every one is finite. Only for the error path of a non-finite
+    result: it reads the host once per value."""
+    for what, value in suspects:
+        if isinstance(value, nn.Module):
+            for name, p in value.named_parameters():
+                if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+                    return f"{what} ({name})"
+        elif isinstance(value, Tensor) and value.is_floating_point() and value.ndim >= 1:
+            if not bool(torch.isfinite(value.detach()).all()):
+                return f"{what} ({_bad_rows(value)})"
+    return None
+
+
+def non_finite_loss(
+    per_sample: Tensor, suspects: Iterable[tuple[str, object]], step: int | None
+) -> FloatingPointError:
+    """The error of a non-finite per-sample loss ``(B,)``: which input or intermediate was not
+    finite first (:func:`non_finite_cause`), how many samples, and the step."""
+    bad = int((~torch.isfinite(per_sample)).sum())
+    where = f" at step {step}" if step is not None else ""
+    cause = non_finite_cause(suspects)
+    first = (
+        f"{cause} holds a NaN or an infinity"
+        if cause is not None
+        else "every input, weight and intermediate is finite, but the squared error "
+        "overflowed (check the learning rate and the target's scale)"
+    )
+    return FloatingPointError(
+        f"non-finite loss in {bad} of {per_sample.numel()} samples{where}: {first}"
+    )
 
 
 def check_dtype(dtype: object) -> torch.dtype:

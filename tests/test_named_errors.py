@@ -20,6 +20,9 @@ from mfcore.adapters.family import get_family
 from mfcore.adapters.launch import LaunchError, launch_env
 from mfcore.adapters.parallel import join
 from mfcore.adapters.student import MeanFlowStudent, Teacher
+from mfcore.guidance import MeanFlowGuidance
+from mfcore.losses import FlowMatchingLoss, MeanFlowLoss
+from tests._nets import MLPStudent
 from tests.test_distill import data
 
 _STRAY = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531"}
@@ -102,3 +105,89 @@ def test_every_teachers_guidance_scale_is_checked_for_finiteness(kw, names):
     if "guidance_scale" in kw:
         with pytest.raises(ValueError, match="guidance_scale must be finite"):
             MeanFlowStudent(model, fam, **kw)
+
+
+# ---------------------------------------------------------------------- non-finite losses
+
+X = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+RT = (torch.full((4,), 0.25), torch.full((4,), 0.75))
+
+
+def _nan_at(x, row):
+    x = x.clone()
+    x[row, 0] = math.nan
+    return x
+
+
+def _poisoned_student():
+    student = MLPStudent(2)
+    with torch.no_grad():
+        next(student.parameters())[0, 0] = math.inf
+    return student
+
+
+@pytest.mark.parametrize(
+    ("call", "cause"),
+    [
+        (
+            lambda: MeanFlowLoss()(MLPStudent(2), _nan_at(X, 2), step=7),
+            r"step 7: the batch's data x \(sample 2\)",
+        ),
+        (lambda: MeanFlowLoss()(_poisoned_student(), X), r"the student's weights \(net.0.weight\)"),
+        (
+            lambda: MeanFlowLoss()(MLPStudent(2), X, teacher=lambda z, t: z * math.nan),
+            "the teacher's output v",
+        ),
+        (
+            lambda: MeanFlowLoss(guidance=MeanFlowGuidance(1e308, uncond={}, label_dropout=0.0))(
+                MLPStudent(2), X, teacher=lambda z, t: z, r=RT[1], t=RT[1]
+            ),
+            r"the guided velocity \(guidance MeanFlowGuidance\(omega=1e\+308",
+        ),
+        (
+            lambda: MeanFlowLoss(weighting=lambda sq, r, t: sq * math.inf)(
+                MLPStudent(2), X, r=RT[0], t=RT[1]
+            ),
+            "the weighting's output",
+        ),
+        (lambda: FlowMatchingLoss()(lambda z, t: z * 1e30 * 1e30, X), "the model's output"),
+        (
+            lambda: FlowMatchingLoss()(lambda z, t: z, _nan_at(X, 1)),
+            r"the batch's data x \(sample 1\)",
+        ),
+    ],
+    ids=[
+        "data",
+        "student weights",
+        "teacher output",
+        "guidance scale",
+        "weighting",
+        "fm output",
+        "fm data",
+    ],
+)
+def test_every_non_finite_loss_says_what_was_non_finite_first(call, cause):
+    with pytest.raises(FloatingPointError, match=f"non-finite loss in .*{cause}"):
+        call()
+
+
+def test_a_non_finite_loss_in_mfcore_distill_names_the_step_and_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mfcore.adapters.distill import DistillConfig, build_run
+    from mfcore.adapters.step import train_step
+
+    folder = data(tmp_path, "flux")
+    first = sorted(folder.glob("*.safetensors"))[0]
+    tensors = load_file(first)
+    tensors["latents"][1, 0, 0, 0] = math.nan
+    save_file(tensors, first)
+    cfg = DistillConfig(data=str(folder), output=str(tmp_path / "o"), tiny=True, family="flux",
+                        batch_size=4, device="cpu", weights_dtype="fp32", lora_rank=2,
+                        progress=False, ema=False)  # fmt: skip
+    run = build_run(cfg)
+    with pytest.raises(FloatingPointError) as err:
+        train_step(run)
+    message = str(err.value)
+    assert "at step 0: the batch's data x" in message, message
+    assert f"latents of row 1 of {first}" in message, message
