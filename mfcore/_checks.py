@@ -206,6 +206,17 @@ def check_batch(name: str, x: object) -> Tensor:
     return x
 
 
+def check_student_output(u: object) -> Tensor:
+    """Raise unless the student's output is a floating tensor: an integer ``u`` has no
+    gradient (the loss would not train) and a zero du/dt."""
+    if isinstance(u, Tensor) and not u.is_floating_point():
+        raise TypeError(
+            f"u_fn (the student) must return a floating-point tensor, got {u.dtype}: the "
+            "loss would have no gradient and du/dt would be 0"
+        )
+    return check_tensor("the output of u_fn", u)
+
+
 def check_like(name: str, x: object, ref: Tensor, ref_name: str = "z") -> Tensor:
     """Raise unless ``x`` is a floating tensor with the shape and device of ``ref``."""
     x = check_tensor(name, x)

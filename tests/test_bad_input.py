@@ -56,7 +56,7 @@ from mfcore.time import (
 )
 from mfcore.toys.gmm import preset
 from mfcore.toys.nets import VelocityMLP
-from mfcore.warmup import SwitchGate, SwitchGuard, WarmupTarget
+from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
 from tests._nets import MLPStudent
 
 B, D = 4, 2
@@ -310,6 +310,12 @@ CASES = [
         ),
         ValueError,
         "step",
+    ),
+    api(
+        "SwitchRollback.observe non-mapping",
+        lambda: SwitchRollback(torch.optim.SGD(STUDENT.parameters(), lr=0.1)).observe(["x"]),
+        TypeError,
+        "metrics must be a mapping",
     ),
     api("SwitchGate rho_max 0", lambda: SwitchGate(rho_max=0.0), ValueError, "rho_max"),
     api("SwitchGuard patience 0", lambda: SwitchGuard(patience=0), ValueError, "patience"),

@@ -22,6 +22,8 @@ from mfcore.adapters.parallel import join
 from mfcore.adapters.student import MeanFlowStudent, Teacher
 from mfcore.guidance import MeanFlowGuidance
 from mfcore.losses import FlowMatchingLoss, MeanFlowLoss
+from mfcore.targets import DifferentialTarget
+from mfcore.warmup import SwitchRollback
 from tests._nets import MLPStudent
 from tests.test_distill import data
 
@@ -191,3 +193,43 @@ def test_a_non_finite_loss_in_mfcore_distill_names_the_step_and_the_file(tmp_pat
     message = str(err.value)
     assert "at step 0: the batch's data x" in message, message
     assert f"latents of row 1 of {first}" in message, message
+
+
+# ---------------------------------------------------------------------- silent results
+
+
+@pytest.mark.parametrize("method", ["func", "autograd", "fd"])
+def test_a_student_returning_an_integer_tensor_is_refused(method):
+    def student(z, r, t):
+        return z.round().long()
+
+    with pytest.raises(TypeError, match="u_fn .*floating-point.*no gradient"):
+        MeanFlowLoss(target=DifferentialTarget(method))(student, X)
+
+
+def test_a_teacher_returning_an_integer_tensor_is_refused():
+    with pytest.raises(TypeError, match="teacher output must have a floating-point dtype"):
+        MeanFlowLoss()(MLPStudent(2), X, teacher=lambda z, t: z.round().long())
+
+
+def _rollback():
+    net = torch.nn.Linear(2, 2)
+    return net, SwitchRollback(torch.optim.SGD(net.parameters(), lr=0.1))
+
+
+def test_switch_rollback_observe_refuses_a_non_mapping():
+    _, rollback = _rollback()
+    with pytest.raises(TypeError, match="metrics must be a mapping"):
+        rollback.observe([("warmup_reverted", 1.0)])
+
+
+def test_switch_rollback_observe_does_not_treat_a_zero_event_as_a_revert():
+    net, rollback = _rollback()
+    assert not rollback.observe({"warmup_switched": 1.0})
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    moved = net.weight.detach().clone()
+    assert not rollback.observe({"warmup_reverted": 0.0, "warmup_switched": 0.0})
+    assert torch.equal(net.weight, moved) and rollback.saved is not None
+    assert rollback.observe({"warmup_reverted": 1.0})
+    assert not torch.equal(net.weight, moved)
