@@ -177,6 +177,12 @@ def _mask(cond: Mapping[str, Any], name: str, embeds: Tensor) -> Tensor:
     if not isinstance(mask, Tensor) or mask.shape != embeds.shape[:2]:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{name} must have shape {tuple(embeds.shape[:2])}, got {shape}")
+    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+        odd = mask[(mask != 0) & (mask != 1)][0].item()  # the error path
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (a key-padding mask: 1 keeps a token), got "
+            f"{odd!r}: a fractional mask would be read as 1"
+        )
     return mask
 
 

@@ -182,17 +182,34 @@ def _ids(cond: Mapping[str, Any], z: Tensor, tag: str, image_id: int) -> dict[st
     if ids.shape[0] != z.shape[0] or ids.device != z.device:
         raise ValueError(f"{name} must have z's batch {z.shape[0]} and device {z.device}")
     n = z.shape[2] * z.shape[3]
-    if bool(((ids == image_id).sum(1) != n).any()):
-        raise ValueError(
-            f"every row of {name} needs {n} <img> tokens for {tuple(z.shape[2:])} latents"
-        )
+    images_ok = ((ids == image_id).sum(1) == n).all()
     out = {"input_ids": ids}
     lengths = cond.get(f"{tag}valid_lengths")
-    if lengths is not None:
-        if not isinstance(lengths, Tensor) or lengths.shape != (z.shape[0],):
-            raise ValueError(f"{tag}valid_lengths must have shape ({z.shape[0]},)")
-        out["valid_lengths"] = lengths
+    if lengths is None:
+        if not bool(images_ok):
+            raise _image_count_error(name, n, z)
+        return out
+    lname = f"{tag}valid_lengths"
+    if not isinstance(lengths, Tensor) or lengths.shape != (z.shape[0],):
+        raise ValueError(f"{lname} must have shape ({z.shape[0]},)")
+    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(f"{lname} must hold integer lengths, got {lengths.dtype}")
+    lengths_ok = ((lengths >= 1) & (lengths <= ids.shape[1])).all()
+    if not bool(images_ok & lengths_ok):  # one sync for both checks
+        if not bool(images_ok):
+            raise _image_count_error(name, n, z)
+        raise ValueError(
+            f"{lname} must lie in [1, {ids.shape[1]}] (the length of {name}), got "
+            f"{lengths.tolist()}: each is the unpadded length of its row"
+        )
+    out["valid_lengths"] = lengths
     return out
+
+
+def _image_count_error(name: str, n: int, z: Tensor) -> ValueError:
+    return ValueError(
+        f"every row of {name} needs {n} <img> tokens for {tuple(z.shape[2:])} latents"
+    )
 
 
 class HunyuanImage3Family(FamilyBase):

@@ -233,3 +233,32 @@ def test_switch_rollback_observe_does_not_treat_a_zero_event_as_a_revert():
     assert torch.equal(net.weight, moved) and rollback.saved is not None
     assert rollback.observe({"warmup_reverted": 1.0})
     assert not torch.equal(net.weight, moved)
+
+
+def test_a_fractional_attention_mask_for_hunyuanimage2_is_refused():
+    from tests.test_hunyuanimage2 import FAMILY as HY2
+    from tests.test_hunyuanimage2 import batch as hy2_batch
+    from tests.test_hunyuanimage2 import tiny as hy2_tiny
+
+    z, _, t, cond = hy2_batch()
+    teacher = Teacher(hy2_tiny(), HY2)
+    half = cond["prompt_attention_mask"].double()
+    half[0, 0] = 0.5
+    with pytest.raises(ValueError, match=r"prompt_attention_mask must hold only 0 and 1.*0\.5"):
+        teacher(z, t, **{**cond, "prompt_attention_mask": half})
+    teacher(z, t, **{**cond, "prompt_attention_mask": cond["prompt_attention_mask"].double()})
+
+
+@pytest.mark.parametrize("bad", ["past", "zero", "float"])
+def test_hunyuanimage3_valid_lengths_beyond_the_sequence_are_refused(bad):
+    from tests.test_hunyuanimage3 import FAMILY as HY3
+    from tests.test_hunyuanimage3 import batch as hy3_batch
+    from tests.test_hunyuanimage3 import tiny as hy3_tiny
+
+    z, _, t, cond = hy3_batch()
+    lengths = cond["valid_lengths"].clone()
+    seq = cond["input_ids"].shape[1]
+    lengths = {"past": lengths + seq, "zero": lengths * 0, "float": lengths.double()}[bad]
+    match = "integer lengths" if bad == "float" else rf"valid_lengths must lie in \[1, {seq}\]"
+    with pytest.raises(ValueError, match=match):
+        Teacher(hy3_tiny(), HY3)(z, t, **{**cond, "valid_lengths": lengths})
