@@ -54,6 +54,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -91,7 +92,7 @@ from mfcore.adapters.prepare import add_prepare_parser, run_prepare
 from mfcore.adapters.routing import attention_mode_for, enable_gradient_checkpointing
 from mfcore.adapters.sharded_checkpoint import Stateful
 from mfcore.adapters.step import Run, critic_loss, student_loss, train_step
-from mfcore.adapters.student import MeanFlowStudent
+from mfcore.adapters.student import MeanFlowStudent, Teacher
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.targets import DifferentialTarget, TeacherODETarget
@@ -842,7 +843,12 @@ def _add_make_data(sub: Any) -> None:
     )
     md.add_argument("folder", help="output folder")
     md.add_argument("--family", default="flux", help=f"whose data: one of {tuple(FAMILIES)}")
-    md.add_argument("--tiny", action="store_true", help="shapes of the tiny model (the default)")
+    md.add_argument(
+        "--tiny",
+        action="store_true",
+        help="data for train --tiny: sizes it would refuse are an error even with other widths "
+        "(without it they are an error only with the tiny model's widths, else a warning)",
+    )
     sizes = {
         "num_files": (2, "files to write"),
         "per_file": (2, "samples per file"),
@@ -874,10 +880,40 @@ def build_parser(prog: str = "mfcore-distill") -> argparse.ArgumentParser:
     return parser
 
 
+def _check_trainable(args: dict[str, Any], tiny: bool) -> None:
+    """Refuse ``make-data`` sizes that ``train --tiny`` would refuse: one sample of them goes
+    through the data checks and one call of the family's tiny teacher first.
+
+    Sizes for the tiny model (its channels and condition widths, or ``--tiny``) that fail
+    are a ``ValueError``; other widths are for another model, so the failure only warns.
+    """
+    family = get_family(args.get("family", "flux"))
+    dry = {**args, "num_files": 1, "per_file": 1, "negatives": False}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            make_synthetic_data(tmp, **dry)
+            data = LatentDataset(tmp, family)
+            model = family.tiny_model(0, torch.float32, False)
+            data.check_transformer(model)
+            x, cond = data.batch(0, 1, 0, "cpu")
+            with torch.no_grad():
+                Teacher(model, family)(x, torch.full((1,), 0.5), **cond)
+    except (ValueError, TypeError, RuntimeError, IndexError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        widths = set(args) & {"channels", *family.tiny_dims}
+        if tiny or not widths:
+            raise ValueError(
+                f"make-data: train --tiny would refuse {family.label} data of these sizes: {reason}"
+            ) from None
+        logger.warning("train --tiny would refuse this data (%s); fine for a model of these "
+                       "widths (%s)", reason, ", ".join(sorted(widths)))  # fmt: skip
+
+
 def _make_data(args: dict[str, Any]) -> str:
-    args.pop("tiny")
+    tiny = args.pop("tiny")
     folder = args.pop("folder")
     args = {k: v for k, v in args.items() if v is not None}
+    _check_trainable(args, tiny)
     paths = make_synthetic_data(folder, **args)
     return f"wrote {len(paths)} files to {folder}\n"
 

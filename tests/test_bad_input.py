@@ -119,6 +119,12 @@ def _distill_train(tmp, *flags: str) -> int:
     return main([*argv, "--device", "cpu", "--no-progress", *flags])
 
 
+def _distill_main(argv):
+    from mfcore.adapters.distill import main
+
+    return main(argv)
+
+
 def flux_cli(case_id: str, call, names: str) -> Case:
     return Case(f"flux_distill {case_id}", call, "usage", names, True)
 
@@ -573,6 +579,20 @@ CASES = [
         lambda tmp: _distill_train(tmp, "--seed", str(2**70)),
         "usage",
         "seed",
+        True,
+    ),
+    flux_cli(
+        "make-data --height 5 that train refuses",
+        lambda tmp: _flux_main(["make-data", str(tmp / "d"), "--height", "5"]),
+        "height",
+    ),
+    Case(
+        "mfcore-distill make-data hunyuanimage3 --vocab-size 8",
+        lambda tmp: _distill_main(
+            ["make-data", str(tmp / "d"), "--family", "hunyuanimage3", "--vocab-size", "8"]
+        ),
+        "usage",
+        "vocab_size",
         True,
     ),
     flux_cli(

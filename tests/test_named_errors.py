@@ -262,3 +262,32 @@ def test_hunyuanimage3_valid_lengths_beyond_the_sequence_are_refused(bad):
     match = "integer lengths" if bad == "float" else rf"valid_lengths must lie in \[1, {seq}\]"
     with pytest.raises(ValueError, match=match):
         Teacher(hy3_tiny(), HY3)(z, t, **{**cond, "valid_lengths": lengths})
+
+
+def test_hunyuanimage3_token_ids_past_the_vocabulary_are_refused():
+    from tests.test_hunyuanimage3 import FAMILY as HY3
+    from tests.test_hunyuanimage3 import batch as hy3_batch
+    from tests.test_hunyuanimage3 import tiny as hy3_tiny
+
+    z, _, t, cond = hy3_batch()
+    model = hy3_tiny()
+    ids = cond["input_ids"].clone()
+    ids[0, 1] = model.config.vocab_size
+    with pytest.raises(ValueError, match=r"input_ids must hold token ids in \[0, 64\)"):
+        Teacher(model, HY3)(z, t, **{**cond, "input_ids": ids})
+
+
+def test_make_data_sizes_that_train_refuses_are_refused_or_warned(tmp_path, caplog, capsys):
+    from mfcore.adapters.distill import main as distill_main
+
+    with pytest.raises(SystemExit):  # the tiny model's widths: an error
+        distill_main(["make-data", str(tmp_path / "a"), "--family", "flux", "--width", "3"])
+    assert "even height and width" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    # other widths are for another model: written, with a warning naming the refusal
+    argv = ["make-data", str(tmp_path / "b"), "--family", "flux", "--channels", "2"]
+    distill_main(argv)
+    assert "would refuse" in caplog.text and "channels" in caplog.text
+    with pytest.raises(SystemExit):  # ... unless the data is declared for train --tiny
+        distill_main([argv[0], str(tmp_path / "c"), *argv[2:], "--tiny"])
+    assert "train --tiny would refuse FLUX data" in capsys.readouterr().err
