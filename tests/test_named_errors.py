@@ -109,6 +109,19 @@ def test_every_teachers_guidance_scale_is_checked_for_finiteness(kw, names):
             MeanFlowStudent(model, fam, **kw)
 
 
+def test_a_call_time_guidance_and_the_interval_scale_are_checked_for_finiteness():
+    from mfcore.adapters.interval import IntervalEmbedding
+    from tests.test_flux import batch as flux_batch
+    from tests.test_flux import tiny as flux_tiny
+
+    z, _, t, cond = flux_batch()
+    teacher = Teacher(flux_tiny(True), get_family("flux"))
+    with pytest.raises(ValueError, match="guidance must be finite"):
+        teacher(z, t, **cond, guidance=math.nan)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        IntervalEmbedding(torch.nn.Identity(), torch.nn.Identity(), scale=math.inf)
+
+
 # ---------------------------------------------------------------------- non-finite losses
 
 X = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
