@@ -244,11 +244,16 @@ def check_values_finite(name: str, x: Tensor) -> Tensor:
     return x
 
 
-def check_finite(name: str, x: Tensor) -> Tensor:
+def check_finite(
+    name: str, x: Tensor, suspects: Callable[[], Iterable[tuple[str, object]]] | None = None
+) -> Tensor:
     """Raise ``FloatingPointError`` if a computed result holds a NaN or an infinity (instead
-    of passing it on quietly); one sync."""
+    of passing it on quietly), naming the first of ``suspects()`` (looked at only then, see
+    :func:`non_finite_cause`) that is not finite; one sync."""
     if not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(f"{name} is not finite (NaN or inf)")
+        cause = non_finite_cause(suspects()) if suspects is not None else None
+        first = f": {cause} holds a NaN or an infinity" if cause is not None else ""
+        raise FloatingPointError(f"{name} is not finite (NaN or inf){first}")
     return x
 
 

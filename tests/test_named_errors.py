@@ -186,6 +186,16 @@ def test_every_non_finite_loss_says_what_was_non_finite_first(call, cause):
         call()
 
 
+def test_a_non_finite_alignment_loss_says_what_was_non_finite_first():
+    from mfcore.critics import AlignmentLoss, KernelCritic
+
+    align = AlignmentLoss(KernelCritic())
+    with pytest.raises(FloatingPointError, match=r"alignment loss .*the student's weights \(net"):
+        align.student_loss(_poisoned_student(), X, reference=X)
+    with pytest.raises(FloatingPointError, match=r"alignment loss .*the reference samples"):
+        align.student_loss(MLPStudent(2), X, reference=_nan_at(X, 0))
+
+
 def test_a_non_finite_loss_in_mfcore_distill_names_the_step_and_the_file(tmp_path):
     from safetensors.torch import load_file, save_file
 
