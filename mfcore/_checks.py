@@ -266,11 +266,12 @@ def _bad_rows(x: Tensor) -> str:
 def non_finite_cause(suspects: Iterable[tuple[str, object]]) -> str | None:
     """The first of ``(description, value)`` whose value holds a NaN or an infinity, with
     where: a tensor ``(B, ...)`` (its bad samples) or an ``nn.Module`` (its first bad
-    parameter); ``None`` when every one is finite. Only for the error path of a non-finite
-    result: it reads the host once per value."""
+    parameter; of a sharded one, this rank's shard); ``None`` when every one is finite. Only
+    for the error path of a non-finite result: it reads the host once per value."""
     for what, value in suspects:
         if isinstance(value, nn.Module):
             for name, p in value.named_parameters():
+                p = p.to_local() if hasattr(p, "to_local") else p  # a DTensor: this rank's shard
                 if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
                     return f"{what} ({name})"
         elif isinstance(value, Tensor) and value.is_floating_point() and value.ndim >= 1:
