@@ -55,6 +55,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -64,7 +65,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mfcore._checks import check_choice, check_positive_int, check_real
+from mfcore._checks import check_choice, check_int64, check_positive_int, check_real, cli_int
 from mfcore.adapters import sharded_checkpoint
 from mfcore.adapters._durable import read_json, replace_folder, write_json
 from mfcore.adapters._state import check_entries, load_state, read_tensors, save_state
@@ -99,7 +100,7 @@ from mfcore.adapters.prepare import add_prepare_parser, run_prepare
 from mfcore.adapters.routing import attention_mode_for, enable_gradient_checkpointing
 from mfcore.adapters.sharded_checkpoint import Stateful
 from mfcore.adapters.step import Run, critic_loss, student_loss, train_step
-from mfcore.adapters.student import MeanFlowStudent
+from mfcore.adapters.student import MeanFlowStudent, Teacher
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.targets import DifferentialTarget, TeacherODETarget
@@ -224,6 +225,7 @@ class DistillConfig:
         for name in ("warmup_steps", "align_start", "critic_lead", "preview_every"):
             check_positive_int(name, getattr(self, name), minimum=0)
         check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        check_int64("seed", self.seed)
         if not (isinstance(self.grad_clip, int | float) and self.grad_clip > 0):
             raise ValueError(
                 f"grad_clip must be > 0 (inf turns clipping off), got {self.grad_clip!r}"
@@ -241,6 +243,8 @@ class DistillConfig:
         if self.warmup_threshold is not None:
             check_real("warmup_threshold", self.warmup_threshold, minimum=0.0, strict=True)
         check_real("align_weight", self.align_weight, minimum=0.0)
+        check_real("guidance_scale", self.guidance_scale)
+        check_real("true_cfg_scale", self.true_cfg_scale, minimum=1.0)
         check_real("critic_lr", self.critic_lr, minimum=0.0, strict=True)
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {self.jvp!r}")
@@ -947,7 +951,7 @@ HELP: dict[str, str] = {
 
 
 # The type of the flags whose default is None.
-_OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size": int}
+_OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size": cli_int}
 
 
 def _add_train(sub: Any) -> None:
@@ -971,7 +975,8 @@ def _add_train(sub: Any) -> None:
         elif field.name in _OPTIONAL:
             tr.add_argument(flag, type=_OPTIONAL[field.name], **kw)
         else:
-            tr.add_argument(flag, type=type(value), **kw)
+            kind = cli_int if isinstance(value, int) else type(value)
+            tr.add_argument(flag, type=kind, **kw)
 
 
 def _add_make_data(sub: Any) -> None:
@@ -980,7 +985,12 @@ def _add_make_data(sub: Any) -> None:
     )
     md.add_argument("folder", help="output folder")
     md.add_argument("--family", default="flux", help=f"whose data: one of {tuple(FAMILIES)}")
-    md.add_argument("--tiny", action="store_true", help="shapes of the tiny model (the default)")
+    md.add_argument(
+        "--tiny",
+        action="store_true",
+        help="data for train --tiny: sizes it would refuse are an error even with other widths "
+        "(without it they are an error only with the tiny model's widths, else a warning)",
+    )
     sizes = {
         "num_files": (2, "files to write"),
         "per_file": (2, "samples per file"),
@@ -990,16 +1000,16 @@ def _add_make_data(sub: Any) -> None:
         "seq_len": (8, "prompt length in tokens"),
     }
     for name, (value, text) in sizes.items():
-        md.add_argument("--" + name.replace("_", "-"), type=int, default=value, help=text)
+        md.add_argument("--" + name.replace("_", "-"), type=cli_int, default=value, help=text)
     for name in ("joint_attention_dim", "pooled_projection_dim", "text_embed_dim", "vocab_size"):
         md.add_argument(
             "--" + name.replace("_", "-"),
-            type=int,
+            type=cli_int,
             default=None,
             help=f"the condition's {name} (default: the family's tiny model's)",
         )
     md.add_argument("--negatives", action="store_true", help="also write negative prompts")
-    md.add_argument("--seed", type=int, default=0, help="seed of the random values")
+    md.add_argument("--seed", type=cli_int, default=0, help="seed of the random values")
 
 
 def build_parser(prog: str = "mfcore-distill") -> argparse.ArgumentParser:
@@ -1012,10 +1022,40 @@ def build_parser(prog: str = "mfcore-distill") -> argparse.ArgumentParser:
     return parser
 
 
+def _check_trainable(args: dict[str, Any], tiny: bool) -> None:
+    """Refuse ``make-data`` sizes that ``train --tiny`` would refuse: one sample of them goes
+    through the data checks and one call of the family's tiny teacher first.
+
+    Sizes for the tiny model (its channels and condition widths, or ``--tiny``) that fail
+    are a ``ValueError``; other widths are for another model, so the failure only warns.
+    """
+    family = get_family(args.get("family", "flux"))
+    dry = {**args, "num_files": 1, "per_file": 1, "negatives": False}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            make_synthetic_data(tmp, **dry)
+            data = LatentDataset(tmp, family)
+            model = family.tiny_model(0, torch.float32, False)
+            data.check_transformer(model)
+            x, cond = data.batch(0, 1, 0, "cpu")
+            with torch.no_grad():
+                Teacher(model, family)(x, torch.full((1,), 0.5), **cond)
+    except (ValueError, TypeError, RuntimeError, IndexError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        widths = set(args) & {"channels", *family.tiny_dims}
+        if tiny or not widths:
+            raise ValueError(
+                f"make-data: train --tiny would refuse {family.label} data of these sizes: {reason}"
+            ) from None
+        logger.warning("train --tiny would refuse this data (%s); fine for a model of these "
+                       "widths (%s)", reason, ", ".join(sorted(widths)))  # fmt: skip
+
+
 def _make_data(args: dict[str, Any]) -> str:
-    args.pop("tiny")
+    tiny = args.pop("tiny")
     folder = args.pop("folder")
     args = {k: v for k, v in args.items() if v is not None}
+    _check_trainable(args, tiny)
     paths = make_synthetic_data(folder, **args)
     return f"wrote {len(paths)} files to {folder}\n"
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice, check_tensor
+from mfcore._checks import check_choice, check_real, check_tensor
 from mfcore.adapters._durable import read_json
 
 __all__ = [
@@ -204,7 +204,9 @@ def guidance_input(
         return g.to(device=z.device, dtype=torch.float32)
     if isinstance(g, bool) or not isinstance(g, int | float):
         raise TypeError(f"guidance must be a float or a tensor, got {type(g).__name__}")
-    return torch.full((z.shape[0],), float(g), device=z.device, dtype=torch.float32)
+    return torch.full(
+        (z.shape[0],), check_real("guidance", g), device=z.device, dtype=torch.float32
+    )
 
 
 class FamilyBase:

@@ -37,7 +37,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
-from mfcore._checks import check_time
+from mfcore._checks import check_real, check_time
 from mfcore.adapters.flux import (
     FAMILY,
     FLUX_LORA_TARGETS,
@@ -184,7 +184,7 @@ class FluxArcFlowStudent(SharedWeightsStudent):
         output = _check_output_layer(transformer)
         self.lora_spec = _arcflow_spec(lora, transformer)
         self.head = ArcFlowHead.from_velocity_projection(output, num_components, max_rate=max_rate)
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = check_real("guidance_scale", guidance_scale)
         self.adapter_name = adapter_name
         self.family = FAMILY
         self.transformer = transformer

@@ -40,7 +40,7 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from mfcore._checks import check_tensor, check_time
+from mfcore._checks import check_real, check_tensor, check_time
 from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
 from mfcore.adapters.interval import diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
@@ -177,6 +177,12 @@ def _mask(cond: Mapping[str, Any], name: str, embeds: Tensor) -> Tensor:
     if not isinstance(mask, Tensor) or mask.shape != embeds.shape[:2]:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{name} must have shape {tuple(embeds.shape[:2])}, got {shape}")
+    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+        odd = mask[(mask != 0) & (mask != 1)][0].item()  # the error path
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (a key-padding mask: 1 keeps a token), got "
+            f"{odd!r}: a fractional mask would be read as 1"
+        )
     return mask
 
 
@@ -375,7 +381,7 @@ class HunyuanMeanFlow(nn.Module):
             raise ValueError("transformer is not a use_meanflow checkpoint (no timestep_r input)")
         self.transformer = transformer
         self.family = FAMILY
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = check_real("guidance_scale", guidance_scale)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Average velocity over ``[r, t]`` ``(B, C, H, W)``; ``r``, ``t`` ``(B,)``."""

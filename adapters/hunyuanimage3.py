@@ -172,7 +172,9 @@ def build_model(config: Mapping[str, Any], dtype: torch.dtype, seed: int = 0):
     return make_jvp_ready(model)
 
 
-def _ids(cond: Mapping[str, Any], z: Tensor, tag: str, image_id: int) -> dict[str, Tensor]:
+def _ids(
+    cond: Mapping[str, Any], z: Tensor, tag: str, image_id: int, vocab: int
+) -> dict[str, Tensor]:
     name = f"{tag}input_ids"
     ids = cond.get(name)
     if ids is None:
@@ -182,17 +184,39 @@ def _ids(cond: Mapping[str, Any], z: Tensor, tag: str, image_id: int) -> dict[st
     if ids.shape[0] != z.shape[0] or ids.device != z.device:
         raise ValueError(f"{name} must have z's batch {z.shape[0]} and device {z.device}")
     n = z.shape[2] * z.shape[3]
-    if bool(((ids == image_id).sum(1) != n).any()):
-        raise ValueError(
-            f"every row of {name} needs {n} <img> tokens for {tuple(z.shape[2:])} latents"
-        )
+    images_ok = ((ids == image_id).sum(1) == n).all() & ((ids >= 0) & (ids < vocab)).all()
     out = {"input_ids": ids}
     lengths = cond.get(f"{tag}valid_lengths")
-    if lengths is not None:
-        if not isinstance(lengths, Tensor) or lengths.shape != (z.shape[0],):
-            raise ValueError(f"{tag}valid_lengths must have shape ({z.shape[0]},)")
-        out["valid_lengths"] = lengths
+    if lengths is None:
+        if not bool(images_ok):
+            raise _ids_error(name, n, z, ids, vocab)
+        return out
+    lname = f"{tag}valid_lengths"
+    if not isinstance(lengths, Tensor) or lengths.shape != (z.shape[0],):
+        raise ValueError(f"{lname} must have shape ({z.shape[0]},)")
+    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(f"{lname} must hold integer lengths, got {lengths.dtype}")
+    lengths_ok = ((lengths >= 1) & (lengths <= ids.shape[1])).all()
+    if not bool(images_ok & lengths_ok):  # one sync for both checks
+        if not bool(images_ok):
+            raise _ids_error(name, n, z, ids, vocab)
+        raise ValueError(
+            f"{lname} must lie in [1, {ids.shape[1]}] (the length of {name}), got "
+            f"{lengths.tolist()}: each is the unpadded length of its row"
+        )
+    out["valid_lengths"] = lengths
     return out
+
+
+def _ids_error(name: str, n: int, z: Tensor, ids: Tensor, vocab: int) -> ValueError:
+    if not bool(((ids >= 0) & (ids < vocab)).all()):
+        return ValueError(
+            f"{name} must hold token ids in [0, {vocab}) (the model's vocab_size), got ids in "
+            f"[{ids.min().item()}, {ids.max().item()}]"
+        )
+    return ValueError(
+        f"every row of {name} needs {n} <img> tokens for {tuple(z.shape[2:])} latents"
+    )
 
 
 class HunyuanImage3Family(FamilyBase):
@@ -224,9 +248,9 @@ class HunyuanImage3Family(FamilyBase):
         self.check_latents(model, z)
         if cond.get("guidance") is not None:
             raise ValueError("HunyuanImage 3.0 has no guidance embedding: use true_cfg_scale")
-        image = model.config.image_token_id
-        inputs = _ids(cond, z, "", image)
-        return Call(inputs, _ids(cond, z, "negative_", image) if negative else None)
+        image, vocab = model.config.image_token_id, model.config.vocab_size
+        inputs = _ids(cond, z, "", image, vocab)
+        return Call(inputs, _ids(cond, z, "negative_", image, vocab) if negative else None)
 
     def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
         dtype = next(model.parameters()).dtype
@@ -281,6 +305,11 @@ class HunyuanImage3Family(FamilyBase):
         builder = SequenceBuilder(_tiny_vocab(), TINY_HY3_CONFIG["pad_token_id"])
         lengths = torch.randint(1, seq_len + 1, (n,), generator=g).tolist()
         vocab = dims["vocab_size"]
+        if vocab <= 10:
+            raise ValueError(
+                f"vocab_size must be > 10 (prompt tokens are drawn from 10 up, below are the "
+                f"tiny model's special tokens), got {vocab}"
+            )
         prompts = [torch.randint(10, vocab, (k,), generator=g).tolist() for k in lengths]
         for tag in ("", "negative_") if request.negatives else ("",):
             data |= builder(prompts, size, tag, pad_to=seq_len)

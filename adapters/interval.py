@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mfcore._checks import check_real
+
 __all__ = ["IntervalEmbedding", "diffusers_interval_embedding"]
 
 
@@ -36,7 +38,7 @@ class IntervalEmbedding(nn.Module):
         super().__init__()
         self.time_proj = time_proj
         self.mlp = mlp
-        self.scale = float(scale)
+        self.scale = check_real("scale", scale, minimum=0.0, strict=True)
         linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise TypeError("mlp must hold an nn.Linear (its last one is zero-initialised)")

@@ -47,11 +47,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from mfcore.adapters.launch import launch_env, rendezvous
 from mfcore.adapters.student import MeanFlowStudent
 
 __all__ = [
     "MODES",
     "INTERVAL_MODULE",
+    "RENDEZVOUS_TIMEOUT",
     "World",
     "Split",
     "join",
@@ -73,6 +75,9 @@ MODES = ("auto", "none", "ddp", "fsdp")
 #: The name under which the student's interval embedding joins the transformer's modules in a
 #: multi-process run (so that FSDP2's root unit holds it, and checkpoints name it once).
 INTERVAL_MODULE = "mfcore_interval"
+
+#: Seconds :func:`join` waits for every rank of a torchrun launch to meet.
+RENDEZVOUS_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -159,24 +164,33 @@ def _device_for(device: str, local_rank: int) -> torch.device:
     return dev
 
 
-def join(device: str) -> tuple[int, int, torch.device]:
+def join(device: str, *, timeout: float = RENDEZVOUS_TIMEOUT) -> tuple[int, int, torch.device]:
     """``(rank, world size, device)`` of this process, opening torchrun's process group.
 
-    An already initialised group is used as it is; torchrun's environment (``WORLD_SIZE``)
-    opens one (NCCL for CUDA, gloo otherwise, each rank on ``cuda:LOCAL_RANK``); without
-    either the run is one process. ``device`` is the ``--device`` setting.
+    An already initialised group is used as it is; torchrun's environment
+    (:func:`~mfcore.adapters.launch.launch_env`) opens one (NCCL for CUDA, gloo otherwise,
+    each rank on ``cuda:LOCAL_RANK``) once every rank met within ``timeout`` seconds; without
+    either (or with ``WORLD_SIZE=1`` alone) the run is one process. ``device`` is the
+    ``--device`` setting.
+
+    Raises:
+        LaunchError: an incomplete or inconsistent launch environment, or peers that did not
+            come within ``timeout`` seconds (a ``ValueError``, naming the variables).
     """
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         return dist.get_rank(), dist.get_world_size(), _device_for(device, local)
-    if "WORLD_SIZE" not in os.environ:
+    launch = launch_env()
+    if launch is None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return 0, 1, torch.device(device)
-    dev = _device_for(device, local)
+    dev = _device_for(device, launch.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    store = rendezvous(launch, timeout)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.size)
     return dist.get_rank(), dist.get_world_size(), dev
 
 

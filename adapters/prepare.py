@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mfcore._checks import check_positive_int, check_real
+from mfcore._checks import check_positive_int, check_real, cli_int
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import seeded_noise, vae_scale_factor
 from mfcore.adapters.student import Teacher
@@ -191,6 +191,7 @@ def prepare(
     prompts = read_prompts(prompts_file)
     per_file = check_positive_int("per_file", per_file)
     teacher_steps = check_positive_int("teacher_steps", teacher_steps)
+    check_real("guidance_scale", guidance_scale)
     check_real("true_cfg_scale", true_cfg_scale, minimum=1.0)
     torch_dtype = _DTYPES[dtype]
     vae = fam.load_vae(model_path, torch_dtype)
@@ -245,15 +246,18 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
         default=None,
         help="folder of images, one per prompt (sorted by name); default: teacher samples",
     )
-    pr.add_argument("--height", type=int, default=1024, help="image height in pixels")
-    pr.add_argument("--width", type=int, default=1024, help="image width in pixels")
+    pr.add_argument("--height", type=cli_int, default=1024, help="image height in pixels")
+    pr.add_argument("--width", type=cli_int, default=1024, help="image width in pixels")
     pr.add_argument(
         "--negative-prompt",
         default=None,
         help="negative prompt (written for two-pass CFG teachers)",
     )
     pr.add_argument(
-        "--teacher-steps", type=int, default=28, help="teacher ODE steps when there are no images"
+        "--teacher-steps",
+        type=cli_int,
+        default=28,
+        help="teacher ODE steps when there are no images",
     )
     pr.add_argument(
         "--guidance-scale",
@@ -264,7 +268,7 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
     pr.add_argument(
         "--true-cfg-scale", type=float, default=1.0, help="teacher's two-pass CFG scale"
     )
-    pr.add_argument("--per-file", type=int, default=16, help="samples per file")
+    pr.add_argument("--per-file", type=cli_int, default=16, help="samples per file")
     pr.add_argument(
         "--dtype",
         choices=tuple(_DTYPES),
@@ -272,7 +276,7 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
         help="dtype of the encoders, VAE and teacher",
     )
     pr.add_argument(
-        "--seed", type=int, default=0, help="seed of the VAE sampling and the teacher's noise"
+        "--seed", type=cli_int, default=0, help="seed of the VAE sampling and the teacher's noise"
     )
 
 

@@ -203,6 +203,28 @@ def _grad_norm(run: Run) -> Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def _value(metrics: dict[str, Any], key: str) -> float | None:
+    return float(metrics[key]) if key in metrics else None
+
+
+def _data_at(run: Run, x: Tensor, cond: dict, a: int, b: int) -> str:
+    """Where the global rows ``[a, b)`` of this step came from (the error path of a
+    non-finite loss): each file and row of a non-finite sample, else the files."""
+    picked = run.data.indices(run.step, run.split.total, run.cfg.seed)[a:b]
+    where = [run.data.index[k] for k in picked]
+    inputs = {"latents": x, **cond}
+    bad = []
+    for key, value in inputs.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            rows = (~torch.isfinite(value)).reshape(value.shape[0], -1).any(1).nonzero()
+            bad += [f"{key} of row {where[i][1]} of {run.data.files[where[i][0]]}"
+                    for i in rows.flatten().tolist()]  # fmt: skip
+    if bad:
+        return "non-finite data: " + ", ".join(bad[:8]) + (", ..." if len(bad) > 8 else "")
+    files = sorted({run.data.files[i] for i, _ in where})
+    return "the data is finite (from " + ", ".join(files) + ")"
+
+
 def train_step(run: Run) -> dict[str, float | str]:
     """Run one optimiser step (see the module docstring); return its metrics."""
     cfg, split = run.cfg, run.split
@@ -227,13 +249,19 @@ def train_step(run: Run) -> dict[str, float | str]:
             gen.set_state(start)
         last = j == len(parts) - 1
         with gradient_sync(run.world, run.objective, run.student.transformer, last):
-            with _autocast(run):
-                draws = (noise[a:b], r[a:b], t[a:b])
-                loss, metrics = run.objective(run, loss_fn, x, cond, draws, rows)
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(
-                    f"the loss is not finite at step {run.step}: {float(loss)}"
-                )
+            try:
+                with _autocast(run):
+                    draws = (noise[a:b], r[a:b], t[a:b])
+                    loss, metrics = run.objective(run, loss_fn, x, cond, draws, rows)
+                if not bool(torch.isfinite(loss)):
+                    raise FloatingPointError(
+                        f"the alignment term is not finite at step {run.step} "
+                        f"(align_loss {_value(metrics, 'align_loss')}, weight "
+                        f"{getattr(run.alignment, 'weight', None)}; the MeanFlow loss "
+                        f"{_value(metrics, 'loss')})"
+                    )
+            except FloatingPointError as err:
+                raise FloatingPointError(f"{err}; {_data_at(run, x, cond, a, b)}") from None
             # the guard reverted (on every rank): back to the switch, no update this step
             rolled_back = j == 0 and run.rollback is not None and run.rollback.observe(metrics)
             if not rolled_back:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice, check_interval, check_time
+from mfcore._checks import check_choice, check_interval, check_real, check_time
 from mfcore.adapters._durable import read_json
 from mfcore.adapters._state import read_tensors
 from mfcore.adapters.family import Family
@@ -101,10 +101,8 @@ class Teacher:
     ) -> None:
         self.family = family
         self.transformer = family.check_model(transformer)
-        if not true_cfg_scale >= 1.0:
-            raise ValueError(f"true_cfg_scale must be >= 1, got {true_cfg_scale!r}")
-        self.guidance_scale = float(guidance_scale)
-        self.true_cfg_scale = float(true_cfg_scale)
+        self.guidance_scale = check_real("guidance_scale", guidance_scale)
+        self.true_cfg_scale = check_real("true_cfg_scale", true_cfg_scale, minimum=1.0)
 
     def __call__(self, z: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Velocity ``v(z, t) = eps - x`` of the (guided) teacher, ``z``'s shape and dtype."""
@@ -213,7 +211,7 @@ class MeanFlowStudent(SharedWeightsStudent):
         route_attention(family.attention_modules(transformer), self._routing)
         self.family = family
         self.lora_spec = (lora or LoraSpec()).with_default_targets(family.lora_targets(transformer))
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = check_real("guidance_scale", guidance_scale)
         self.adapter_name = adapter_name
         self.transformer = transformer
         add_lora(transformer, self.lora_spec, adapter_name=adapter_name)

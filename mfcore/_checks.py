@@ -12,14 +12,15 @@ it look again, to say which condition broke.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _T = TypeVar("_T")
 
@@ -33,6 +34,30 @@ def check_positive_int(name: str, n: object, *, minimum: int = 1) -> int:
     if n < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
     return n
+
+
+#: The range of torch's 64-bit integers (seeds, counts): a Python int past it overflows there.
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def check_int64(name: str, n: object) -> int:
+    """Raise unless ``n`` is an int (not a bool) that fits in int64 (torch's seeds and counts)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    low, high = INT64_RANGE
+    if not low <= n <= high:
+        raise ValueError(f"{name} must fit in int64 [{low}, {high}], got {n}")
+    return n
+
+
+def cli_int(text: str) -> int:
+    """An argparse ``type``: an integer flag that fits in int64 (an overflow is a usage error
+    naming the flag, not a library exception at its first use)."""
+    try:
+        return check_int64("the value", int(text))
+    except ValueError as err:
+        what = str(err) if "int64" in str(err) else f"invalid int value: {text!r}"
+        raise argparse.ArgumentTypeError(what) from None
 
 
 def check_real(
@@ -167,6 +192,31 @@ def check_tensor(name: str, x: object, *, floating: bool = True, ndim_min: int =
     return x
 
 
+def check_batch(name: str, x: object) -> Tensor:
+    """Raise unless ``x`` is a floating batch ``(B, ...)``: ``B >= 1`` samples of at least one
+    feature dimension (a ``(B,)`` tensor is ``B`` scalars: reshape it to ``(B, 1)``)."""
+    x = check_tensor(name, x)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (B, ...) with at least one dimension per sample, got "
+            f"{tuple(x.shape)} (reshape scalar samples to (B, 1))"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): B must be >= 1")
+    return x
+
+
+def check_student_output(u: object) -> Tensor:
+    """Raise unless the student's output is a floating tensor: an integer ``u`` has no
+    gradient (the loss would not train) and a zero du/dt."""
+    if isinstance(u, Tensor) and not u.is_floating_point():
+        raise TypeError(
+            f"u_fn (the student) must return a floating-point tensor, got {u.dtype}: the "
+            "loss would have no gradient and du/dt would be 0"
+        )
+    return check_tensor("the output of u_fn", u)
+
+
 def check_like(name: str, x: object, ref: Tensor, ref_name: str = "z") -> Tensor:
     """Raise unless ``x`` is a floating tensor with the shape and device of ``ref``."""
     x = check_tensor(name, x)
@@ -194,12 +244,59 @@ def check_values_finite(name: str, x: Tensor) -> Tensor:
     return x
 
 
-def check_finite(name: str, x: Tensor) -> Tensor:
+def check_finite(
+    name: str, x: Tensor, suspects: Callable[[], Iterable[tuple[str, object]]] | None = None
+) -> Tensor:
     """Raise ``FloatingPointError`` if a computed result holds a NaN or an infinity (instead
-    of passing it on quietly); one sync."""
+    of passing it on quietly), naming the first of ``suspects()`` (looked at only then, see
+    :func:`non_finite_cause`) that is not finite; one sync."""
     if not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(f"{name} is not finite (NaN or inf)")
+        cause = non_finite_cause(suspects()) if suspects is not None else None
+        first = f": {cause} holds a NaN or an infinity" if cause is not None else ""
+        raise FloatingPointError(f"{name} is not finite (NaN or inf){first}")
     return x
+
+
+def _bad_rows(x: Tensor) -> str:
+    rows = (~torch.isfinite(x.detach())).reshape(x.shape[0], -1).any(1).nonzero().flatten()
+    shown = ", ".join(str(i) for i in rows[:8].tolist())
+    return f"sample{'s' if len(rows) > 1 else ''} {shown}{', ...' if len(rows) > 8 else ''}"
+
+
+def non_finite_cause(suspects: Iterable[tuple[str, object]]) -> str | None:
+    """The first of ``(description, value)`` whose value holds a NaN or an infinity, with
+    where: a tensor ``(B, ...)`` (its bad samples) or an ``nn.Module`` (its first bad
+    parameter; of a sharded one, this rank's shard); ``None`` when every one is finite. Only
+    for the error path of a non-finite result: it reads the host once per value."""
+    for what, value in suspects:
+        if isinstance(value, nn.Module):
+            for name, p in value.named_parameters():
+                p = p.to_local() if hasattr(p, "to_local") else p  # a DTensor: this rank's shard
+                if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+                    return f"{what} ({name})"
+        elif isinstance(value, Tensor) and value.is_floating_point() and value.ndim >= 1:
+            if not bool(torch.isfinite(value.detach()).all()):
+                return f"{what} ({_bad_rows(value)})"
+    return None
+
+
+def non_finite_loss(
+    per_sample: Tensor, suspects: Iterable[tuple[str, object]], step: int | None
+) -> FloatingPointError:
+    """The error of a non-finite per-sample loss ``(B,)``: which input or intermediate was not
+    finite first (:func:`non_finite_cause`), how many samples, and the step."""
+    bad = int((~torch.isfinite(per_sample)).sum())
+    where = f" at step {step}" if step is not None else ""
+    cause = non_finite_cause(suspects)
+    first = (
+        f"{cause} holds a NaN or an infinity"
+        if cause is not None
+        else "every input, weight and intermediate is finite, but the squared error "
+        "overflowed (check the learning rate and the target's scale)"
+    )
+    return FloatingPointError(
+        f"non-finite loss in {bad} of {per_sample.numel()} samples{where}: {first}"
+    )
 
 
 def check_dtype(dtype: object) -> torch.dtype:

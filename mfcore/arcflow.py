@@ -721,7 +721,8 @@ class ArcFlowDistillationLoss:
         p_mix = self.mix_schedule(step)
         times = _resolve_grid(self.steps, self.grid, noise)
         per_sample, stats = self._rollout(student, teacher, noise, times, p_mix, cond, generator)
-        return self._reduce(per_sample, stats, p_mix, times)
+        suspects = [("noise", noise), ("the student's weights", student)]
+        return self._reduce(per_sample, stats, p_mix, times, lambda: suspects)
 
     def _rollout(
         self, student, teacher, noise, times, p_mix, cond, generator
@@ -780,8 +781,10 @@ class ArcFlowDistillationLoss:
             work = work + expand_time(h, z) * teacher(work.to(z.dtype), s, **cond).to(h.dtype)
         return work.to(z.dtype)
 
-    def _reduce(self, per_sample, stats, p_mix, times) -> tuple[Tensor, dict[str, Tensor]]:
-        check_finite("ArcFlow distillation loss", per_sample)
+    def _reduce(
+        self, per_sample, stats, p_mix, times, suspects
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        check_finite("ArcFlow distillation loss", per_sample, suspects)
         if self.weighting is None:
             weight = torch.ones_like(per_sample)
         else:
@@ -789,7 +792,9 @@ class ArcFlowDistillationLoss:
             r, t = _batch_time(times[-1], err), _batch_time(times[0], err)
             weight = check_weights(self.weighting(err, r, t), err).detach().to(per_sample.dtype)
         loss = (weight * per_sample).mean()
-        check_finite("ArcFlow distillation loss", loss)
+        check_finite(
+            "ArcFlow distillation loss", loss, lambda: [("the weighting's output", weight)]
+        )
         metrics = {
             "loss": loss.detach(),
             "velocity_mse": per_sample.detach().mean(),

@@ -833,7 +833,14 @@ class AlignmentLoss:
         loss = noise.new_zeros(())
         for _ in range(self.critic_updates):
             loss = check_finite(
-                "the critic's loss", self._critic_loss(traj, noise, cond, generator)
+                "the critic's loss",
+                self._critic_loss(traj, noise, cond, generator),
+                lambda: [
+                    ("noise", noise),
+                    ("the student's weights", student),
+                    ("the student's trajectory", traj),
+                    ("the critic's weights", getattr(self.critic, "fake", None)),
+                ],
             )
             self.critic.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -910,7 +917,14 @@ class AlignmentLoss:
             for key, value in m_i.items():
                 sums[key] = sums.get(key, 0.0) + value / self.steps
         loss = torch.stack(losses).mean()
-        check_finite("the alignment loss", loss)
+        suspects = [
+            ("noise", noise),
+            ("the student's weights", student),
+            ("the student's trajectory", traj),
+            ("the reference samples", reference),
+            ("the critic's weights", getattr(self.critic, "fake", None)),
+        ]
+        check_finite("the alignment loss", loss, lambda: suspects)
         return loss, {"align_loss": loss.detach(), **sums}
 
     def state_dict(self) -> dict:

@@ -37,9 +37,10 @@ def cfg_velocity(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
 
     Args:
         v_cond, v_uncond: velocities ``(B, ...)`` of the same shape.
-        scale: guidance scale omega.
+        scale: guidance scale omega, a finite real number.
     """
     check_like("v_uncond", v_uncond, v_cond, "v_cond")
+    scale = check_real("scale", scale)
     return v_uncond + scale * (v_cond - v_uncond)
 
 
@@ -72,7 +73,7 @@ class ClassifierFreeGuidance:
 
     def __init__(self, model: Callable[..., Tensor], scale: float, uncond: CondMap) -> None:
         _check_uncond(uncond)
-        self.model, self.scale, self.uncond = model, float(scale), uncond
+        self.model, self.scale, self.uncond = model, check_real("scale", scale), uncond
 
     def __call__(self, z: Tensor, t: Tensor, **cond: Any) -> Tensor:
         v_c = self.model(z, t, **cond)

@@ -49,6 +49,7 @@ from mfcore._checks import (
     check_interval,
     check_like,
     check_real,
+    check_student_output,
     check_tensor,
     compute_dtype,
     lookup,
@@ -178,6 +179,7 @@ def along_flow(
     arguments are trusted (validate at the public entry); the model's output is checked."""
     v = v.to(z.dtype)
     u, dudt = backend(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents)
+    check_student_output(u)
     if u.shape != z.shape:
         raise ValueError(f"u_fn returned shape {tuple(u.shape)}, expected z's {tuple(z.shape)}")
     return u, dudt.detach().to(u.dtype)
@@ -294,6 +296,7 @@ def _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph):
         z_ = z if z.requires_grad else z.detach().requires_grad_(True)
         t_ = t if t.requires_grad else t.detach().requires_grad_(True)
         u = u_fn(z_, r, t_, **cond)
+        check_student_output(u)
         w = torch.zeros_like(u, requires_grad=True)
         g_z, g_t = torch.autograd.grad(u, (z_, t_), w, create_graph=True, allow_unused=True)
         inner = u.new_zeros(())

@@ -5,7 +5,8 @@ MeanFlow, arXiv 2505.13447, Sec. 4.3), multiplied by a detached per-sample weigh
 averaged over the batch. Each loss returns ``(loss, metrics)``: the scalar to
 backpropagate and a dict of detached 0-dim tensors for logging.
 
-A non-finite loss raises :class:`FloatingPointError` naming how many samples went bad;
+A non-finite loss raises :class:`FloatingPointError` naming how many samples went bad and
+the first input or intermediate that was not finite (looked for only then);
 it is never averaged away.
 """
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mfcore._checks import (
+    check_batch,
     check_callable,
     check_interval,
     check_like,
@@ -30,6 +32,7 @@ from mfcore._checks import (
     check_weights,
     compute_dtype,
     expand_time,
+    non_finite_loss,
 )
 from mfcore.fields import Target, Weighting
 from mfcore.guidance import MeanFlowGuidance
@@ -111,7 +114,7 @@ def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
     Returns:
         ``(B,)`` in the compute dtype of ``pred`` (fp32 at least, fp64 stays fp64).
     """
-    check_tensor("pred", pred, ndim_min=1)
+    check_batch("pred", pred)
     check_like("target", target, pred, "pred")
     return _sq_error(pred, target)
 
@@ -123,7 +126,7 @@ def _sq_error(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def _prepare(x, noise, generator):
-    check_tensor("x", x, ndim_min=1)
+    check_batch("x", x)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     else:
@@ -154,14 +157,14 @@ def _times(draw: object, x: Tensor) -> Tensor:
     return check_time("t", draw, x)
 
 
-def _reduce(sq_err: Tensor, weight: Tensor) -> Tensor:
+def _reduce(
+    sq_err: Tensor, weight: Tensor, suspects: Callable[[], list], step: int | None = None
+) -> Tensor:
+    """The weighted mean; a non-finite loss raises (one sync), naming the first of
+    ``suspects()`` (looked at only then) that is not finite."""
     per_sample = weight * sq_err
-    bad = ~torch.isfinite(per_sample)
-    if bool(bad.any()):
-        raise FloatingPointError(
-            f"non-finite loss in {int(bad.sum())} of {per_sample.numel()} samples "
-            "(check the learning rate, the target's scale, or the inputs)"
-        )
+    if not bool(torch.isfinite(per_sample).all()):
+        raise non_finite_loss(per_sample, suspects(), step)
     return per_sample.mean()
 
 
@@ -291,7 +294,7 @@ class MeanFlowLoss:
             r, t = check_interval(r, t, x)
         drop = self._drop(cond_drop, x, generator)
         z_t = _path(x, noise, t)
-        v, student_cond, extra = self._guided(student, teacher, z_t, t, x, noise, cond, drop)
+        v0, v, student_cond, extra = self._guided(student, teacher, z_t, t, x, noise, cond, drop)
         out = self.target(
             student,
             z_t,
@@ -305,7 +308,20 @@ class MeanFlowLoss:
         )
         sq_err = _sq_error(out.pred, out.target)
         weight = check_weights(self.weighting(sq_err, r, t), sq_err)
-        loss = _reduce(sq_err, weight)
+
+        def suspects() -> list:
+            return [
+                ("the batch's data x", x),
+                ("the noise", noise),
+                ("the student's weights", student),
+                ("the teacher's output v" if teacher is not None else "v = noise - x", v0),
+                (f"the guided velocity (guidance {self.guidance!r})", v),
+                ("the student's output u", out.pred),
+                (f"the target ({type(self.target).__name__})", out.target),
+                (f"the weighting's output ({self.weighting!r})", weight),
+            ]
+
+        loss = _reduce(sq_err, weight, suspects, step)
         metrics = {
             "loss": loss.detach(),
             "mse": (sq_err.detach() / out.pred[0].numel()).mean(),
@@ -337,20 +353,21 @@ class MeanFlowLoss:
         return cond_drop
 
     def _guided(self, student, teacher, z_t, t, x, noise, cond, drop):
-        """``(v, the student's cond, metrics)``: ``v`` guided where the guidance says, the
-        dropped rows of ``cond`` (and of the teacher's) set to the null condition."""
+        """``(v, guided v, the student's cond, metrics)``: ``v`` guided where the guidance
+        says, the dropped rows of ``cond`` (and of the teacher's) set to the null condition."""
         if self.guidance is None:
-            return _velocity(teacher, z_t, t, x, noise, cond), cond, {}
+            v = _velocity(teacher, z_t, t, x, noise, cond)
+            return v, v, cond, {}
         if not isinstance(self.guidance, MeanFlowGuidance):
             v = _velocity(teacher, z_t, t, x, noise, cond)
             with torch.no_grad():
-                return self.guidance(v, student, z_t, t, cond), cond, {}
+                return v, self.guidance(v, student, z_t, t, cond), cond, {}
         student_cond = self.guidance.condition(cond, drop)
         v = _velocity(teacher, z_t, t, x, noise, student_cond)
-        v = self.guidance(v, student, z_t, t, cond, drop=drop)
+        guided = self.guidance(v, student, z_t, t, cond, drop=drop)
         dropped = drop.float().mean() if drop is not None else torch.zeros((), device=t.device)
         metrics = {"frac_guided": self.guidance.guided(t, drop).float().mean()}
-        return v, student_cond, {**metrics, "frac_dropped": dropped}
+        return v, guided, student_cond, {**metrics, "frac_dropped": dropped}
 
     def state_dict(self) -> dict:
         """The target's state (the warm-up phase lives there)."""
@@ -416,5 +433,16 @@ class FlowMatchingLoss:
             weight = torch.ones_like(sq_err)
         else:
             weight = check_weights(self.weighting(sq_err, t, t), sq_err)
-        loss = _reduce(sq_err, weight)
+
+        def suspects() -> list:
+            return [
+                ("the batch's data x", x),
+                ("the noise", noise),
+                ("the model's weights", model),
+                ("the teacher's output v" if teacher is not None else "v = noise - x", target),
+                ("the model's output", pred),
+                (f"the weighting's output ({self.weighting!r})", weight),
+            ]
+
+        loss = _reduce(sq_err, weight, suspects)
         return loss, {"loss": loss.detach(), "mse": (sq_err.detach() / pred[0].numel()).mean()}

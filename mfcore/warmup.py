@@ -622,6 +622,11 @@ def _clone(state: Any, device: torch.device | str | None) -> Any:
     return state
 
 
+def _happened(metrics: Mapping[str, Any], event: str) -> bool:
+    """Whether ``metrics`` report ``event`` (present, with a nonzero value)."""
+    return event in metrics and float(metrics[event]) != 0.0
+
+
 class SwitchRollback:
     """Restore the trained weights and the optimiser to the switch when the guard reverts.
 
@@ -662,14 +667,25 @@ class SwitchRollback:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def observe(self, metrics: Mapping[str, Any]) -> bool:
-        """Save at a switch, restore at a revert; ``True`` when this step was rolled back."""
-        if "warmup_switched" in metrics:
+        """Save at a switch, restore at a revert; ``True`` when this step was rolled back.
+
+        An event happened when its key is in ``metrics`` with a nonzero value
+        (``{"warmup_reverted": 0.0}`` is no revert).
+
+        Raises:
+            TypeError: unless ``metrics`` is a mapping.
+        """
+        if not isinstance(metrics, Mapping):
+            raise TypeError(
+                f"metrics must be a mapping (a step's metrics), got {type(metrics).__name__}"
+            )
+        if _happened(metrics, "warmup_switched"):
             self.saved = {
                 "params": _clone(self._params(), self.device),
                 "optimizer": _clone(self.optimizer.state_dict(), self.device),
                 "also": [_clone(obj.state_dict(), self.device) for obj in self.also],
             }
-        if "warmup_reverted" in metrics and self.saved is not None:
+        if _happened(metrics, "warmup_reverted") and self.saved is not None:
             with torch.no_grad():
                 for p, saved in zip(self._params(), self.saved["params"], strict=True):
                     p.copy_(saved)

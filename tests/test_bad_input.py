@@ -25,7 +25,7 @@ from mfcore.critics import (
     kernel_discrepancy,
     renoise,
 )
-from mfcore.guidance import MeanFlowGuidance
+from mfcore.guidance import ClassifierFreeGuidance, MeanFlowGuidance, cfg_velocity
 from mfcore.jvp import total_derivative
 from mfcore.losses import (
     AdaptiveWeight,
@@ -56,7 +56,7 @@ from mfcore.time import (
 )
 from mfcore.toys.gmm import preset
 from mfcore.toys.nets import VelocityMLP
-from mfcore.warmup import SwitchGate, SwitchGuard, WarmupTarget
+from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
 from tests._nets import MLPStudent
 
 B, D = 4, 2
@@ -107,6 +107,22 @@ def _flux_train(tmp, *flags: str) -> int:
     make_synthetic_data(data, num_files=1, per_file=2, height=4, width=4, seq_len=4)
     argv = ["train", "--tiny", "--data", str(data), "--output", str(tmp / "out")]
     return main([*argv, "--device", "cpu", "--no-progress", *flags])
+
+
+def _distill_train(tmp, *flags: str) -> int:
+    from mfcore.adapters.distill import main
+    from mfcore.adapters.flux_distill import make_synthetic_data
+
+    data = tmp / "data"
+    make_synthetic_data(data, num_files=1, per_file=2, height=4, width=4, seq_len=4)
+    argv = ["train", "--tiny", "--family", "flux", "--data", str(data), "--output", str(tmp / "o")]
+    return main([*argv, "--device", "cpu", "--no-progress", *flags])
+
+
+def _distill_main(argv):
+    from mfcore.adapters.distill import main
+
+    return main(argv)
 
 
 def flux_cli(case_id: str, call, names: str) -> Case:
@@ -301,6 +317,12 @@ CASES = [
         ValueError,
         "step",
     ),
+    api(
+        "SwitchRollback.observe non-mapping",
+        lambda: SwitchRollback(torch.optim.SGD(STUDENT.parameters(), lr=0.1)).observe(["x"]),
+        TypeError,
+        "metrics must be a mapping",
+    ),
     api("SwitchGate rho_max 0", lambda: SwitchGate(rho_max=0.0), ValueError, "rho_max"),
     api("SwitchGuard patience 0", lambda: SwitchGuard(patience=0), ValueError, "patience"),
     # ------------------------------------------------------------------ losses
@@ -348,6 +370,25 @@ CASES = [
         ValueError,
         "teacher output",
     ),
+    api(
+        "MeanFlowLoss empty batch",
+        lambda: MeanFlowLoss()(STUDENT, Z[:0], r=R[:0], t=T[:0]),
+        ValueError,
+        "x is an empty batch",
+    ),
+    api("MeanFlowLoss (B,) data", lambda: MeanFlowLoss()(u_fn, Z[:, 0]), ValueError, "x must"),
+    api(
+        "FlowMatchingLoss empty batch",
+        lambda: FlowMatchingLoss()(teacher, Z[:0], t=T[:0]),
+        ValueError,
+        "x is an empty batch",
+    ),
+    api(
+        "FlowMatchingLoss (B,) data",
+        lambda: FlowMatchingLoss()(teacher, Z[:, 0]),
+        ValueError,
+        "x must",
+    ),
     api("sample_path t 1.5", lambda: sample_path(Z, Z, T + 0.75), ValueError, "t must lie"),
     api("per_sample_sq_error target", lambda: per_sample_sq_error(Z, Z[:1]), ValueError, "target"),
     api(
@@ -392,6 +433,13 @@ CASES = [
         lambda: MeanFlowGuidance(1.0, uncond={}, label_dropout=1.0),
         ValueError,
         "label_dropout",
+    ),
+    api("cfg_velocity scale nan", lambda: cfg_velocity(V, Z, math.nan), ValueError, "scale"),
+    api(
+        "ClassifierFreeGuidance scale inf",
+        lambda: ClassifierFreeGuidance(teacher, math.inf, uncond={}),
+        ValueError,
+        "scale",
     ),
     # ------------------------------------------------------------------ critics
     api("AlignmentLoss critic object", lambda: AlignmentLoss(object()), TypeError, "critic"),
@@ -487,17 +535,65 @@ CASES = [
     toy_cli("--resume without a checkpoint", ["--resume", "--name", "none"], "resume"),
     toy_cli("--save-every -1", ["--save-every", "-1"], "save_every"),
     toy_cli("--threads 0", ["--threads", "0"], "threads"),
+    toy_cli("--seed 2**70 past int64", ["--seed", str(2**70)], "seed"),
+    api(
+        "toy seed 2**70 past int64",
+        lambda: toy.ToyConfig(seed=2**70).validate(),
+        ValueError,
+        "seed",
+    ),
     # ------------------------------------------------------------------ flux_distill
     flux_cli(
         "--keep-checkpoints 0",
         lambda tmp: _flux_train(tmp, "--keep-checkpoints", "0"),
         "keep_checkpoints",
     ),
+    flux_cli(
+        "--guidance-scale nan",
+        lambda tmp: _flux_train(tmp, "--guidance-scale", "nan"),
+        "guidance_scale",
+    ),
+    flux_cli(
+        "--true-cfg-scale inf",
+        lambda tmp: _flux_train(tmp, "--true-cfg-scale", "inf"),
+        "true_cfg_scale",
+    ),
     flux_cli("--grad-clip nan", lambda tmp: _flux_train(tmp, "--grad-clip", "nan"), "grad_clip"),
     flux_cli(
         "make-data --per-file 0",
         lambda tmp: _flux_main(["make-data", str(tmp / "d"), "--per-file", "0"]),
         "per_file",
+    ),
+    flux_cli(
+        "--seed 2**70 past int64",
+        lambda tmp: _flux_train(tmp, "--seed", str(2**70)),
+        "seed",
+    ),
+    flux_cli(
+        "make-data --seed 2**70 past int64",
+        lambda tmp: _flux_main(["make-data", str(tmp / "d"), "--seed", str(2**70)]),
+        "seed",
+    ),
+    Case(
+        "mfcore-distill --seed 2**70 past int64",
+        lambda tmp: _distill_train(tmp, "--seed", str(2**70)),
+        "usage",
+        "seed",
+        True,
+    ),
+    flux_cli(
+        "make-data --height 5 that train refuses",
+        lambda tmp: _flux_main(["make-data", str(tmp / "d"), "--height", "5"]),
+        "height",
+    ),
+    Case(
+        "mfcore-distill make-data hunyuanimage3 --vocab-size 8",
+        lambda tmp: _distill_main(
+            ["make-data", str(tmp / "d"), "--family", "hunyuanimage3", "--vocab-size", "8"]
+        ),
+        "usage",
+        "vocab_size",
+        True,
     ),
     flux_cli(
         "train without --data",
@@ -508,7 +604,7 @@ CASES = [
 
 
 def test_the_table_is_large_and_its_ids_are_unique():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 110
     assert len({case.id for case in CASES}) == len(CASES)
 
 

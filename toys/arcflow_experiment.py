@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_positive_int, check_tensor, check_time
+from mfcore._checks import check_positive_int, check_tensor, check_time, cli_int
 from mfcore.arcflow import (
     ArcFlowDistillationLoss,
     ArcFlowHead,
@@ -526,10 +526,10 @@ def _parser() -> argparse.ArgumentParser:
         description="ArcFlow vs MeanFlow (with and without alignment) at 2 steps on the toys.",
     )
     p.add_argument("--presets", nargs="+", default=list(d.presets), choices=sorted(presets))
-    p.add_argument("--seeds", type=int, default=len(d.seeds), help="seeds 0..N-1")
-    p.add_argument("--steps", type=int, default=d.steps, help="student updates per method")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    p.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
+    p.add_argument("--seeds", type=cli_int, default=len(d.seeds), help="seeds 0..N-1")
+    p.add_argument("--steps", type=cli_int, default=d.steps, help="student updates per method")
+    p.add_argument("--eval-samples", type=cli_int, default=d.eval_samples)
+    p.add_argument("--workers", type=cli_int, default=2, help="processes (one thread each)")
     p.add_argument("--json", default="docs/results/arcflow_toys.json", help="results file")
     p.add_argument("--figures", default="docs/figures", help="folder of the PNG figures")
     return p

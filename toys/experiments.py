@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mfcore._checks import cli_int
+
 from .gmm import preset
 from .nets import VelocityMLP
 from .teacher_net import fit_teacher_net
@@ -391,8 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/experiments")
     p.add_argument("--only", nargs="*", choices=sorted(EXPERIMENTS), default=None)
-    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: SEEDS)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--seeds", type=cli_int, default=None, help="seeds per variant (default: SEEDS)")
+    p.add_argument("--jobs", type=cli_int, default=1, help="runs in parallel (processes)")
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         p.error("--seeds must be >= 1")

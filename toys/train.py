@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from mfcore._checks import check_choice, check_positive_int, check_real
+from mfcore._checks import check_choice, check_int64, check_positive_int, check_real, cli_int
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, KernelCritic, MeanFlowCritic
 from mfcore.fields import Target
 from mfcore.jvp import JVP_METHODS
@@ -239,6 +239,7 @@ class ToyConfig:
         check_choice("times", self.times, TIMES)
         check_real("time_mean", self.time_mean)
         check_real("time_std", self.time_std, minimum=0.0, strict=True)
+        check_int64("seed", self.seed)
         if self.init == "teacher" and self.teacher != "net":
             raise ValueError("init='teacher' needs teacher='net' (a network to copy)")
         for name in ("fd_step", "tangent_norm"):
@@ -897,19 +898,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=d.preset, choices=sorted(presets))
     p.add_argument("--name", default=None, help="run name (default: the preset)")
     p.add_argument("--out", default=d.out_dir, help="output folder (default: runs)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps, help="student optimiser steps")
-    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seed", type=cli_int, default=d.seed)
+    p.add_argument("--steps", type=cli_int, default=d.steps, help="student optimiser steps")
+    p.add_argument("--batch", type=cli_int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--target", default=d.target, choices=TARGETS)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--warmup-steps", type=cli_int, default=d.warmup_steps)
     p.add_argument("--align", default=d.align, choices=CRITICS)
     p.add_argument("--align-weight", type=float, default=d.align_weight)
-    p.add_argument("--align-start", type=int, default=d.align_start)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--align-start", type=cli_int, default=d.align_start)
+    p.add_argument("--eval-samples", type=cli_int, default=d.eval_samples)
     p.add_argument(
         "--save-every",
-        type=int,
+        type=cli_int,
         default=d.save_every,
         help="steps between checkpoints (0: only at the end)",
     )
@@ -922,7 +923,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--threads",
-        type=int,
+        type=cli_int,
         default=1,
         help="torch intra-op threads (default 1: the toy's tensors are too small to gain "
         "from more, and a busy machine makes each op wait for the slowest thread)",
