@@ -169,7 +169,7 @@ class DistillConfig:
     jvp: str = "func"
     single_forward: bool = False
     equal_fraction: float = 0.75
-    grid_fraction: float = 0.0
+    grid_fraction: float = 0.25
     time_mean: float = -0.4
     time_std: float = 1.0
     shift_times: bool = True

@@ -143,7 +143,8 @@ def test_todays_flux_checkpoint_resumes_and_its_student_loads(tmp_path):
     assert "family" not in saved and "ema" not in saved  # written before both existed
     saved["data"], saved["output"] = str(run / "data"), str(run)
     path.write_text(json.dumps(saved))
-    cfg = DistillConfig(**{**saved, "steps": 4, "resume": True, "ema": False})
+    # written before grid pairs were the default: resuming keeps its recipe, as a user must
+    cfg = DistillConfig(**{**saved, "steps": 4, "resume": True, "ema": False, "grid_fraction": 0.0})
     student = distill(cfg)
     state = student.trainable_state_dict()
     assert state.keys() == expected.keys()
