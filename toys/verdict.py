@@ -239,6 +239,35 @@ def _metric_table(results: dict[str, Any], exp: str) -> list[str]:
     return out
 
 
+def teacher_evals_per_sample(config: dict[str, Any]) -> float:
+    """Teacher evaluations per sample and step of a run's discrete target, as the target now
+    runs (only the pairs ``r < t`` integrated, each solve's first stage from ``v``):
+    ``1 + P(r < t) (stages x steps - 1)``; the runs log the count of the code they ran."""
+    stages = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}[config.get("discrete_method", "heun")]
+    equal = config.get("equal_fraction", 0.25) * (1.0 - config.get("grid_fraction", 0.5))
+    return 1.0 + (1.0 - equal) * (stages * config.get("discrete_steps", 16) - 1)
+
+
+def _recipe(results: dict[str, Any]) -> list[str]:
+    cols = ("w2", "mode_precision", "mode_recall")
+    out = [
+        "| mixture / recipe | steps | teacher evals / sample | "
+        + " | ".join(f"1-step {c}" for c in cols)
+        + " | "
+        + " | ".join(f"2-step {c}" for c in cols)
+        + " | probe error |",
+        "|" + "---|" * (2 * len(cols) + 4),
+    ]
+    for name, v in results["recipe"].items():
+        runs, cfg = v["runs"], v["config"]
+        one = " | ".join(_stat([r["student"]["1"][c] for r in runs]) for c in cols)
+        two = " | ".join(_stat([r["student"]["2"][c] for r in runs]) for c in cols)
+        probe = _stat([(r["probe"] or {}).get("pooled") for r in runs])
+        cost = teacher_evals_per_sample(cfg)
+        out.append(f"| {name} | {cfg['steps']} | {cost:.2f} | {one} | {two} | {probe} |")
+    return out
+
+
 def _old_warmup(results: dict[str, Any]) -> list[str]:
     out = [
         "| variant | collapsed | 1-step W2 | teacher W2 | 1-step mode prec. |",
@@ -264,6 +293,8 @@ def _old_warmup(results: dict[str, Any]) -> list[str]:
 def tables(results: dict[str, Any]) -> str:
     """Markdown tables (mean ± standard deviation over seeds) of the experiments' results."""
     parts: list[str] = []
+    if "recipe" in results:
+        parts += ["### The shipped recipe", "", *_recipe(results), ""]
     if "seed_method" in results:
         parts += ["### Claim 1 in the faithful setting", "", *_seed_method(results["seed_method"])]
         parts += ["", "### Guard and gate", "", *_guard(results)]
