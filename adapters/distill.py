@@ -614,7 +614,7 @@ def _save_checkpoint(run: Run) -> str:
         replace_folder(tmp, final)
         try:
             _verify(final, world.rank)
-        except (ValueError, FileNotFoundError) as err:
+        except Exception as err:  # any failure to read back: the other ranks wait at the barrier
             logger.warning("%s does not read back (%s): the older ones stay", final, err)
             shutil.rmtree(final + ".unverified", ignore_errors=True)
             os.replace(final, final + ".unverified")
@@ -678,22 +678,30 @@ def _agreed(run: Run, ok: bool) -> bool:
 
 def _resume_point(run: Run) -> tuple[str, dict]:
     """The newest checkpoint of the run that reads back whole on every rank, and what
-    :func:`_verify` read; a corrupt newer one is skipped with a warning naming it."""
+    :func:`_verify` read; a corrupt newer one is skipped with a warning naming it, and set
+    aside as ``<name>.corrupt`` (so pruning, which keeps the newest, never keeps it in place
+    of the intact ones)."""
     root = os.path.join(run.cfg.output, "checkpoints")
     folders = checkpoint_folders(root)
     if not folders:
         raise FileNotFoundError(f"--resume given but {run.cfg.output} has no checkpoint")
-    skipped = []
+    skipped, rejected = [], []
     for _, path in reversed(folders):
         try:
             found, ok = _verify(path, run.world.rank), True
-        except (ValueError, FileNotFoundError) as err:
+        except Exception as err:  # any failure on one rank: every rank must hear of it
             found, ok = {}, False
             skipped.append(f"{path}: {err}")
         if _agreed(run, ok):
             for reason in skipped:
                 logger.warning("skipping a corrupt checkpoint, %s", reason)
+            if run.world.main:
+                for bad in rejected:
+                    shutil.rmtree(bad + ".corrupt", ignore_errors=True)
+                    os.replace(bad, bad + ".corrupt")
+            run.world.barrier()
             return path, found
+        rejected.append(path)
     raise ValueError(f"no checkpoint in {root} reads back whole: " + "; ".join(skipped))
 
 
@@ -861,13 +869,17 @@ def distill(
 
 
 def _export(student: MeanFlowStudent, folder: str) -> None:
-    """Write the student to ``folder`` whole (synced, swapped in); non-finite weights are
-    never written (an error is logged and the folder is left as it was)."""
+    """Write the student to ``folder`` whole (synced, swapped in).
+
+    Raises:
+        FloatingPointError: when the weights are not finite; ``folder`` is left as it was
+            (a previous run's student is not overwritten), and the run fails rather than
+            ending as if it had exported.
+    """
     try:
         _check_finite(student.trainable_state_dict(), "the trained student")
     except ValueError as err:
-        logger.error("%s: %s is left as it was", err, folder)
-        return
+        raise FloatingPointError(f"{err}: not exported, {folder} is left as it was") from None
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)

@@ -2,13 +2,17 @@
 anyone waits for a peer.
 
 ``torchrun`` describes the group in the environment: ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (and ``LOCAL_WORLD_SIZE``,
-``TORCHELASTIC_RUN_ID``, ...). A few of these left over in a shell, without torchrun, used to
-make the run wait for peers that never come. :func:`launch_env` reads them: no ``WORLD_SIZE``
-(or ``WORLD_SIZE=1`` with no more of the group described) is one process; several processes
-need the whole set, consistent, else a :class:`LaunchError` names the variables; and
-:func:`rendezvous` gives up after ``timeout`` seconds when the peers do not come, naming the
-environment that promised them.
+``MASTER_ADDR``, ``MASTER_PORT`` (what torch's ``env://`` rendezvous needs) and
+``LOCAL_RANK`` (and ``LOCAL_WORLD_SIZE``, ``TORCHELASTIC_RUN_ID``, ...). The four
+``env://`` variables alone are what a shell leaves over, so a launcher must also say which
+process of its node this is: ``LOCAL_RANK`` (torchrun, accelerate, deepspeed), or, where a
+script exports the four itself, ``SLURM_LOCALID`` (``srun``) or
+``OMPI_COMM_WORLD_LOCAL_RANK`` (Open MPI's ``mpirun``). Left over in a shell without
+torchrun, these variables used to make the run wait for peers that never come.
+:func:`launch_env` reads them: no ``WORLD_SIZE`` (or ``WORLD_SIZE=1`` with no more of the
+group described) is one process; several processes need the whole set, consistent, else a
+:class:`LaunchError` names the variables; and :func:`rendezvous` gives up after ``timeout``
+seconds when the peers do not come, naming the environment that promised them.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import torch.distributed as dist
 
 __all__ = ["REQUIRED", "LaunchError", "Launch", "launch_env", "rendezvous"]
 
-#: The variables a multi-process launch must set (torchrun sets them all).
+#: The variables a multi-process launch must set (torchrun sets them all); the local rank may
+#: come from another launcher's variable instead (:data:`LOCAL_RANKS`).
 REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: Where a launcher puts the process's rank on its node, in the order they are read.
+LOCAL_RANKS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
 class LaunchError(ValueError):
@@ -64,7 +71,7 @@ def launch_env(environ: dict[str, str] | None = None) -> Launch | None:
     env = dict(os.environ if environ is None else environ)
     size = _int(env, "WORLD_SIZE")
     rank = _int(env, "RANK")
-    local = _int(env, "LOCAL_RANK")
+    local = next((_int(env, k) for k in LOCAL_RANKS if k in env), None)
     local_size = _int(env, "LOCAL_WORLD_SIZE")
     if size is not None and size < 1:
         raise LaunchError(f"WORLD_SIZE must be >= 1, got {size}")
@@ -74,7 +81,7 @@ def launch_env(environ: dict[str, str] | None = None) -> Launch | None:
         raise LaunchError(
             f"LOCAL_RANK={local} must lie in [0, LOCAL_WORLD_SIZE={local_size or 'any'})"
         )
-    missing = [k for k in REQUIRED if k not in env]
+    missing = [k for k in REQUIRED if k not in env and (k != "LOCAL_RANK" or local is None)]
     if size is None or (size == 1 and missing):
         if size is None and rank:
             raise LaunchError(

@@ -188,7 +188,9 @@ def join(device: str, *, timeout: float = RENDEZVOUS_TIMEOUT) -> tuple[int, int,
     dev = _device_for(device, launch.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    store = rendezvous(launch, timeout)
+    # (prefixed as torch's own env:// path does, so a shared store's other users never
+    # collide with the group's keys)
+    store = dist.PrefixStore("default_pg", rendezvous(launch, timeout))
     backend = "nccl" if dev.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.size)
     return dist.get_rank(), dist.get_world_size(), dev

@@ -254,9 +254,13 @@ def train_step(run: Run) -> dict[str, float | str]:
                     draws = (noise[a:b], r[a:b], t[a:b])
                     loss, metrics = run.objective(run, loss_fn, x, cond, draws, rows)
                 if not bool(torch.isfinite(loss)):
+                    # each term checked itself: what is left is their sum, or its scale
+                    what = "the MeanFlow loss plus the alignment term" if run.alignment else (
+                        "the MeanFlow loss"
+                    )
                     raise FloatingPointError(
-                        f"the alignment term is not finite at step {run.step} "
-                        f"(align_loss {_value(metrics, 'align_loss')}, weight "
+                        f"{what} is not finite at step {run.step} (align_loss "
+                        f"{_value(metrics, 'align_loss')}, weight "
                         f"{getattr(run.alignment, 'weight', None)}; the MeanFlow loss "
                         f"{_value(metrics, 'loss')})"
                     )

@@ -848,7 +848,7 @@ class AlignmentLoss:
             self.critic.optimizer.zero_grad(set_to_none=True)  # no gradients held meanwhile
             self.updates_done += 1
         loss = loss.detach()
-        updates = torch.tensor(float(self.updates_done), device=loss.device)
+        updates = torch.full((), float(self.updates_done), device=loss.device)
         return loss, {"critic_fm": loss, "critic_updates": updates}
 
     def student_loss(

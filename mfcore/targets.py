@@ -449,7 +449,7 @@ class _DiscreteTarget(ABC):
         target, evals = self._compute(student, z_t, r, t, v, teacher, cond, generator)
         pred = check_like("the student's output", student(z_t, r, t, **cond), z_t)
         per_sample = (teacher is not None) + evals / z_t.shape[0]
-        metrics = {"teacher_evals_per_sample": torch.tensor(float(per_sample), device=z_t.device)}
+        metrics = {"teacher_evals_per_sample": torch.full((), float(per_sample), device=z_t.device)}
         return TargetOutput(pred, target, metrics)
 
     def state_dict(self) -> dict:

@@ -530,7 +530,8 @@ class GridPairSampler:
             raise ValueError("grids must hold at least one sampling grid")
         for g in grids:
             g = check_tensor("grids", g, ndim_min=1)
-            if g.ndim != 1 or g.shape[0] < 2 or g[0] != 1 or g[-1] != 0 or (g[1:] >= g[:-1]).any():
+            bad = g.ndim != 1 or g.shape[0] < 2 or not bool(torch.isfinite(g).all())
+            if bad or g[0] != 1 or g[-1] != 0 or (g[1:] >= g[:-1]).any():
                 raise ValueError(f"each of grids must decrease from 1 to 0, got {g.tolist()}")
         # padded to one (n_grids, K_max + 1) float64 table; K per grid
         steps = torch.tensor([g.shape[0] - 1 for g in grids], dtype=torch.float64)
@@ -540,6 +541,7 @@ class GridPairSampler:
         object.__setattr__(self, "grids", grids)
         object.__setattr__(self, "_steps", steps)
         object.__setattr__(self, "_table", table)
+        object.__setattr__(self, "_on", {})  # device -> (steps, table): one copy per device
         object.__setattr__(self, "fraction", check_fraction("fraction", self.fraction))
 
     def __call__(
@@ -555,7 +557,10 @@ class GridPairSampler:
         r, t = self.base(n, device=dev, dtype=dtype, generator=gen)
         pick = torch.rand(n, device=dev, generator=gen) < self.fraction
         which = torch.randint(len(self.grids), (n,), device=dev, generator=gen)
-        steps, table = self._steps.to(dev)[which], self._table.to(dev)
+        if dev not in self._on:  # (a host-to-device copy waits for the device: once)
+            self._on[dev] = (self._steps.to(dev), self._table.to(dev))
+        all_steps, table = self._on[dev]
+        steps = all_steps[which]
         u = torch.rand(n, device=dev, generator=gen, dtype=torch.float64)
         i = torch.floor(u * steps).long()
         t_grid, r_grid = table[which, i].to(dtype), table[which, i + 1].to(dtype)

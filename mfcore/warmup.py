@@ -473,12 +473,12 @@ class WarmupTarget:
                 events["warmup_reverted"] = 1.0
         device = out.target.device
         metrics = dict(out.metrics)
-        metrics["warmup_phase"] = torch.tensor(float(_PHASES.index(phase)), device=device)
-        metrics["warmup_alpha"] = torch.tensor(self.blend_weight(), device=device)
+        metrics["warmup_phase"] = torch.full((), float(_PHASES.index(phase)), device=device)
+        metrics["warmup_alpha"] = torch.full((), float(self.blend_weight()), device=device)
         if self._fit is not None:
             metrics["warmup_fit_error"] = self._fit
         for k, val in {**extra, **events}.items():
-            metrics[k] = torch.tensor(val, device=device)
+            metrics[k] = torch.full((), float(val), device=device)  # (a fill: no host wait)
         return TargetOutput(out.pred, out.target, metrics)
 
     def _may_switch(self) -> bool:

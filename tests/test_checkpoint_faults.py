@@ -156,6 +156,19 @@ def test_distill_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, fl
     assert latest_checkpoint(tmp_path / "run").endswith("step-0000006")
 
 
+def test_distill_resume_past_a_corrupt_checkpoint_sets_it_aside_so_pruning_keeps_the_good_ones(
+    tmp_path, flux_data
+):
+    # keep 1: step 4 corrupt, resumed from step 2; the new step 6 must survive the pruning,
+    # which (by step number) would otherwise keep the corrupt step 4's folder
+    distill(config(tmp_path, keep_checkpoints=2))
+    _truncate(os.path.join(tmp_path / "run" / "checkpoints" / "step-0000004",
+                           "student.safetensors"))  # fmt: skip
+    distill(config(tmp_path, keep_checkpoints=1, steps=3, resume=True))
+    names = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert names == ["step-0000003", "step-0000004.corrupt"], names
+
+
 def test_distill_keeps_the_newest_verified_checkpoint_until_its_successor_is_verified(
     tmp_path, flux_data, monkeypatch
 ):
@@ -233,7 +246,8 @@ def test_distill_never_exports_non_finite_weights_over_a_finite_student(tmp_path
     before = {p: (folder / p).read_bytes() for p in os.listdir(folder)}
     with torch.no_grad():
         student.trainable_parameters()[0].fill_(math.nan)
-    distill_module._export(student, str(folder))
+    with pytest.raises(FloatingPointError, match="not exported"):
+        distill_module._export(student, str(folder))
     assert {p: (folder / p).read_bytes() for p in os.listdir(folder)} == before
 
 

@@ -89,6 +89,12 @@ def test_world_size_one_alone_is_one_process(monkeypatch):
     assert launch is not None and (launch.rank, launch.size, launch.local_rank) == (1, 2, 1)
 
 
+@pytest.mark.parametrize("local", ["SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"])
+def test_a_launch_by_srun_or_mpirun_takes_its_local_rank_from_the_launcher(local):
+    launch = launch_env({**_STRAY, "RANK": "1", local: "1"})
+    assert launch is not None and (launch.rank, launch.size, launch.local_rank) == (1, 2, 1)
+
+
 # ---------------------------------------------------------------------- scales are finite
 
 

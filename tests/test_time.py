@@ -549,7 +549,8 @@ def test_grid_pairs_draw_every_interval_of_every_grid_uniformly():
 def test_grid_pairs_refuse_grids_that_are_not_sampling_grids():
     base = TimePairSampler()
     for bad in ([], [torch.tensor([1.0, 0.5])], [torch.tensor([0.0, 1.0])],
-                [torch.tensor([1.0, 0.5, 0.5, 0.0])], [torch.ones(2, 2)]):  # fmt: skip
+                [torch.tensor([1.0, 0.5, 0.5, 0.0])], [torch.ones(2, 2)],
+                [torch.tensor([1.0, float("nan"), 0.0])]):  # fmt: skip
         with pytest.raises(ValueError, match="grids"):
             GridPairSampler(base, bad)
     with pytest.raises(ValueError, match="fraction"):

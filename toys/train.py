@@ -552,6 +552,8 @@ class _Job:
 
 #: Settings a run may change when it resumes (they do not touch the training).
 _RESUMABLE = ("progress", "figures", "save_every", "resume")
+#: What a checkpoint written before a setting existed ran with.
+_LEGACY = {"times": "uniform", "time_mean": -0.4, "time_std": 1.0}
 
 
 def _run_dir(cfg: ToyConfig) -> Path | None:
@@ -584,10 +586,10 @@ def read_checkpoint(cfg: ToyConfig) -> dict[str, Any]:
             reasons.append(str(err))
             logger.warning("resume: skipping %s (%s)", folder, err)
             continue
-        now = dataclasses.asdict(cfg)
-        changed = [k for k in now if k not in _RESUMABLE and state["config"].get(k) != now[k]]
+        now, saved = dataclasses.asdict(cfg), {**_LEGACY, **state["config"]}
+        changed = [k for k in now if k not in _RESUMABLE and saved.get(k) != now[k]]
         if changed:
-            diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {now[k]!r}" for k in changed)
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
             raise ValueError(f"resume: {folder} has other settings ({diffs})")
         return state
     raise ValueError(f"resume: no checkpoint of {run_dir} reads back whole: {'; '.join(reasons)}")

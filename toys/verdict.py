@@ -13,6 +13,8 @@ import math
 import statistics
 from typing import Any
 
+from mfcore.solvers import SOLVERS
+
 __all__ = ["TOL", "ended_worse", "blew_up", "tables"]
 
 TOL = 0.05
@@ -243,7 +245,7 @@ def teacher_evals_per_sample(config: dict[str, Any]) -> float:
     """Teacher evaluations per sample and step of a run's discrete target, as the target now
     runs (only the pairs ``r < t`` integrated, each solve's first stage from ``v``):
     ``1 + P(r < t) (stages x steps - 1)``; the runs log the count of the code they ran."""
-    stages = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}[config.get("discrete_method", "heun")]
+    stages = SOLVERS[config.get("discrete_method", "heun")].stages
     equal = config.get("equal_fraction", 0.25) * (1.0 - config.get("grid_fraction", 0.5))
     return 1.0 + (1.0 - equal) * (stages * config.get("discrete_steps", 16) - 1)
 
