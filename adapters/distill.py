@@ -103,6 +103,7 @@ from mfcore.adapters.step import Run, critic_loss, student_loss, train_step
 from mfcore.adapters.student import MeanFlowStudent, Teacher
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
+from mfcore.solvers import ODE_METHODS
 from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.time import GridPairSampler, LogitNormalTime, TimePairSampler
 from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
@@ -731,14 +732,36 @@ def _check_resume(cfg: DistillConfig, path: str, found: dict, data: LatentDatase
         logger.warning("the data folder %s changed since %s: %s", data.folder, path, diff)
 
 
+def _filled(saved: dict) -> dict:
+    """A checkpoint's settings, every field present: a setting added after the checkpoint was
+    written had its default then, or the value that reproduces what the code did before it
+    existed (``_LEGACY``); keys no longer settings are dropped."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | _LEGACY
+    return {k: saved.get(k, v) for k, v in defaults.items()}
+
+
+def saved_settings(output: str | os.PathLike) -> tuple[str, dict]:
+    """The newest checkpoint of the run in ``output`` whose ``config.json`` reads, and its
+    settings (every field of :class:`DistillConfig`).
+
+    Raises:
+        FileNotFoundError: when ``output`` holds no checkpoint with readable settings.
+    """
+    reasons = []
+    for _, path in reversed(checkpoint_folders(os.path.join(output, "checkpoints"))):
+        try:
+            return path, _filled(read_json(os.path.join(path, "config.json")))
+        except (ValueError, FileNotFoundError) as err:
+            reasons.append(str(err))
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    raise FileNotFoundError(f"--resume given but {output} has no checkpoint{why}")
+
+
 def _check_settings(cfg: DistillConfig, path: str, saved: dict) -> None:
     """Raise ``ValueError`` naming every setting ``cfg`` changes from checkpoint ``path``'s
     (``saved``, its ``config.json``)."""
     now = dataclasses.asdict(cfg)
-    # a setting added after the checkpoint was written had its default then, or the value
-    # that reproduces what the code did before it existed
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | _LEGACY
-    saved = {k: saved.get(k, defaults.get(k)) for k in now}
+    saved = _filled(saved)
     ignored = set(_RESUMABLE) | (_ALIGN_ONLY if now["align"] == "none" else set())
     changed = sorted(k for k in now if k not in ignored and saved[k] != now[k])
     if changed:
@@ -940,7 +963,8 @@ HELP: dict[str, str] = {
     "keep_checkpoints": "checkpoints to keep (the newest; an older one goes only once its "
     "successor reads back whole)",
     "resume": "continue from the newest checkpoint in --output that reads back whole "
-    "(a corrupt newer one is skipped with a warning)",
+    "(a corrupt newer one is skipped with a warning), with the run's saved settings: flags "
+    "given again override those a resume may change",
     "allow_data_change": "with --resume, go on (with a warning) when the data folder's files "
     "differ from the checkpoint's record",
     "seed": "seed of the model init (--tiny), data order, noise and times",
@@ -964,16 +988,36 @@ HELP: dict[str, str] = {
 
 # The type of the flags whose default is None.
 _OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size": cli_int}
+# the settings with a fixed set of values: argparse lists them in --help and refuses others
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "family": ("auto", *FAMILIES),
+    "switch": SWITCHES,
+    "warmup_ode_method": ODE_METHODS,
+    "jvp": JVP_METHODS,
+    "align": ("none", *CRITICS),
+    "weights_dtype": tuple(_DTYPES),
+    "parallel": MODES,
+}
+# (a parser whose every train default is this tells which flags the command line gave)
+_NOT_GIVEN = object()
 
 
-def _add_train(sub: Any) -> None:
+def _add_train(sub: Any, given_only: bool = False) -> None:
     tr = sub.add_parser(
         "train", help="distil a checkpoint into a MeanFlow student", formatter_class=_FORMATTER
     )
-    src = tr.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="local diffusers checkpoint folder (pipeline or transformer)")
-    src.add_argument("--tiny", action="store_true", help="a random tiny model (tests, smoke runs)")
-    tr.add_argument("--data", required=True, help="folder of *.safetensors samples")
+    unset = {"default": _NOT_GIVEN} if given_only else {}
+    src = tr.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model",
+        help="local diffusers checkpoint folder (pipeline or transformer); this or --tiny "
+        "(with --resume: the run's own)",
+        **unset,
+    )
+    src.add_argument("--tiny", action="store_true", help="a random tiny model (tests, smoke runs)",
+                     **unset)  # fmt: skip
+    tr.add_argument("--data", help="folder of *.safetensors samples (with --resume: the run's "
+                    "own)", **unset)  # fmt: skip
     tr.add_argument("--output", required=True, help="run folder (checkpoints, metrics, student)")
     defaults = DistillConfig(data="", output="", tiny=True)
     for field in dataclasses.fields(DistillConfig):
@@ -981,7 +1025,10 @@ def _add_train(sub: Any) -> None:
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
-        kw: dict[str, Any] = {"default": value, "help": HELP[field.name]}
+        kw: dict[str, Any] = {"default": _NOT_GIVEN if given_only else value}
+        kw["help"] = HELP[field.name]
+        if field.name in _CHOICES:
+            kw["choices"] = _CHOICES[field.name]
         if isinstance(value, bool):
             tr.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif field.name in _OPTIONAL:
@@ -1024,11 +1071,12 @@ def _add_make_data(sub: Any) -> None:
     md.add_argument("--seed", type=cli_int, default=0, help="seed of the random values")
 
 
-def build_parser(prog: str = "mfcore-distill") -> argparse.ArgumentParser:
-    """The ``train``, ``prepare`` and ``make-data`` command line."""
+def build_parser(prog: str = "mfcore-distill", given_only: bool = False) -> argparse.ArgumentParser:
+    """The ``train``, ``prepare`` and ``make-data`` command line (``given_only``: every
+    ``train`` default a marker, to tell which flags a command line gives)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
+    _add_train(sub, given_only)
     add_prepare_parser(sub, _FORMATTER)
     _add_make_data(sub)
     return parser
@@ -1072,6 +1120,30 @@ def _make_data(args: dict[str, Any]) -> str:
     return f"wrote {len(paths)} files to {folder}\n"
 
 
+def _train_settings(args: dict[str, Any], argv: Sequence[str] | None, prog: str) -> dict:
+    """The settings of ``train``: the command line's; with ``--resume``, the run's saved
+    settings with the flags the command line gave on top (a changed setting that a resume
+    may not change is then refused by name, as any)."""
+    if not args["resume"]:
+        if args["data"] is None or (args["model"] is None and not args["tiny"]):
+            raise ValueError("train needs --data and one of --model and --tiny")
+        return args
+    given_parser = build_parser(prog, given_only=True)
+    given = vars(given_parser.parse_args(sys.argv[1:] if argv is None else argv))
+    given = {k: v for k, v in given.items() if v is not _NOT_GIVEN and k != "command"}
+    path, saved = saved_settings(args["output"])
+    if "model" in given or "tiny" in given:  # one source of the model: the given one
+        saved.pop("model"), saved.pop("tiny")
+    merged = {**saved, **given, "resume": True}
+    merged.setdefault("model", None)
+    merged.setdefault("tiny", False)
+    logger.info(
+        "resuming with the settings of %s%s", path,
+        f"; given: {', '.join(sorted(set(given) - {'resume', 'output'}))}" if given else "",
+    )  # fmt: skip
+    return merged
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> int:
     """Entry point; bad input ends with an argparse error naming what is wrong."""
     parser = build_parser(prog)
@@ -1085,7 +1157,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> 
         elif command == "prepare":
             sys.stdout.write(run_prepare(args))
         else:
-            distill(DistillConfig(**args))
+            distill(DistillConfig(**_train_settings(args, argv, prog)))
         done = True
     except (TypeError, ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))

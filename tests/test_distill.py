@@ -263,3 +263,38 @@ def test_grid_fraction_draws_the_intervals_of_the_familys_few_step_grids(tmp_pat
     assert drawn == intervals  # every interval of every grid, and nothing else
     with pytest.raises(ValueError, match="grid_fraction"):
         DistillConfig(data=data_dir, output="o", tiny=True, grid_fraction=1.5)
+
+
+def test_resume_remembers_the_runs_settings_and_refuses_a_changed_one_by_name(tmp_path, capsys):
+    folder = str(data(tmp_path, "flux"))
+    out = str(tmp_path / "run")
+    first = ["train", "--tiny", "--data", folder, "--output", out, "--steps", "2",
+             "--checkpoint-every", "2", "--warmup-steps", "1", "--lora-rank", "2",
+             "--device", "cpu", "--weights-dtype", "fp32", "--no-progress",
+             "--no-tensorboard", "--preview-every", "0"]  # fmt: skip
+    assert main(first) == 0
+    # the docs' resume line: only what locates the run and what may change
+    assert main(["train", "--output", out, "--steps", "3", "--resume", "--no-progress"]) == 0
+    assert latest_checkpoint(out).endswith("step-0000003")
+    saved = json.loads((tmp_path / "run/checkpoints/step-0000003/config.json").read_text())
+    assert saved["warmup_steps"] == 1 and saved["lora_rank"] == 2 and saved["tiny"] is True
+    err = _usage_error(["train", "--output", out, "--steps", "4", "--resume",
+                        "--warmup-steps", "5"], capsys)  # fmt: skip
+    assert "warmup_steps: 1 -> 5" in err
+    err = _usage_error(["train", "--output", str(tmp_path / "none"), "--resume"], capsys)
+    assert "has no checkpoint" in err
+    err = _usage_error(["train", "--output", out], capsys)  # a new run needs its sources
+    assert "--data and one of --model and --tiny" in err
+
+
+def test_every_enumerated_train_flag_lists_its_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = [("--switch", "gated,fixed,never"), ("--jvp", "func,autograd,fd"),
+              ("--parallel", "auto,none,ddp,fsdp"), ("--align", "none,fake,meanflow"),
+              ("--weights-dtype", "bf16,fp32,fp64"), ("--family", "auto,flux")]  # fmt: skip
+    for flag, values in listed:
+        assert f"{flag} {{{values}" in text, flag
+    err = _usage_error(["train", "--tiny", "--data", "d", "--output", "o", "--jvp", "nope"], capsys)
+    assert "invalid choice: 'nope'" in err
