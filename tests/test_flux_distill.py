@@ -274,6 +274,7 @@ def test_signals_are_logged_and_an_injected_fault_reverts(tmp_path, data, monkey
         signal_every=2,
         guard_patience=1,
         checkpoint_every=12,
+        grid_fraction=0.0,  # the pairs this fault was sized for (2 samples a step)
     )
     # the fault: after the switch the differential target points far from the flow
     honest = DifferentialTarget._target
@@ -291,7 +292,8 @@ def test_signals_are_logged_and_an_injected_fault_reverts(tmp_path, data, monkey
     assert rows[reverted[0] - 1]["rolled_back"] == 1.0
     # the rollback restores the weights of the switch: a run stopped at the revert ends with
     # the weights of a clean run stopped at the switch (EMA off: the raw weights)
-    common = dict(switch="fixed", warmup_steps=4, signal_every=2, guard_patience=1, ema=False)
+    common = dict(switch="fixed", warmup_steps=4, signal_every=2, guard_patience=1, ema=False,
+                  grid_fraction=0.0)  # fmt: skip
     faulty = distill(config(tmp_path, "faulty", steps=reverted[0], checkpoint_every=50, **common))
     monkeypatch.setattr(DifferentialTarget, "_target", honest)
     clean = distill(config(tmp_path, "clean", steps=4, checkpoint_every=50, **common))
