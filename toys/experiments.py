@@ -215,6 +215,11 @@ _ALIGN_BASE = dict(
 )
 
 EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "ode_steps": {
+        f"{p} / Heun-{k}": dict(SHIPPED, preset=p, grid_fraction=0.25, discrete_steps=k)
+        for p in ("ring8", "grid25")
+        for k in (1, 2, 4, 8)
+    },
     "recipe": {
         f"{p} / {v}": dict(SHIPPED, preset=p, **o) for p in PRESETS for v, o in RECIPES.items()
     },
@@ -255,7 +260,13 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """Experiment -> variant -> config overrides of :class:`~mfcore.toys.train.ToyConfig`."""
 
-SEEDS = {"seed_method": 5, "hypotheses": 2, "alignment_teacher_init": 5, "recipe": 2}
+SEEDS = {
+    "seed_method": 5,
+    "hypotheses": 2,
+    "alignment_teacher_init": 5,
+    "recipe": 2,
+    "ode_steps": 2,
+}
 """Seeds per experiment (5 where not listed)."""
 
 # ----------------------------------------------------------------------------- running

@@ -250,7 +250,7 @@ def teacher_evals_per_sample(config: dict[str, Any]) -> float:
     return 1.0 + (1.0 - equal) * (stages * config.get("discrete_steps", 16) - 1)
 
 
-def _recipe(results: dict[str, Any]) -> list[str]:
+def _recipe(results: dict[str, Any], exp: str = "recipe") -> list[str]:
     cols = ("w2", "mode_precision", "mode_recall")
     out = [
         "| mixture / recipe | steps | teacher evals / sample | "
@@ -260,7 +260,7 @@ def _recipe(results: dict[str, Any]) -> list[str]:
         + " | probe error |",
         "|" + "---|" * (2 * len(cols) + 4),
     ]
-    for name, v in results["recipe"].items():
+    for name, v in results[exp].items():
         runs, cfg = v["runs"], v["config"]
         one = " | ".join(_stat([r["student"]["1"][c] for r in runs]) for c in cols)
         two = " | ".join(_stat([r["student"]["2"][c] for r in runs]) for c in cols)
@@ -297,6 +297,8 @@ def tables(results: dict[str, Any]) -> str:
     parts: list[str] = []
     if "recipe" in results:
         parts += ["### The shipped recipe", "", *_recipe(results), ""]
+    if "ode_steps" in results:
+        parts += ["### The discrete target's step count", "", *_recipe(results, "ode_steps"), ""]
     if "seed_method" in results:
         parts += ["### Claim 1 in the faithful setting", "", *_seed_method(results["seed_method"])]
         parts += ["", "### Guard and gate", "", *_guard(results)]
