@@ -46,6 +46,7 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch.autograd import forward_ad as fwAD
 
 from mfcore._checks import check_choice, check_positive_int, check_tensor, compute_dtype
+from mfcore.tangent_rules import check_once_differentiable, save_values
 
 __all__ = ["ATTENTION_BACKENDS", "attention", "triton_available", "use_jvp_attention"]
 
@@ -433,7 +434,7 @@ class _AttentionFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, _, _, _, kind, mask, scale, path, chunk_size = inputs
         o, lse, t_out = output
-        ctx.save_for_backward(q, k, v, o, lse)
+        save_values(ctx, q, k, v, o, lse)  # without the tangents (they are not needed)
         ctx.save_for_forward(q, k, v, o, lse)
         ctx.mark_non_differentiable(*(x for x in (lse, t_out) if x is not None))
         ctx.fused_tangent = t_out
@@ -457,6 +458,7 @@ class _AttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         kind, mask, scale, path, chunk_size = ctx.options
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            check_once_differentiable(ctx)
             grads = _differentiable_backward(q, k, v, grad_o, kind, mask, scale, chunk_size)
         else:
             grads = _path_backward(path, q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)
