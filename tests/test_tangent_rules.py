@@ -223,3 +223,26 @@ def test_peft_lora_linear_takes_the_rule():
     torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
     primal = 2 * 5 * (16 * 8 + 16 * 4 + 4 * 8)  # base, lora_A, lora_B
     assert flops.get_total_flops() == 2 * primal
+
+
+def test_attention_keeps_no_tangent_for_the_backward():
+    """mfcore.attention saves q, k, v for its backward: without their tangents, which are
+    freed once the tangent of the output is computed; a double backward then raises."""
+    from mfcore.attention import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 3, generator=gen, dtype=F64, requires_grad=True) for _ in "qkv")
+    with fwAD.dual_level():
+        q2 = q * 2  # an intermediate, dual: nothing but the attention refers to it
+        dual = fwAD.make_dual(q2, torch.randn(q.shape, generator=gen, dtype=F64))
+        ref = weakref.ref(fwAD.unpack_dual(dual).tangent)
+        out = attention(dual, k, v, backend="reference")
+        del q2, dual
+        gc.collect()
+        freed = ref() is None
+    assert freed and fwAD.unpack_dual(out).tangent is None
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    (grad,) = torch.autograd.grad(attention(q * 2, k, v, backend="reference").sum(), q)
+    (again,) = torch.autograd.grad(out.sum(), q)
+    torch.testing.assert_close(again, grad, rtol=1e-12, atol=1e-14)
