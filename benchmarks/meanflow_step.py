@@ -13,7 +13,10 @@ model, weights and batch. Reported, each as a ratio to the flow-matching step:
   (``benchmarks/_memory.py``: CUDA's allocator counters, or on a CPU the bytes of live
   storages counted by a dispatch mode);
 - matmul FLOPs executed (``torch.utils.flop_counter.FlopCounterMode``);
-- the gradients' relative L2 distance to py-meanflow's (exact, torch's tangent rules).
+- the gradients' relative L2 distance to py-meanflow's (exact, torch's tangent rules);
+
+and, in a second table, the peak and FLOPs of mfcore's default step with each of its
+tangent rules left out (what each rule gains).
 
 Writes ``benchmarks/results/meanflow_step_<device>.json`` and the ``meanflow_step`` section
 of docs/benchmarks.md. Usage: ``python benchmarks/meanflow_step.py [--rounds 20]
@@ -23,6 +26,7 @@ of docs/benchmarks.md. Usage: ``python benchmarks/meanflow_step.py [--rounds 20]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -36,8 +40,12 @@ from _nets import MLP, Transformer
 from _report import provenance, update_section
 from torch.utils.flop_counter import FlopCounterMode
 
+from mfcore import tangent_rules
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("transformer", "mlp", "flux")
+UNIT = "flow matching (the unit)"
+DEFAULT = "mfcore default (func, one forward)"
 REFERENCE = "py-meanflow (func.jvp, one pass)"
 FLUX_CONFIG = dict(
     patch_size=1,
@@ -154,6 +162,60 @@ def measure(model: str, device: torch.device, rounds: int) -> dict:
     return _ratios(rows)
 
 
+@contextlib.contextmanager
+def _only_rules(names):
+    """mfcore's tangent rules restricted to ``names`` (benchmark-only: edits the private
+    routing table of ``mfcore.tangent_rules`` for the duration of the block)."""
+    full = dict(tangent_rules._ROUTED)
+    tangent_rules._ROUTED.clear()
+    tangent_rules._ROUTED.update({k: fn for k, fn in full.items() if k in names})
+    try:
+        yield
+    finally:
+        tangent_rules._ROUTED.clear()
+        tangent_rules._ROUTED.update(full)
+
+
+def ablation(model: str, device: torch.device) -> dict:
+    """Peak memory and matmul FLOPs of mfcore's default step (x FM) with each tangent rule
+    left out in turn: what each rule gains (deterministic, so not timed)."""
+    net, params, batch = build(model, device)
+    names = tuple(tangent_rules._ROUTED)
+    subsets = {"all rules": names, **{f"without {n}": [m for m in names if m != n] for n in names}}
+    subsets["linear only"], subsets["none (torch's rules)"] = ("linear",), ()
+    out = {}
+    for label, fn, subset in [("FM", STEPS[UNIT], names)] + [
+        (label, STEPS[DEFAULT], subset) for label, subset in subsets.items()
+    ]:
+        with _only_rules(subset):
+            for p in params:
+                p.grad = None
+            mem = TensorMemory(device)
+            with mem.track(), _flop_counter() as flops:
+                fn(net, batch).backward()
+        out[label] = {"peak": mem.peak, "flops": flops.get_total_flops()}
+    unit = out.pop("FM")
+    return {
+        k: {"peak_x": v["peak"] / unit["peak"], "flops_x": v["flops"] / unit["flops"]}
+        for k, v in out.items()
+    }
+
+
+def ablation_table(results: dict) -> str:
+    labels = list(next(iter(results.values())))
+    lines = [
+        "mfcore's default step with each tangent rule left out: peak memory / matmul FLOPs, "
+        "x the FM step.",
+        "",
+        "| model | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for model, rows in results.items():
+        cells = [f"{rows[k]['peak_x']:.2f} / {rows[k]['flops_x']:.2f}" for k in labels]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _ratios(rows: dict) -> dict:
     unit, ref = next(iter(rows.values())), rows[REFERENCE]["grads"]
     unit_ms = 1e3 * statistics.median(unit["times"])
@@ -220,13 +282,15 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     results = {model: measure(model, device, args.rounds) for model in args.models}
+    rules = {model: ablation(model, device) for model in args.models}
     note = provenance(_device_name(device)) + f" {args.rounds} interleaved rounds."
     if args.load:
         note += f" Load average before the run: {args.load}."
     out = ROOT / "benchmarks" / "results" / f"meanflow_step_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": _device_name(device), "results": results}, indent=2))
-    text = table(results, note)
+    dump = {"device": _device_name(device), "results": results, "rule_ablation": rules}
+    out.write_text(json.dumps(dump, indent=2))
+    text = table(results, note) + "\n\n" + ablation_table(rules)
     update_section("meanflow_step", "One MeanFlow step (`benchmarks/meanflow_step.py`)", text)
     print(text)
 
