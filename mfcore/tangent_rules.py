@@ -15,14 +15,21 @@ torch's own tangent rules do more work than the tangent needs:
 - ``layer_norm``: the Jacobian of the normalisation ``(x - mean) / sqrt(var + eps)`` is
   symmetric, so its JVP is its vector-Jacobian product, torch's fused
   ``native_layer_norm_backward`` with the tangent as the gradient; the affine part is
-  ``w * that (+ x_hat dw + db)``.
+  ``w * that (+ x_hat dw + db)``;
+- ``rms_norm`` (torch's ``nn.RMSNorm``, FLUX's query/key norms): likewise symmetric,
+  ``rstd (dx - x_hat mean(x_hat dx))``, written out in a few element-wise ops.
+
+Beside the work, memory: autograd keeps the tangent of every tensor saved for the
+backward until the forward-AD level closes (forward-over-reverse needs it); these rules
+save their inputs without tangents (:func:`save_values`), so a one-forward MeanFlow step
+does not hold a tangent beside each activation.
 
 Each rule is an ``autograd.Function`` whose ``forward`` and ``backward`` are the ops and
 backward formulas torch itself uses for that layer, so reverse mode (the loss's gradient)
 is unchanged, and whose ``jvp`` is the rule above. :func:`use_tangent_rules` routes
-``torch.nn.functional.linear``, ``silu``, ``gelu`` and ``layer_norm`` (and so ``nn.Linear``,
-peft's LoRA layers, ``nn.SiLU``, ``nn.GELU``, ``nn.LayerNorm`` and diffusers' blocks, which
-call them) to these functions for the duration of a block, as
+``torch.nn.functional.linear``, ``silu``, ``gelu``, ``layer_norm`` and ``rms_norm`` (and so
+``nn.Linear``, peft's LoRA layers, ``nn.SiLU``, ``nn.GELU``, ``nn.LayerNorm``,
+``nn.RMSNorm`` and diffusers' blocks, which call them) to these functions for the duration of a block, as
 :func:`mfcore.attention.use_jvp_attention` routes attention. Calls the rules do not cover
 (in-place activations, autocast, a ``torch.compile`` trace, ``vmap``) go to torch's op
 unchanged: compile silently drops a custom ``jvp``, so the rules stay out of compiled
@@ -40,6 +47,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
+
+from mfcore._checks import compute_dtype
 
 __all__ = ["use_tangent_rules"]
 
@@ -128,6 +137,8 @@ class _Linear(torch.autograd.Function):
         # The formulas of torch's addmm backward on the flattened input, as aten's linear
         # runs it: grad_x = g W, grad_W = g^T x (in W's layout), grad_b = sum_rows g.
         check_once_differentiable(ctx)
+        if grad is None:  # no gradient reached the output
+            return None, None, None
         x, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         need_x, need_w, need_b = ctx.needs_input_grad
@@ -171,6 +182,8 @@ class _Pointwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         check_once_differentiable(ctx)
+        if grad is None:
+            return None, None, None
         (x,) = ctx.saved_tensors
         if ctx.name == "silu" and torch.is_grad_enabled():  # double backward: as torch does,
             sig = torch.sigmoid(x)  # the composite (aten's silu_backward has no derivative)
@@ -223,6 +236,71 @@ class _LayerNorm(torch.autograd.Function):
         return gx, None, gw, gb, None
 
 
+class _RMSNorm(torch.autograd.Function):
+    """``y = w * x_hat`` with ``x_hat = x * rstd``, ``rstd = (mean(x^2) + eps)^(-1/2)`` over
+    the last dims, computed as torch's ``rms_norm`` does (in fp32 for half inputs). The
+    Jacobian of ``x_hat`` is ``rstd (I - x_hat x_hat^T / n)``, symmetric: JVP and VJP are
+    the same map."""
+
+    @staticmethod
+    def forward(x, dims, weight, eps):
+        work = x.to(compute_dtype(x.dtype))
+        rstd = torch.rsqrt(work.pow(2).mean(dims, keepdim=True) + eps)
+        out = work * rstd
+        if weight is not None:
+            out = out * weight
+        return out.to(x.dtype), rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dims, weight, _ = inputs
+        _, rstd = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(rstd)
+        save_values(ctx, x, weight, rstd)
+        ctx.jvp_inputs = _values(x, weight, rstd)
+        ctx.dims, ctx.eps = dims, inputs[3]
+
+    @staticmethod
+    def _normalized_map(x, rstd, vec, dims):
+        """``rstd (vec - x_hat mean(x_hat vec))``, and ``x_hat``, in the compute dtype."""
+        work = compute_dtype(x.dtype)
+        x_hat = x.to(work) * rstd
+        vec = vec.to(work)
+        return rstd * (vec - x_hat * (x_hat * vec).mean(dims, keepdim=True)), x_hat
+
+    @staticmethod
+    @torch.no_grad()
+    def jvp(ctx, dx, _dims, dweight, _eps):
+        x, weight, rstd = _pop_jvp_inputs(ctx)
+        out, x_hat = None, x.to(compute_dtype(x.dtype)) * rstd
+        if dx is not None:
+            out, _ = _RMSNorm._normalized_map(x, rstd, dx, ctx.dims)
+            out = out if weight is None else out * weight
+        if dweight is not None:
+            out = _add(out, x_hat * dweight)
+        return (None if out is None else out.to(x.dtype)), None
+
+    @staticmethod
+    def backward(ctx, grad, _grad_rstd):
+        check_once_differentiable(ctx)
+        x, weight, rstd = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None
+        need_x, _, need_w, _ = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # double backward: rstd as a function of x
+            work = x.to(compute_dtype(x.dtype))
+            rstd = torch.rsqrt(work.pow(2).mean(ctx.dims, keepdim=True) + ctx.eps)
+        scaled = grad if weight is None else grad * weight
+        grad_x, x_hat = _RMSNorm._normalized_map(x, rstd, scaled, ctx.dims)
+        grad_w = None
+        if need_w and weight is not None:
+            grad_w = grad * x_hat
+            lead = tuple(range(grad.ndim - weight.ndim))
+            grad_w = (grad_w.sum(lead) if lead else grad_w).to(weight.dtype)
+        return (grad_x.to(x.dtype) if need_x else None), None, grad_w, None
+
+
 # ---------------------------------------------------------------------------------------
 # Routing torch.nn.functional
 # ---------------------------------------------------------------------------------------
@@ -232,6 +310,7 @@ _ORIGINAL = {
     "silu": F.silu,
     "gelu": F.gelu,
     "layer_norm": F.layer_norm,
+    "rms_norm": F.rms_norm,
 }
 
 
@@ -273,16 +352,38 @@ def _layer_norm(
     return _ORIGINAL["layer_norm"](input, normalized_shape, weight, bias, eps)
 
 
-_ROUTED = {"linear": _linear, "silu": _silu, "gelu": _gelu, "layer_norm": _layer_norm}
+def _rms_norm(
+    input: Tensor,
+    normalized_shape: list[int] | tuple[int, ...],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    if _plain_call(input):
+        eps = torch.finfo(input.dtype).eps if eps is None else eps
+        dims = tuple(range(-len(normalized_shape), 0))
+        out, _ = _RMSNorm.apply(input, dims, weight, eps)
+        return out
+    return _ORIGINAL["rms_norm"](input, normalized_shape, weight, eps)
+
+
+_ROUTED = {
+    "linear": _linear,
+    "silu": _silu,
+    "gelu": _gelu,
+    "layer_norm": _layer_norm,
+    "rms_norm": _rms_norm,
+}
 
 
 @contextlib.contextmanager
 def use_tangent_rules() -> Iterator[None]:
-    """Route ``F.linear``, ``F.silu``, ``F.gelu`` and ``F.layer_norm`` to the explicit rules.
+    """Route ``F.linear``, ``F.silu``, ``F.gelu``, ``F.layer_norm`` and ``F.rms_norm`` to the
+    explicit rules.
 
     For the duration of the block, every call that looks these functions up on
     :mod:`torch.nn.functional` at call time (``nn.Linear``, peft's LoRA ``Linear``,
-    ``nn.SiLU``, ``nn.GELU``, ``nn.LayerNorm``, diffusers' blocks) computes the same value
+    ``nn.SiLU``, ``nn.GELU``, ``nn.LayerNorm``, ``nn.RMSNorm``, diffusers' blocks) computes
+    the same value
     and the same gradients, and under forward-mode AD (:func:`torch.func.jvp`,
     :mod:`torch.autograd.forward_ad`) the tangent with the rules of the module docstring.
     The originals are restored on exit, also on error; blocks nest. Like

@@ -41,6 +41,8 @@ def _layer(kind: str, width: int, affine: bool, dtype, gen):
         return (lambda x, *p: F.linear(x, *p)), params
     if kind == "layer_norm":
         return (lambda x, *p: F.layer_norm(x, (width,), *p, eps=1e-5)), params
+    if kind == "rms_norm":  # nn.RMSNorm has a weight and no bias
+        return (lambda x, *p: F.rms_norm(x, (width,), *p[:1], eps=1e-6)), params[:1]
     if kind == "silu":
         return (lambda x: F.silu(x)), []
     approximate = "tanh" if kind == "gelu_tanh" else "none"
@@ -66,7 +68,7 @@ def _jvp_and_grads(f, x, params, dx, dparams, rules: bool):
     return tangent, tangent_ad, grads
 
 
-KINDS = ["linear", "layer_norm", "silu", "gelu", "gelu_tanh"]
+KINDS = ["linear", "layer_norm", "rms_norm", "silu", "gelu", "gelu_tanh"]
 
 
 @settings(max_examples=40, deadline=None)
@@ -98,6 +100,18 @@ def test_rules_equal_torch_rules(kind, lead, width, affine, param_tangents, dtyp
         _close(a, b, dtype)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rules_pass_gradcheck(kind):
+    """The hand-written backwards and tangents against finite differences (fp64), and the
+    backwards' own derivatives (double backward, where no tangent is present)."""
+    gen = torch.Generator().manual_seed(0)
+    f, params = _layer(kind, 5, True, F64, gen)
+    x = torch.randn(2, 3, 5, generator=gen, dtype=F64, requires_grad=True)
+    with use_tangent_rules():
+        assert torch.autograd.gradcheck(f, (x, *params), check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
 def test_linear_rule_drops_the_wasted_matmul():
     """Issue 21, cause 1: torch's rule multiplies the input by the weight's (absent, zero)
     tangent too; the rule does one matmul for the tangent, as many FLOPs as the primal."""
@@ -114,11 +128,11 @@ def test_linear_rule_drops_the_wasted_matmul():
 
 
 def test_rules_restore_torch_functions():
-    originals = (F.linear, F.silu, F.gelu, F.layer_norm)
+    originals = (F.linear, F.silu, F.gelu, F.layer_norm, F.rms_norm)
     with pytest.raises(RuntimeError, match="boom"), use_tangent_rules():
         assert F.linear is not originals[0]
         raise RuntimeError("boom")
-    assert (F.linear, F.silu, F.gelu, F.layer_norm) == originals
+    assert (F.linear, F.silu, F.gelu, F.layer_norm, F.rms_norm) == originals
 
 
 def test_rules_leave_inplace_and_autocast_calls_to_torch():
