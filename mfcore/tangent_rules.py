@@ -25,17 +25,19 @@ save their inputs without tangents (:func:`save_values`), so a one-forward MeanF
 does not hold a tangent beside each activation.
 
 Each rule is an ``autograd.Function`` whose ``forward`` and ``backward`` are the ops and
-backward formulas torch itself uses for that layer, so reverse mode (the loss's gradient)
-is unchanged, and whose ``jvp`` is the rule above. :func:`use_tangent_rules` routes
-``torch.nn.functional.linear``, ``silu``, ``gelu``, ``layer_norm`` and ``rms_norm`` (and so
-``nn.Linear``, peft's LoRA layers, ``nn.SiLU``, ``nn.GELU``, ``nn.LayerNorm``,
-``nn.RMSNorm`` and diffusers' blocks, which call them) to these functions for the duration of a block, as
+backward formulas torch itself uses for that layer (``rms_norm``: its formulas, written
+out), so reverse mode (the loss's gradient) is unchanged up to rounding, and whose ``jvp``
+is the rule above. :func:`use_tangent_rules` routes ``torch.nn.functional.linear``,
+``silu``, ``gelu``, ``layer_norm`` and ``rms_norm`` (and so ``nn.Linear``, peft's LoRA
+layers, ``nn.SiLU``, ``nn.GELU``, ``nn.LayerNorm``, ``nn.RMSNorm`` and diffusers' blocks,
+which call them) to these functions for the duration of a block, as
 :func:`mfcore.attention.use_jvp_attention` routes attention. Calls the rules do not cover
-(in-place activations, autocast, a ``torch.compile`` trace, ``vmap``) go to torch's op
-unchanged: compile silently drops a custom ``jvp``, so the rules stay out of compiled
-regions. The backwards are differentiable (double backward works); the tangents are
-computed without a reverse-mode graph (MeanFlow's ``du/dt`` is stop-gradient), so no
-history of theirs is kept alive.
+(in-place activations, autocast, a ``torch.compile`` trace) go to torch's op unchanged:
+compile silently drops a custom ``jvp``, so the rules stay out of compiled regions; they do
+not support ``vmap``. The backwards are differentiable (double backward works) unless the
+forward carried tangents (:func:`check_once_differentiable`); the tangents are computed
+without a reverse-mode graph (MeanFlow's ``du/dt`` is stop-gradient), so no history of
+theirs is kept alive.
 """
 
 from __future__ import annotations
