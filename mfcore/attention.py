@@ -172,16 +172,20 @@ def _ref_tangent_block(
     scale: float,
 ) -> Tensor:
     """``dO = (P * dS) V + P dV - rowsum(P * dS) O`` for one row block (compute dtype)."""
-    ds = torch.zeros_like(p)
+    ds = None  # the score tangent, built from the tangents present (no zero block)
     if tq is not None:
-        ds = ds + torch.matmul(tq, k.transpose(-1, -2))
+        ds = torch.matmul(tq, k.transpose(-1, -2))
     if tk is not None:
-        ds = ds + torch.matmul(qc, tk.transpose(-1, -2))
-    pds = p * (ds * scale)
-    out = torch.matmul(pds, v) - pds.sum(-1, keepdim=True) * o
+        term = torch.matmul(qc, tk.transpose(-1, -2))
+        ds = term if ds is None else ds + term
+    out = None
+    if ds is not None:
+        pds = p * (ds * scale)
+        out = torch.matmul(pds, v) - pds.sum(-1, keepdim=True) * o
     if tv is not None:
-        out = out + torch.matmul(p, tv)
-    return out
+        term = torch.matmul(p, tv)
+        out = term if out is None else out + term
+    return torch.zeros_like(o) if out is None else out
 
 
 def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -434,6 +438,7 @@ class _AttentionFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, _, _, _, kind, mask, scale, path, chunk_size = inputs
         o, lse, t_out = output
+        ctx.set_materialize_grads(False)  # absent tangents (of tq, tk, tv) stay None
         save_values(ctx, q, k, v, o, lse)  # without the tangents (they are not needed)
         ctx.save_for_forward(q, k, v, o, lse)
         ctx.mark_non_differentiable(*(x for x in (lse, t_out) if x is not None))
@@ -455,6 +460,8 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_o, *_):
         ctx.fused_tangent = None
+        if grad_o is None:  # no gradient reached the output
+            return (None,) * 11
         q, k, v, o, lse = ctx.saved_tensors
         kind, mask, scale, path, chunk_size = ctx.options
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
