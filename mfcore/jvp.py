@@ -11,10 +11,10 @@ compute it:
 
 - ``"func"``: forward-mode AD with :func:`torch.func.jvp` (exact, one forward's worth of
   extra work; needs every op to have a forward-mode rule: use :mod:`mfcore.attention` for
-  attention). ``nn.Linear`` (peft's LoRA layers too), ``LayerNorm``, ``GELU`` and ``SiLU``
-  take the explicit tangent rules of :mod:`mfcore.tangent_rules` for the duration of the
-  call (torch's rule for a linear layer does a wasted matmul with the weights' zero
-  tangent);
+  attention). ``nn.Linear`` (peft's LoRA layers too), ``LayerNorm``, ``RMSNorm``, ``GELU``
+  and ``SiLU`` take the explicit tangent rules of :mod:`mfcore.tangent_rules` for the
+  duration of the call (torch's rule for a linear layer does a wasted matmul with the
+  weights' zero tangent), except inside a functorch transform;
 - ``"autograd"``: the double-backward trick ``J t = d/dw <J^T w, t>`` (exact, works for ops
   with only reverse-mode rules, about two backwards of extra work);
 - ``"fd"``: a central finite difference along the tangent, computed in at least fp32
@@ -139,6 +139,9 @@ def total_derivative(
             transform, or where forward_ad raises ``NotImplementedError`` (a
             ``torch.compile``-d model), it falls back to :func:`torch.func.jvp` with the
             history kept (logged). Outputs that are tensors, tuples or lists are cut.
+            With the cut, the tangent rules and :mod:`mfcore.attention` also save their
+            inputs for the backward without tangents, and ``u`` is then differentiable
+            once (a ``create_graph=True`` backward through it raises ``RuntimeError``).
 
     Returns:
         ``(u, dudt)``, both shaped like ``z``; ``dudt`` is always detached (MeanFlow's
