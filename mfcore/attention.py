@@ -172,19 +172,19 @@ def _ref_tangent_block(
     scale: float,
 ) -> Tensor:
     """``dO = (P * dS) V + P dV - rowsum(P * dS) O`` for one row block (compute dtype)."""
-    ds = None  # the score tangent, built from the tangents present (no zero block)
-    if tq is not None:
-        ds = torch.matmul(tq, k.transpose(-1, -2))
+    # The score tangent from the tangents present (no zero block), one score block at a time.
+    ds = None if tq is None else torch.matmul(tq, k.transpose(-1, -2))
     if tk is not None:
-        term = torch.matmul(qc, tk.transpose(-1, -2))
-        ds = term if ds is None else ds + term
+        ds = torch.matmul(qc, tk.transpose(-1, -2)) if ds is None else ds.add_(
+            torch.matmul(qc, tk.transpose(-1, -2))
+        )
     out = None
     if ds is not None:
-        pds = p * (ds * scale)
+        pds = ds.mul_(p).mul_(scale)
         out = torch.matmul(pds, v) - pds.sum(-1, keepdim=True) * o
+        del ds, pds
     if tv is not None:
-        term = torch.matmul(p, tv)
-        out = term if out is None else out + term
+        out = torch.matmul(p, tv) if out is None else out.add_(torch.matmul(p, tv))
     return torch.zeros_like(o) if out is None else out
 
 
@@ -446,6 +446,7 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.options = (kind, mask, scale, path, chunk_size)
 
     @staticmethod
+    @torch.no_grad()  # the tangent is not differentiable in reverse mode (as when fused)
     def jvp(ctx, dq, dk, dv, *_):
         fused, ctx.fused_tangent = ctx.fused_tangent, None
         if fused is not None:
