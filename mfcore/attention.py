@@ -446,7 +446,6 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.options = (kind, mask, scale, path, chunk_size)
 
     @staticmethod
-    @torch.no_grad()  # the tangent is not differentiable in reverse mode (as when fused)
     def jvp(ctx, dq, dk, dv, *_):
         fused, ctx.fused_tangent = ctx.fused_tangent, None
         if fused is not None:
