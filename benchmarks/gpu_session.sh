@@ -5,7 +5,8 @@
 # Then one device call per part (each fits the 10-minute limit), carrying [".whl"]:
 #   bash benchmarks/gpu_session.sh tests       # pytest -m gpu (kernels, attention, toys on CUDA)
 #   bash benchmarks/gpu_session.sh attention   # benchmarks/attention_jvp.py at S = 1536, 4608
-#   bash benchmarks/gpu_session.sh flux        # benchmarks/flux_step.py on the FLUX slice, jvp_memory.py
+#   bash benchmarks/gpu_session.sh flux        # benchmarks/flux_step.py on the FLUX slice, jvp_memory.py,
+#                                              # meanflow_step.py (mfcore's and the peers' steps)
 #   bash benchmarks/gpu_session.sh distributed # benchmarks/fsdp_overhead.py: FSDP2 at world size 1
 #                                              # against the plain step on the FLUX slice (two
 #                                              # builds of the slice, 2 x 6 steps)
@@ -44,6 +45,7 @@ case $part in
   attention|all) run attention_jvp python3 benchmarks/attention_jvp.py ;;&
   flux|all) run flux_step python3 benchmarks/flux_step.py --reps 10
             run jvp_memory python3 benchmarks/jvp_memory.py --device cuda
+            run meanflow_step python3 benchmarks/meanflow_step.py --device cuda --rounds 20
             run warmup_signals python3 benchmarks/warmup_signals.py --device cuda --steps 50 ;;&
   distributed|all) run fsdp_overhead python3 benchmarks/fsdp_overhead.py --reps 5 ;;&
 esac

@@ -33,73 +33,21 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _report import provenance, update_section  # benchmarks/ is on sys.path as the script's dir
-from torch import nn
+from _nets import MLP, Transformer  # benchmarks/ is on sys.path as the script's dir
+from _report import provenance, update_section
 
-from mfcore.attention import attention
 from mfcore.jvp import total_derivative
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("forward", "func", "autograd", "fd", "fwd+bwd", "func+loss", "func+loss, history kept")
 
 
-class _MLP(nn.Module):
-    def __init__(self, dim=64, hidden=512, depth=4):
-        super().__init__()
-        layers, width = [], dim + 2
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
-
-    def forward(self, z, r, t):
-        return self.net(torch.cat([z, r[:, None], (t - r)[:, None]], 1))
-
-
-class _Block(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
-        )
-        self.mod = nn.Linear(width, 2 * width)
-
-    def forward(self, h, emb):
-        b, s, w = h.shape
-        scale, shift = self.mod(emb).unsqueeze(1).chunk(2, -1)
-        x = self.norm1(h) * (1 + scale) + shift
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        a = attention(q, k, v).transpose(1, 2).reshape(b, s, w)
-        h = h + self.out(a)
-        return h + self.mlp(self.norm2(h))
-
-
-class _Transformer(nn.Module):
-    """A DiT-like student on tokens ``(B, S, C)`` with (r, t) through adaptive norms."""
-
-    def __init__(self, ch=16, width=256, heads=4, depth=4):
-        super().__init__()
-        self.inp, self.outp = nn.Linear(ch, width), nn.Linear(width, ch)
-        self.time = nn.Sequential(nn.Linear(2, width), nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(depth))
-
-    def forward(self, z, r, t):
-        emb = self.time(torch.stack([t, t - r], 1))
-        h = self.inp(z)
-        for blk in self.blocks:
-            h = blk(h, emb)
-        return self.outp(h)
-
-
 def _build(model: str, device: str):
     torch.manual_seed(0)
     if model == "mlp":
-        net, shape = _MLP(), (256, 64)
+        net, shape = MLP(), (256, 64)
     else:
-        net, shape = _Transformer(), (4, 256, 16)
+        net, shape = Transformer(), (4, 256, 16)
     net = net.to(device)
     z = torch.randn(shape, device=device)
     v = torch.randn(shape, device=device)

@@ -1,42 +1,51 @@
-"""Activation memory a MeanFlow step holds for its backward, per way of taking du/dt.
+"""Memory of a MeanFlow step, per way of taking du/dt: its peak, and what it holds for the
+backward.
 
 For a FLUX-shaped student (diffusers' FluxTransformer2DModel, 2 double + 2 single blocks,
 8 heads of 64, B = 2, 1024 image + 256 text tokens, LoRA rank 16, fp32, attention through
-``mfcore.attention``), the memory still allocated when the forward that the backward
-needs has finished, above what was allocated before it:
+``mfcore.attention``), measured from just before the forward to the end of the backward:
 
-- ``training forward``: ``u(z, r, t)`` with the graph (what a flow-matching step keeps; the unit);
+- ``training forward``: ``u(z, r, t)`` with the graph, then its backward (what a
+  flow-matching step costs; the unit);
 - ``one forward, history cut``: ``total_derivative(..., keep_graph=True)`` (the default
   ``detach_tangents=True``);
 - ``one forward, history kept``: the same with ``detach_tangents=False``;
+- ``one forward, torch's tangent rules``: the default with mfcore's explicit tangent rules
+  switched off (``mfcore.tangent_rules``);
 - ``no-grad JVP, then forward``: ``total_derivative(..., keep_graph=False)`` and a
   separate training forward (``DifferentialTarget(single_forward=False)``).
 
-Each case also checks that its gradients equal the history-kept case's. On CUDA the memory
-is ``torch.cuda.memory_allocated``; on a CPU it is the C heap in use (glibc ``mallinfo2``),
-which counts what is allocated, not what the allocator keeps, each case in a fresh
-process. Writes ``benchmarks/results/jvp_memory_<device>.json`` and the ``jvp_memory``
-section of ``docs/benchmarks.md``. Usage: ``python benchmarks/jvp_memory.py [--device cuda]``.
+Two numbers per case: ``held``, what is still allocated when the forward that the backward
+needs has finished (above what was allocated before it), and ``peak``, the most tensor
+memory allocated at any time during the forward and the backward. Each case also checks
+that its gradients equal the history-kept case's. On CUDA the counters are the caching
+allocator's (``memory_allocated``, ``max_memory_allocated``); on a CPU the bytes of live
+tensor storages, counted by a dispatch mode (``benchmarks/_memory.py``), each case in a
+fresh process. Writes ``benchmarks/results/jvp_memory_<device>.json`` and the
+``jvp_memory`` section of ``docs/benchmarks.md``. Usage:
+``python benchmarks/jvp_memory.py [--device cuda]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
+import contextlib
 import json
 import multiprocessing as mp
 import platform
 from pathlib import Path
 
 import torch
-from _report import provenance, update_section  # benchmarks/ is on sys.path as the script's dir
+from _meanflow_steps import torch_rules  # benchmarks/ is on sys.path as the script's dir
+from _memory import TensorMemory
+from _report import provenance, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = (
     "training forward",
     "one forward, history cut",
     "one forward, history kept",
+    "one forward, torch's tangent rules",
     "no-grad JVP, then forward",
 )
 CONFIG = dict(
@@ -53,34 +62,11 @@ CONFIG = dict(
 )
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _allocated(device: str) -> float:
-    """Bytes allocated now: CUDA's allocator, or the C heap in use (glibc) on a CPU."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return float(torch.cuda.memory_allocated())
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return float(info.uordblks + info.hblkhd)
-
-
 def _measure(case: str, device: str) -> dict:
     from diffusers import FluxTransformer2DModel
 
     from mfcore.adapters.flux import FluxStudent
     from mfcore.adapters.lora import LoraSpec
-    from mfcore.jvp import total_derivative
 
     torch.manual_seed(0)
     student = FluxStudent(FluxTransformer2DModel(**CONFIG), lora=LoraSpec(rank=16)).to(device)
@@ -93,21 +79,32 @@ def _measure(case: str, device: str) -> dict:
     }
     t = torch.rand(2, generator=gen, device=device)
     r = 0.5 * t
-    before = _allocated(device)
-    if case == "training forward":
-        u = student(z, r, t, **cond)
-    elif case == "no-grad JVP, then forward":
-        total_derivative(student, z, r, t, v, cond=cond)
-        u = student(z, r, t, **cond)
-    else:
-        cut = case == "one forward, history cut"
-        u, _ = total_derivative(
-            student, z, r, t, v, cond=cond, keep_graph=True, detach_tangents=cut
-        )
-    held = _allocated(device) - before
-    u.square().mean().backward()
+    mem = TensorMemory(torch.device(device))
+    with mem.track():
+        u = _forward(case, student, z, r, t, v, cond)
+        held = mem.current()
+        u.square().mean().backward()
+        del u
     grads = torch.cat([p.grad.flatten() for p in student.trainable_parameters()])
-    return {"held_mb": held / 2**20, "grads": grads.cpu().tolist()}
+    return {"held_mb": held / 2**20, "peak_mb": mem.peak / 2**20, "grads": grads.cpu().tolist()}
+
+
+def _forward(case, student, z, r, t, v, cond):
+    """The forward of ``case``: ``u`` with the graph the backward needs."""
+    from mfcore.jvp import total_derivative
+
+    if case == "training forward":
+        return student(z, r, t, **cond)
+    if case == "no-grad JVP, then forward":
+        total_derivative(student, z, r, t, v, cond=cond)
+        return student(z, r, t, **cond)
+    kept = case == "one forward, history kept"
+    rules_off = case == "one forward, torch's tangent rules"
+    with torch_rules() if rules_off else contextlib.nullcontext():
+        u, _ = total_derivative(
+            student, z, r, t, v, cond=cond, keep_graph=True, detach_tangents=not kept
+        )
+    return u
 
 
 def _in_subprocess(args):
@@ -124,11 +121,12 @@ def run(device: str) -> dict:
         else:
             rows[case] = _measure(case, device)
     reference = torch.tensor(rows["one forward, history kept"]["grads"])
-    unit = rows["training forward"]["held_mb"]
+    unit = rows["training forward"]
     for row in rows.values():
         grads = torch.tensor(row.pop("grads"))
         row["grad_rel_diff"] = float((grads - reference).norm() / reference.norm())
-        row["x_training_forward"] = row["held_mb"] / unit
+        row["held_x"] = row["held_mb"] / unit["held_mb"]
+        row["peak_x"] = row["peak_mb"] / unit["peak_mb"]
     return rows
 
 
@@ -146,19 +144,20 @@ def main() -> None:
     lines = [
         provenance(_device_name(args.device)),
         "",
-        "| case | held for the backward (MB) | x training forward | grads vs history kept |",
-        "|---|---|---|---|",
+        "| case | peak (MB) | x training step | held for the backward (MB) | x training "
+        "forward | grads vs history kept |",
+        "|---|---|---|---|---|---|",
     ]
     for case, row in rows.items():
         lines.append(
-            f"| {case} | {row['held_mb']:.0f} | {row['x_training_forward']:.2f} | "
-            f"{row['grad_rel_diff']:.1e} |"
+            f"| {case} | {row['peak_mb']:.0f} | {row['peak_x']:.2f} | {row['held_mb']:.0f} | "
+            f"{row['held_x']:.2f} | {row['grad_rel_diff']:.1e} |"
         )
     table = "\n".join(lines)
     out = ROOT / "benchmarks" / "results" / f"jvp_memory_{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": _device_name(args.device), "rows": rows}, indent=2))
-    update_section("jvp_memory", "Memory held for the backward (`benchmarks/jvp_memory.py`)", table)
+    update_section("jvp_memory", "Memory of a MeanFlow step (`benchmarks/jvp_memory.py`)", table)
     print(table)
 
 

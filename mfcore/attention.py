@@ -46,6 +46,7 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch.autograd import forward_ad as fwAD
 
 from mfcore._checks import check_choice, check_positive_int, check_tensor, compute_dtype
+from mfcore.tangent_rules import check_once_differentiable, save_values
 
 __all__ = ["ATTENTION_BACKENDS", "attention", "triton_available", "use_jvp_attention"]
 
@@ -171,16 +172,20 @@ def _ref_tangent_block(
     scale: float,
 ) -> Tensor:
     """``dO = (P * dS) V + P dV - rowsum(P * dS) O`` for one row block (compute dtype)."""
-    ds = torch.zeros_like(p)
-    if tq is not None:
-        ds = ds + torch.matmul(tq, k.transpose(-1, -2))
+    # The score tangent from the tangents present (no zero block), one score block at a time.
+    ds = None if tq is None else torch.matmul(tq, k.transpose(-1, -2))
     if tk is not None:
-        ds = ds + torch.matmul(qc, tk.transpose(-1, -2))
-    pds = p * (ds * scale)
-    out = torch.matmul(pds, v) - pds.sum(-1, keepdim=True) * o
+        ds = torch.matmul(qc, tk.transpose(-1, -2)) if ds is None else ds.add_(
+            torch.matmul(qc, tk.transpose(-1, -2))
+        )
+    out = None
+    if ds is not None:
+        pds = ds.mul_(p).mul_(scale)
+        out = torch.matmul(pds, v) - pds.sum(-1, keepdim=True) * o
+        del ds, pds
     if tv is not None:
-        out = out + torch.matmul(p, tv)
-    return out
+        out = torch.matmul(p, tv) if out is None else out.add_(torch.matmul(p, tv))
+    return torch.zeros_like(o) if out is None else out
 
 
 def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -433,7 +438,8 @@ class _AttentionFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, _, _, _, kind, mask, scale, path, chunk_size = inputs
         o, lse, t_out = output
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.set_materialize_grads(False)  # absent tangents (of tq, tk, tv) stay None
+        save_values(ctx, q, k, v, o, lse)  # without the tangents (they are not needed)
         ctx.save_for_forward(q, k, v, o, lse)
         ctx.mark_non_differentiable(*(x for x in (lse, t_out) if x is not None))
         ctx.fused_tangent = t_out
@@ -454,9 +460,12 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_o, *_):
         ctx.fused_tangent = None
+        if grad_o is None:  # no gradient reached the output
+            return (None,) * 11
         q, k, v, o, lse = ctx.saved_tensors
         kind, mask, scale, path, chunk_size = ctx.options
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            check_once_differentiable(ctx)
             grads = _differentiable_backward(q, k, v, grad_o, kind, mask, scale, chunk_size)
         else:
             grads = _path_backward(path, q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)

@@ -11,7 +11,10 @@ compute it:
 
 - ``"func"``: forward-mode AD with :func:`torch.func.jvp` (exact, one forward's worth of
   extra work; needs every op to have a forward-mode rule: use :mod:`mfcore.attention` for
-  attention);
+  attention). ``nn.Linear`` (peft's LoRA layers too), ``LayerNorm``, ``RMSNorm``, ``GELU``
+  and ``SiLU`` take the explicit tangent rules of :mod:`mfcore.tangent_rules` for the
+  duration of the call (torch's rule for a linear layer does a wasted matmul with the
+  weights' zero tangent), except inside a functorch transform;
 - ``"autograd"``: the double-backward trick ``J t = d/dw <J^T w, t>`` (exact, works for ops
   with only reverse-mode rules, about two backwards of extra work);
 - ``"fd"``: a central finite difference along the tangent, computed in at least fp32
@@ -23,7 +26,12 @@ computation for reverse mode too (the tangent depends on the trained weights), a
 history, never back-propagated through (``du/dt`` is stop-gradient), would keep about one
 more set of activations alive until the backward. With ``detach_tangents`` (the default)
 each submodule's output tangent is detached from its history as the module returns, so
-the history lives for one module at a time.
+the history lives for one module at a time. autograd also keeps the tangent of every
+tensor saved for the backward until the forward-AD level closes; the tangent rules and
+:func:`mfcore.attention.attention` save their inputs without tangents, so at the peak the
+step holds little more than a flow-matching step (docs/benchmarks.md). Their backwards
+then refuse ``create_graph=True`` (double backward through ``u``): pass
+``detach_tangents=False`` for that.
 
 Models whose attention calls :func:`mfcore.attention.attention` work with ``"func"`` as
 they are (``"autograd"`` too: its backward is twice differentiable); for models calling
@@ -55,6 +63,7 @@ from mfcore._checks import (
     lookup,
 )
 from mfcore.attention import use_jvp_attention
+from mfcore.tangent_rules import use_tangent_rules
 
 __all__ = ["JVP_BACKENDS", "JVP_METHODS", "total_derivative", "fd_step_size"]
 
@@ -131,6 +140,9 @@ def total_derivative(
             transform, or where forward_ad raises ``NotImplementedError`` (a
             ``torch.compile``-d model), it falls back to :func:`torch.func.jvp` with the
             history kept (logged). Outputs that are tensors, tuples or lists are cut.
+            With the cut, the tangent rules and :mod:`mfcore.attention` also save their
+            inputs for the backward without tangents, and ``u`` is then differentiable
+            once (a ``create_graph=True`` backward through it raises ``RuntimeError``).
 
     Returns:
         ``(u, dudt)``, both shaped like ``z``; ``dudt`` is always detached (MeanFlow's
@@ -186,10 +198,11 @@ def along_flow(
 
 
 def _func(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents):
-    """The ``"func"`` backend: forward-mode AD, the tangents' history cut when asked."""
+    """The ``"func"`` backend: forward-mode AD with the explicit tangent rules, the
+    tangents' history cut when asked."""
     del fd_step
     cut = detach_tangents and keep_graph and torch.is_grad_enabled()
-    with _routing(route_sdpa):
+    with _routing(route_sdpa), _rules():
         if cut and isinstance(u_fn, nn.Module) and _plain_forward_ad():
             try:
                 return _jvp_dual_cut(u_fn, z, r, t, v, cond)
@@ -217,6 +230,17 @@ def _fd(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents
 
 def _routing(route_sdpa: bool) -> contextlib.AbstractContextManager:
     return use_jvp_attention() if route_sdpa else contextlib.nullcontext()
+
+
+# Tests and benchmarks switch this off to compare with torch's own tangent rules.
+_TANGENT_RULES = True
+
+
+def _rules() -> contextlib.AbstractContextManager:
+    """:func:`mfcore.tangent_rules.use_tangent_rules`, unless a functorch transform is
+    active around the call (the rules do not support vmap) or the switch is off."""
+    outside = torch._C._functorch.peek_interpreter_stack() is None
+    return use_tangent_rules() if _TANGENT_RULES and outside else contextlib.nullcontext()
 
 
 _Backend = Callable[..., tuple[Tensor, Tensor]]

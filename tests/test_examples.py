@@ -21,6 +21,7 @@ MODULES = (
     "mfcore.time",
     "mfcore.solvers",
     "mfcore.jvp",
+    "mfcore.tangent_rules",
     "mfcore.guidance",
     "mfcore.critics",
 )
@@ -44,6 +45,7 @@ DOCUMENTED = {
     "mfcore.solvers.sample_teacher",
     "mfcore.solvers.sample_meanflow",
     "mfcore.jvp.total_derivative",
+    "mfcore.tangent_rules.use_tangent_rules",
     "mfcore.guidance.MeanFlowGuidance",
     "mfcore.critics.AlignmentLoss",
     "mfcore.critics.FakeVelocityCritic",

@@ -38,6 +38,7 @@ from mfcore.adapters.flux import (
 from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec, lora_disabled
 from mfcore.jvp import JVP_METHODS, total_derivative
 from mfcore.targets import DifferentialTarget
+from tests._rules_check import assert_rules_change_nothing
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=8, deadline=None)
@@ -418,6 +419,15 @@ def test_dudt_agrees_across_jvp_backends(guidance, seed):
     # diffusers computes them in fp32: the step trades curvature (h large) against that
     # rounding (h small); 3e-5 gives ~1e-4 relative error, 1e-3 would give ~10%.
     assert torch.allclose(out["func"][1], out["fd"][1], atol=2e-3 * scale, rtol=0)
+
+
+def test_tangent_rules_change_no_value_on_flux():
+    """Issue 21: the explicit Linear / LayerNorm / GELU / SiLU tangent rules (peft's LoRA
+    layers included) leave u, du/dt and the LoRA gradients of the one-forward step as with
+    torch's rules, at fp64, through diffusers' FLUX blocks; fewer matmul FLOPs run."""
+    student, z, r, t, v, cond = jvp_setup(True, 3)
+    student.attention = attention_mode_for("func")
+    assert_rules_change_nothing(student, z, r, t, v, cond)
 
 
 def test_auto_attention_routes_only_under_forward_ad(monkeypatch):

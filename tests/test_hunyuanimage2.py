@@ -26,6 +26,7 @@ from mfcore.adapters.student import Teacher, load_student
 from mfcore.jvp import JVP_METHODS, total_derivative
 from mfcore.targets import DifferentialTarget
 from tests._close import FP64, assert_close_to
+from tests._rules_check import assert_rules_change_nothing
 
 F64 = torch.float64
 
@@ -190,6 +191,17 @@ def test_dudt_agrees_across_jvp_backends(seed):
     # fd: the time sinusoids, RoPE and RMSNorm run in fp32 inside diffusers even on an fp64
     # model, so a finite difference bottoms out near 1e-4 relative (docs/hunyuanimage.md)
     torch.testing.assert_close(out["fd"], out["func"], rtol=0, atol=2e-3 * scale)
+
+
+def test_tangent_rules_change_no_value_on_hunyuanimage2():
+    """Issue 21: the explicit tangent rules leave the one-forward step unchanged (fp64)."""
+    student = HunyuanImage2Student(tiny(text_embed_2_dim=12), lora=LoraSpec(rank=2))
+    perturb(student, seed=4)
+    z, _, t, cond = batch(seed=4, byt5=12)
+    t = 0.2 + 0.6 * t
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    student.attention = attention_mode_for("func")
+    assert_rules_change_nothing(student, z, 0.5 * t, t, v, cond)
 
 
 @pytest.mark.parametrize("method, single_forward", [("func", True), ("func", False)])

@@ -32,6 +32,7 @@ from mfcore.adapters.routing import attention_mode_for
 from mfcore.adapters.sizes import meta_counts
 from mfcore.adapters.student import Teacher, load_student
 from mfcore.jvp import total_derivative
+from tests._rules_check import assert_rules_change_nothing
 
 F64 = torch.float64
 
@@ -196,6 +197,18 @@ def test_dudt_func_and_autograd_agree(seed):
     assert scale > 0
     # the router's softmax and the expert sums run in fp32 inside NeMo even on fp64 weights
     torch.testing.assert_close(out["autograd"], out["func"], rtol=0, atol=1e-6 * scale)
+
+
+def test_tangent_rules_change_no_value_on_hunyuanimage3():
+    """Issue 21: the explicit tangent rules leave the one-forward step unchanged; NeMo runs
+    its router and expert sums in fp32 even on fp64 weights, hence the fp32 tolerance."""
+    student = HunyuanImage3Student(tiny(), lora=LoraSpec(rank=2))
+    perturb(student, seed=4)
+    z, _, t, cond = batch(seed=4)
+    t = 0.2 + 0.6 * t
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    student.attention = attention_mode_for("func")
+    assert_rules_change_nothing(student, z, 0.5 * t, t, v, cond, rtol=1e-6)
 
 
 def test_save_load_round_trip_and_peft_reads_the_lora(tmp_path):
