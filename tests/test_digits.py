@@ -186,3 +186,47 @@ def test_the_whole_benchmark_runs_at_a_tiny_budget(tmp_path):
     assert samples["labels"].tolist() == sorted(samples["labels"].tolist())
     assert (tmp_path / "samples.png").stat().st_size > 0
     assert "| student 2 |" in format_table(rows)
+
+
+# ------------------------------------------------------------------------------------ grid
+
+
+def _fake_row(seed: int, accuracy: float) -> dict:
+    scores = {"accuracy": accuracy, "fd": 1.0, "precision": 0.5, "recall": 0.5, "to_teacher": 0.1}
+    return {
+        "seed": seed,
+        "teacher_evaluations": 10,
+        "seconds": 1.0,
+        "differential_steps": 0,
+        "reverts": 0,
+        "steps": {"1": scores, "2": scores, "4": scores},
+    }
+
+
+def test_grid_resumes_run_by_run_and_summarises_over_seeds(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import mfcore.toys.digits.grid as grid
+    from mfcore.toys.digits.bench import BenchConfig
+
+    calls = []
+
+    def fake_run(setup, name, seed, settings):
+        calls.append((name, seed))
+        return _fake_row(seed, 0.5 + 0.25 * seed), {"student 1": torch.zeros(2, 1, 4, 4)}
+
+    setup = SimpleNamespace(labels=torch.zeros(2, dtype=torch.long), rows={})
+    monkeypatch.setattr(grid, "prepare", lambda bench: setup)
+    monkeypatch.setattr(grid, "run_variant", fake_run)
+    bench = BenchConfig(out=str(tmp_path))
+    grid.run_grid(bench, only=["discrete"], seeds=1)
+    assert calls == [("grid-discrete", 0)]
+    tables = grid.run_grid(bench, only=["discrete"], seeds=2)  # seed 0 is not run again
+    assert calls == [("grid-discrete", 0), ("grid-discrete", 1)]
+    summary = json.loads((tmp_path / "grid" / "results.json").read_text())["summary"]
+    mean, sd = summary["discrete"]["1"]["accuracy"]
+    assert mean == pytest.approx(0.625) and sd == pytest.approx(0.25 / 2**0.5)
+    assert "| discrete | 2 | 0.625 ± 0.177 |" in tables
+    assert (tmp_path / "grid" / "samples" / "discrete-seed1.safetensors").is_file()
+    with pytest.raises(ValueError, match="unknown variants"):
+        grid.run_grid(bench, only=["nope"])
