@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 TOY_SETTINGS: dict[str, Any] = dict(
     steps=400,
-    batch_size=64,
+    batch_size=32,
     weights_dtype="fp32",
     device="cpu",
     gradient_checkpointing=False,
@@ -85,7 +85,7 @@ class BenchConfig:
 
     out: str = "runs/digits"
     cache: str | None = None
-    per_class: int = 200
+    per_class: int = 100
     eval_seed: int = 1000
     teacher_steps: int = 50
     cfg_scale: float = 1.0
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/digits", help="output folder")
     p.add_argument("--cache", default=None, help="teacher cache (default $MFCORE_DIGITS_CACHE "
                    "or <out>/cache)")  # fmt: skip
-    p.add_argument("--per-class", type=int, default=200, help="generated samples per class")
+    p.add_argument("--per-class", type=int, default=100, help="generated samples per class")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="teacher's two-pass CFG scale")
     p.add_argument("--grid", action="store_true", help="run the variants over seeds instead")
     p.add_argument("--only", nargs="*", default=None, help="--grid: these variants only")
