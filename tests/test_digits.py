@@ -186,6 +186,9 @@ def test_the_whole_benchmark_runs_at_a_tiny_budget(tmp_path):
     assert samples["labels"].tolist() == sorted(samples["labels"].tolist())
     assert (tmp_path / "samples.png").stat().st_size > 0
     assert "| student 2 |" in format_table(rows)
+    # the run is the grid's default at seed 0, so the grid does not run it again
+    logged = [json.loads(x) for x in (tmp_path / "grid" / "runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in logged] == [("default", 0)]
 
 
 # ------------------------------------------------------------------------------------ grid

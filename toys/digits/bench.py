@@ -293,6 +293,9 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
     setup = prepare(bench)
     prepared = time.perf_counter() - start
     row, student = run_variant(setup, "default", 0, {})
+    from .grid import record  # the grid's default variant at seed 0
+
+    record(bench, setup.labels, "default", 0, row, student)
     rows = dict(setup.rows)
     rows |= {f"student {k}": s for k, s in row["steps"].items()}
     samples = dict(setup.references) | student

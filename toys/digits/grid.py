@@ -19,6 +19,7 @@ the next unfinished run (:mod:`mfcore.toys.experiments`' pattern). The variants 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
+from torch import Tensor
 
 from .bench import STEPS, BenchConfig, prepare, run_variant
 
-__all__ = ["VARIANTS", "ORDER", "run_grid", "summarise", "format_grid"]
+__all__ = ["VARIANTS", "ORDER", "record", "run_grid", "summarise", "format_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +51,13 @@ ORDER = (*_BASE, *(f"{name}-align" for name in _BASE))
 """The order the variants run in (the issue's priorities first)."""
 
 
-def _key(name: str, settings: dict[str, Any], seed: int, budget: dict[str, Any]) -> str:
-    return json.dumps({"variant": name, **settings, **budget, "seed": seed}, sort_keys=True)
+def _key(name: str, seed: int, bench: BenchConfig) -> str:
+    """What makes two runs the same: the variant, the benchmark's budget and evaluation, the
+    seed."""
+    scored = {"per_class": bench.per_class, "eval_seed": bench.eval_seed}
+    scored |= {"cfg_scale": bench.cfg_scale, "teacher": dataclasses.asdict(bench.teacher)}
+    settings = VARIANTS[name] | bench.distill | scored
+    return json.dumps({"variant": name, **settings, "seed": seed}, sort_keys=True, default=str)
 
 
 def _done(path: Path) -> dict[str, dict[str, Any]]:
@@ -111,6 +118,27 @@ def format_grid(
 _METRICS = ("accuracy", "fd", "precision", "recall", "to_teacher")
 
 
+def record(
+    bench: BenchConfig,
+    labels: Tensor,
+    name: str,
+    seed: int,
+    row: dict[str, Any],
+    samples: dict[str, Tensor],
+) -> dict[str, Any]:
+    """Append a finished run of variant ``name`` to ``<out>/grid/runs.jsonl`` and write its
+    samples; returns the row as logged. The default benchmark records its run here too:
+    it is the grid's ``default`` at seed 0."""
+    out = Path(bench.out) / "grid"
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    row = row | {"key": _key(name, seed, bench), "variant": name}
+    tensors = {"labels": labels} | {k.replace(" ", "_"): v.contiguous() for k, v in samples.items()}
+    save_file(tensors, str(out / "samples" / f"{name}-seed{seed}.safetensors"))
+    with (out / "runs.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
 def run_grid(bench: BenchConfig, *, only: list[str] | None = None, seeds: int = 3) -> str:
     """Run (or resume) the variants ``only`` (default all, in :data:`ORDER`) at ``seeds``
     seeds; write ``grid/results.json`` and ``grid/tables.md``; return the tables."""
@@ -120,27 +148,17 @@ def run_grid(bench: BenchConfig, *, only: list[str] | None = None, seeds: int = 
         raise ValueError(f"unknown variants {unknown}; the variants are {list(ORDER)}")
     setup = prepare(bench)
     out = Path(bench.out) / "grid"
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    log_path = out / "runs.jsonl"
-    done = _done(log_path)
-    budget = dict(bench.distill)
+    done = _done(out / "runs.jsonl")
     rows = []
     for seed in range(seeds):
         for name in names:
-            key = _key(name, VARIANTS[name], seed, budget)
+            key = _key(name, seed, bench)
             if key in done:
                 rows.append(done[key])
                 continue
             logger.info("grid: %s seed %d", name, seed)
             row, samples = run_variant(setup, f"grid-{name}", seed, VARIANTS[name])
-            row |= {"key": key, "variant": name}
-            tensors = {"labels": setup.labels} | {
-                k.replace(" ", "_"): v.contiguous() for k, v in samples.items()
-            }
-            save_file(tensors, str(out / "samples" / f"{name}-seed{seed}.safetensors"))
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            rows.append(row)
+            rows.append(record(bench, setup.labels, name, seed, row, samples))
     summary = summarise(rows)
     tables = format_grid(summary, setup.rows, bench.teacher_steps)
     (out / "results.json").write_text(
