@@ -125,6 +125,8 @@ def write_data(
         y = data.y[a : a + per_file]
         tensors = {"latents": data.x[a : a + per_file], "labels": y, **conditions(y, table)}
         path = os.path.join(folder, f"digits-{i:05d}.safetensors")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        # written aside, then renamed: a run reading the folder never sees half a file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
         paths.append(path)
     return paths
