@@ -231,5 +231,7 @@ def test_grid_resumes_run_by_run_and_summarises_over_seeds(tmp_path, monkeypatch
     assert mean == pytest.approx(0.625) and sd == pytest.approx(0.25 / 2**0.5)
     assert "| discrete | 2 | 0.625 ± 0.177 |" in tables
     assert (tmp_path / "grid" / "samples" / "discrete-seed1.safetensors").is_file()
+    grid.run_grid(bench, only=["discrete", "fixed"], seeds=3, run=False)  # tabulates only
+    assert len(calls) == 2
     with pytest.raises(ValueError, match="unknown variants"):
         grid.run_grid(bench, only=["nope"])

@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="run the variants over seeds instead")
     p.add_argument("--only", nargs="*", default=None, help="--grid: these variants only")
     p.add_argument("--seeds", type=int, default=3, help="--grid: seeds per variant")
+    p.add_argument(
+        "--summarise", action="store_true", help="--grid: tabulate the finished runs only"
+    )
     return p
 
 
@@ -333,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         from .grid import run_grid
 
-        print(run_grid(bench, only=args.only, seeds=args.seeds))
+        print(run_grid(bench, only=args.only, seeds=args.seeds, run=not args.summarise))
         return
     result = run_bench(bench)
     print(format_table(result["rows"]))

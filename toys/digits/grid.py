@@ -139,9 +139,12 @@ def record(
     return row
 
 
-def run_grid(bench: BenchConfig, *, only: list[str] | None = None, seeds: int = 3) -> str:
+def run_grid(
+    bench: BenchConfig, *, only: list[str] | None = None, seeds: int = 3, run: bool = True
+) -> str:
     """Run (or resume) the variants ``only`` (default all, in :data:`ORDER`) at ``seeds``
-    seeds; write ``grid/results.json`` and ``grid/tables.md``; return the tables."""
+    seeds; write ``grid/results.json`` and ``grid/tables.md``; return the tables. Without
+    ``run`` only the finished runs are summarised (several invocations may share a grid)."""
     names = [n for n in ORDER if only is None or n in only]
     unknown = sorted(set(only or ()) - set(VARIANTS))
     if unknown:
@@ -155,6 +158,8 @@ def run_grid(bench: BenchConfig, *, only: list[str] | None = None, seeds: int = 
             key = _key(name, seed, bench)
             if key in done:
                 rows.append(done[key])
+                continue
+            if not run:
                 continue
             logger.info("grid: %s seed %d", name, seed)
             row, samples = run_variant(setup, f"grid-{name}", seed, VARIANTS[name])
