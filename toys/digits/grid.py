@@ -9,7 +9,10 @@ Each variant is a set of ``DistillConfig`` settings on top of the benchmark's
 - ``fixed``: warm-up, then the differential target at ``warmup_steps``, unguarded (the
   MeanFlow paper's schedule);
 - ``fixed-guarded``: the same behind the guard (and rollback);
-- each with ``-align``: plus the fake-velocity alignment critic (``--align fake``).
+- ``discrete-44``: the discrete target for 44 steps, about the teacher evaluations of 400
+  steps of ``differential`` (9 per sample and step against 1);
+- each of the first five with ``-align``: plus the fake-velocity alignment critic
+  (``--align fake``).
 
 Every finished run is appended to ``<out>/grid/runs.jsonl``, keyed by variant, settings and
 seed, and its samples go to ``<out>/grid/samples/``; an interrupted invocation resumes with
@@ -42,12 +45,15 @@ _BASE: dict[str, dict[str, Any]] = {
     "fixed": {"switch": "fixed", "guard": False},
     "fixed-guarded": {"switch": "fixed"},
 }
-VARIANTS: dict[str, dict[str, Any]] = _BASE | {
-    f"{name}-align": settings | {"align": "fake"} for name, settings in _BASE.items()
-}
+_EQUAL_COST = {"discrete-44": {"switch": "never", "steps": 44}}
+VARIANTS: dict[str, dict[str, Any]] = (
+    _BASE
+    | _EQUAL_COST
+    | {f"{name}-align": settings | {"align": "fake"} for name, settings in _BASE.items()}
+)
 """Variant name -> its ``DistillConfig`` settings."""
 
-ORDER = (*_BASE, *(f"{name}-align" for name in _BASE))
+ORDER = (*_BASE, *_EQUAL_COST, *(f"{name}-align" for name in _BASE))
 """The order the variants run in (the issue's priorities first)."""
 
 
