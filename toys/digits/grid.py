@@ -113,7 +113,10 @@ def format_grid(
                 cells = [f"{r[m]:.3f}" if m in r else "-" for m in _METRICS]
                 lines.append(f"| {name} | - | " + " | ".join(cells) + " | - | - |")
         for name, e in summary.items():
-            cells = [f"{e[k][m][0]:.3f} ± {e[k][m][1]:.3f}" for m in _METRICS]
+            one = len(e["seeds"]) == 1  # no spread to show
+            cells = [
+                f"{e[k][m][0]:.3f}" + ("" if one else f" ± {e[k][m][1]:.3f}") for m in _METRICS
+            ]
             lines.append(
                 f"| {name} | {len(e['seeds'])} | " + " | ".join(cells)
                 + f" | {e['teacher_evaluations']:.3g} | {e['seconds']:.0f} |"
