@@ -1,0 +1,182 @@
+"""The variants of the digits benchmark over seeds, resumable run by run.
+
+Each variant is a set of ``DistillConfig`` settings on top of the benchmark's
+(:func:`~.bench.distill_config`), all at the same budget (optimiser steps and batch):
+
+- ``default``: the shipped switch: gated, guarded, with rollback;
+- ``discrete``: the discrete (teacher-ODE) warm-up target throughout;
+- ``differential``: the differential MeanFlow target from the first step;
+- ``fixed``: warm-up, then the differential target at ``warmup_steps``, unguarded (the
+  MeanFlow paper's schedule);
+- ``fixed-guarded``: the same behind the guard (and rollback);
+- ``discrete-44``: the discrete target for 44 steps, about the teacher evaluations of 400
+  steps of ``differential`` (9 per sample and step against 1);
+- each of the first five with ``-align``: plus the fake-velocity alignment critic
+  (``--align fake``).
+
+Every finished run is appended to ``<out>/grid/runs.jsonl``, keyed by variant, settings and
+seed, and its samples go to ``<out>/grid/samples/``; an interrupted invocation resumes with
+the next unfinished run (:mod:`mfcore.toys.experiments`' pattern). The variants run in
+:data:`ORDER`, seed by seed, so a short invocation covers the first variants first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .bench import STEPS, BenchConfig, prepare, run_variant
+
+__all__ = ["VARIANTS", "ORDER", "record", "run_grid", "summarise", "format_grid"]
+
+logger = logging.getLogger(__name__)
+
+_BASE: dict[str, dict[str, Any]] = {
+    "default": {},
+    "discrete": {"switch": "never"},
+    "differential": {"switch": "fixed", "warmup_steps": 0, "guard": False},
+    "fixed": {"switch": "fixed", "guard": False},
+    "fixed-guarded": {"switch": "fixed"},
+}
+_EQUAL_COST = {"discrete-44": {"switch": "never", "steps": 44}}
+VARIANTS: dict[str, dict[str, Any]] = (
+    _BASE
+    | _EQUAL_COST
+    | {f"{name}-align": settings | {"align": "fake"} for name, settings in _BASE.items()}
+)
+"""Variant name -> its ``DistillConfig`` settings."""
+
+ORDER = (*_BASE, *_EQUAL_COST, *(f"{name}-align" for name in _BASE))
+"""The order the variants run in (the issue's priorities first)."""
+
+
+def _key(name: str, seed: int, bench: BenchConfig) -> str:
+    """What makes two runs the same: the variant, the benchmark's budget and evaluation, the
+    seed."""
+    scored = {"per_class": bench.per_class, "eval_seed": bench.eval_seed}
+    scored |= {"cfg_scale": bench.cfg_scale, "teacher": dataclasses.asdict(bench.teacher)}
+    settings = VARIANTS[name] | bench.distill | scored
+    return json.dumps({"variant": name, **settings, "seed": seed}, sort_keys=True, default=str)
+
+
+def _done(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["key"]: row for row in rows}
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation over seeds of every score, per variant and step count."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == name]
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+        for field in ("teacher_evaluations", "seconds", "differential_steps", "reverts"):
+            entry[field] = statistics.fmean(float(r[field]) for r in runs)
+        for k in (str(s) for s in STEPS):
+            scores = [r["steps"][k] for r in runs]
+            entry[k] = {
+                m: (
+                    statistics.fmean(s[m] for s in scores),
+                    statistics.stdev(s[m] for s in scores) if len(scores) > 1 else 0.0,
+                )
+                for m in scores[0]
+            }
+        out[name] = entry
+    return out
+
+
+def format_grid(
+    summary: dict[str, dict[str, Any]], references: dict[str, dict], teacher_steps: int = 50
+) -> str:
+    """Markdown: one table per step count, references first, mean ± sd over seeds."""
+    lines = []
+    ref = f"teacher {teacher_steps}"
+    for k in (str(s) for s in STEPS):
+        lines += [
+            f"\n**{k} step{'s' if k != '1' else ''}**\n",
+            "| samples | seeds | accuracy | Fréchet distance | precision | recall "
+            "| RMS to teacher 50 | teacher evals | seconds |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in ("data", ref, f"{ref} seed 2", f"teacher euler {k}"):
+            if name in references:
+                r = references[name]
+                cells = [f"{r[m]:.3f}" if m in r else "-" for m in _METRICS]
+                lines.append(f"| {name} | - | " + " | ".join(cells) + " | - | - |")
+        for name, e in summary.items():
+            one = len(e["seeds"]) == 1  # no spread to show
+            cells = [
+                f"{e[k][m][0]:.3f}" + ("" if one else f" ± {e[k][m][1]:.3f}") for m in _METRICS
+            ]
+            lines.append(
+                f"| {name} | {len(e['seeds'])} | " + " | ".join(cells)
+                + f" | {e['teacher_evaluations']:.3g} | {e['seconds']:.0f} |"
+            )  # fmt: skip
+    return "\n".join(lines)
+
+
+_METRICS = ("accuracy", "fd", "precision", "recall", "to_teacher")
+
+
+def record(
+    bench: BenchConfig,
+    labels: Tensor,
+    name: str,
+    seed: int,
+    row: dict[str, Any],
+    samples: dict[str, Tensor],
+) -> dict[str, Any]:
+    """Append a finished run of variant ``name`` to ``<out>/grid/runs.jsonl`` and write its
+    samples; returns the row as logged. The default benchmark records its run here too:
+    it is the grid's ``default`` at seed 0."""
+    out = Path(bench.out) / "grid"
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    row = row | {"key": _key(name, seed, bench), "variant": name}
+    tensors = {"labels": labels} | {k.replace(" ", "_"): v.contiguous() for k, v in samples.items()}
+    save_file(tensors, str(out / "samples" / f"{name}-seed{seed}.safetensors"))
+    with (out / "runs.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def run_grid(
+    bench: BenchConfig, *, only: list[str] | None = None, seeds: int = 3, run: bool = True
+) -> str:
+    """Run (or resume) the variants ``only`` (default all, in :data:`ORDER`) at ``seeds``
+    seeds; write ``grid/results.json`` and ``grid/tables.md``; return the tables. Without
+    ``run`` only the finished runs are summarised (several invocations may share a grid)."""
+    names = [n for n in ORDER if only is None or n in only]
+    unknown = sorted(set(only or ()) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; the variants are {list(ORDER)}")
+    setup = prepare(bench)
+    out = Path(bench.out) / "grid"
+    done = _done(out / "runs.jsonl")
+    rows = []
+    for seed in range(seeds):
+        for name in names:
+            key = _key(name, seed, bench)
+            if key in done:
+                rows.append(done[key])
+                continue
+            if not run:
+                continue
+            logger.info("grid: %s seed %d", name, seed)
+            row, samples = run_variant(setup, f"grid-{name}", seed, VARIANTS[name])
+            rows.append(record(bench, setup.labels, name, seed, row, samples))
+    summary = summarise(rows)
+    tables = format_grid(summary, setup.rows, bench.teacher_steps)
+    (out / "results.json").write_text(
+        json.dumps({"references": setup.rows, "summary": summary, "runs": rows}, indent=1)
+    )
+    (out / "tables.md").write_text(tables + "\n")
+    return tables
