@@ -87,3 +87,37 @@ def test_cli_refuses_bad_counts(capsys):
     with pytest.raises(SystemExit) as exc:
         experiments.main(["--seeds", "0"])
     assert exc.value.code == 2
+
+
+def _signalled(probe_end, delta, rho, seed=0):
+    run = _run(0.3, 0.2, 0.25, probe_end) | {"seed": seed}
+    run["signals_at_switch"] = {"agree_delta": delta, "agree_rho": rho, "agree_rho/0": rho}
+    return run
+
+
+def test_gate_calibration_counts_both_sides():
+    """A switch helped when the run ends below its equal-cost discrete twin; each gate is
+    counted on the runs where it helped and where it did not, held-out runs apart."""
+    assert verdict.switch_helped(_signalled(0.1, 0, 0), _run(0, 0, 0, 0.2))
+    assert not verdict.switch_helped(_signalled(0.3, 0, 0), _run(0, 0, 0, 0.2))
+    assert not verdict.switch_helped(_signalled(float("nan"), 0, 0), _run(0, 0, 0, 0.2))
+    twins = {"runs": [_run(0, 0, 0, 0.2) | {"seed": s} for s in range(3)]}
+    results = {
+        "claim1_shipped": {
+            "ring8 / warm-up, fixed switch": {
+                "runs": [
+                    _signalled(0.1, 0.05, 1.2, seed=0),  # helped, default gate opens
+                    _signalled(0.1, 0.8, 1.8, seed=1),  # helped, default gate stays shut
+                    _signalled(0.5, 0.05, 1.0, seed=2),  # hurt, default gate opens
+                ]
+            },
+            "ring8 / discrete only, equal teacher cost": twins,
+            "aniso3d / warm-up, fixed switch": {"runs": [_signalled(0.5, 2.0, 5.0)]},
+            "aniso3d / discrete only, equal teacher cost": twins,
+        }
+    }
+    rows = verdict._calibration(results)
+    assert "| calibration | (0.1, 1.5) | 1/2 | 1/1 |" in rows
+    assert "| calibration | (inf, inf) | 2/2 | 1/1 |" in rows
+    assert "| held out (aniso3d) | (1, 3) | 0/0 | 0/1 |" in rows
+    assert "| held out (aniso3d) | (inf, inf) | 0/0 | 1/1 |" in rows

@@ -169,6 +169,34 @@ RECIPES: dict[str, dict[str, Any]] = {
 (issue 19, item 1): grid pairs are the intervals of the 1- and 2-step sampling grids."""
 
 
+SHIPPED_NOW: dict[str, Any] = dict(
+    SHIPPED, grid_fraction=0.25, steps=4000, warmup_steps=2000, probe_every=250
+)
+"""``mfcore-distill``'s recipe as it now ships (a quarter grid pairs), with a warm-up of
+2,000 steps (where the recipe experiment's discrete runs were still improving) and as
+many steps after it."""
+
+_EQUAL_COST_STEPS = 2000 + round(2000 / 4.06)
+"""Steps of discrete-only that cost what 2,000 discrete then 2,000 differential steps cost:
+the Heun-4 target spends 4.06 teacher evaluations per sample and step with the shipped
+pairs, the differential target 1."""
+
+CLAIM1_VARIANTS: dict[str, dict[str, Any]] = {
+    "discrete only": dict(target="discrete"),
+    "discrete only, equal teacher cost": dict(target="discrete", steps=_EQUAL_COST_STEPS),
+    "warm-up, fixed switch": dict(target="warmup", switch="fixed", guard=False),
+    "warm-up, fixed switch, guarded": dict(target="warmup", switch="fixed", **_GUARDED),
+    "warm-up, gated, guarded": dict(target="warmup", switch="gated", **_GUARDED),
+    "warm-up, blended switch (1000 steps)": dict(
+        target="warmup", switch="fixed", guard=False, blend_steps=1000
+    ),
+    "differential only": dict(target="differential"),
+}
+"""Claim 1 in the shipped recipe (issue 19, items 3-7): the switch against the discrete
+target at equal steps and at equal teacher cost, guarded and not, and a gradual hand-over
+from the discrete to the differential target (the curricula's idea, here on the target)."""
+
+
 def _hypotheses() -> dict[str, dict[str, Any]]:
     out = {}
     for p in ("ring8", "grid25"):
@@ -216,12 +244,19 @@ _ALIGN_BASE = dict(
 
 EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
     "ode_steps": {
-        f"{p} / Heun-{k}": dict(SHIPPED, preset=p, grid_fraction=0.25, discrete_steps=k)
+        f"{p} / Heun-{k}{'' if n == 2000 else f', {n} steps'}": dict(
+            SHIPPED, preset=p, grid_fraction=0.25, discrete_steps=k, steps=n
+        )
         for p in ("ring8", "grid25")
-        for k in (1, 2, 4, 8)
+        for k, n in ((1, 2000), (2, 2000), (4, 2000), (8, 2000), (1, 5600), (2, 3500))
     },
     "recipe": {
         f"{p} / {v}": dict(SHIPPED, preset=p, **o) for p in PRESETS for v, o in RECIPES.items()
+    },
+    "claim1_shipped": {
+        f"{p} / {v}": dict(SHIPPED_NOW, preset=p, **o)
+        for p in PRESETS
+        for v, o in CLAIM1_VARIANTS.items()
     },
     "seed_method": {
         f"{p} / {v}": dict(FAITHFUL, preset=p, **o)
@@ -266,6 +301,7 @@ SEEDS = {
     "alignment_teacher_init": 5,
     "recipe": 2,
     "ode_steps": 2,
+    "claim1_shipped": 3,
 }
 """Seeds per experiment (5 where not listed)."""
 

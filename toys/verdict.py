@@ -15,7 +15,7 @@ from typing import Any
 
 from mfcore.solvers import SOLVERS
 
-__all__ = ["TOL", "ended_worse", "blew_up", "tables"]
+__all__ = ["TOL", "GATES", "ended_worse", "blew_up", "switch_helped", "tables"]
 
 TOL = 0.05
 """Relative rise of W2 or of the probe error that counts as ending worse."""
@@ -167,14 +167,14 @@ def _signals(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _guard(results: dict[str, Any]) -> list[str]:
+def _guard(results: dict[str, Any], exp: str = "seed_method") -> list[str]:
     runs_by: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for name, v in results.get("seed_method", {}).items():
+    for name, v in results.get(exp, {}).items():
         if v["config"].get("guard") and v["config"].get("target") == "warmup":
             runs_by[name] = [(name, r) for r in v["runs"]]
     if not runs_by:
         return []
-    seed_method = results["seed_method"]
+    seed_method = results[exp]
     out = [
         "| variant | gate opened | reverted | steps to detect | false reverts | ended worse "
         "than at S | probe end | discrete-only probe end |",
@@ -200,6 +200,61 @@ def _guard(results: dict[str, Any]) -> list[str]:
             f"{_count(runs, ended_worse)} | {_stat([_end(r, 'probe') for r in runs])} | "
             f"{_stat([_end(r, 'probe') for r in disc])} |"
         )
+    return out
+
+
+GATES = ((0.1, 1.5), (0.5, 2.0), (1.0, 2.0), (1.0, 3.0), (math.inf, math.inf))
+"""(delta_max, rho_max) settings the calibration table tries: the default first, the last
+always open."""
+
+
+def _opens(signals: dict[str, float], delta: float, rho: float) -> bool:
+    """Whether ``SwitchGate(delta, rho)`` would open on these signals (pooled and per bin)."""
+    bins = all(v <= rho for k, v in signals.items() if k.startswith("agree_rho/")) and all(
+        v <= delta for k, v in signals.items() if k.startswith("agree_delta/")
+    )
+    return signals["agree_delta"] <= delta and signals["agree_rho"] <= rho and bins
+
+
+def switch_helped(run: dict[str, Any], twin: dict[str, Any]) -> bool:
+    """Whether a run that switched ended with a lower probe error than its discrete-only twin
+    at equal teacher cost (same mixture and seed)."""
+    end, ref = _end(run, "probe"), _end(twin, "probe")
+    return _finite(end) and _finite(ref) and end < ref
+
+
+def _calibration(results: dict[str, Any], exp: str = "claim1_shipped") -> list[str]:
+    """The gate on both sides: per setting, how often it opens on the unguarded fixed-switch
+    runs where switching helped at equal teacher cost (it should) and where it did not."""
+    runs = results.get(exp, {})
+    rows: dict[str, list[tuple[bool, dict[str, float]]]] = {}
+    for name, v in runs.items():
+        mixture, variant = name.split(" / ", 1)
+        if variant != "warm-up, fixed switch":
+            continue
+        equal_cost = runs[f"{mixture} / discrete only, equal teacher cost"]["runs"]
+        twins = {r["seed"]: r for r in equal_cost}
+        group = "held out (aniso3d)" if mixture == "aniso3d" else "calibration"
+        for r in v["runs"]:
+            if r["signals_at_switch"] and r["seed"] in twins:
+                rows.setdefault(group, []).append(
+                    (switch_helped(r, twins[r["seed"]]), r["signals_at_switch"])
+                )
+    if not rows:
+        return []
+    out = [
+        "| runs | gate (delta, rho) | opens where switching helped | opens where it did not |",
+        "|---|---|---|---|",
+    ]
+    for group, pairs in rows.items():
+        helped = [s for h, s in pairs if h]
+        hurt = [s for h, s in pairs if not h]
+        for delta, rho in GATES:
+            yes = sum(_opens(s, delta, rho) for s in helped)
+            no = sum(_opens(s, delta, rho) for s in hurt)
+            out.append(
+                f"| {group} | ({delta:g}, {rho:g}) | {yes}/{len(helped)} | {no}/{len(hurt)} |"
+            )
     return out
 
 
@@ -299,6 +354,11 @@ def tables(results: dict[str, Any]) -> str:
         parts += ["### The shipped recipe", "", *_recipe(results), ""]
     if "ode_steps" in results:
         parts += ["### The discrete target's step count", "", *_recipe(results, "ode_steps"), ""]
+    if "claim1_shipped" in results:
+        parts += ["### Claim 1 in the shipped recipe", ""]
+        parts += _seed_method(results["claim1_shipped"])
+        parts += ["", "### Guard in the shipped recipe", "", *_guard(results, "claim1_shipped")]
+        parts += ["", "### The gate's calibration", "", *_calibration(results), ""]
     if "seed_method" in results:
         parts += ["### Claim 1 in the faithful setting", "", *_seed_method(results["seed_method"])]
         parts += ["", "### Guard and gate", "", *_guard(results)]
