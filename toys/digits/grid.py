@@ -14,7 +14,9 @@ Each variant is a set of ``DistillConfig`` settings on top of the benchmark's
   pairs) = 4.06 evaluations per sample and step with the shipped pairs (a quarter grid
   pairs, 75 % ``r = t`` among the rest), the differential target 1;
 - each of the first five with ``-align``: plus the fake-velocity alignment critic
-  (``--align fake``).
+  (``--align fake``);
+- ``default-2000``, ``default-lr1e-3``: the shipped default at 5x the steps, and at a 10x
+  learning rate (whether the budget or the learning rate limits the 1-step student).
 
 Every finished run is appended to ``<out>/grid/runs.jsonl``, keyed by variant, settings and
 seed, and its samples go to ``<out>/grid/samples/``; an interrupted invocation resumes with
@@ -50,14 +52,16 @@ _BASE: dict[str, dict[str, Any]] = {
     "fixed-guarded": {"switch": "fixed"},
 }
 _EQUAL_COST = {"discrete-100": {"switch": "never", "steps": 100}}
+_BUDGET = {"default-2000": {"steps": 2000}, "default-lr1e-3": {"lr": 1e-3}}
 VARIANTS: dict[str, dict[str, Any]] = (
     _BASE
     | _EQUAL_COST
     | {f"{name}-align": settings | {"align": "fake"} for name, settings in _BASE.items()}
+    | _BUDGET
 )
 """Variant name -> its ``DistillConfig`` settings."""
 
-ORDER = (*_BASE, *_EQUAL_COST, *(f"{name}-align" for name in _BASE))
+ORDER = (*_BASE, *_EQUAL_COST, *(f"{name}-align" for name in _BASE), *_BUDGET)
 """The order the variants run in (the issue's priorities first)."""
 
 
