@@ -175,8 +175,10 @@ def _ref_tangent_block(
     # The score tangent from the tangents present (no zero block), one score block at a time.
     ds = None if tq is None else torch.matmul(tq, k.transpose(-1, -2))
     if tk is not None:
-        ds = torch.matmul(qc, tk.transpose(-1, -2)) if ds is None else ds.add_(
+        ds = (
             torch.matmul(qc, tk.transpose(-1, -2))
+            if ds is None
+            else ds.add_(torch.matmul(qc, tk.transpose(-1, -2)))
         )
     out = None
     if ds is not None:
