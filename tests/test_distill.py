@@ -19,7 +19,7 @@ from mfcore.adapters.distill import HELP, DistillConfig, distill, latest_checkpo
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.flux import FluxStudent
 from mfcore.adapters.hunyuanimage2 import TINY_HY21_CONFIG
-from tests._close import FP32, assert_close_to, flat
+from tests._close import FP32, FP64, assert_close_to, flat
 
 LEGACY = os.path.join(os.path.dirname(__file__), "data", "flux_legacy")
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "flux_golden.safetensors")
@@ -152,7 +152,10 @@ def test_todays_flux_checkpoint_resumes_and_its_student_loads(tmp_path):
     assert_close_to(flat(state, expected), flat(expected, expected), FP32, "trained state")
     tr = get_family("flux").tiny_model(0, torch.float32, False)
     loaded = FluxStudent.from_pretrained(tr, os.path.join(LEGACY, "student"))
-    assert all(torch.equal(v, expected[k]) for k, v in loaded.trainable_state_dict().items())
+    # loading does no arithmetic; the two files were stored by one machine's runs
+    loaded_state = loaded.trainable_state_dict()
+    assert loaded_state.keys() == expected.keys()
+    assert_close_to(flat(loaded_state, expected), flat(expected, expected), FP64, "loaded student")
 
 
 def _usage_error(argv, capsys) -> str:
