@@ -17,15 +17,13 @@ are written here from their public formulas (no code copied):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-import mfcore.jvp as mjvp
-from mfcore.jvp import fd_step_size, total_derivative
+from mfcore.jvp import fd_step_size, torch_tangent_rules, total_derivative
 
 
 @dataclass
@@ -59,20 +57,10 @@ def mfcore_one_forward(model, b: Batch) -> Tensor:
     return _loss(u, b, dudt)
 
 
-@contextlib.contextmanager
-def torch_rules():
-    """torch's own tangent rules inside total_derivative (mfcore's switched off)."""
-    mjvp._TANGENT_RULES = False
-    try:
-        yield
-    finally:
-        mjvp._TANGENT_RULES = True
-
-
 def mfcore_torch_rules(model, b: Batch) -> Tensor:
     """mfcore's one forward with torch's own tangent rules (mfcore before issue 21's rules;
     the memory fix of the attention and of the saved tensors stays on)."""
-    with torch_rules():
+    with torch_tangent_rules():
         return mfcore_one_forward(model, b)
 
 

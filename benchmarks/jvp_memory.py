@@ -36,7 +36,6 @@ import platform
 from pathlib import Path
 
 import torch
-from _meanflow_steps import torch_rules  # benchmarks/ is on sys.path as the script's dir
 from _memory import TensorMemory
 from _report import provenance, update_section
 
@@ -91,7 +90,7 @@ def _measure(case: str, device: str) -> dict:
 
 def _forward(case, student, z, r, t, v, cond):
     """The forward of ``case``: ``u`` with the graph the backward needs."""
-    from mfcore.jvp import total_derivative
+    from mfcore.jvp import torch_tangent_rules, total_derivative
 
     if case == "training forward":
         return student(z, r, t, **cond)
@@ -100,7 +99,7 @@ def _forward(case, student, z, r, t, v, cond):
         return student(z, r, t, **cond)
     kept = case == "one forward, history kept"
     rules_off = case == "one forward, torch's tangent rules"
-    with torch_rules() if rules_off else contextlib.nullcontext():
+    with torch_tangent_rules() if rules_off else contextlib.nullcontext():
         u, _ = total_derivative(
             student, z, r, t, v, cond=cond, keep_graph=True, detach_tangents=not kept
         )

@@ -65,7 +65,13 @@ from mfcore._checks import (
 from mfcore.attention import use_jvp_attention
 from mfcore.tangent_rules import use_tangent_rules
 
-__all__ = ["JVP_BACKENDS", "JVP_METHODS", "total_derivative", "fd_step_size"]
+__all__ = [
+    "JVP_BACKENDS",
+    "JVP_METHODS",
+    "total_derivative",
+    "fd_step_size",
+    "torch_tangent_rules",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +238,31 @@ def _routing(route_sdpa: bool) -> contextlib.AbstractContextManager:
     return use_jvp_attention() if route_sdpa else contextlib.nullcontext()
 
 
-# Tests and benchmarks switch this off to compare with torch's own tangent rules.
-_TANGENT_RULES = True
+_TANGENT_RULES = True  # off inside torch_tangent_rules()
+
+
+@contextlib.contextmanager
+def torch_tangent_rules() -> Iterator[None]:
+    """Inside the block, :func:`total_derivative`'s ``"func"`` path uses torch's own tangent
+    rules instead of :mod:`mfcore.tangent_rules` (process-wide; the previous setting is
+    restored on exit). For comparisons: the values agree to rounding, the FLOPs and the
+    peak memory do not.
+
+    Example:
+        >>> import torch
+        >>> f = lambda z, r, t: torch.nn.functional.linear(z, torch.eye(2)) * t[:, None]
+        >>> z, r, t = torch.ones(1, 2), torch.zeros(1), torch.ones(1)
+        >>> with torch_tangent_rules():
+        ...     u, dudt = total_derivative(f, z, r, t, torch.zeros(1, 2))
+        >>> dudt
+        tensor([[1., 1.]])
+    """
+    global _TANGENT_RULES
+    previous, _TANGENT_RULES = _TANGENT_RULES, False
+    try:
+        yield
+    finally:
+        _TANGENT_RULES = previous
 
 
 def _rules() -> contextlib.AbstractContextManager:

@@ -3,23 +3,10 @@ of a one-forward MeanFlow step, and they do engage (fewer matmul FLOPs)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import mfcore.jvp as mjvp
-from mfcore.jvp import total_derivative
-
-
-@contextlib.contextmanager
-def torch_rules():
-    """torch's own tangent rules inside total_derivative (the rules switched off)."""
-    mjvp._TANGENT_RULES = False
-    try:
-        yield
-    finally:
-        mjvp._TANGENT_RULES = True
+from mfcore.jvp import torch_tangent_rules, total_derivative
 
 
 def one_forward_step(student, z, r, t, v, cond=None):
@@ -38,7 +25,7 @@ def assert_rules_change_nothing(student, z, r, t, v, cond=None, rtol=1e-10):
     """The step with the rules equals the step with torch's rules (fp64 tolerance ``rtol``
     relative to each tensor's largest entry) and executes fewer matmul FLOPs."""
     new = one_forward_step(student, z, r, t, v, cond)
-    with torch_rules():
+    with torch_tangent_rules():
         old = one_forward_step(student, z, r, t, v, cond)
     pairs = [(new[0], old[0]), (new[1], old[1]), *zip(new[2], old[2], strict=True)]
     for a, b in pairs:

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from mfcore.jvp import total_derivative
+from mfcore.jvp import torch_tangent_rules, total_derivative
 from mfcore.tangent_rules import use_tangent_rules
 from tests._nets import MixerStudent, MLPStudent
-from tests._rules_check import assert_rules_change_nothing, torch_rules
+from tests._rules_check import assert_rules_change_nothing
 
 F64 = torch.float64
 # Tolerances relative to each tensor's largest entry, by dtype: the rules run the same
@@ -175,7 +175,7 @@ def test_one_forward_step_unchanged_on_mlp():
     r, t = _times(gen, 6)
     assert_rules_change_nothing(net, z, r, t, v, rtol=1e-12)
     _, d_rules = total_derivative(net, z, r, t, v)  # the no-graph path (torch.func.jvp)
-    with torch_rules():
+    with torch_tangent_rules():
         _, d_torch = total_derivative(net, z, r, t, v)
     torch.testing.assert_close(d_rules, d_torch, rtol=1e-12, atol=1e-14)
 
