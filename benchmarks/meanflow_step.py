@@ -278,6 +278,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--load", default="", help="the load average, noted in the table")
     args = parser.parse_args()
+    if args.rounds < 2 or args.threads < 1:
+        parser.error("--rounds must be at least 2 (quartiles) and --threads at least 1")
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
