@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -218,8 +219,6 @@ def run_variant(
     ``{"student k": (N, 1, H, W)}``."""
     output = os.path.join(setup.bench.out, "runs", f"{name}-seed{seed}")
     if os.path.isdir(output):
-        import shutil
-
         shutil.rmtree(output)  # an unfinished run of an interrupted invocation
     cfg = distill_config(setup, output, seed, **settings)
     start = time.perf_counter()
