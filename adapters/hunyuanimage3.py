@@ -13,9 +13,10 @@ tokens in one sequence. Its conventions, converted here and nowhere else:
   from a 16x VAE, one ``<img>`` token per latent pixel. The condition is the token ids
   (``input_ids``, ``valid_lengths``); two-pass CFG replaces the prompt by ``<cfg>`` tokens of
   the same length (``negative_input_ids``).
-- t enters twice: as the ``<timestep>`` token's embedding (``timestep_emb``) and as the time
-  conditioning of the patch embedding (``time_embed``); the interval embedding is added to
-  both outputs by hooks (``time_embed_2``, which conditions the final layer, is left alone).
+- t enters three times: as the ``<timestep>`` token's embedding (``timestep_emb``), as the
+  time conditioning of the patch embedding (``time_embed``) and of the final layer
+  (``time_embed_2``); the interval embedding is added to the first two outputs by hooks
+  (``time_embed_2`` is left alone).
 - LoRA on attention (``self_attn.qkv_proj``, ``o_proj``) and the shared expert
   (``shared_mlp.gate_and_up_proj``, ``down_proj``). The 64 routed experts are stacked
   parameters, not ``nn.Linear`` layers (peft cannot wrap them), and each sees only the
