@@ -166,6 +166,15 @@ class LatentDataset:
         batch, a micro-batch), so that ranks together read each step's batch once, as
         ``DistributedSampler`` shards an epoch; default: all of it."""
         picked = self.indices(step, batch_size, seed)[rows if rows is not None else slice(None)]
+        return self.take(picked, device)
+
+    def take(
+        self, picked: list[int], device: torch.device | str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The samples at dataset indices ``picked``, in that order, as :meth:`batch` gives
+        them (``mfcore-distill generate --data`` takes the first ones)."""
+        if not picked or not all(0 <= i < len(self) for i in picked):
+            raise ValueError(f"picked must be indices in [0, {len(self)}), got {picked[:4]}")
         samples = self._rows(picked)
         stacked = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         out = {

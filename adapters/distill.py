@@ -27,6 +27,7 @@ Commands::
     mfcore-distill train --model PATH --data DATA --output RUN
     mfcore-distill train --tiny --family hunyuanimage2 --data DATA --output RUN --device cpu
     mfcore-distill make-data DIR --family flux
+    mfcore-distill generate --student RUN --prompt "a red cat" --steps 1 2 4 --output IMAGES
     torchrun --nproc-per-node 8 -m mfcore.adapters.distill train --model PATH ... --parallel fsdp
 
 Under ``torchrun`` every rank computes its share of each global batch (``--batch-size``) in
@@ -96,6 +97,7 @@ from mfcore.adapters.parallel import (
     shard,
     wrap,
 )
+from mfcore.adapters.pipeline import add_generate_parser, run_generate
 from mfcore.adapters.prepare import add_prepare_parser, run_prepare
 from mfcore.adapters.routing import attention_mode_for, enable_gradient_checkpointing
 from mfcore.adapters.sharded_checkpoint import Stateful
@@ -861,6 +863,13 @@ def distill(
     run.world.barrier()  # every rank has looked for checkpoints before any is written
     log = None
     if main:
+        logger.info(
+            "distilling %s (%s) on %d samples of %s into %s: steps %d to %d, %d process%s%s",
+            run.family.label, cfg.model or "a tiny random model", len(run.data), cfg.data,
+            cfg.output, run.step, cfg.steps, run.world.size,
+            "es" if run.world.size > 1 else "", f" ({run.world.mode})" if run.world.size > 1
+            else "",
+        )  # fmt: skip
         os.makedirs(cfg.output, exist_ok=True)
         log = RunLog(cfg.output, run.step, tensorboard=cfg.tensorboard)
     shown = cfg.progress and main
@@ -1072,13 +1081,15 @@ def _add_make_data(sub: Any) -> None:
 
 
 def build_parser(prog: str = "mfcore-distill", given_only: bool = False) -> argparse.ArgumentParser:
-    """The ``train``, ``prepare`` and ``make-data`` command line (``given_only``: every
-    ``train`` default a marker, to tell which flags a command line gives)."""
+    """The ``train``, ``prepare``, ``make-data`` and ``generate`` command line
+    (``given_only``: every ``train`` default a marker, to tell which flags a command line
+    gives)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub, given_only)
     add_prepare_parser(sub, _FORMATTER)
     _add_make_data(sub)
+    add_generate_parser(sub, _FORMATTER)
     return parser
 
 
@@ -1156,8 +1167,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> 
             sys.stdout.write(_make_data(args))
         elif command == "prepare":
             sys.stdout.write(run_prepare(args))
+        elif command == "generate":
+            sys.stdout.write(run_generate(args))
         else:
-            distill(DistillConfig(**_train_settings(args, argv, prog)))
+            cfg = DistillConfig(**_train_settings(args, argv, prog))
+            distill(cfg)
+            student = os.path.join(cfg.output, "student")
+            sys.stdout.write(
+                f"wrote the student to {student}; images from it: {prog} generate --student "
+                f"{cfg.output} " + ("--data DATA" if cfg.tiny else '--prompt "..."')
+                + " --steps 1 2 4 --output IMAGES\n"
+            )  # fmt: skip
         done = True
     except (TypeError, ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))

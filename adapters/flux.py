@@ -31,13 +31,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import Tensor, nn
 
 from mfcore._checks import check_positive_int, check_tensor
 from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
-from mfcore.adapters.generation import generate_latents as _generate_latents
 from mfcore.adapters.interval import IntervalEmbedding, diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 from mfcore.adapters.lora import load_lora, save_lora
@@ -72,9 +70,6 @@ __all__ = [
     "FluxTeacher",
     "FluxStudent",
     "sampling_grid",
-    "generate_latents",
-    "decode_latents",
-    "generate_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -550,110 +545,3 @@ def sampling_grid(
         return uniform_grid(steps, device=device, dtype=dtype)
     mu = flux_mu(check_positive_int("height", height) * check_positive_int("width", width) // 4)
     return shifted_grid(steps, mu=mu, device=device, dtype=dtype)
-
-
-def generate_latents(
-    student: FluxStudent,
-    prompt_embeds: Tensor,
-    pooled_prompt_embeds: Tensor,
-    *,
-    height: int,
-    width: int,
-    steps: int = 1,
-    seed: int = 0,
-    guidance: float | None = None,
-    shift: bool = True,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Few-step MeanFlow generation: ``z_r = z_t - (t - r) u(z_t, r, t)`` over a grid from 1 to 0.
-
-    Args:
-        student: the trained student.
-        prompt_embeds: ``(B, L, joint_attention_dim)``.
-        pooled_prompt_embeds: ``(B, pooled_projection_dim)``.
-        height: latent height ``H`` (pixels / 8 for FLUX's VAE; even).
-        width: latent width ``W`` (even).
-        steps: number of student steps (1, 2, 4, ...).
-        seed: seed of the initial noise (drawn on the CPU).
-        guidance: guidance input (guidance-distilled checkpoints; default the student's).
-        shift: shift the grid by FLUX's resolution-dependent ``mu`` (:func:`sampling_grid`).
-        dtype: dtype of the latents.
-
-    Returns:
-        latents ``(B, C, H, W)`` at ``t = 0``, normalised as the VAE's training latents.
-    """
-    steps = check_positive_int("steps", steps)
-    check_tensor("prompt_embeds", prompt_embeds, ndim_min=3)
-    grid = sampling_grid(
-        steps, height, width, shift=shift, device=prompt_embeds.device, dtype=dtype
-    )
-    cond: dict[str, Any] = {
-        "prompt_embeds": prompt_embeds,
-        "pooled_prompt_embeds": pooled_prompt_embeds,
-    }
-    if guidance is not None:
-        cond["guidance"] = guidance
-    return _generate_latents(
-        student, cond, height=height, width=width, steps=steps, seed=seed, grid=grid, dtype=dtype
-    )
-
-
-def decode_latents(vae: nn.Module, latents: Tensor, *, output_type: str = "pil") -> list:
-    """Decode normalised latents with a diffusers ``AutoencoderKL`` into images.
-
-    Undoes the normalisation ``(latent - shift_factor) * scaling_factor`` and post-processes
-    with diffusers' ``VaeImageProcessor`` (as ``FluxPipeline`` does).
-
-    Args:
-        vae: the pipeline's VAE.
-        latents: ``(B, C, H, W)`` with ``C`` = the VAE's latent channels.
-        output_type: ``"pil"``, ``"np"`` or ``"pt"``.
-
-    Returns:
-        the images (a list of PIL images for ``"pil"``).
-    """
-    _check_latents("latents", latents)
-    cfg = vae.config
-    if latents.shape[1] != cfg.latent_channels:
-        raise ValueError(f"latents have {latents.shape[1]} channels, the VAE {cfg.latent_channels}")
-    shift = cfg.shift_factor if cfg.shift_factor is not None else 0.0
-    z = latents / cfg.scaling_factor + shift
-    param = next(vae.parameters())
-    with torch.no_grad():
-        image = vae.decode(z.to(device=param.device, dtype=param.dtype), return_dict=False)[0]
-    scale = 2 ** (len(cfg.block_out_channels) - 1)
-    return VaeImageProcessor(vae_scale_factor=scale * 2).postprocess(image, output_type=output_type)
-
-
-def generate_images(
-    student: FluxStudent,
-    vae: nn.Module,
-    prompt_embeds: Tensor,
-    pooled_prompt_embeds: Tensor,
-    *,
-    height: int,
-    width: int,
-    steps: int = 1,
-    seed: int = 0,
-    guidance: float | None = None,
-) -> list:
-    """Pixels end to end: :func:`generate_latents` at ``height x width`` pixels, then the VAE.
-
-    ``height`` and ``width`` are in pixels and must be multiples of twice the VAE's
-    downsampling factor (16 for FLUX). Returns a list of PIL images.
-    """
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    for name, n in (("height", height), ("width", width)):
-        if check_positive_int(name, n) % (2 * factor):
-            raise ValueError(f"{name} must be a multiple of {2 * factor} pixels, got {n}")
-    latents = generate_latents(
-        student,
-        prompt_embeds,
-        pooled_prompt_embeds,
-        height=height // factor,
-        width=width // factor,
-        steps=steps,
-        seed=seed,
-        guidance=guidance,
-    )
-    return decode_latents(vae, latents)

@@ -298,8 +298,9 @@ class MeanFlowStudent(SharedWeightsStudent):
         """Write the trained state to ``directory`` as safetensors plus JSON (no pickle).
 
         Files: ``pytorch_lora_weights.safetensors`` (diffusers' LoRA format for the family),
-        ``interval_embedding.safetensors`` and the family's student config (LoRA spec,
-        guidance scale, transformer config).
+        ``interval_embedding.safetensors``, the family's student config (LoRA spec,
+        guidance scale, transformer config) and a ``README.md`` model card that says how to
+        load it (and that the stock diffusers pipeline runs only its ``r = t`` field).
         """
         directory = str(directory)
         os.makedirs(directory, exist_ok=True)
@@ -317,6 +318,8 @@ class MeanFlowStudent(SharedWeightsStudent):
         }
         with open(os.path.join(directory, self.family.student_config_name), "w") as f:
             json.dump(meta, f, indent=2)
+        with open(os.path.join(directory, "README.md"), "w") as f:
+            f.write(_MODEL_CARD.format(label=self.family.label, rank=self.lora_spec.rank))
 
     def load_pretrained(self, directory: str | os.PathLike) -> None:
         """Load what :meth:`save_pretrained` wrote into this student (same LoRA spec and model)."""
@@ -346,6 +349,28 @@ class MeanFlowStudent(SharedWeightsStudent):
         student = cls(transformer, family, **student_kwargs(directory, family))
         student.load_pretrained(directory)
         return student
+
+
+_MODEL_CARD = """# A few-step MeanFlow student of a {label} checkpoint
+
+Written by mfcore (`MeanFlowStudent.save_pretrained`): a rank-{rank} LoRA
+(`pytorch_lora_weights.safetensors`, diffusers' format) and an interval embedding of `t - r`
+(`interval_embedding.safetensors`) on the base checkpoint's own weights. One step is
+`z_r = z_t - (t - r) u(z_t, r, t)`.
+
+Generate with it:
+
+    mfcore-distill generate --model BASE --student THIS_FOLDER --prompt "..." \\
+        --steps 1 2 4 --output images
+
+or in Python, `MeanFlowPipeline.from_pretrained(BASE, student=THIS_FOLDER)(prompt,
+num_inference_steps=2).images` (`mfcore.adapters.pipeline`).
+
+**Not with the stock diffusers pipeline.** Its transformer has no input for the interval:
+`pipe.load_lora_weights(THIS_FOLDER)` loads the LoRA and ignores the interval embedding, so
+it runs the student at `r = t` (its instantaneous velocity), a different model, not the
+few-step student.
+"""
 
 
 def load_student(

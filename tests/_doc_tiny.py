@@ -195,6 +195,25 @@ def _flux_student(ns: dict, tmp: Path) -> Iterator[None]:
     torch.testing.assert_close(ns["u"], v, rtol=0, atol=0)  # LoRA B = 0, interval branch 0
 
 
+@tiny("flux_pipeline")
+def _flux_pipeline(ns: dict, tmp: Path) -> Iterator[None]:
+    from mfcore.adapters.family import get_family
+    from mfcore.adapters.lora import LoraSpec
+    from mfcore.adapters.student import MeanFlowStudent
+    from tests._pipelines import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(levels=4)  # FLUX.1's VAE factor, 8
+    pipe.save_pretrained(tmp / "flux")
+    ns["path"] = str(tmp / "flux")  # stands for a FLUX.1-dev snapshot
+    # what `train --output runs/flux-mf` exports (the working folder is the page's tmp)
+    MeanFlowStudent(pipe.transformer, get_family("flux"), lora=LoraSpec(rank=2)).save_pretrained(
+        "runs/flux-mf/student"
+    )
+    yield
+    assert [im.size for im in ns["images"]] == [(512, 512)]
+    assert Path("a-red-cat.png").is_file()
+
+
 @tiny("flux_arcflow")
 def _flux_arcflow(ns: dict, tmp: Path) -> Iterator[None]:
     ns["path"] = _tiny_flux_checkpoint(tmp)

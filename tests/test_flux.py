@@ -25,17 +25,16 @@ from mfcore.adapters.flux import (
     FluxStudent,
     FluxTeacher,
     attention_mode_for,
-    decode_latents,
     flux_mu,
-    generate_images,
-    generate_latents,
     latent_image_ids,
     pack_latents,
     sampling_grid,
     text_ids,
     unpack_latents,
 )
+from mfcore.adapters.generation import decode_latents, generate_latents
 from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec, lora_disabled
+from mfcore.adapters.pipeline import MeanFlowPipeline
 from mfcore.jvp import JVP_METHODS, total_derivative
 from mfcore.targets import DifferentialTarget
 from tests._rules_check import assert_rules_change_nothing
@@ -328,7 +327,12 @@ def test_save_load_round_trip(tmp_path, guidance):
     u = student(z, r, t, **cond)
     student.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [LORA_WEIGHT_NAME, "interval_embedding.safetensors", "mfcore_flux_student.json"]
+        [
+            LORA_WEIGHT_NAME,
+            "interval_embedding.safetensors",
+            "mfcore_flux_student.json",
+            "README.md",
+        ]
     )
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
     fresh = tiny(guidance, seed=123)
@@ -500,8 +504,8 @@ def test_generate_latents_follows_meanflow_steps(steps):
     student = FluxStudent(tiny(True, dtype=torch.float32), lora=LoraSpec(rank=2))
     perturb(student)
     _, _, _, cond = batch(b=2, dtype=torch.float32)
-    z0 = generate_latents(student, **cond, height=4, width=6, steps=steps, seed=11)
-    again = generate_latents(student, **cond, height=4, width=6, steps=steps, seed=11)
+    z0 = generate_latents(student, cond, height=4, width=6, steps=steps, seed=11)
+    again = generate_latents(student, cond, height=4, width=6, steps=steps, seed=11)
     assert z0.shape == (2, 1, 4, 6) and torch.equal(z0, again)
     # by hand: noise from the seed, then z_r = z_t - (t - r) u(z_t, r, t) on the shifted grid
     z = torch.randn(2, 1, 4, 6, generator=torch.Generator().manual_seed(11))
@@ -511,18 +515,19 @@ def test_generate_latents_follows_meanflow_steps(steps):
             t, r = t_.expand(2), r_.expand(2)
             z = z - (t_ - r_) * student(z, r, t, **cond)
     assert torch.allclose(z0, z, atol=1e-6)
-    other = generate_latents(student, **cond, height=4, width=6, steps=steps, seed=12)
+    other = generate_latents(student, cond, height=4, width=6, steps=steps, seed=12)
     assert not torch.allclose(z0, other)
 
 
 def test_generate_images_end_to_end():
     student = FluxStudent(tiny(False, dtype=torch.float32), lora=LoraSpec(rank=2))
     _, _, _, cond = batch(b=2, dtype=torch.float32)
-    images = generate_images(student, tiny_vae(), **cond, height=8, width=12, steps=2, seed=0)
+    pipe = MeanFlowPipeline(student, vae=tiny_vae())
+    images = pipe(cond=cond, height=8, width=12, num_inference_steps=2, seed=0).images
     assert len(images) == 2
     assert all(isinstance(im, PIL.Image.Image) and im.size == (12, 8) for im in images)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        generate_images(student, tiny_vae(), **cond, height=6, width=12)
+    with pytest.raises(ValueError, match="even"):  # 3 latent rows: FLUX packs 2x2 patches
+        pipe(cond=cond, height=6, width=12)
 
 
 def test_decode_latents_undoes_normalisation():

@@ -220,7 +220,12 @@ def test_save_load_round_trip_and_peft_reads_the_lora(tmp_path):
     u = student(z, r, t, **cond)
     student.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [LORA_WEIGHT_NAME, "interval_embedding.safetensors", FAMILY.student_config_name]
+        [
+            LORA_WEIGHT_NAME,
+            "interval_embedding.safetensors",
+            FAMILY.student_config_name,
+            "README.md",
+        ]
     )
     fresh = tiny(seed=3)
     fresh.load_state_dict(base)

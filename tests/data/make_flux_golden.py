@@ -24,9 +24,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 torch.set_num_threads(1)
 
-from mfcore.adapters.flux import FluxStudent, FluxTeacher, generate_latents  # noqa: E402
+from mfcore.adapters.flux import FluxStudent, FluxTeacher  # noqa: E402
 from mfcore.adapters.flux_arcflow import FluxArcFlowStudent  # noqa: E402
 from mfcore.adapters.flux_distill import DistillConfig, distill, make_synthetic_data  # noqa: E402
+from mfcore.adapters.generation import generate_latents  # noqa: E402
 from mfcore.adapters.lora import LoraSpec  # noqa: E402
 from mfcore.jvp import total_derivative  # noqa: E402
 from tests.test_flux import batch, perturb, tiny  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
     _, _, _, c32 = batch(b=2, dtype=torch.float32)
     for steps in (1, 2, 4):
         out[f"generate_{steps}"] = generate_latents(
-            student, **c32, height=4, width=6, steps=steps, seed=11
+            student, c32, height=4, width=6, steps=steps, seed=11
         )
 
     arc = FluxArcFlowStudent(tiny(True), num_components=2, guidance_scale=2.5)
