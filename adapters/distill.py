@@ -81,6 +81,7 @@ from mfcore.adapters.data import LatentDataset, make_synthetic_data
 from mfcore.adapters.ema import EMA
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import decode_latents, generate_latents
+from mfcore.adapters.loading import resolve_model
 from mfcore.adapters.lora import LoraSpec
 from mfcore.adapters.monitor import RunLog, latents_to_images
 from mfcore.adapters.parallel import (
@@ -1163,6 +1164,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     done = False
     try:
+        if args.get("model") is not None:
+            args["model"] = resolve_model(args["model"])
         if command == "make-data":
             sys.stdout.write(_make_data(args))
         elif command == "prepare":

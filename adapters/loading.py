@@ -1,12 +1,15 @@
 """Loading a family's transformer, scheduler config and VAE from a local diffusers checkpoint.
 
 A checkpoint is a pipeline folder (``transformer/``, ``scheduler/``, ``vae/``, ...) or a bare
-transformer folder. Nothing is downloaded: the entry point reads local folders only.
+transformer folder. Nothing is downloaded: the entry point reads local folders only, and a
+Hugging Face model id (``ORG/NAME``) is found in the local Hugging Face cache
+(:func:`resolve_model`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -14,7 +17,41 @@ from torch import nn
 
 from mfcore.adapters._durable import read_json
 
-__all__ = ["transformer_folder", "load_transformer", "load_scheduler_config", "load_vae"]
+__all__ = [
+    "resolve_model",
+    "transformer_folder",
+    "load_transformer",
+    "load_scheduler_config",
+    "load_vae",
+]
+
+
+_MODEL_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def resolve_model(model: str, cache_dir: str | None = None) -> str:
+    """The local folder of ``model``: the folder itself, or, for a Hugging Face model id
+    ``ORG/NAME`` that is no folder here, its snapshot in the local Hugging Face cache
+    (``cache_dir``: default the hub's, ``$HF_HUB_CACHE``); nothing is downloaded.
+
+    Raises:
+        FileNotFoundError: naming the folder, or saying how to get the model into the cache.
+    """
+    if os.path.isdir(model):
+        return model
+    if _MODEL_ID.fullmatch(model) and not os.path.exists(model):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return snapshot_download(model, local_files_only=True, cache_dir=cache_dir)
+        except LocalEntryNotFoundError:
+            raise FileNotFoundError(
+                f"{model} is no folder here and not in the local Hugging Face cache; nothing "
+                f"is downloaded: run `hf download {model}` (gated models need `hf auth login` "
+                "first), or pass the checkpoint's folder"
+            ) from None
+    raise FileNotFoundError(f"model folder {model} does not exist")
 
 
 def transformer_folder(path: str | os.PathLike) -> str:

@@ -1,13 +1,17 @@
-"""``mfcore-distill prepare``: a text file of prompts (and optionally images) -> a data folder.
+"""``mfcore-distill prepare``: prompts (a text file, or captioned images) -> a data folder.
 
-Each non-empty line of the prompt file is one prompt. The family encodes the prompts with
-its own text encoders from the local diffusers checkpoint (FLUX: CLIP and T5;
+Each non-empty line of the prompt file is one prompt; without one, the prompts are the
+captions of an image folder in diffusers' ImageFolder convention (``metadata.jsonl`` with
+``file_name`` and a caption column, or a ``.txt`` beside each image). The family encodes the
+prompts with its own text encoders from the local diffusers checkpoint (FLUX: CLIP and T5;
 HunyuanImage 2.1: Qwen2.5-VL and ByT5; HunyuanImage 3.0: the tokenizer's ids), through its
 pipeline's own prompt encoding, and refuses a prompt longer than the encoder takes. The
-latents come from the images of ``--images`` (sorted by file name, one per prompt, resized
-to ``--height x --width`` pixels and encoded with the checkpoint's VAE, normalised as the
+latents come from the images of ``--images`` (captioned, or sorted by file name one per
+prompt; each resized to cover ``--height x --width`` pixels with its aspect ratio, then
+centre-cropped, never stretched; encoded with the checkpoint's VAE, normalised as the
 pipeline normalises them) or, without images, from the teacher itself: ``--teacher-steps``
 Euler steps of its (guided) ODE from seeded noise along the family's sampling grid.
+Condition tensors are stored in ``--dtype`` (latents in fp32).
 
 The output is the folder :class:`mfcore.adapters.data.LatentDataset` reads:
 ``samples-XXXXX.safetensors`` files of ``--per-file`` samples each.
@@ -15,6 +19,8 @@ The output is the folder :class:`mfcore.adapters.data.LatentDataset` reads:
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -26,6 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mfcore._checks import check_positive_int, check_real, cli_int
+from mfcore.adapters.data import LatentDataset
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import seeded_noise, vae_scale_factor
 from mfcore.adapters.student import Teacher
@@ -35,11 +42,15 @@ __all__ = [
     "PromptEncoder",
     "PipelinePromptEncoder",
     "read_prompts",
+    "read_image_folder",
+    "fit_image",
     "encode_images",
     "prepare",
     "add_prepare_parser",
     "run_prepare",
 ]
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -124,15 +135,85 @@ def _image_files(folder: str, count: int) -> list[str]:
     return [os.path.join(folder, f) for f in files]
 
 
+def read_image_folder(
+    folder: str | os.PathLike, caption_column: str = "text"
+) -> tuple[list[str], list[str]]:
+    """The images of ``folder`` and their captions, in the convention of diffusers'
+    ImageFolder datasets: a ``metadata.jsonl`` whose lines hold ``file_name`` and
+    ``caption_column``; without one, a ``.txt`` file beside each image (``cat.png`` and
+    ``cat.txt``). Sorted by file name.
+
+    Raises:
+        FileNotFoundError: the folder, or an image that ``metadata.jsonl`` names, is missing.
+        ValueError: a line of ``metadata.jsonl`` without the columns, an image without a
+            caption, or no image at all.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    meta = os.path.join(folder, "metadata.jsonl")
+    pairs: list[tuple[str, str]] = []
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    name, caption = row["file_name"], row[caption_column]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(
+                        f"{meta} line {n} is not a JSON object with file_name and "
+                        f"{caption_column!r} (--caption-column): {err}"
+                    ) from None
+                path = os.path.join(folder, name)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{meta} line {n} names {name}, which does not exist")
+                pairs.append((path, str(caption).strip()))
+    else:
+        for name in sorted(os.listdir(folder)):
+            if not name.lower().endswith(_IMAGE_SUFFIXES):
+                continue
+            text = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+            if not os.path.isfile(text):
+                raise ValueError(
+                    f"image {name} in {folder} has no caption: give each image a .txt beside "
+                    "it, or a metadata.jsonl (file_name and a caption column), or --prompts"
+                )
+            with open(text, encoding="utf-8") as f:
+                pairs.append((os.path.join(folder, name), f.read().strip()))
+    pairs.sort(key=lambda pair: os.path.basename(pair[0]))
+    if not pairs:
+        raise ValueError(f"image folder {folder} holds no image ({', '.join(_IMAGE_SUFFIXES)})")
+    empty = [os.path.basename(p) for p, c in pairs if not c]
+    if empty:
+        raise ValueError(f"images {empty[:3]} in {folder} have an empty caption")
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
+def fit_image(image: PIL.Image.Image, width: int, height: int) -> tuple[PIL.Image.Image, bool]:
+    """``image`` resized (bicubic) until it covers ``width x height`` with its aspect ratio
+    kept, then centre-cropped to it: never stretched. Also whether anything was cropped."""
+    scale = max(width / image.width, height / image.height)
+    w = max(width, round(image.width * scale))
+    h = max(height, round(image.height * scale))
+    if (w, h) != image.size:
+        image = image.resize((w, h), PIL.Image.BICUBIC)
+    left, top = (w - width) // 2, (h - height) // 2
+    return image.crop((left, top, left + width, top + height)), (w, h) != (width, height)
+
+
 @torch.no_grad()
 def encode_images(
     vae: nn.Module, paths: list[str], height: int, width: int, generator: torch.Generator
-) -> Tensor:
-    """VAE latents of images resized to ``height x width`` pixels, normalised as the
-    pipelines do: ``(sample - shift_factor) * scaling_factor`` ``(N, C, H / f, W / f)``."""
-    pixels = []
+) -> tuple[Tensor, int]:
+    """VAE latents of images fitted to ``height x width`` pixels (:func:`fit_image`: resized,
+    then centre-cropped), normalised as the pipelines do: ``(sample - shift_factor) *
+    scaling_factor`` ``(N, C, H / f, W / f)``; and how many images were cropped."""
+    pixels, cropped = [], 0
     for path in paths:
-        image = PIL.Image.open(path).convert("RGB").resize((width, height), PIL.Image.BICUBIC)
+        image, crop = fit_image(PIL.Image.open(path).convert("RGB"), width, height)
+        cropped += crop
         pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0))
     x = torch.stack(pixels).permute(0, 3, 1, 2)
     param = next(vae.parameters())
@@ -144,7 +225,7 @@ def encode_images(
         out.append((mean + std * noise).float().cpu())
     cfg = vae.config
     shift = getattr(cfg, "shift_factor", None) or 0.0
-    return (torch.cat(out) - shift) * cfg.scaling_factor
+    return (torch.cat(out) - shift) * cfg.scaling_factor, cropped
 
 
 def _teacher_latents(
@@ -166,11 +247,12 @@ def _teacher_latents(
 
 def prepare(
     model_path: str,
-    prompts_file: str,
+    prompts_file: str | None,
     output: str,
     *,
     family: str = "auto",
     images: str | None = None,
+    caption_column: str = "text",
     height: int = 1024,
     width: int = 1024,
     negative_prompt: str | None = None,
@@ -181,14 +263,21 @@ def prepare(
     dtype: str = "bf16",
     seed: int = 0,
 ) -> list[str]:
-    """Write the data folder of ``prompts_file`` (see the module docstring).
+    """Write the data folder of ``prompts_file``, or of the captioned ``images`` (see the
+    module docstring). Condition tensors are stored in ``dtype``, latents in fp32.
 
     Returns:
         the paths written.
     """
     name = detect_family(model_path) if family == "auto" else family
     fam: TrainingFamily = get_family(name)  # type: ignore[assignment]
-    prompts = read_prompts(prompts_file)
+    if prompts_file is None and images is None:
+        raise ValueError("give --prompts, or --images with captions (or both)")
+    files: list[str] | None = None
+    if prompts_file is None:
+        files, prompts = read_image_folder(images, caption_column)
+    else:
+        prompts = read_prompts(prompts_file)
     per_file = check_positive_int("per_file", per_file)
     teacher_steps = check_positive_int("teacher_steps", teacher_steps)
     check_real("guidance_scale", guidance_scale)
@@ -209,7 +298,11 @@ def prepare(
     if images is not None:
         if vae is None:
             raise FileNotFoundError(f"{model_path} has no vae/ to encode --images with")
-        latents = encode_images(vae, _image_files(images, len(prompts)), height, width, generator)
+        files = files if files is not None else _image_files(images, len(prompts))
+        latents, cropped = encode_images(vae, files, height, width, generator)
+        if cropped:
+            logger.info("%d of %d images were centre-cropped to %d x %d after resizing",
+                        cropped, len(files), width, height)  # fmt: skip
     else:
         model, _ = fam.load_model(model_path, torch_dtype)
         latents = _teacher_latents(
@@ -221,7 +314,7 @@ def prepare(
         part = {"latents": latents[start : start + per_file].float().contiguous()}
         for k, v in cond.items():
             v = v[start : start + per_file]
-            part[k] = (v.float() if v.is_floating_point() else v).cpu().contiguous()
+            part[k] = (v.to(torch_dtype) if v.is_floating_point() else v).cpu().contiguous()
         path = os.path.join(output, f"samples-{i:05d}.safetensors")
         save_file(part, path)
         paths.append(path)
@@ -236,7 +329,11 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
         formatter_class=formatter,
     )
     pr.add_argument("--model", required=True, help="local diffusers checkpoint folder")
-    pr.add_argument("--prompts", required=True, help="text file, one prompt a line")
+    pr.add_argument(
+        "--prompts",
+        default=None,
+        help="text file, one prompt a line; unset: the captions of --images",
+    )
     pr.add_argument("--output", required=True, help="data folder to write")
     pr.add_argument(
         "--family", default="auto", help=f"auto (from the config) or one of {tuple(FAMILIES)}"
@@ -244,8 +341,11 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
     pr.add_argument(
         "--images",
         default=None,
-        help="folder of images, one per prompt (sorted by name); default: teacher samples",
+        help="folder of images: with --prompts one per prompt, sorted by name; without, "
+        "captioned as diffusers' ImageFolder (metadata.jsonl or a .txt per image). Each is "
+        "resized to cover --height x --width, then centre-cropped. Unset: teacher samples",
     )
+    pr.add_argument("--caption-column", default="text", help="metadata.jsonl's caption column")
     pr.add_argument("--height", type=cli_int, default=1024, help="image height in pixels")
     pr.add_argument("--width", type=cli_int, default=1024, help="image width in pixels")
     pr.add_argument(
@@ -282,5 +382,14 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
 
 def run_prepare(args: dict[str, Any]) -> str:
     """Run ``prepare`` from parsed arguments; returns the line to print."""
-    paths = prepare(args.pop("model"), args.pop("prompts"), args.pop("output"), **args)
-    return f"wrote {len(paths)} files\n"
+    output, model = args.pop("output"), args.pop("model")
+    if args["family"] == "auto":
+        args["family"] = detect_family(model)
+    paths = prepare(model, args.pop("prompts"), output, **args)
+    data = LatentDataset(output, get_family(args["family"]))
+    assert data.shapes is not None
+    shape = " x ".join(map(str, data.shapes["latents"]))
+    return (
+        f"wrote {len(data)} samples ({data.family.label}, latents {shape}, conditions in "
+        f"{args['dtype']}) in {len(paths)} files to {output}\n"
+    )

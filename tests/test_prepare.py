@@ -4,18 +4,24 @@ ByT5), HunyuanImage 3.0 (ids)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mfcore.adapters.data import LatentDataset
 from mfcore.adapters.distill import main
 from mfcore.adapters.family import get_family
 from mfcore.adapters.generation import seeded_noise
-from mfcore.adapters.prepare import prepare
+from mfcore.adapters.loading import resolve_model
+from mfcore.adapters.prepare import fit_image, prepare, read_image_folder
 from mfcore.adapters.student import Teacher
 from mfcore.solvers import sample_teacher
+from tests._close import max_rel
 from tests._pipelines import PROMPTS, flux_ckpt, hy3_ckpt, hy21_ckpt, prompt_file
 
 __all__ = ["flux_ckpt", "hy21_ckpt", "hy3_ckpt"]  # the fixtures this module uses
@@ -141,3 +147,106 @@ def test_hunyuanimage3_token_ids(tmp_path, hy3_ckpt):
     too_long = prompt_file(tmp_path, ["a" * 22800])
     with pytest.raises(ValueError, match="too long"):
         prepare(str(path), too_long, str(tmp_path / "e"), height=64, width=64, dtype="fp32")
+
+
+def _image(path, size, seed=0):
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def test_image_folder_captions_in_diffusers_convention(tmp_path):
+    """metadata.jsonl (file_name + a caption column) or a .txt beside each image; sorted by
+    file name; a missing caption or a bad line is an error naming it."""
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for name in ("b.png", "a.png"):
+        _image(meta / name, (8, 8))
+    lines = [{"file_name": "b.png", "caption": "a bee"}, {"file_name": "a.png", "caption": "ant"}]
+    (meta / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    files, captions = read_image_folder(meta, caption_column="caption")
+    assert [f.rsplit("/", 1)[1] for f in files] == ["a.png", "b.png"]
+    assert captions == ["ant", "a bee"]
+    with pytest.raises(ValueError, match="line 1 .*'text'"):
+        read_image_folder(meta)  # the default column is "text"
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    _image(txt / "cat.jpg", (8, 8))
+    (txt / "cat.txt").write_text("a cat\n")
+    assert read_image_folder(txt)[1] == ["a cat"]
+    _image(txt / "dog.png", (8, 8))
+    with pytest.raises(ValueError, match="dog.png .* has no caption"):
+        read_image_folder(txt)
+    (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "x"}))
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        read_image_folder(meta)
+
+
+@settings(max_examples=30, deadline=None)
+@given(w=st.integers(1, 40), h=st.integers(1, 40), tw=st.integers(1, 24), th=st.integers(1, 24))
+def test_fit_image_never_stretches(w, h, tw, th):
+    """The fitted image is the target size, cut from a resize that keeps the aspect ratio
+    (to rounding) and covers the target; nothing is cropped when the ratios agree."""
+    image = PIL.Image.new("RGB", (w, h))
+    fitted, cropped = fit_image(image, tw, th)
+    assert fitted.size == (tw, th)
+    scale = max(tw / w, th / h)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    assert abs(rw / rh - w / h) <= (w / h) * (1 / rh + 1 / rw) + 1e-9  # aspect to rounding
+    assert cropped == ((rw, rh) != (tw, th))
+
+
+def test_prepare_from_captioned_images_crops_and_keeps_the_dtype(tmp_path, flux_ckpt, capsys):
+    """prepare --images without --prompts: the captions are the prompts; a 24x20 image is
+    resized to 19x16 and centre-cropped to 16x16 (not stretched); conditions in bf16."""
+    path, pipe = flux_ckpt
+    images = tmp_path / "images"
+    images.mkdir()
+    _image(images / "wide.png", (24, 20), seed=1)
+    (images / "wide.txt").write_text("a red cat")
+    _image(images / "square.png", (16, 16), seed=2)
+    (images / "square.txt").write_text("two birds")
+    out = tmp_path / "data"
+    argv = ["prepare", "--model", str(path), "--images", str(images), "--output", str(out),
+            "--height", "16", "--width", "16", "--dtype", "bf16"]  # fmt: skip
+    assert main(argv) == 0
+    line = capsys.readouterr().out
+    assert "wrote 2 samples (FLUX, latents 1 x 8 x 8, conditions in bf16)" in line
+    stored = _load(str(out / "samples-00000.safetensors"))
+    assert stored["prompt_embeds"].dtype == torch.bfloat16
+    assert stored["latents"].dtype == torch.float32
+    pe, _, _ = pipe.encode_prompt(["two birds", "a red cat"], None, max_sequence_length=512)
+    # sorted by file name: square, wide; the encoders ran in bf16 (8-bit mantissa)
+    assert max_rel(stored["prompt_embeds"].float(), pe) < 2e-2
+    # the wide image's latents are the VAE's of its fitted (cropped, unstretched) pixels
+    fitted, cropped = fit_image(PIL.Image.open(images / "wide.png").convert("RGB"), 16, 16)
+    assert cropped
+    stretched = PIL.Image.open(images / "wide.png").convert("RGB").resize((16, 16))
+    assert np.abs(np.asarray(fitted, float) - np.asarray(stretched, float)).mean() > 1
+    x = torch.from_numpy(np.asarray(fitted, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        mean = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean
+    ref = (mean.float() - 0.1) * 1.5
+    # (the stored latents are a VAE sample around this mean; its std is tiny here or not,
+    # so compare the sample's distance to this mean against the stretched image's)
+    with torch.no_grad():
+        xs = torch.from_numpy(np.asarray(stretched, np.float32) / 127.5 - 1).permute(2, 0, 1)
+        other = (pipe.vae.encode(xs[None]).latent_dist.mean.float() - 0.1) * 1.5
+    got = stored["latents"][1:2]
+    assert (got - ref).abs().mean() < (got - other).abs().mean()
+
+
+def test_model_ids_come_from_the_local_hugging_face_cache(tmp_path, capsys):
+    """--model ORG/NAME: the snapshot in the local cache, else a usage error saying how to
+    get it; nothing is downloaded."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--org--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    assert resolve_model("org/tiny", cache_dir=str(cache)) == str(snap)
+    with pytest.raises(FileNotFoundError, match="hf download org/other"):
+        resolve_model("org/other", cache_dir=str(cache))
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    err = _usage_error(["prepare", "--model", str(tmp_path / "nope"), "--prompts", "p",
+                        "--output", str(tmp_path / "o")], capsys)  # fmt: skip
+    assert "nope does not exist" in err
