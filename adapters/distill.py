@@ -71,6 +71,7 @@ from mfcore.adapters import sharded_checkpoint
 from mfcore.adapters._durable import read_json, replace_folder, write_json
 from mfcore.adapters._state import check_entries, load_state, read_tensors, save_state
 from mfcore.adapters.alignment import CRITICS, Alignment, FakeVelocity
+from mfcore.adapters.arcflow_objective import STUDENTS, build_arcflow
 from mfcore.adapters.checkpoint_files import (
     checkpoint_folders,
     checkpoint_name,
@@ -148,6 +149,9 @@ class DistillConfig:
     tiny: bool = False
     family: str = "auto"
     tiny_guidance: bool = False
+    student: str = "meanflow"
+    arc_components: int = 2
+    arc_steps: int = 2
     steps: int = 1000
     batch_size: int = 1
     lr: float = 1e-4
@@ -221,6 +225,8 @@ class DistillConfig:
             "critic_updates",
             "critic_rank",
             "critic_ode_steps",
+            "arc_components",
+            "arc_steps",
         )
         for name in positive:
             value = getattr(self, name)
@@ -238,6 +244,7 @@ class DistillConfig:
         if self.align not in ("none", *CRITICS):
             raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
         check_choice("switch", self.switch, SWITCHES)
+        check_choice("student", self.student, STUDENTS)
         check_choice("parallel", self.parallel, MODES)
         if self.micro_batch_size is not None:
             check_positive_int("micro_batch_size", self.micro_batch_size)
@@ -407,6 +414,8 @@ def build_run(
     Raises:
         ValueError: for a setting the data, the model or the world size cannot run.
     """
+    if cfg.student == "arcflow" and cfg.family != "flux":
+        raise ValueError(f"--student arcflow runs on FLUX only, not {cfg.family}")
     family: TrainingFamily = get_family(cfg.family)  # type: ignore[assignment]
     data = LatentDataset(cfg.data, family)
     dtype = _DTYPES[cfg.weights_dtype]
@@ -437,15 +446,23 @@ def build_run(
             "an alignment hook of your own runs in one process without micro-batches: "
             "use cfg.align for multi-process runs and micro_batch_size"
         )
+    if cfg.student == "arcflow":
+        _check_arcflow(cfg, world, split, alignment)
     if world.mode != "fsdp":  # FSDP2 moves each unit's shards to the device itself
         transformer.to(device)
-    student = MeanFlowStudent(
-        transformer,
-        family,
-        lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
-        guidance_scale=cfg.guidance_scale,
-        attention=attention_mode_for(cfg.jvp),
-    )
+    loss: Any = None
+    if cfg.student == "arcflow":
+        _, h, w = data.shapes["latents"]
+        grid = family.sampling_grid(cfg.arc_steps, h, w, scheduler=scheduler, device=device)
+        student, loss = build_arcflow(cfg, transformer, grid)
+    else:
+        student = MeanFlowStudent(
+            transformer,
+            family,
+            lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
+            guidance_scale=cfg.guidance_scale,
+            attention=attention_mode_for(cfg.jvp),
+        )
     if world.mode != "fsdp":
         student.to(device)
     if cfg.align != "none" and alignment is not None:
@@ -471,7 +488,7 @@ def build_run(
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     ema = EMA(student.trainable_parameters(), cfg.ema_decay) if cfg.ema else None
     rollback = None
-    if cfg.switch != "never" and cfg.guard and cfg.rollback:
+    if cfg.student == "meanflow" and cfg.switch != "never" and cfg.guard and cfg.rollback:
         # under FSDP2 each rank keeps the copy of its own shards where they live
         keep = None if world.mode == "fsdp" else "cpu"
         rollback = SwitchRollback(optimizer, also=(ema,) if ema is not None else (), device=keep)
@@ -483,7 +500,7 @@ def build_run(
         family=family,
         student=student,
         teacher=teacher,
-        loss=_build_loss(cfg, data, scheduler, world),
+        loss=loss if loss is not None else _build_loss(cfg, data, scheduler, world),
         optimizer=optimizer,
         data=data,
         generator=generator,
@@ -498,6 +515,18 @@ def build_run(
         ema=ema,
         rollback=rollback,
     )
+
+
+def _check_arcflow(cfg: DistillConfig, world: World, split: Split, alignment: Any) -> None:
+    """What ``--student arcflow`` cannot run (besides a family other than FLUX), refused
+    by name."""
+    if cfg.align != "none" or alignment is not None:
+        raise ValueError("--student arcflow takes no alignment term (--align none)")
+    if world.distributed or len(split.parts()) > 1:
+        raise ValueError(
+            "--student arcflow runs in one process without micro-batches (its rollout draws "
+            "per call): run it without torchrun and --micro-batch-size"
+        )
 
 
 def _build_fake(cfg: DistillConfig, student: MeanFlowStudent) -> FakeVelocity:
@@ -959,7 +988,12 @@ HELP: dict[str, str] = {
     "time_mean": "mean of the logit-normal time sampler",
     "time_std": "standard deviation of the logit-normal time sampler",
     "shift_times": "shift the sampled times as the family's schedule shifts",
-    "adaptive_p": "power p of MeanFlow's adaptive loss weight",
+    "adaptive_p": "power p of MeanFlow's adaptive loss weight (ArcFlow's too)",
+    "student": "meanflow: the average velocity u(z, r, t) (the seed method); arcflow: "
+    "ArcFlow's momentum mixture on FLUX (arXiv 2602.09014; one process; --warmup-steps is its "
+    "teacher-mixing phase; the target, switch, guard and alignment settings do not apply)",
+    "arc_components": "--student arcflow: momentum components K",
+    "arc_steps": "--student arcflow: steps of the rollout it is trained on (its NFE)",
     "align": "trajectory alignment critic: none, fake (velocity) or meanflow",
     "align_weight": "weight lambda of the alignment loss",
     "align_steps": "student steps of the aligned trajectory",
@@ -1001,6 +1035,7 @@ _OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size":
 # the settings with a fixed set of values: argparse lists them in --help and refuses others
 _CHOICES: dict[str, tuple[str, ...]] = {
     "family": ("auto", *FAMILIES),
+    "student": STUDENTS,
     "switch": SWITCHES,
     "warmup_ode_method": ODE_METHODS,
     "jvp": JVP_METHODS,

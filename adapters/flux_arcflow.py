@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -38,6 +40,8 @@ from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
 from mfcore._checks import check_real, check_time
+from mfcore.adapters._durable import read_json
+from mfcore.adapters._state import read_tensors
 from mfcore.adapters.flux import (
     FAMILY,
     FLUX_LORA_TARGETS,
@@ -57,9 +61,14 @@ from mfcore.adapters.lora import (
     lora_state_dict,
     pinned_checkpointing,
 )
-from mfcore.arcflow import ArcFlowHead, ArcParams, split_arc_output
+from mfcore.arcflow import ArcFlowHead, ArcParams, sample_arcflow, split_arc_output
 
-__all__ = ["arcflow_lora_targets", "FluxArcFlowStudent"]
+__all__ = ["arcflow_lora_targets", "FluxArcFlowStudent", "ARCFLOW_CONFIG_NAME"]
+
+#: The JSON config of a saved ArcFlow student, and its head's weights.
+ARCFLOW_CONFIG_NAME = "mfcore_flux_arcflow_student.json"
+_HEAD_WEIGHT_NAME = "arcflow_head.safetensors"
+_ARC_FORMAT = "mfcore-flux-arcflow-student"
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +177,9 @@ class FluxArcFlowStudent(SharedWeightsStudent):
             wrapped; ``lora`` is not a :class:`~mfcore.adapters.lora.LoraSpec`.
         ValueError: a bad ``num_components`` or ``max_rate``.
     """
+
+    #: How a few-step sample is drawn from it (:func:`~.generation.generate_latents` reads it).
+    sampler = staticmethod(sample_arcflow)
 
     def __init__(
         self,
@@ -297,3 +309,63 @@ class FluxArcFlowStudent(SharedWeightsStudent):
                 )
         load_lora_state_dict(self.transformer, lora, adapter_name=self.adapter_name)
         self.head.load_state_dict(head)
+
+    # ----------------------------------------------------------------------- saved students
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the trained state to ``directory`` as safetensors plus JSON: the LoRA in
+        diffusers' format (``pytorch_lora_weights.safetensors``), the head
+        (``arcflow_head.safetensors``) and :data:`ARCFLOW_CONFIG_NAME`."""
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.family.save_lora(directory, self.transformer, self.adapter_name)
+        head = {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(head, os.path.join(directory, _HEAD_WEIGHT_NAME))
+        meta = {
+            "format": _ARC_FORMAT,
+            "version": 1,
+            "num_components": self.num_components,
+            "max_rate": self.head.max_rate,
+            "lora": self.lora_spec.to_dict(),
+            "guidance_scale": self.guidance_scale,
+            "adapter_name": self.adapter_name,
+            "transformer_config": self.family.config_summary(self.transformer),
+        }
+        with open(os.path.join(directory, ARCFLOW_CONFIG_NAME), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def from_pretrained(
+        cls, transformer: FluxTransformer2DModel, directory: str | os.PathLike
+    ) -> FluxArcFlowStudent:
+        """Build a student on ``transformer`` from a :meth:`save_pretrained` folder.
+
+        Raises:
+            FileNotFoundError: the folder holds no saved ArcFlow student.
+            ValueError: it was saved for another transformer.
+        """
+        path = os.path.join(directory, ARCFLOW_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no saved ArcFlow student at {directory} (no {ARCFLOW_CONFIG_NAME})"
+            )
+        meta = read_json(path, "student config")
+        if not isinstance(meta, dict) or meta.get("format") != _ARC_FORMAT:
+            raise ValueError(f"{path} is not a saved FLUX ArcFlow student")
+        if meta["transformer_config"] != FAMILY.config_summary(transformer):
+            raise ValueError(f"{directory} was saved for transformer {meta['transformer_config']}")
+        student = cls(
+            transformer,
+            num_components=meta["num_components"],
+            max_rate=meta["max_rate"],
+            lora=LoraSpec(**meta["lora"]),
+            guidance_scale=meta["guidance_scale"],
+            adapter_name=meta["adapter_name"],
+        )
+        student.family.load_lora(os.fspath(directory), transformer, student.adapter_name)
+        student.head.load_state_dict(
+            read_tensors(os.path.join(directory, _HEAD_WEIGHT_NAME), what="student file")
+        )
+        return student

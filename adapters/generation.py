@@ -84,7 +84,10 @@ def generate_latents(
         )
     else:
         check_tensor("grid", grid, ndim_min=1)
-    return sample_meanflow(field, noise, steps, grid=grid, cond=dict(cond))
+    # a field that is sampled another way says so (an ArcFlow student: its mixture's
+    # closed-form steps, mfcore.arcflow.sample_arcflow)
+    sample = getattr(field, "sampler", sample_meanflow)
+    return sample(field, noise, steps, grid=grid, cond=dict(cond))
 
 
 def decode_latents(vae: nn.Module, latents: Tensor, *, output_type: str = "pil") -> Any:

@@ -49,7 +49,7 @@ from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_
 from mfcore.adapters.generation import decode_latents, generate_latents, vae_scale_factor
 from mfcore.adapters.lora import LoraSpec
 from mfcore.adapters.monitor import latents_to_images
-from mfcore.adapters.student import MeanFlowStudent, load_student
+from mfcore.adapters.student import MeanFlowStudent, SharedWeightsStudent, load_student
 
 __all__ = ["MeanFlowPipelineOutput", "MeanFlowPipeline", "add_generate_parser", "run_generate"]
 
@@ -107,6 +107,8 @@ def _family_of(source: _Source, base: str | None, family: str) -> str:
     if base is not None:
         return detect_family(base)
     if source.student is not None:  # the student's own config names its family
+        if _is_arcflow(source.student):
+            return "flux"
         for name in FAMILIES:
             fam = get_family(name)
             if os.path.isfile(os.path.join(source.student, fam.student_config_name)):
@@ -115,15 +117,40 @@ def _family_of(source: _Source, base: str | None, family: str) -> str:
     return source.settings.get("family", "flux")
 
 
+def _is_arcflow(folder: str) -> bool:
+    from mfcore.adapters.flux_arcflow import ARCFLOW_CONFIG_NAME
+
+    return os.path.isfile(os.path.join(folder, ARCFLOW_CONFIG_NAME))
+
+
+def _load_folder_student(
+    transformer: nn.Module, folder: str, family: TrainingFamily
+) -> SharedWeightsStudent:
+    """The student saved in ``folder``: a MeanFlow student, or an ArcFlow one."""
+    if _is_arcflow(folder):
+        from mfcore.adapters.flux_arcflow import FluxArcFlowStudent
+
+        return FluxArcFlowStudent.from_pretrained(transformer, folder)
+    return load_student(transformer, folder, family)
+
+
 def _load_checkpoint_student(
     transformer: nn.Module, family: TrainingFamily, folder: str, settings: dict[str, Any]
-) -> MeanFlowStudent:
+) -> SharedWeightsStudent:
     """A student built with a checkpoint's settings and loaded with its weights: the EMA's
     where the run kept one (as its export would be), else the trained ones."""
     lora = LoraSpec(rank=settings["lora_rank"], alpha=settings.get("lora_alpha"))
-    student = MeanFlowStudent(
-        transformer, family, lora=lora, guidance_scale=settings.get("guidance_scale", 3.5)
-    )
+    guidance = settings.get("guidance_scale", 3.5)
+    student: SharedWeightsStudent
+    if settings.get("student", "meanflow") == "arcflow":
+        from mfcore.adapters.flux_arcflow import FluxArcFlowStudent
+
+        student = FluxArcFlowStudent(
+            transformer, num_components=settings["arc_components"], lora=lora,
+            guidance_scale=guidance,
+        )  # fmt: skip
+    else:
+        student = MeanFlowStudent(transformer, family, lora=lora, guidance_scale=guidance)
     student.load_trainable_state_dict(read_tensors(os.path.join(folder, "student.safetensors")))
     state = load_state(os.path.join(folder, "state"))
     if state.get("ema") is not None:
@@ -134,10 +161,13 @@ def _load_checkpoint_student(
 
 
 class MeanFlowPipeline:
-    """A few-step MeanFlow student with its base's VAE and prompt encoding.
+    """A few-step student with its base's VAE and prompt encoding.
 
     Args:
-        student: the trained student (its transformer on the device it runs on).
+        student: the trained student (its transformer on the device it runs on): a
+            :class:`~mfcore.adapters.student.MeanFlowStudent`, or an ArcFlow one
+            (:class:`~mfcore.adapters.flux_arcflow.FluxArcFlowStudent`, sampled by its
+            mixture's closed-form steps).
         vae: the base checkpoint's VAE, or None (latent previews instead of images).
         prompt_encoder: the base's prompt encoding
             (:class:`~mfcore.adapters.prepare.PromptEncoder`), or None (``cond=`` only).
@@ -146,14 +176,17 @@ class MeanFlowPipeline:
 
     def __init__(
         self,
-        student: MeanFlowStudent,
+        student: SharedWeightsStudent,
         *,
         vae: nn.Module | None = None,
         prompt_encoder: Any = None,
         scheduler: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(student, MeanFlowStudent):
-            raise TypeError(f"student must be a MeanFlowStudent, got {type(student).__name__}")
+        if not isinstance(student, SharedWeightsStudent):
+            raise TypeError(
+                f"student must be a MeanFlowStudent (or an ArcFlow student), got "
+                f"{type(student).__name__}"
+            )
         self.student = student
         self.family: TrainingFamily = student.family  # type: ignore[assignment]
         self.vae = vae
@@ -213,7 +246,7 @@ class MeanFlowPipeline:
         if source.checkpoint is not None:
             model = _load_checkpoint_student(transformer, fam, source.checkpoint, source.settings)
         else:
-            model = load_student(transformer, source.student, fam)
+            model = _load_folder_student(transformer, source.student, fam)
         model.eval().to(device)
         if vae is not None:
             vae.to(device)

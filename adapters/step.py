@@ -147,6 +147,9 @@ def _global_draws(run: Run, sample_shape: tuple[int, ...]) -> tuple[Tensor, Tens
     total = run.split.total
     kw = {"device": run.device, "dtype": torch.float32}
     noise = torch.randn((total, *sample_shape), generator=run.generator, **kw)
+    if run.loss.time_sampler is None:  # a loss that draws its own times (ArcFlow's rollout)
+        r = t = torch.zeros(total, **kw)
+        return noise, r, t
     r, t = run.loss.time_sampler(total, generator=run.generator, **kw)
     return noise, r, t
 
@@ -288,5 +291,5 @@ def train_step(run: Run) -> dict[str, float | str]:
     out: dict[str, float | str] = dict(means.result(run.world))
     if rolled_back:
         out["rolled_back"] = 1.0
-    out["phase"] = getattr(run.loss.target, "phase", "discrete")
+    out["phase"] = getattr(run.loss, "phase", None) or getattr(run.loss.target, "phase", "discrete")
     return out

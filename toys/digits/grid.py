@@ -16,7 +16,9 @@ Each variant is a set of ``DistillConfig`` settings on top of the benchmark's
 - each of the first five with ``-align``: plus the fake-velocity alignment critic
   (``--align fake``);
 - ``default-2000``, ``default-lr1e-3``: the shipped default at 5x the steps, and at a 10x
-  learning rate (whether the budget or the learning rate limits the 1-step student).
+  learning rate (whether the budget or the learning rate limits the 1-step student);
+- ``arcflow``: ArcFlow's momentum-mixture student (``--student arcflow``), trained on the
+  2-step rollout (2 NFE), at the same budget.
 
 Every finished run is appended to ``<out>/grid/runs.jsonl``, keyed by variant, settings and
 seed, and its samples go to ``<out>/grid/samples/``; an interrupted invocation resumes with
@@ -52,16 +54,18 @@ _BASE: dict[str, dict[str, Any]] = {
     "fixed-guarded": {"switch": "fixed"},
 }
 _EQUAL_COST = {"discrete-100": {"switch": "never", "steps": 100}}
+_ARCFLOW = {"arcflow": {"student": "arcflow"}}
 _BUDGET = {"default-2000": {"steps": 2000}, "default-lr1e-3": {"lr": 1e-3}}
 VARIANTS: dict[str, dict[str, Any]] = (
     _BASE
     | _EQUAL_COST
     | {f"{name}-align": settings | {"align": "fake"} for name, settings in _BASE.items()}
     | _BUDGET
+    | _ARCFLOW
 )
 """Variant name -> its ``DistillConfig`` settings."""
 
-ORDER = (*_BASE, *_EQUAL_COST, *(f"{name}-align" for name in _BASE), *_BUDGET)
+ORDER = (*_BASE, *_EQUAL_COST, *(f"{name}-align" for name in _BASE), *_BUDGET, *_ARCFLOW)
 """The order the variants run in (the issue's priorities first)."""
 
 
@@ -90,11 +94,21 @@ def _key(name: str, seed: int, bench: BenchConfig) -> str:
     return json.dumps({"variant": name, **settings, "seed": seed}, sort_keys=True, default=str)
 
 
+def _normal(key: str) -> str:
+    """A run's key with every ``DistillConfig`` setting it predates filled in at its
+    default: a setting is added at the default that keeps what the code did before it (as
+    ``--student meanflow``), so a run made before it is the same run."""
+    entries = json.loads(key)
+    for name, value in _recipe({}).items():
+        entries.setdefault(name, value)
+    return json.dumps(entries, sort_keys=True, default=str)
+
+
 def _done(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {row["key"]: row for row in rows}
+    return {_normal(row["key"]): row for row in rows}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -188,7 +202,7 @@ def run_grid(
     rows = []
     for seed in range(seeds):
         for name in names:
-            key = _key(name, seed, bench)
+            key = _normal(_key(name, seed, bench))
             if key in done:
                 rows.append(done[key])
                 continue
