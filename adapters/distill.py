@@ -39,7 +39,8 @@ trainable state, EMA, optimiser, warm-up state, RNG states, step; through
 ``torch.distributed.checkpoint`` under torchrun; each written whole, synced and read back
 before older ones are pruned; ``--resume`` continues exactly from the newest that reads back,
 refusing changed settings, fewer ``--steps`` and changed data files), ``metrics.jsonl``
-(and TensorBoard events when installed), 1- and 2-step ``previews/``, and the final student
+(and TensorBoard events when installed), ``previews/`` (the teacher beside the student's
+1-, 2- and 4-step samples, from the same noise), and the final student
 in ``student/`` (the EMA weights by default; its LoRA loads with the family's diffusers
 loader).
 
@@ -81,7 +82,7 @@ from mfcore.adapters.checkpoint_files import (
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
 from mfcore.adapters.ema import EMA
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
-from mfcore.adapters.generation import decode_latents, generate_latents
+from mfcore.adapters.generation import decode_latents, generate_latents, seeded_noise
 from mfcore.adapters.loading import resolve_model
 from mfcore.adapters.lora import LoraSpec
 from mfcore.adapters.monitor import RunLog, latents_to_images
@@ -107,7 +108,7 @@ from mfcore.adapters.step import Run, critic_loss, student_loss, train_step
 from mfcore.adapters.student import MeanFlowStudent, Teacher
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
-from mfcore.solvers import ODE_METHODS
+from mfcore.solvers import ODE_METHODS, sample_teacher
 from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.time import GridPairSampler, LogitNormalTime, TimePairSampler
 from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
@@ -838,22 +839,45 @@ def _load_checkpoint(run: Run, path: str, found: dict) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+#: Euler steps of the teacher's preview samples (FLUX's pipeline default).
+PREVIEW_TEACHER_STEPS = 28
+#: The student's step counts in a preview.
+PREVIEW_STEPS = (1, 2, 4)
+
+
 def _preview(run: Run, log: RunLog | None) -> None:
-    """1- and 2-step samples of the (EMA) student for the first data samples, as images
-    (every rank samples, as the sharded model needs; rank 0 writes them)."""
-    x, cond = run.data.batch(0, min(2, len(run.data)), run.cfg.seed, run.device)
-    _, _, h, w = x.shape
+    """``previews/step-XXXXXXX.png``: one row per preview sample (the data's first two
+    conditions), its teacher sample (:data:`PREVIEW_TEACHER_STEPS` Euler steps, computed at
+    the first preview and kept) and the (EMA) student's 1-, 2- and 4-step samples, all from
+    the same noise. Every rank samples, as the sharded model needs; rank 0 writes them."""
+    x, cond = run.data.take(list(range(min(2, len(run.data)))), run.device)
+    _, c, h, w = x.shape
+    if run.preview_reference is None:
+        noise = seeded_noise((x.shape[0], c, h, w), run.cfg.seed, run.device, torch.float32)
+        grid = run.family.sampling_grid(
+            PREVIEW_TEACHER_STEPS, h, w, scheduler=run.scheduler, device=run.device
+        )
+        run.preview_reference = sample_teacher(run.teacher, noise, grid=grid, cond=cond)
+    columns = [run.preview_reference]
     ema = run.ema.applied() if run.ema is not None else contextlib.nullcontext()
     with ema:
-        for steps in (1, 2):
-            z = generate_latents(
-                run.student, cond, height=h, width=w, steps=steps, seed=run.cfg.seed,
-                scheduler=run.scheduler,
-            )  # fmt: skip
-            if log is not None:
-                images = latents_to_images(z) if run.vae is None else decode_latents(run.vae, z)
-                log.images(run.step, f"{steps}step", images)
+        for steps in PREVIEW_STEPS:
+            columns.append(
+                generate_latents(
+                    run.student,
+                    cond,
+                    height=h,
+                    width=w,
+                    steps=steps,
+                    seed=run.cfg.seed,
+                    scheduler=run.scheduler,
+                )  # fmt: skip
+            )
         release_gathered(run.student.transformer)  # gathered with the EMA's weights
+    if log is not None:
+        images = [latents_to_images(z) if run.vae is None else decode_latents(run.vae, z)
+                  for z in columns]  # fmt: skip
+        log.table(run.step, [list(row) for row in zip(*images, strict=True)])
 
 
 # the step the loop runs (a test replaces it to kill a run mid-way)
@@ -1024,7 +1048,8 @@ HELP: dict[str, str] = {
     "rank's whole share, batch_size / world size)",
     "ema": "keep an EMA of the trained weights (used for previews and the exported student)",
     "ema_decay": "EMA decay (warmed up as min(decay, (1 + n) / (10 + n)))",
-    "preview_every": "write 1- and 2-step preview images every N steps (0: never)",
+    "preview_every": "every N steps (0: never) write previews/step-N.png: per preview sample, "
+    "the teacher's 28-step sample and the student's 1-, 2- and 4-step ones from its noise",
     "tensorboard": "also log to TensorBoard (<output>/tensorboard) when it is installed",
     "progress": "show a progress bar",
 }

@@ -84,13 +84,22 @@ def latents_to_images(latents: Tensor) -> list[PIL.Image.Image]:
 
 def _grid(images: list[PIL.Image.Image]) -> PIL.Image.Image:
     """The images side by side (RGB)."""
-    images = [im.convert("RGB") for im in images]
-    w, h = sum(im.width for im in images), max(im.height for im in images)
-    out = PIL.Image.new("RGB", (w, h))
-    x = 0
-    for im in images:
-        out.paste(im, (x, 0))
-        x += im.width
+    return _table([images])
+
+
+def _table(rows: list[list[PIL.Image.Image]]) -> PIL.Image.Image:
+    """Rows of images, side by side within a row, rows one below the other (RGB)."""
+    rows = [[im.convert("RGB") for im in row] for row in rows]
+    w = max(sum(im.width for im in row) for row in rows)
+    heights = [max(im.height for im in row) for row in rows]
+    out = PIL.Image.new("RGB", (w, sum(heights)))
+    y = 0
+    for row, h in zip(rows, heights, strict=True):
+        x = 0
+        for im in row:
+            out.paste(im, (x, y))
+            x += im.width
+        y += h
     return out
 
 
@@ -140,6 +149,18 @@ class RunLog:
         grid.save(path)
         if self.writer is not None:
             self.writer.add_image(f"preview/{tag}", np.asarray(grid), step, dataformats="HWC")
+        return path
+
+    def table(self, step: int, rows: list[list[PIL.Image.Image]]) -> str:
+        """Write ``rows`` of images as one ``previews/step-XXXXXXX.png`` (and to
+        TensorBoard); returns the file's path."""
+        folder = os.path.join(self.output, "previews")
+        os.makedirs(folder, exist_ok=True)
+        grid = _table(rows)
+        path = os.path.join(folder, f"step-{step:07d}.png")
+        grid.save(path)
+        if self.writer is not None:
+            self.writer.add_image("preview", np.asarray(grid), step, dataformats="HWC")
         return path
 
     def sync(self) -> None:

@@ -67,6 +67,7 @@ class Run:
     ema: EMA | None = None
     rollback: SwitchRollback | None = None
     step: int = 0
+    preview_reference: Tensor | None = None  # the teacher's preview samples, once computed
 
 
 class _Means:

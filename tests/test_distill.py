@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import PIL.Image
 import pytest
 import torch
 from diffusers import HunyuanImageTransformer2DModel
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 import mfcore.adapters.distill as distill_module
 from mfcore.adapters._state import load_state
-from mfcore.adapters.data import make_synthetic_data
+from mfcore.adapters.data import LatentDataset, make_synthetic_data
 from mfcore.adapters.distill import HELP, DistillConfig, distill, latest_checkpoint, main
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.flux import FluxStudent
@@ -128,7 +129,13 @@ def test_tensorboard_and_preview_images(tmp_path):
     data(tmp_path, "hunyuanimage2")
     distill(config(tmp_path, "hunyuanimage2", align="none", preview_every=2, tensorboard=True))
     previews = sorted(os.listdir(tmp_path / "run" / "previews"))
-    assert previews == [f"step-000000{s}-{k}step.png" for s in (2, 4) for k in (1, 2)]
+    assert previews == ["step-0000002.png", "step-0000004.png"]
+    # two samples, as rows: the teacher, then the student at 1, 2 and 4 steps (no VAE: a
+    # latent pixel each)
+    _, h, w = LatentDataset(tmp_path / "data-hunyuanimage2", get_family("hunyuanimage2")).shapes[
+        "latents"
+    ]
+    assert PIL.Image.open(tmp_path / "run" / "previews" / previews[0]).size == (4 * w, 2 * h)
     events = os.listdir(tmp_path / "run" / "tensorboard")
     assert any(e.startswith("events.out.tfevents") for e in events)
 
