@@ -28,6 +28,7 @@ the family's latent patch, 2 for FLUX and HunyuanImage 2.1); latents are ``(B, C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -172,6 +173,8 @@ class MeanFlowPipeline:
         prompt_encoder: the base's prompt encoding
             (:class:`~mfcore.adapters.prepare.PromptEncoder`), or None (``cond=`` only).
         scheduler: the base's scheduler config (the family's sampling grid reads its shift).
+        default_size: ``(height, width)`` in pixels when a call gives none
+            (:meth:`from_pretrained`: the size the run trained at, where its data is found).
     """
 
     def __init__(
@@ -181,6 +184,7 @@ class MeanFlowPipeline:
         vae: nn.Module | None = None,
         prompt_encoder: Any = None,
         scheduler: Mapping[str, Any] | None = None,
+        default_size: tuple[int, int] = (1024, 1024),
     ) -> None:
         if not isinstance(student, SharedWeightsStudent):
             raise TypeError(
@@ -192,6 +196,7 @@ class MeanFlowPipeline:
         self.vae = vae
         self.prompt_encoder = prompt_encoder
         self.scheduler = dict(scheduler or {})
+        self.default_size = default_size
 
     @property
     def decoded(self) -> bool:
@@ -250,7 +255,13 @@ class MeanFlowPipeline:
         model.eval().to(device)
         if vae is not None:
             vae.to(device)
-        return cls(model, vae=vae, prompt_encoder=encoder, scheduler=scheduler)
+        pipe = cls(model, vae=vae, prompt_encoder=encoder, scheduler=scheduler)
+        data = (source.settings or {}).get("data")
+        if data and os.path.isdir(data):  # the size the student was trained at
+            with contextlib.suppress(ValueError, FileNotFoundError):
+                _, h, w = LatentDataset(data, fam).shapes["latents"]
+                pipe.default_size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
+        return pipe
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.vae_scale_factor
@@ -260,9 +271,12 @@ class MeanFlowPipeline:
         return height // factor, width // factor
 
     def encode_prompt(
-        self, prompt: str | Sequence[str], *, height: int = 1024, width: int = 1024
+        self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None
     ) -> dict[str, Tensor]:
-        """The condition of ``prompt`` for an image of ``height x width`` pixels."""
+        """The condition of ``prompt`` for an image of ``height x width`` pixels (default
+        :attr:`default_size`)."""
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
         if self.prompt_encoder is None:
             raise ValueError(
                 "this pipeline's base has no text encoders (a tiny random model): give cond= "
@@ -281,8 +295,8 @@ class MeanFlowPipeline:
         *,
         cond: Mapping[str, Tensor] | None = None,
         num_inference_steps: int = 1,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         seed: int = 0,
         guidance_scale: float | None = None,
         output_type: str = "pil",
@@ -294,8 +308,8 @@ class MeanFlowPipeline:
             cond: the family's condition tensors ``(B, ...)`` (as in a data folder), in
                 place of ``prompt``.
             num_inference_steps: student steps (1, 2, 4, ...).
-            height: image height in pixels.
-            width: image width in pixels.
+            height: image height in pixels (default :attr:`default_size`'s).
+            width: image width in pixels (likewise).
             seed: seed of the initial noise (drawn on the CPU: the same latents on any
                 device).
             guidance_scale: the guidance input of a guidance-distilled base (FLUX.1-dev);
@@ -305,6 +319,8 @@ class MeanFlowPipeline:
         check_choice("output_type", output_type, _OUTPUT_TYPES)
         if (prompt is None) == (cond is None):
             raise ValueError("give exactly one of prompt and cond")
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
         h, w = self._latent_size(height, width)
         if cond is None:
             cond = self.encode_prompt(prompt, height=height, width=width)
@@ -386,8 +402,8 @@ def add_generate_parser(sub: Any, formatter: type) -> None:
     )
     ge.add_argument("--seed", type=cli_int, default=0, help="seed of the initial noise")
     ge.add_argument(
-        "--height", type=cli_int, default=None, help="image height in pixels; unset: 1024, "
-        "or with --data the data's latent height times the VAE's factor",
+        "--height", type=cli_int, default=None, help="image height in pixels; unset: the "
+        "size the run trained at (its data's, or --data's), else 1024",
     )  # fmt: skip
     ge.add_argument("--width", type=cli_int, default=None, help="image width (as --height)")
     ge.add_argument(
@@ -430,8 +446,8 @@ def run_generate(args: dict[str, Any]) -> str:
         torch_dtype=_DTYPES[args["dtype"]], device=args["device"],
     )  # fmt: skip
     labels, cond = _conditions(args, pipe)
-    height = args["height"] if args["height"] is not None else 1024
-    width = args["width"] if args["width"] is not None else 1024
+    height = args["height"] if args["height"] is not None else pipe.default_size[0]
+    width = args["width"] if args["width"] is not None else pipe.default_size[1]
     out = args["output"]
     os.makedirs(out, exist_ok=True)
     if not pipe.decoded:

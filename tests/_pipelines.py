@@ -86,8 +86,8 @@ def flux_ckpt(tmp_path_factory):
     return path, pipe
 
 
-@pytest.fixture(scope="module")
-def hy21_ckpt(tmp_path_factory):
+def tiny_hy21_pipeline() -> HunyuanImagePipeline:
+    """A HunyuanImage 2.1 pipeline of tiny random parts (Qwen2.5-VL, ByT5, a VAE of factor 8)."""
     torch.manual_seed(0)
     text = dict(vocab_size=128, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=1,
@@ -100,12 +100,17 @@ def hy21_ckpt(tmp_path_factory):
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64, 64),
         layers_per_block=1, scaling_factor=0.476986, spatial_compression_ratio=8, sample_size=128,
     )  # fmt: skip
-    pipe = HunyuanImagePipeline(
+    return HunyuanImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), vae=vae, text_encoder=qwen,
         tokenizer=char_tokenizer(1000, ["<|im_start|>", "<|im_end|>"]),
         text_encoder_2=t5(12), tokenizer_2=char_tokenizer(128),
         transformer=get_family("hunyuanimage2").tiny_model(0, torch.float32, False),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hy21_ckpt(tmp_path_factory):
+    pipe = tiny_hy21_pipeline()
     path = tmp_path_factory.mktemp("hy21")
     pipe.save_pretrained(path)
     return path, pipe
