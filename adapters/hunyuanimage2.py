@@ -136,6 +136,12 @@ def check_hunyuan2_transformer(model: object) -> HunyuanImageTransformer2DModel:
             "transformer must be a diffusers HunyuanImageTransformer2DModel, "
             f"got {type(model).__name__}"
         )
+    if len(model.config.patch_size) == 3:  # the stage-2 refiner: 3-D patches of video latents
+        raise ValueError(
+            "this is HunyuanImage 2.1's refiner (patch_size "
+            f"{list(model.config.patch_size)}, {model.config.in_channels} input channels), "
+            "which mfcore does not support: distil the base text-to-image checkpoint"
+        )
     if tuple(model.config.patch_size) != (1, 1):
         raise ValueError(f"only patch_size (1, 1) is supported, got {model.config.patch_size}")
     return model

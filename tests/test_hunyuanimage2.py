@@ -324,3 +324,13 @@ def test_native_meanflow_checkpoint_runs_through_the_sampler():
         torch.testing.assert_close(z0, euler_by_hand(field, cond, steps, 1, 5.0), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="use_meanflow"):
         HunyuanMeanFlow(tiny())
+
+
+def test_the_refiner_is_refused_by_name():
+    """The 2.1 stage-2 refiner (3-D patches, more input channels) is not a model mfcore can
+    distil: it is named, not refused as a mere patch size."""
+    refiner = HunyuanImageTransformer2DModel(
+        **dict(TINY_HY21_CONFIG, patch_size=[1, 1, 1], in_channels=8, rope_axes_dim=(4, 6, 6))
+    )
+    with pytest.raises(ValueError, match="refiner .* does not support"):
+        HunyuanImage2Student(refiner, lora=LoraSpec(rank=2))
