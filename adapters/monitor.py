@@ -82,11 +82,6 @@ def latents_to_images(latents: Tensor) -> list[PIL.Image.Image]:
     return [PIL.Image.fromarray(a) for a in x]
 
 
-def _grid(images: list[PIL.Image.Image]) -> PIL.Image.Image:
-    """The images side by side (RGB)."""
-    return _table([images])
-
-
 def _table(rows: list[list[PIL.Image.Image]]) -> PIL.Image.Image:
     """Rows of images, side by side within a row, rows one below the other (RGB)."""
     rows = [[im.convert("RGB") for im in row] for row in rows]
@@ -138,18 +133,6 @@ class RunLog:
             for k, v in metrics.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     self.writer.add_scalar(k, v, step)
-
-    def images(self, step: int, tag: str, images: list[PIL.Image.Image]) -> str:
-        """Write ``images`` side by side as ``previews/step-XXXXXXX-<tag>.png`` (and to
-        TensorBoard); returns the file's path."""
-        folder = os.path.join(self.output, "previews")
-        os.makedirs(folder, exist_ok=True)
-        grid = _grid(images)
-        path = os.path.join(folder, f"step-{step:07d}-{tag}.png")
-        grid.save(path)
-        if self.writer is not None:
-            self.writer.add_image(f"preview/{tag}", np.asarray(grid), step, dataformats="HWC")
-        return path
 
     def table(self, step: int, rows: list[list[PIL.Image.Image]]) -> str:
         """Write ``rows`` of images as one ``previews/step-XXXXXXX.png`` (and to

@@ -20,6 +20,7 @@ from mfcore.adapters.distill import HELP, DistillConfig, distill, latest_checkpo
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.flux import FluxStudent
 from mfcore.adapters.hunyuanimage2 import TINY_HY21_CONFIG
+from tests._cli import usage_error
 from tests._close import FP32, FP64, assert_close_to, flat
 
 LEGACY = os.path.join(os.path.dirname(__file__), "data", "flux_legacy")
@@ -165,15 +166,6 @@ def test_todays_flux_checkpoint_resumes_and_its_student_loads(tmp_path):
     assert_close_to(flat(loaded_state, expected), flat(expected, expected), FP64, "loaded student")
 
 
-def _usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
 def test_every_flag_has_help_and_shows_its_default(capsys):
     for command in ("train", "prepare", "make-data"):
         with pytest.raises(SystemExit):
@@ -205,35 +197,35 @@ def test_named_errors_before_any_step(tmp_path, capsys, monkeypatch):
     # a HunyuanImage 2.1 checkpoint, detected from its config; given as FLUX it is refused
     ckpt = tmp_path / "hy21" / "transformer"
     get_family("hunyuanimage2").tiny_model(0, torch.float32, False).save_pretrained(ckpt)
-    err = _usage_error(["train", "--model", str(ckpt.parent), "--family", "flux",
+    err = usage_error(["train", "--model", str(ckpt.parent), "--family", "flux",
                         "--data", str(hy), *out], capsys)  # fmt: skip
     assert "not FLUX" in err
-    err = _usage_error(["train", "--model", str(ckpt.parent), "--data", str(flux), *out], capsys)
+    err = usage_error(["train", "--model", str(ckpt.parent), "--data", str(flux), *out], capsys)
     assert "prompt_attention_mask" in err  # detected as HunyuanImage 2.1: FLUX data lacks it
     meanflow = tmp_path / "hy21-distilled" / "transformer"
     HunyuanImageTransformer2DModel(**(TINY_HY21_CONFIG | {"use_meanflow": True})).save_pretrained(
         meanflow
     )
-    err = _usage_error(["train", "--model", str(meanflow.parent), "--data", str(hy), *out], capsys)
+    err = usage_error(["train", "--model", str(meanflow.parent), "--data", str(hy), *out], capsys)
     assert "use_meanflow" in err  # Tencent's distilled student is not a teacher
     wrong = data(tmp_path / "w", "hunyuanimage2", channels=3)
-    err = _usage_error(["train", "--tiny", "--family", "hunyuanimage2", "--data", str(wrong),
+    err = usage_error(["train", "--tiny", "--family", "hunyuanimage2", "--data", str(wrong),
                         *out], capsys)  # fmt: skip
     assert "channels" in err
     other = tmp_path / "sd3"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
-    assert "none of the families" in _usage_error(
+    assert "none of the families" in usage_error(
         ["train", "--model", str(other), "--data", str(flux), *out], capsys
     )
-    assert "family" in _usage_error(
+    assert "family" in usage_error(
         ["train", "--tiny", "--family", "sd3", "--data", str(flux), *out], capsys
     )
-    assert "guidance" in _usage_error(
+    assert "guidance" in usage_error(
         ["train", "--tiny", "--family", "hunyuanimage3", "--tiny-guidance",
          "--data", str(data(tmp_path, "hunyuanimage3")), *out], capsys,
     )  # fmt: skip
-    assert "ema_decay" in _usage_error(
+    assert "ema_decay" in usage_error(
         ["train", "--tiny", "--data", str(flux), "--ema-decay", "1.5", *out], capsys
     )
     assert not calls
@@ -288,12 +280,12 @@ def test_resume_remembers_the_runs_settings_and_refuses_a_changed_one_by_name(tm
     assert latest_checkpoint(out).endswith("step-0000003")
     saved = json.loads((tmp_path / "run/checkpoints/step-0000003/config.json").read_text())
     assert saved["warmup_steps"] == 1 and saved["lora_rank"] == 2 and saved["tiny"] is True
-    err = _usage_error(["train", "--output", out, "--steps", "4", "--resume",
+    err = usage_error(["train", "--output", out, "--steps", "4", "--resume",
                         "--warmup-steps", "5"], capsys)  # fmt: skip
     assert "warmup_steps: 1 -> 5" in err
-    err = _usage_error(["train", "--output", str(tmp_path / "none"), "--resume"], capsys)
+    err = usage_error(["train", "--output", str(tmp_path / "none"), "--resume"], capsys)
     assert "has no checkpoint" in err
-    err = _usage_error(["train", "--output", out], capsys)  # a new run needs its sources
+    err = usage_error(["train", "--output", out], capsys)  # a new run needs its sources
     assert "--data and one of --model and --tiny" in err
 
 
@@ -306,5 +298,5 @@ def test_every_enumerated_train_flag_lists_its_choices(capsys):
               ("--weights-dtype", "bf16,fp32,fp64"), ("--family", "auto,flux")]  # fmt: skip
     for flag, values in listed:
         assert f"{flag} {{{values}" in text, flag
-    err = _usage_error(["train", "--tiny", "--data", "d", "--output", "o", "--jvp", "nope"], capsys)
+    err = usage_error(["train", "--tiny", "--data", "d", "--output", "o", "--jvp", "nope"], capsys)
     assert "invalid choice: 'nope'" in err

@@ -19,19 +19,11 @@ from mfcore.adapters.lora import LoraSpec
 from mfcore.adapters.pipeline import MeanFlowPipeline
 from mfcore.adapters.student import MeanFlowStudent, load_student
 from mfcore.solvers import sample_meanflow
+from tests._cli import usage_error
 from tests._close import FP32, assert_close_to, max_rel
 from tests._pipelines import flux_ckpt, hy3_ckpt, hy21_ckpt, tiny_flux_pipeline
 
 __all__ = ["flux_ckpt", "hy21_ckpt", "hy3_ckpt"]  # the fixtures this module uses
-
-
-def _usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def _tiny_run(tmp_path, family: str):
@@ -85,18 +77,18 @@ def test_generate_from_a_tiny_run_equals_the_student_on_the_data(tmp_path, famil
 def test_a_tiny_run_takes_conditions_not_prompts(tmp_path, capsys):
     data, run = _tiny_run(tmp_path, "flux")
     argv = ["generate", "--student", str(run), "--output", str(tmp_path / "o")]
-    assert "no text encoders" in _usage_error([*argv, "--prompt", "a cat"], capsys)
-    assert "one of the arguments" in _usage_error(argv, capsys)
-    assert "does not exist" in _usage_error(
+    assert "no text encoders" in usage_error([*argv, "--prompt", "a cat"], capsys)
+    assert "one of the arguments" in usage_error(argv, capsys)
+    assert "does not exist" in usage_error(
         ["generate", "--student", str(tmp_path / "nothing"), "--data", str(data), "--output",
          str(tmp_path / "o")], capsys)  # fmt: skip
     # a student folder moved away from its run has no settings: it needs --model
     alone = tmp_path / "alone"
     (run / "student").rename(alone)
-    err = _usage_error(["generate", "--student", str(alone), "--data", str(data), "--output",
+    err = usage_error(["generate", "--student", str(alone), "--data", str(data), "--output",
                         str(tmp_path / "o")], capsys)  # fmt: skip
     assert "give base" in err or "--model" in err
-    err = _usage_error([*argv, "--data", str(data), "--steps", "0"], capsys)
+    err = usage_error([*argv, "--data", str(data), "--steps", "0"], capsys)
     assert "steps" in err
 
 
@@ -144,7 +136,7 @@ def test_flux_prompt_to_image_matches_diffusers_pieces(tmp_path, flux_ckpt, caps
     assert main(argv) == 0
     assert PIL.Image.open(out / "001-2step.png").size == (16, 16)
     assert_close_to(load_file(str(out / "latents.safetensors"))["2step"], z, FP32, "cli")
-    assert "multiple of the VAE's factor 2" in _usage_error([*argv, "--height", "15"], capsys)
+    assert "multiple of the VAE's factor 2" in usage_error([*argv, "--height", "15"], capsys)
 
 
 def test_hunyuanimage_prompt_to_image(tmp_path, hy21_ckpt, hy3_ckpt):

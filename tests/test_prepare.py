@@ -21,6 +21,7 @@ from mfcore.adapters.loading import resolve_model
 from mfcore.adapters.prepare import fit_image, prepare, read_image_folder
 from mfcore.adapters.student import Teacher
 from mfcore.solvers import sample_teacher
+from tests._cli import usage_error
 from tests._close import max_rel
 from tests._pipelines import PROMPTS, flux_ckpt, hy3_ckpt, hy21_ckpt, prompt_file
 
@@ -76,25 +77,16 @@ def test_flux_from_images_and_errors(tmp_path, flux_ckpt, capsys):
     argv = ["prepare", "--model", str(path), "--output", str(tmp_path / "e"), "--dtype", "fp32"]
     (tmp_path / "x").mkdir()
     empty = prompt_file(tmp_path / "x", [""])
-    err = _usage_error([*argv, "--prompts", empty], capsys)
+    err = usage_error([*argv, "--prompts", empty], capsys)
     assert "holds no prompt" in err
     long = prompt_file(tmp_path, ["a" * 600])
-    assert "prompt 1 is too long" in _usage_error([*argv, "--prompts", long], capsys)
+    assert "prompt 1 is too long" in usage_error([*argv, "--prompts", long], capsys)
     few = prompt_file(tmp_path, PROMPTS + ["one more"])
-    err = _usage_error([*argv, "--prompts", few, "--images", str(images), "--height", "8",
+    err = usage_error([*argv, "--prompts", few, "--images", str(images), "--height", "8",
                         "--width", "8"], capsys)  # fmt: skip
     assert "3 images for 4 prompts" in err
-    err = _usage_error([*argv, "--prompts", prompts, "--height", "7"], capsys)
+    err = usage_error([*argv, "--prompts", prompts, "--height", "7"], capsys)
     assert "height" in err
-
-
-def _usage_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def test_hunyuanimage2_with_glyph_text_and_a_run(tmp_path, hy21_ckpt):
@@ -247,6 +239,6 @@ def test_model_ids_come_from_the_local_hugging_face_cache(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="hf download org/other"):
         resolve_model("org/other", cache_dir=str(cache))
     assert resolve_model(str(tmp_path)) == str(tmp_path)
-    err = _usage_error(["prepare", "--model", str(tmp_path / "nope"), "--prompts", "p",
+    err = usage_error(["prepare", "--model", str(tmp_path / "nope"), "--prompts", "p",
                         "--output", str(tmp_path / "o")], capsys)  # fmt: skip
     assert "nope does not exist" in err
