@@ -63,9 +63,7 @@ class ArcFlowObjective:
         generator: torch.Generator,
     ) -> tuple[Tensor, dict[str, Any]]:
         student_cond = {k: v for k, v in cond.items() if k in _COND or k.startswith("negative_")}
-        return self.loss(
-            student, teacher, noise, cond=student_cond, step=step, generator=generator
-        )
+        return self.loss(student, teacher, noise, cond=student_cond, step=step, generator=generator)
 
     def state_dict(self) -> dict[str, Any]:
         return self.loss.state_dict()

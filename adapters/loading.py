@@ -18,6 +18,7 @@ from torch import nn
 from mfcore.adapters._durable import read_json
 
 __all__ = [
+    "DTYPES",
     "resolve_model",
     "transformer_folder",
     "load_transformer",
@@ -25,6 +26,9 @@ __all__ = [
     "load_vae",
 ]
 
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+"""The weight dtypes the command line names (``--weights-dtype``, ``--dtype``)."""
 
 _MODEL_ID = re.compile(r"[\w.-]+/[\w.-]+")
 

@@ -48,6 +48,7 @@ from mfcore.adapters.data import LatentDataset
 from mfcore.adapters.ema import EMA
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import decode_latents, generate_latents, vae_scale_factor
+from mfcore.adapters.loading import DTYPES
 from mfcore.adapters.lora import LoraSpec
 from mfcore.adapters.monitor import latents_to_images
 from mfcore.adapters.student import MeanFlowStudent, SharedWeightsStudent, load_student
@@ -56,7 +57,6 @@ __all__ = ["MeanFlowPipelineOutput", "MeanFlowPipeline", "add_generate_parser", 
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # the subfolder a run exports its student to, and where it keeps its checkpoints
 _STUDENT, _CHECKPOINTS = "student", "checkpoints"
@@ -415,7 +415,7 @@ def add_generate_parser(sub: Any, formatter: type) -> None:
     ge.add_argument("--output", required=True, help="folder for the PNGs and settings.json")
     ge.add_argument("--device", default="cpu", help="torch device")
     ge.add_argument(
-        "--dtype", choices=tuple(_DTYPES), default="bf16", help="dtype of the base weights"
+        "--dtype", choices=tuple(DTYPES), default="bf16", help="dtype of the base weights"
     )
 
 
@@ -443,7 +443,7 @@ def run_generate(args: dict[str, Any]) -> str:
     steps = [check_positive_int("steps", s) for s in args["steps"]]
     pipe = MeanFlowPipeline.from_pretrained(
         args["model"], student=args["student"], family=args["family"],
-        torch_dtype=_DTYPES[args["dtype"]], device=args["device"],
+        torch_dtype=DTYPES[args["dtype"]], device=args["device"],
     )  # fmt: skip
     labels, cond = _conditions(args, pipe)
     height = args["height"] if args["height"] is not None else pipe.default_size[0]

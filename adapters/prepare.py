@@ -35,6 +35,7 @@ from mfcore._checks import check_positive_int, check_real, cli_int
 from mfcore.adapters.data import LatentDataset
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import seeded_noise, vae_scale_factor
+from mfcore.adapters.loading import DTYPES
 from mfcore.adapters.student import Teacher
 from mfcore.solvers import sample_teacher
 
@@ -52,7 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -282,7 +282,7 @@ def prepare(
     teacher_steps = check_positive_int("teacher_steps", teacher_steps)
     check_real("guidance_scale", guidance_scale)
     check_real("true_cfg_scale", true_cfg_scale, minimum=1.0)
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     vae = fam.load_vae(model_path, torch_dtype)
     factor = vae_scale_factor(vae) if vae is not None else fam.vae_factor
     for label, n in (("height", height), ("width", width)):
@@ -371,7 +371,7 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
     pr.add_argument("--per-file", type=cli_int, default=16, help="samples per file")
     pr.add_argument(
         "--dtype",
-        choices=tuple(_DTYPES),
+        choices=tuple(DTYPES),
         default="bf16",
         help="dtype of the encoders, VAE and teacher",
     )

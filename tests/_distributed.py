@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 import mfcore.adapters.distill as distill_module
+import mfcore.adapters.run_checkpoints as run_checkpoints
 from mfcore.adapters.data import make_synthetic_data
 from mfcore.adapters.distill import DistillConfig, resolve_family
 from mfcore.adapters.lora import lora_disabled
@@ -230,9 +231,9 @@ def resume_worker(rank: int, folder: str, cfg: DistillConfig) -> None:
     one = setup(late)  # switches at step 1, after an optimiser step: the copy holds its state
     for _ in range(2):
         distill_module._train_step(one)
-    distill_module._save_checkpoint(one)
+    run_checkpoints.save_checkpoint(one)
     two = setup(dataclasses.replace(late, resume=True))
-    distill_module._load_checkpoint(two, *distill_module._resume_point(two))
+    run_checkpoints.load_checkpoint(two, *run_checkpoints.resume_point(two))
     copies = [run.rollback.saved for run in (one, two)]
     rolled = []
     for run in (one, two):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mfcore.adapters.distill as distill_module
+import mfcore.adapters.run_checkpoints as run_checkpoints
 import mfcore.toys.train as toy
 from mfcore.adapters import _durable
 from mfcore.adapters._state import load_state, save_state
@@ -172,14 +172,14 @@ def test_distill_resume_past_a_corrupt_checkpoint_sets_it_aside_so_pruning_keeps
 def test_distill_keeps_the_newest_verified_checkpoint_until_its_successor_is_verified(
     tmp_path, flux_data, monkeypatch
 ):
-    honest = distill_module._write_state
+    honest = run_checkpoints._write_state
 
     def bad_disk_at_four(run, folder):
         honest(run, folder)
         if run.step == 4:
             _truncate(os.path.join(folder, "student.safetensors"))
 
-    monkeypatch.setattr(distill_module, "_write_state", bad_disk_at_four)
+    monkeypatch.setattr(run_checkpoints, "_write_state", bad_disk_at_four)
     distill(config(tmp_path, keep_checkpoints=1))
     names = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert names == ["step-0000002", "step-0000004.unverified"]
@@ -247,7 +247,7 @@ def test_distill_never_exports_non_finite_weights_over_a_finite_student(tmp_path
     with torch.no_grad():
         student.trainable_parameters()[0].fill_(math.nan)
     with pytest.raises(FloatingPointError, match="not exported"):
-        distill_module._export(student, str(folder))
+        run_checkpoints.export_student(student, str(folder))
     assert {p: (folder / p).read_bytes() for p in os.listdir(folder)} == before
 
 

@@ -3,6 +3,7 @@ exact resume after a kill, EMA, previews, named errors, and today's FLUX files l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,8 @@ from safetensors.torch import load_file
 import mfcore.adapters.distill as distill_module
 from mfcore.adapters._state import load_state
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
-from mfcore.adapters.distill import HELP, DistillConfig, distill, latest_checkpoint, main
+from mfcore.adapters.distill import DistillConfig, distill, latest_checkpoint, main
+from mfcore.adapters.distill_cli import HELP, build_parser
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.flux import FluxStudent
 from mfcore.adapters.hunyuanimage2 import TINY_HY21_CONFIG
@@ -173,13 +175,13 @@ def test_every_flag_has_help_and_shows_its_default(capsys):
         out = capsys.readouterr().out
         flags = [w for w in out.split() if w.startswith("--") and w != "--help"]
         assert flags
-    assert set(HELP) == {f.name for f in distill_module.dataclasses.fields(DistillConfig)} - {
+    assert set(HELP) == {f.name for f in dataclasses.fields(DistillConfig)} - {
         "data",
         "output",
         "model",
         "tiny",
     }
-    parser = distill_module.build_parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():
         for action in p._actions:
@@ -249,7 +251,8 @@ def test_cli_make_data_and_a_tiny_run(tmp_path, family, capsys):
 def test_grid_fraction_draws_the_intervals_of_the_familys_few_step_grids(tmp_path, family):
     import dataclasses
 
-    from mfcore.adapters.distill import GRID_STEPS, build_run, resolve_family
+    from mfcore.adapters.distill import build_run, resolve_family
+    from mfcore.adapters.distill_config import GRID_STEPS
 
     data_dir = str(tmp_path / "data")
     make_synthetic_data(data_dir, family=family, num_files=1, per_file=2, height=8, width=8)
