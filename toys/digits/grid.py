@@ -18,7 +18,9 @@ Each variant is a set of ``DistillConfig`` settings on top of the benchmark's
 - ``default-2000``, ``default-lr1e-3``: the shipped default at 5x the steps, and at a 10x
   learning rate (whether the budget or the learning rate limits the 1-step student);
 - ``arcflow``: ArcFlow's momentum-mixture student (``--student arcflow``), trained on the
-  2-step rollout (2 NFE), at the same budget.
+  2-step rollout (2 NFE), at the same budget; ``arcflow-200`` at about the default's teacher
+  evaluations (half the steps: its rollout costs about 7.8 evaluations per sample and step
+  against the default's 4.06), ``default-800`` the default at about ``arcflow``'s.
 
 Every finished run is appended to ``<out>/grid/runs.jsonl``, keyed by variant, settings and
 seed, and its samples go to ``<out>/grid/samples/``; an interrupted invocation resumes with
@@ -54,7 +56,11 @@ _BASE: dict[str, dict[str, Any]] = {
     "fixed-guarded": {"switch": "fixed"},
 }
 _EQUAL_COST = {"discrete-100": {"switch": "never", "steps": 100}}
-_ARCFLOW = {"arcflow": {"student": "arcflow"}}
+_ARCFLOW = {
+    "arcflow": {"student": "arcflow"},
+    "arcflow-200": {"student": "arcflow", "steps": 200},
+    "default-800": {"steps": 800},
+}
 _BUDGET = {"default-2000": {"steps": 2000}, "default-lr1e-3": {"lr": 1e-3}}
 VARIANTS: dict[str, dict[str, Any]] = (
     _BASE
