@@ -21,7 +21,8 @@ from mfcore.adapters.parallel import (
     transformer_blocks,
 )
 from mfcore.adapters.student import MeanFlowStudent
-from tests.test_distill import _usage_error, data
+from tests._cli import usage_error
+from tests.test_distill import data
 
 ADAPTERS = pathlib.Path(__file__).parents[1] / "adapters"
 
@@ -86,12 +87,12 @@ def test_command_line_errors_name_the_setting(tmp_path, capsys):
     folder = data(tmp_path, "flux")
     argv = ["train", "--tiny", "--data", str(folder), "--output", str(tmp_path / "o")]
     argv += ["--device", "cpu", "--no-progress"]
-    assert "torchrun" in _usage_error([*argv, "--parallel", "fsdp"], capsys)
-    assert "micro_batch_size" in _usage_error(
+    assert "torchrun" in usage_error([*argv, "--parallel", "fsdp"], capsys)
+    assert "micro_batch_size" in usage_error(
         [*argv, "--batch-size", "4", "--micro-batch-size", "3"], capsys
     )
-    assert "parallel" in _usage_error([*argv, "--parallel", "zero3"], capsys)
-    assert "micro_batch_size" in _usage_error([*argv, "--micro-batch-size", "0"], capsys)
+    assert "parallel" in usage_error([*argv, "--parallel", "zero3"], capsys)
+    assert "micro_batch_size" in usage_error([*argv, "--micro-batch-size", "0"], capsys)
 
 
 def test_the_adapters_switch_lora_with_our_switch_only():
