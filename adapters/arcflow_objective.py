@@ -87,7 +87,9 @@ def build_arcflow(
     )
     loss = ArcFlowDistillationLoss(
         grid=grid,
-        mix_schedule=TeacherMixSchedule(0.5, decay_steps=max(cfg.warmup_steps, 1)),
+        mix_schedule=TeacherMixSchedule(
+            0.5 if cfg.warmup_steps else 0.0, decay_steps=max(cfg.warmup_steps, 1)
+        ),
         weighting=AdaptiveWeight(p=cfg.adaptive_p),
     )
     return student, ArcFlowObjective(loss)

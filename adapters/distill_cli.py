@@ -277,6 +277,8 @@ def _train_settings(args: dict[str, Any], argv: Sequence[str] | None, prog: str)
     given_parser = build_parser(prog, given_only=True)
     given = vars(given_parser.parse_args(sys.argv[1:] if argv is None else argv))
     given = {k: v for k, v in given.items() if v is not _NOT_GIVEN and k != "command"}
+    if given.get("model") is not None:  # as main resolved the parsed one
+        given["model"] = resolve_model(given["model"])
     path, saved = saved_settings(args["output"])
     if "model" in given or "tiny" in given:  # one source of the model: the given one
         saved.pop("model"), saved.pop("tiny")

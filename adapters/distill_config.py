@@ -19,7 +19,16 @@ from mfcore.adapters.parallel import (
 )
 from mfcore.jvp import JVP_METHODS
 
-__all__ = ["SWITCHES", "DTYPES", "GRID_STEPS", "LEGACY", "RESUMABLE", "ALIGN_ONLY", "DistillConfig"]
+__all__ = [
+    "SWITCHES",
+    "DTYPES",
+    "GRID_STEPS",
+    "LEGACY",
+    "RESUMABLE",
+    "ALIGN_ONLY",
+    "DistillConfig",
+    "check_device",
+]
 
 SWITCHES = ("gated", "fixed", "never")
 """``--switch``: to the differential target once the targets agree (gate) and at
@@ -131,7 +140,7 @@ class DistillConfig:
             raise ValueError(
                 f"grad_clip must be > 0 (inf turns clipping off), got {self.grad_clip!r}"
             )
-        _check_device(self.device)
+        check_device(self.device)
         if self.align not in ("none", *CRITICS):
             raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
         check_choice("switch", self.switch, SWITCHES)
@@ -187,7 +196,7 @@ ALIGN_ONLY = {f.name for f in dataclasses.fields(DistillConfig)} & {
 }
 
 
-def _check_device(device: object) -> None:
+def check_device(device: object) -> None:
     """Raise ``ValueError`` unless ``device`` is ``"auto"`` or a device this machine has."""
     if device == "auto":
         return

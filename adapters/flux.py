@@ -395,6 +395,7 @@ class FluxFamily(FamilyBase):
 
     # ----------------------------------------------------------------------- entry point
 
+    latent_multiple = 2  # latents are packed in 2x2 patches: even heights and widths
     data_keys = ("prompt_embeds", "pooled_prompt_embeds")
     optional_keys = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
     negative_key = "negative_prompt_embeds"

@@ -22,8 +22,9 @@ one-process checkpoints (``checkpoints/step-XXXXXXX``, with its EMA weights wher
 them). Without ``base`` the run's own ``--model`` (or tiny model) is rebuilt from the
 settings its checkpoints recorded.
 
-Shapes: ``height`` and ``width`` are in pixels, multiples of :attr:`vae_scale_factor` (times
-the family's latent patch, 2 for FLUX and HunyuanImage 2.1); latents are ``(B, C, H, W)``.
+Shapes: ``height`` and ``width`` are in pixels, multiples of :attr:`vae_scale_factor` times
+the family's ``latent_multiple`` (2 for FLUX, which packs 2x2 latent patches; 1 otherwise);
+latents are ``(B, C, H, W)``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from mfcore.adapters._durable import read_json
 from mfcore.adapters._state import load_state, read_tensors
 from mfcore.adapters.checkpoint_files import checkpoint_folders
 from mfcore.adapters.data import LatentDataset
+from mfcore.adapters.distill_config import check_device
 from mfcore.adapters.ema import EMA
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import decode_latents, generate_latents, vae_scale_factor
@@ -99,6 +101,15 @@ def _locate(path: str | os.PathLike) -> _Source:
         return _Source(None, path, read_json(os.path.join(path, "config.json"), "checkpoint file"))
     if os.path.isdir(os.path.join(path, _STUDENT)):  # a run folder
         return _Source(os.path.join(path, _STUDENT), None, _newest_settings(path))
+    folders = checkpoint_folders(os.path.join(path, _CHECKPOINTS))
+    if folders:  # a run folder that has not exported yet: its newest checkpoint
+        newest = folders[-1][1]
+        if not os.path.isfile(os.path.join(newest, "student.safetensors")):
+            raise ValueError(
+                f"{newest} is a multi-process checkpoint, which generate cannot read: let the "
+                "run finish (it exports student/) or give a one-process checkpoint"
+            )
+        return _locate(newest)
     return _Source(path, None, _newest_settings(os.path.dirname(path)))
 
 
@@ -233,8 +244,8 @@ class MeanFlowPipeline:
         source = _locate(student)
         if base is None and source.settings is None:
             raise FileNotFoundError(
-                f"{student} has no run settings beside it to find its base model: give base "
-                "(the checkpoint folder it was trained on)"
+                f"{student} has no run settings beside it to find its base model: give --model "
+                "(base=), the checkpoint folder it was trained on"
             )
         name = _family_of(source, None if base is None else os.fspath(base), family)
         fam: TrainingFamily = get_family(name)  # type: ignore[assignment]
@@ -247,7 +258,7 @@ class MeanFlowPipeline:
             path = os.fspath(base) if base is not None else source.settings["model"]
             transformer, scheduler = fam.load_model(path, torch_dtype)
             vae = fam.load_vae(path, torch_dtype)
-            encoder = _LazyEncoder(fam, path, torch_dtype)
+            encoder = _LazyEncoder(fam, path, torch_dtype, device)
         if source.checkpoint is not None:
             model = _load_checkpoint_student(transformer, fam, source.checkpoint, source.settings)
         else:
@@ -265,9 +276,13 @@ class MeanFlowPipeline:
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.vae_scale_factor
+        step = factor * getattr(self.family, "latent_multiple", 1)
         for name, n in (("height", height), ("width", width)):
-            if check_positive_int(name, n) % factor:
-                raise ValueError(f"{name} must be a multiple of the VAE's factor {factor}, got {n}")
+            if check_positive_int(name, n) % step:
+                raise ValueError(
+                    f"{name} must be a multiple of {step} pixels (the VAE's factor {factor} "
+                    f"times the latent multiple {step // factor} of {self.family.label}), got {n}"
+                )
         return height // factor, width // factor
 
     def encode_prompt(
@@ -279,8 +294,8 @@ class MeanFlowPipeline:
         width = self.default_size[1] if width is None else width
         if self.prompt_encoder is None:
             raise ValueError(
-                "this pipeline's base has no text encoders (a tiny random model): give cond= "
-                "(e.g. a data folder's) instead of a prompt"
+                "this pipeline's base has no text encoders (a tiny random model): give --data "
+                "(cond=), a data folder's conditions, instead of a prompt"
             )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -359,13 +374,18 @@ class _LazyEncoder:
     """The base's prompt encoding, loaded on the first prompt (a run from ``cond`` alone
     never loads the text encoders)."""
 
-    def __init__(self, family: TrainingFamily, path: str, dtype: torch.dtype) -> None:
-        self.family, self.path, self.dtype = family, path, dtype
+    def __init__(
+        self, family: TrainingFamily, path: str, dtype: torch.dtype, device: Any = None
+    ) -> None:
+        self.family, self.path, self.dtype, self.device = family, path, dtype, device
         self._encoder: Any = None
 
     def __call__(self, prompts: list[str], size: tuple[int, int], negative: str | None) -> dict:
         if self._encoder is None:
             self._encoder = self.family.prompt_encoder(self.path, self.dtype)
+            pipe = getattr(self._encoder, "pipe", None)  # a diffusers pipeline's encoders
+            if pipe is not None and self.device is not None:
+                pipe.to(self.device)
         return self._encoder(prompts, size, negative)
 
 
@@ -413,9 +433,14 @@ def add_generate_parser(sub: Any, formatter: type) -> None:
         help="guidance input of a guidance-distilled base; unset: the student's own",
     )
     ge.add_argument("--output", required=True, help="folder for the PNGs and settings.json")
-    ge.add_argument("--device", default="cpu", help="torch device")
     ge.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="bf16", help="dtype of the base weights"
+        "--device", default="auto", help="torch device; auto: CUDA when there is one, else CPU"
+    )
+    ge.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="dtype of the base weights; unset: the run's --weights-dtype, else bf16",
     )
 
 
@@ -440,7 +465,13 @@ def run_generate(args: dict[str, Any]) -> str:
     """Run ``generate`` from parsed arguments: ``<output>/<index>-<steps>step.png`` per
     prompt and step count, ``latents.safetensors`` and ``settings.json``; returns the line
     to print."""
-    steps = [check_positive_int("steps", s) for s in args["steps"]]
+    steps = list(dict.fromkeys(check_positive_int("steps", s) for s in args["steps"]))
+    check_device(args["device"])
+    if args["device"] == "auto":
+        args["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if args["dtype"] is None:
+        settings = _locate(args["student"]).settings or {}
+        args["dtype"] = settings.get("weights_dtype", "bf16")
     pipe = MeanFlowPipeline.from_pretrained(
         args["model"], student=args["student"], family=args["family"],
         torch_dtype=DTYPES[args["dtype"]], device=args["device"],

@@ -166,10 +166,15 @@ def read_image_folder(
                         f"{meta} line {n} is not a JSON object with file_name and "
                         f"{caption_column!r} (--caption-column): {err}"
                     ) from None
+                if not (isinstance(name, str) and isinstance(caption, str)):
+                    raise ValueError(
+                        f"{meta} line {n}: file_name and {caption_column!r} must be strings, "
+                        f"got {type(name).__name__} and {type(caption).__name__}"
+                    )
                 path = os.path.join(folder, name)
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{meta} line {n} names {name}, which does not exist")
-                pairs.append((path, str(caption).strip()))
+                pairs.append((path, caption.strip()))
     else:
         for name in sorted(os.listdir(folder)):
             if not name.lower().endswith(_IMAGE_SUFFIXES):
@@ -274,6 +279,8 @@ def prepare(
     if prompts_file is None and images is None:
         raise ValueError("give --prompts, or --images with captions (or both)")
     files: list[str] | None = None
+    if prompts_file is not None and caption_column != "text":
+        logger.warning("--caption-column is unused: the prompts come from --prompts")
     if prompts_file is None:
         files, prompts = read_image_folder(images, caption_column)
     else:
@@ -309,6 +316,11 @@ def prepare(
             fam, model, cond, size, teacher_steps, guidance_scale, true_cfg_scale, seed
         )
     os.makedirs(output, exist_ok=True)
+    stale = sorted(f for f in os.listdir(output) if f.startswith("samples-"))
+    if stale:  # an earlier prepare's files would mix with these
+        logger.info("replacing the %d sample files already in %s", len(stale), output)
+        for name in stale:
+            os.remove(os.path.join(output, name))
     paths = []
     for i, start in enumerate(range(0, len(prompts), per_file)):
         part = {"latents": latents[start : start + per_file].float().contiguous()}

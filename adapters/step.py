@@ -259,11 +259,9 @@ def train_step(run: Run) -> dict[str, float | str]:
                     loss, metrics = run.objective(run, loss_fn, x, cond, draws, rows)
                 if not bool(torch.isfinite(loss)):
                     # each term checked itself: what is left is their sum, or its scale
-                    what = (
-                        "the MeanFlow loss plus the alignment term"
-                        if run.alignment
-                        else "the MeanFlow loss"
-                    )
+                    arc = getattr(run.loss, "phase", None) == "arcflow"
+                    what = f"the {'ArcFlow' if arc else 'MeanFlow'} loss"
+                    what += " plus the alignment term" if run.alignment else ""
                     raise FloatingPointError(
                         f"{what} is not finite at step {run.step} (align_loss "
                         f"{_value(metrics, 'align_loss')}, weight "

@@ -17,7 +17,6 @@ import numpy as np
 import PIL.Image
 
 SHRINK: tuple[tuple[str, str], ...] = (
-    (r"--steps \d+", "--steps 2"),
     (r"--warmup-steps \d+", "--warmup-steps 1"),
     (r"--checkpoint-every \d+", "--checkpoint-every 1"),
     (r"--teacher-steps \d+", "--teacher-steps 2"),
@@ -43,20 +42,25 @@ def shell_tiny(name: str) -> Callable[[ShellSetup], ShellSetup]:
 
 
 def tiny_form(code: str, paths: dict[str, str]) -> str:
-    """The block with ``paths`` replaced and the budget shrunk; a ``train`` command that
-    takes the default budget (1,000 steps) is given ``--steps 2``."""
+    """The block with ``paths`` replaced and the budget shrunk: a ``train`` command trains
+    2 steps (``--steps``, given or not), a ``prepare`` command makes 16x16 images."""
     for path, stand_in in paths.items():
         code = code.replace(path, stand_in)
     for pattern, repl in SHRINK:
         code = re.sub(pattern, repl, code)
     commands = re.split(r"(?<!\\)\n", code)  # logical lines (a trailing \ continues one)
-    commands = [
-        c.replace("mfcore-distill train", "mfcore-distill train --steps 2", 1)
-        if "mfcore-distill train" in c and "--steps" not in c
-        else c
-        for c in commands
-    ]
-    return "\n".join(commands)
+    return "\n".join(_shrink_command(c) for c in commands)
+
+
+def _shrink_command(command: str) -> str:
+    if "mfcore-distill train" in command:
+        command = re.sub(r"--steps \d+", "--steps 2", command)
+        if "--steps" not in command:
+            command = command.replace("mfcore-distill train", "mfcore-distill train --steps 2", 1)
+    if "mfcore-distill prepare" in command and "--height" not in command:
+        command = command.replace("mfcore-distill prepare", "mfcore-distill prepare "
+                                  "--height 16 --width 16", 1)  # fmt: skip
+    return command
 
 
 def _inputs(cwd: Path, checkpoint: str, family: str) -> None:

@@ -5,16 +5,18 @@ ByT5), HunyuanImage 3.0 (ids)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfcore.adapters.data import LatentDataset
-from mfcore.adapters.distill import main
+from mfcore.adapters.data import LatentDataset, make_synthetic_data
+from mfcore.adapters.distill import latest_checkpoint, main
 from mfcore.adapters.family import get_family
 from mfcore.adapters.generation import seeded_noise
 from mfcore.adapters.loading import resolve_model
@@ -174,17 +176,26 @@ def test_image_folder_captions_in_diffusers_convention(tmp_path):
 
 
 @settings(max_examples=30, deadline=None)
-@given(w=st.integers(1, 40), h=st.integers(1, 40), tw=st.integers(1, 24), th=st.integers(1, 24))
+@given(w=st.integers(8, 40), h=st.integers(8, 40), tw=st.integers(4, 24), th=st.integers(4, 24))
 def test_fit_image_never_stretches(w, h, tw, th):
-    """The fitted image is the target size, cut from a resize that keeps the aspect ratio
-    (to rounding) and covers the target; nothing is cropped when the ratios agree."""
-    image = PIL.Image.new("RGB", (w, h))
+    """The fitted image is the target size and matches PIL's own ``ImageOps.fit`` (crop the
+    centre to the target's aspect ratio, then resize) to resampling error on a smooth
+    image; a stretched resize is further off whenever the aspect ratios differ enough."""
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    rgb = np.stack([x * 255, y * 255, (x * y) * 255], -1).astype(np.uint8)
+    image = PIL.Image.fromarray(rgb)
     fitted, cropped = fit_image(image, tw, th)
     assert fitted.size == (tw, th)
-    scale = max(tw / w, th / h)
-    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-    assert abs(rw / rh - w / h) <= (w / h) * (1 / rh + 1 / rw) + 1e-9  # aspect to rounding
-    assert cropped == ((rw, rh) != (tw, th))
+    ref = PIL.ImageOps.fit(image, (tw, th), PIL.Image.BICUBIC, centering=(0.5, 0.5))
+    err = np.abs(np.asarray(fitted, float) - np.asarray(ref, float)).mean()
+    # of 255: both resample a smooth gradient, in another order, and may round the crop's
+    # offset to neighbouring pixels: up to a target pixel's step of the gradient
+    assert err < 255 / min(tw, th), err
+    stretched = np.asarray(image.resize((tw, th), PIL.Image.BICUBIC), float)
+    if abs(w / h - tw / th) > 0.5 * (w / h):
+        assert cropped
+        assert np.abs(np.asarray(fitted, float) - stretched).mean() > err
+    assert fit_image(PIL.Image.new("RGB", (2 * tw, 2 * th)), tw, th)[1] is False
 
 
 def test_prepare_from_captioned_images_crops_and_keeps_the_dtype(tmp_path, flux_ckpt, capsys):
@@ -227,7 +238,7 @@ def test_prepare_from_captioned_images_crops_and_keeps_the_dtype(tmp_path, flux_
     assert (got - ref).abs().mean() < (got - other).abs().mean()
 
 
-def test_model_ids_come_from_the_local_hugging_face_cache(tmp_path, capsys):
+def test_model_ids_come_from_the_local_hugging_face_cache(tmp_path, flux_ckpt, capsys, monkeypatch):
     """--model ORG/NAME: the snapshot in the local cache, else a usage error saying how to
     get it; nothing is downloaded."""
     cache = tmp_path / "hub"
@@ -239,6 +250,20 @@ def test_model_ids_come_from_the_local_hugging_face_cache(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="hf download org/other"):
         resolve_model("org/other", cache_dir=str(cache))
     assert resolve_model(str(tmp_path)) == str(tmp_path)
+    # train and its resume, from an id in the (default) cache, as the CLI gives it
+    import huggingface_hub.constants
+
+    path, _ = flux_ckpt
+    shutil.copytree(path, snap, dirs_exist_ok=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    data = tmp_path / "data"
+    make_synthetic_data(str(data), family="flux", num_files=1, per_file=2, height=4, width=4)
+    train = ["train", "--model", "org/tiny", "--data", str(data), "--output", str(tmp_path / "r"),
+             "--device", "cpu", "--weights-dtype", "fp32", "--lora-rank", "2", "--no-progress",
+             "--preview-every", "0"]  # fmt: skip
+    assert main([*train, "--steps", "1"]) == 0
+    assert main([*train, "--steps", "2", "--resume"]) == 0
+    assert latest_checkpoint(tmp_path / "r").endswith("step-0000002")
     err = usage_error(["prepare", "--model", str(tmp_path / "nope"), "--prompts", "p",
                         "--output", str(tmp_path / "o")], capsys)  # fmt: skip
     assert "nope does not exist" in err
