@@ -83,6 +83,7 @@ from mfcore.adapters.parallel import (
     shard,
     wrap,
 )
+from mfcore.adapters.prepare import read_prompts
 from mfcore.adapters.routing import attention_mode_for, enable_gradient_checkpointing
 from mfcore.adapters.run_checkpoints import (
     check_resume,
@@ -377,14 +378,23 @@ PREVIEW_STEPS = (1, 2, 4)
 
 
 def _preview(run: Run, log: RunLog | None) -> None:
-    """``previews/step-XXXXXXX.png``: one row per preview sample (the data's first two
-    conditions), its teacher sample (:data:`PREVIEW_TEACHER_STEPS` Euler steps, computed at
-    the first preview and kept) and the (EMA) student's 1-, 2- and 4-step samples, all from
-    the same noise. Every rank samples, as the sharded model needs; rank 0 writes them."""
+    """``previews/step-XXXXXXX.png``: one row per preview sample (the validation prompts, else
+    the data's first two conditions), its teacher sample (:data:`PREVIEW_TEACHER_STEPS`
+    Euler steps, computed at the first preview and kept) and the (EMA) student's 1-, 2- and
+    4-step samples, all from the same noise. Every rank samples, as the sharded model needs;
+    rank 0 writes them."""
     x, cond = run.data.take(list(range(min(2, len(run.data)))), run.device)
     _, c, h, w = x.shape
+    if run.cfg.validation_prompts is not None:
+        if run.preview_cond is None:  # encoded once, the text encoders then let go
+            prompts = read_prompts(run.cfg.validation_prompts)
+            encoder = run.family.prompt_encoder(run.cfg.model, DTYPES[run.cfg.weights_dtype])
+            encoded = encoder(prompts, (h, w), None)
+            run.preview_cond = {k: v.to(run.device) for k, v in encoded.items()}
+        cond = run.preview_cond
+    n = next(v for v in cond.values() if isinstance(v, Tensor)).shape[0]
     if run.preview_reference is None:
-        noise = seeded_noise((x.shape[0], c, h, w), run.cfg.seed, run.device, torch.float32)
+        noise = seeded_noise((n, c, h, w), run.cfg.seed, run.device, torch.float32)
         grid = run.family.sampling_grid(
             PREVIEW_TEACHER_STEPS, h, w, scheduler=run.scheduler, device=run.device
         )

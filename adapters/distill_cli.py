@@ -122,6 +122,8 @@ HELP: dict[str, str] = {
     "rank's whole share, batch_size / world size)",
     "ema": "keep an EMA of the trained weights (used for previews and the exported student)",
     "ema_decay": "EMA decay (warmed up as min(decay, (1 + n) / (10 + n)))",
+    "validation_prompts": "a prompt file (one a line) for the previews, encoded by --model's "
+    "text encoders; unset: the data's first two conditions",
     "preview_every": "every N steps (0: never) write previews/step-N.png: per preview sample, "
     "the teacher's 28-step sample and the student's 1-, 2- and 4-step ones from its noise",
     "tensorboard": "also log to TensorBoard (<output>/tensorboard) when it is installed",
@@ -131,6 +133,7 @@ HELP: dict[str, str] = {
 
 # The type of the flags whose default is None.
 _OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size": cli_int}
+_OPTIONAL["validation_prompts"] = str
 # the settings with a fixed set of values: argparse lists them in --help and refuses others
 _CHOICES: dict[str, tuple[str, ...]] = {
     "family": ("auto", *FAMILIES),

@@ -5,6 +5,7 @@ only with alignment, what a checkpoint that predates a setting ran with)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -105,12 +106,22 @@ class DistillConfig:
     ema: bool = True
     ema_decay: float = 0.999
     preview_every: int = 100
+    validation_prompts: str | None = None
     tensorboard: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
         if (self.model is None) == (not self.tiny):
             raise ValueError("give exactly one of model (a checkpoint folder) and tiny")
+        if self.validation_prompts is not None:
+            if self.tiny:
+                raise ValueError(
+                    "validation_prompts needs a checkpoint with text encoders (model), not tiny"
+                )
+            if not os.path.isfile(self.validation_prompts):
+                raise FileNotFoundError(
+                    f"validation prompt file {self.validation_prompts} does not exist"
+                )
         check_choice("family", self.family, ("auto", *FAMILIES))
         positive = (
             "steps",
@@ -178,7 +189,7 @@ LEGACY = {"switch": "fixed", "guard": False, "family": "flux", "grid_fraction": 
 # without steering them; a checkpoint without one starts it from the resumed weights).
 RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "output"}
 RESUMABLE |= {"allow_data_change"}
-RESUMABLE |= {"ema", "ema_decay", "preview_every", "tensorboard"}
+RESUMABLE |= {"ema", "ema_decay", "preview_every", "validation_prompts", "tensorboard"}
 # (a rollback needs the copy taken at the switch: resumed without one, it waits for the next)
 RESUMABLE |= {"rollback"}
 # (how the global batch is computed: the engine and the micro-batches change only float order)

@@ -68,6 +68,7 @@ class Run:
     rollback: SwitchRollback | None = None
     step: int = 0
     preview_reference: Tensor | None = None  # the teacher's preview samples, once computed
+    preview_cond: dict | None = None  # the validation prompts' conditions, once encoded
 
 
 class _Means:

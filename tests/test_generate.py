@@ -204,3 +204,27 @@ def test_the_stock_flux_pipeline_loads_only_the_students_instantaneous_velocity(
     assert max_rel(v_stock, below) > 1e-3
     card = (tmp_path / "flux-student" / "README.md").read_text()
     assert "load_lora_weights" in card and "r = t" in card
+
+
+def test_validation_prompts_preview_the_teacher_and_the_student(tmp_path, flux_ckpt, capsys):
+    """--validation-prompts: the previews' rows are the prompts, encoded by the checkpoint's
+    own encoders, each with the teacher's sample and the student's 1-, 2- and 4-step ones;
+    a tiny model (no encoders) and a missing file are usage errors."""
+    path, _ = flux_ckpt
+    data = tmp_path / "data"
+    assert main(["make-data", str(data), "--family", "flux"]) == 0
+    prompts = tmp_path / "val.txt"
+    prompts.write_text("a red cat\ntwo birds\na blue house\n")
+    argv = ["train", "--model", str(path), "--data", str(data), "--output", str(tmp_path / "r"),
+            "--steps", "1", "--device", "cpu", "--weights-dtype", "fp32", "--lora-rank", "2",
+            "--no-progress", "--preview-every", "1"]  # fmt: skip
+    assert main([*argv, "--validation-prompts", str(prompts)]) == 0
+    preview = PIL.Image.open(tmp_path / "r" / "previews" / "step-0000001.png")
+    _, h, w = LatentDataset(data, get_family("flux")).shapes["latents"]
+    factor = 2  # the tiny pipeline's VAE
+    assert preview.size == (4 * w * factor, 3 * h * factor)  # 3 prompts x (teacher, 1, 2, 4)
+    err = usage_error(["train", "--tiny", "--data", str(data), "--output", str(tmp_path / "t"),
+                       "--validation-prompts", str(prompts)], capsys)  # fmt: skip
+    assert "text encoders" in err
+    err = usage_error([*argv, "--validation-prompts", str(tmp_path / "none.txt")], capsys)
+    assert "none.txt does not exist" in err
