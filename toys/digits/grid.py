@@ -18,9 +18,10 @@ Each variant is a set of ``DistillConfig`` settings on top of the benchmark's
 - ``default-2000``, ``default-lr1e-3``: the shipped default at 5x the steps, and at a 10x
   learning rate (whether the budget or the learning rate limits the 1-step student);
 - ``arcflow``: ArcFlow's momentum-mixture student (``--student arcflow``), trained on the
-  2-step rollout (2 NFE), at the same budget; ``arcflow-200`` at about the default's teacher
-  evaluations (half the steps: its rollout costs about 7.8 evaluations per sample and step
-  against the default's 4.06), ``default-800`` the default at about ``arcflow``'s.
+  2-step rollout (2 NFE), at the same budget (7.8 teacher evaluations per sample and step
+  against the default's 4.06); ``arcflow-200`` at half the steps (its teacher-mixing phase,
+  ``warmup_steps``, then spans the whole run: 1.4x the default's evaluations, not 1x);
+  ``default-800`` the default at about ``arcflow``'s evaluations.
 
 Every finished run is appended to ``<out>/grid/runs.jsonl``, keyed by variant, settings and
 seed, and its samples go to ``<out>/grid/samples/``; an interrupted invocation resumes with
