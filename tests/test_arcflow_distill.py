@@ -65,6 +65,13 @@ def test_arcflow_run_trains_exports_resumes_and_generates(tmp_path, data, capsys
         grid = fam.sampling_grid(k, 4, 4, dtype=torch.float32)
         ref = sample_arcflow(loaded, noise, k, grid=grid, cond=cond)
         assert_close_to(latents[f"{k}step"], ref, FP32, f"{k} steps")
+    # its last checkpoint (the EMA weights it kept) generates the same images
+    again = tmp_path / "from-checkpoint"
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000004"
+    assert main([*argv[:2], str(ckpt), *argv[3:-1], str(again)]) == 0
+    other = load_file(str(again / "latents.safetensors"))
+    for k in ("1step", "2step"):
+        assert_close_to(other[k], latents[k], FP32, f"checkpoint {k}")
 
 
 def test_arcflow_refuses_what_it_cannot_run(tmp_path, data):
