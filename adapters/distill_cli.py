@@ -60,7 +60,7 @@ HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay",
     "grad_clip": "clip the gradient norm to this (inf: no clipping)",
     "lora_rank": "rank of the student's LoRA updates",
-    "lora_alpha": "LoRA alpha (the update is scaled by alpha / rank; default: rank)",
+    "lora_alpha": "LoRA alpha (the update is scaled by alpha / rank); unset: rank",
     "guidance_scale": "guidance input of a guidance-distilled teacher",
     "true_cfg_scale": "two-pass classifier-free guidance scale of the teacher (1: off; "
     "needs negative prompts in the data)",
@@ -118,8 +118,8 @@ HELP: dict[str, str] = {
     "(FSDP2, sharded), none (one process) or auto (ddp when the weights take at most a "
     "quarter of one device's memory, else fsdp; none without torchrun)",
     "micro_batch_size": "samples per rank per forward; gradients accumulate over the "
-    "batch_size / (world size x micro_batch_size) micro-batches of a step (default: the "
-    "rank's whole share, batch_size / world size)",
+    "batch_size / (world size x micro_batch_size) micro-batches of a step; unset: the "
+    "rank's whole share, batch_size / world size",
     "ema": "keep an EMA of the trained weights (used for previews and the exported student)",
     "ema_decay": "EMA decay (warmed up as min(decay, (1 + n) / (10 + n)))",
     "validation_prompts": "a prompt file (one a line) for the previews, encoded by --model's "
@@ -132,8 +132,12 @@ HELP: dict[str, str] = {
 
 
 # The type of the flags whose default is None.
-_OPTIONAL = {"lora_alpha": float, "warmup_threshold": float, "micro_batch_size": cli_int}
-_OPTIONAL["validation_prompts"] = str
+_OPTIONAL = {
+    "lora_alpha": float,
+    "warmup_threshold": float,
+    "micro_batch_size": cli_int,
+    "validation_prompts": str,
+}
 # the settings with a fixed set of values: argparse lists them in --help and refuses others
 _CHOICES: dict[str, tuple[str, ...]] = {
     "family": ("auto", *FAMILIES),
@@ -200,7 +204,7 @@ def _add_make_data(sub: Any) -> None:
     sizes = {
         "num_files": (2, "files to write"),
         "per_file": (2, "samples per file"),
-        "channels": (None, "latent channels (default: the tiny model's)"),
+        "channels": (None, "latent channels; unset: the tiny model's"),
         "height": (8, "latent height"),
         "width": (8, "latent width"),
         "seq_len": (8, "prompt length in tokens"),
@@ -212,7 +216,7 @@ def _add_make_data(sub: Any) -> None:
             "--" + name.replace("_", "-"),
             type=cli_int,
             default=None,
-            help=f"the condition's {name} (default: the family's tiny model's)",
+            help=f"the condition's {name}; unset: the family's tiny model's",
         )
     md.add_argument("--negatives", action="store_true", help="also write negative prompts")
     md.add_argument("--seed", type=cli_int, default=0, help="seed of the random values")
