@@ -218,14 +218,17 @@ def test_grid_resumes_run_by_run_and_summarises_over_seeds(tmp_path, monkeypatch
         calls.append((name, seed))
         return _fake_row(seed, 0.5 + 0.25 * seed), {"student 1": torch.zeros(2, 1, 4, 4)}
 
-    setup = SimpleNamespace(labels=torch.zeros(2, dtype=torch.long), rows={})
+    bench = BenchConfig(out=str(tmp_path))
+    refs = {"teacher 50": torch.zeros(2, 1, 4, 4), "teacher euler 1": torch.zeros(2, 1, 4, 4)}
+    setup = SimpleNamespace(labels=torch.zeros(2, dtype=torch.long), rows={}, references=refs,
+                            bench=bench)  # fmt: skip
     monkeypatch.setattr(grid, "prepare", lambda bench: setup)
     monkeypatch.setattr(grid, "run_variant", fake_run)
-    bench = BenchConfig(out=str(tmp_path))
     grid.run_grid(bench, only=["discrete"], seeds=1)
     assert calls == [("grid-discrete", 0)]
     tables = grid.run_grid(bench, only=["discrete"], seeds=2)  # seed 0 is not run again
     assert calls == [("grid-discrete", 0), ("grid-discrete", 1)]
+    assert (tmp_path / "grid" / "figure.png").is_file()  # the teacher's columns, at least
     summary = json.loads((tmp_path / "grid" / "results.json").read_text())["summary"]
     mean, sd = summary["discrete"]["1"]["accuracy"]
     assert mean == pytest.approx(0.625) and sd == pytest.approx(0.25 / 2**0.5)

@@ -25,7 +25,8 @@ Each variant is a set of ``DistillConfig`` settings on top of the benchmark's
 
 Every finished run is appended to ``<out>/grid/runs.jsonl``, keyed by variant, settings and
 seed, and its samples go to ``<out>/grid/samples/``; an interrupted invocation resumes with
-the next unfinished run (:mod:`mfcore.toys.experiments`' pattern). The variants run in
+the next unfinished run (:mod:`mfcore.toys.experiments`' pattern). ``grid/figure.png`` shows
+the default's and ArcFlow's samples beside the teacher's. The variants run in
 :data:`ORDER`, seed by seed, so a short invocation covers the first variants first.
 """
 
@@ -38,14 +39,24 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mfcore.adapters.distill import DistillConfig
 
 from .bench import STEPS, TOY_SETTINGS, BenchConfig, prepare, run_variant
+from .figures import plot_grid
 
-__all__ = ["VARIANTS", "ORDER", "record", "run_grid", "summarise", "format_grid"]
+__all__ = [
+    "VARIANTS",
+    "ORDER",
+    "FIGURE_VARIANTS",
+    "record",
+    "run_grid",
+    "summarise",
+    "format_grid",
+    "plot_variants",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -224,4 +235,24 @@ def run_grid(
         json.dumps({"references": setup.rows, "summary": summary, "runs": rows}, indent=1)
     )
     (out / "tables.md").write_text(tables + "\n")
+    plot_variants(setup, out / "figure.png")
     return tables
+
+
+FIGURE_VARIANTS = ("default", "arcflow")
+"""The variants whose seed-0 samples :func:`plot_variants` shows beside the teacher's."""
+
+
+def plot_variants(setup: Any, path: Path, steps: tuple[int, ...] = (1, 2)) -> None:
+    """Samples of the :data:`FIGURE_VARIANTS` that have run (seed 0, ``steps`` steps)
+    beside the teacher's 50-step and 1-step Euler ones, one row per class, as a PNG."""
+    sets = {
+        name: (setup.references[name], setup.labels)
+        for name in (f"teacher {setup.bench.teacher_steps}", "teacher euler 1")
+    }
+    for name in FIGURE_VARIANTS:
+        file = path.parent / "samples" / f"{name}-seed0.safetensors"
+        if file.is_file():
+            saved = load_file(str(file))
+            sets |= {f"{name} {k}": (saved[f"student_{k}"], saved["labels"]) for k in steps}
+    plot_grid(sets, path)
