@@ -373,8 +373,6 @@ def _build_alignment(cfg: DistillConfig, fake: FakeVelocity) -> Alignment:
 
 #: Euler steps of the teacher's preview samples (FLUX's pipeline default).
 PREVIEW_TEACHER_STEPS = 28
-#: The student's step counts in a preview.
-PREVIEW_STEPS = (1, 2, 4)
 
 
 def _preview(run: Run, log: RunLog | None) -> None:
@@ -402,7 +400,7 @@ def _preview(run: Run, log: RunLog | None) -> None:
     columns = [run.preview_reference]
     ema = run.ema.applied() if run.ema is not None else contextlib.nullcontext()
     with ema:
-        for steps in PREVIEW_STEPS:
+        for steps in GRID_STEPS:
             columns.append(
                 generate_latents(
                     run.student,

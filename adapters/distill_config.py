@@ -140,9 +140,7 @@ class DistillConfig:
             "arc_steps",
         )
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "align_start", "critic_lead", "preview_every"):
             check_positive_int(name, getattr(self, name), minimum=0)
         check_positive_int("keep_checkpoints", self.keep_checkpoints)

@@ -83,7 +83,7 @@ def test_whole_run_trains_only_adapters_and_resumes_exactly_after_a_kill(
             owner = "fake" if ".mfcore_fake." in name else "student"
             if "lora_B" in name:
                 trained[owner] += int(bool(p.detach().abs().sum() > 0))
-        else:
+        else:  # frozen: the very values built in this process (bitwise is the contract)
             assert torch.equal(p, base[key]), name
     assert trained["student"] > 0 and trained["fake"] > 0
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -102,7 +102,8 @@ def test_whole_run_trains_only_adapters_and_resumes_exactly_after_a_kill(
     with pytest.raises(Killed):
         distill(config(tmp_path, family, "b"))
     monkeypatch.setattr(distill_module, "_train_step", honest)
-    # ... and resumed: bit-identical weights, EMA and critic
+    # ... and resumed: bit-identical weights, EMA and critic (one process, one machine: a
+    # resumed run equal to the uninterrupted one bit for bit is the checkpoints' contract)
     resumed = distill(config(tmp_path, family, "b", resume=True))
     a, b = dict(straight.named_parameters()), dict(resumed.named_parameters())
     for k in a:
@@ -124,6 +125,7 @@ def test_ema_is_checkpointed_and_exported(tmp_path):
         tuple(p.shape) for p in student.trainable_parameters()
     ]
     assert any(not torch.equal(exported[k], raw[k]) for k in raw if "lora_B" in k)
+    # the exported weights are the EMA's, copied (this process's values: no arithmetic)
     for s, p in zip(state["ema"]["shadow"], student.trainable_parameters(), strict=True):
         assert torch.equal(s, p.detach())
 
