@@ -104,9 +104,10 @@ HELP: dict[str, str] = {
     "checkpoint_every": "write a checkpoint every N steps",
     "keep_checkpoints": "checkpoints to keep (the newest; an older one goes only once its "
     "successor reads back whole)",
-    "resume": "continue from the newest checkpoint in --output that reads back whole "
-    "(a corrupt newer one is skipped with a warning), with the run's saved settings: flags "
-    "given again override those a resume may change",
+    "resume": "continue a run with its saved settings (flags given again override those a "
+    "resume may change): 'latest' (alone: --resume) takes the newest checkpoint in --output "
+    "that reads back whole, a corrupt newer one skipped with a warning; a run folder, its "
+    "newest; a checkpoint folder (RUN/checkpoints/step-N), that one, and RUN is the output",
     "allow_data_change": "with --resume, go on (with a warning) when the data folder's files "
     "differ from the checkpoint's record",
     "seed": "seed of the model init (--tiny), data order, noise and times",
@@ -169,10 +170,13 @@ def _add_train(sub: Any, given_only: bool = False) -> None:
                      **unset)  # fmt: skip
     tr.add_argument("--data", help="folder of *.safetensors samples (with --resume: the run's "
                     "own)", **unset)  # fmt: skip
-    tr.add_argument("--output", required=True, help="run folder (checkpoints, metrics, student)")
+    tr.add_argument("--output", help="run folder (checkpoints, metrics, student); required "
+                    "unless --resume names the run", **unset)  # fmt: skip
+    tr.add_argument("--resume", nargs="?", const="latest", metavar="latest|PATH",
+                    default=_NOT_GIVEN if given_only else None, help=HELP["resume"])  # fmt: skip
     defaults = DistillConfig(data="", output="", tiny=True)
     for field in dataclasses.fields(DistillConfig):
-        if field.name in ("data", "output", "model", "tiny"):
+        if field.name in ("data", "output", "model", "tiny", "resume", "resume_from"):
             continue
         flag = "--" + field.name.replace("_", "-")
         value = getattr(defaults, field.name)
@@ -273,23 +277,49 @@ def _make_data(args: dict[str, Any]) -> str:
     return f"wrote {len(paths)} files to {folder}\n"
 
 
+def resume_target(value: str, output: str | None) -> tuple[str, str | None]:
+    """``--resume``'s run folder and checkpoint (``None``: its newest) from ``value``
+    (``latest``, a run folder or one of its checkpoint folders) and ``--output``."""
+    if value == "latest":
+        if output is None:
+            raise ValueError("--resume latest needs --output (the run folder)")
+        return output, None
+    if os.path.isdir(os.path.join(value, "checkpoints")):
+        run, point = value, None
+    elif os.path.isfile(os.path.join(value, "config.json")) and (
+        os.path.basename(os.path.dirname(os.path.abspath(value))) == "checkpoints"
+    ):
+        run, point = os.path.dirname(os.path.dirname(os.path.abspath(value))), value
+    else:
+        raise FileNotFoundError(
+            f"--resume {value}: neither a run folder (with checkpoints/) nor one of its "
+            "checkpoints (RUN/checkpoints/step-N with its config.json)"
+        )
+    if output is not None and os.path.realpath(output) != os.path.realpath(run):
+        raise ValueError(f"--resume {value} is a checkpoint of {run}, not of --output {output}")
+    return run, point
+
+
 def _train_settings(args: dict[str, Any], argv: Sequence[str] | None, prog: str) -> dict:
     """The settings of ``train``: the command line's; with ``--resume``, the run's saved
     settings with the flags the command line gave on top (a changed setting that a resume
     may not change is then refused by name, as any)."""
-    if not args["resume"]:
+    if args["resume"] is None:
         if args["data"] is None or (args["model"] is None and not args["tiny"]):
             raise ValueError("train needs --data and one of --model and --tiny")
-        return args
+        if args["output"] is None:
+            raise ValueError("train needs --output (the run folder)")
+        return {**args, "resume": False}
+    output, point = resume_target(args["resume"], args["output"])
     given_parser = build_parser(prog, given_only=True)
     given = vars(given_parser.parse_args(sys.argv[1:] if argv is None else argv))
     given = {k: v for k, v in given.items() if v is not _NOT_GIVEN and k != "command"}
     if given.get("model") is not None:  # as main resolved the parsed one
         given["model"] = resolve_model(given["model"])
-    path, saved = saved_settings(args["output"])
+    path, saved = saved_settings(output, point)
     if "model" in given or "tiny" in given:  # one source of the model: the given one
         saved.pop("model"), saved.pop("tiny")
-    merged = {**saved, **given, "resume": True}
+    merged = {**saved, **given, "output": output, "resume": True, "resume_from": point}
     merged.setdefault("model", None)
     merged.setdefault("tiny", False)
     logger.info(

@@ -95,6 +95,7 @@ class DistillConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False
+    resume_from: str | None = None
     allow_data_change: bool = False
     seed: int = 0
     device: str = "auto"
@@ -123,6 +124,12 @@ class DistillConfig:
                     f"validation prompt file {self.validation_prompts} does not exist"
                 )
         check_choice("family", self.family, ("auto", *FAMILIES))
+        if self.resume_from is not None:
+            if not isinstance(self.resume_from, str):
+                raise TypeError(
+                    f"resume_from must be a checkpoint folder, got {self.resume_from!r}"
+                )
+            self.resume = True  # a checkpoint to resume from is a resume
         positive = (
             "steps",
             "batch_size",
@@ -185,7 +192,8 @@ GRID_STEPS = (1, 2, 4)
 LEGACY = {"switch": "fixed", "guard": False, "family": "flux", "grid_fraction": 0.0}
 # Settings that may differ between a run and its resumption (the EMA shadows the weights
 # without steering them; a checkpoint without one starts it from the resumed weights).
-RESUMABLE = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "output"}
+RESUMABLE = {"steps", "resume", "resume_from", "progress", "checkpoint_every", "keep_checkpoints"}
+RESUMABLE |= {"output"}
 RESUMABLE |= {"allow_data_change"}
 RESUMABLE |= {"ema", "ema_decay", "preview_every", "validation_prompts", "tensorboard"}
 # (a rollback needs the copy taken at the switch: resumed without one, it waits for the next)

@@ -200,6 +200,8 @@ def resume_point(run: Run) -> tuple[str, dict]:
     aside as ``<name>.corrupt`` (so pruning, which keeps the newest, never keeps it in place
     of the intact ones)."""
     root = os.path.join(run.cfg.output, "checkpoints")
+    if run.cfg.resume_from is not None:
+        return _resume_from(run, run.cfg.resume_from)
     folders = checkpoint_folders(root)
     if not folders:
         raise FileNotFoundError(f"--resume given but {run.cfg.output} has no checkpoint")
@@ -221,6 +223,19 @@ def resume_point(run: Run) -> tuple[str, dict]:
             return path, found
         rejected.append(path)
     raise ValueError(f"no checkpoint in {root} reads back whole: " + "; ".join(skipped))
+
+
+def _resume_from(run: Run, path: str) -> tuple[str, dict]:
+    """Checkpoint ``path`` (``--resume PATH``), read back whole on every rank, or an error
+    naming it: a checkpoint asked for by name is never swapped for another."""
+    try:
+        found, ok, reason = _verify(path, run.world.rank), True, ""
+    except Exception as err:  # any failure on one rank: every rank must hear of it
+        found, ok, reason = {}, False, str(err)
+    if not _agreed(run, ok):
+        raise ValueError(f"--resume {path}: the checkpoint does not read back whole ({reason})")
+    run.world.barrier()
+    return path, found
 
 
 def check_resume(cfg: DistillConfig, path: str, found: dict, data: LatentDataset) -> None:
@@ -257,13 +272,16 @@ def _filled(saved: dict) -> dict:
     return {k: saved.get(k, v) for k, v in defaults.items()}
 
 
-def saved_settings(output: str | os.PathLike) -> tuple[str, dict]:
-    """The newest checkpoint of the run in ``output`` whose ``config.json`` reads, and its
-    settings (every field of :class:`DistillConfig`).
+def saved_settings(output: str | os.PathLike, path: str | None = None) -> tuple[str, dict]:
+    """The newest checkpoint of the run in ``output`` whose ``config.json`` reads (or
+    checkpoint ``path``), and its settings (every field of :class:`DistillConfig`).
 
     Raises:
         FileNotFoundError: when ``output`` holds no checkpoint with readable settings.
+        ValueError: when ``path``'s settings do not read.
     """
+    if path is not None:
+        return path, _filled(read_json(os.path.join(path, "config.json")))
     reasons = []
     for _, path in reversed(checkpoint_folders(os.path.join(output, "checkpoints"))):
         try:

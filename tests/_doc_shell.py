@@ -24,6 +24,7 @@ SHRINK: tuple[tuple[str, str], ...] = (
     (r"--width \d+", "--width 16"),
     (r"--lora-rank \d+", "--lora-rank 2"),
     (r"--critic-rank \d+", "--critic-rank 2"),
+    (r"checkpoints/step-\d{7}", "checkpoints/step-0000001"),  # a checkpoint a tiny run has
 )
 """What a tiny form changes in a command besides the paths: the budget, not the flags."""
 

@@ -294,6 +294,43 @@ def test_resume_remembers_the_runs_settings_and_refuses_a_changed_one_by_name(tm
     assert "--data and one of --model and --tiny" in err
 
 
+def test_resume_takes_latest_a_run_folder_or_one_checkpoint(tmp_path, capsys):
+    """--resume latest|PATH, as diffusers' --resume_from_checkpoint: a run folder resumes its
+    newest checkpoint, a checkpoint folder that one (and the run is its output)."""
+    folder = str(data(tmp_path, "flux"))
+    out = str(tmp_path / "run")
+    first = ["train", "--tiny", "--data", folder, "--output", out, "--steps", "4",
+             "--checkpoint-every", "2", "--keep-checkpoints", "3", "--lora-rank", "2",
+             "--device", "cpu", "--weights-dtype", "fp32", "--no-progress",
+             "--no-tensorboard", "--preview-every", "0"]  # fmt: skip
+    assert main(first) == 0
+    step2 = os.path.join(out, "checkpoints", "step-0000002")
+    step4 = os.path.join(out, "checkpoints", "step-0000004")
+    original = load_file(os.path.join(step4, "student.safetensors"))
+    # from step 2 again, without --output: the checkpoint names the run; a resume is exact
+    # (one process: the same weights bit for bit, the contract of a resumed run)
+    assert main(["train", "--resume", step2, "--steps", "4", "--no-progress"]) == 0
+    redone = load_file(os.path.join(step4, "student.safetensors"))
+    assert redone.keys() == original.keys()
+    assert all(torch.equal(redone[k], original[k]) for k in original)
+    assert main(["train", "--resume", out, "--steps", "5", "--no-progress"]) == 0  # the newest
+    assert latest_checkpoint(out).endswith("step-0000005")
+    assert main(["train", "--resume", "latest", "--output", out, "--steps", "6",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert latest_checkpoint(out).endswith("step-0000006")
+    err = usage_error(["train", "--resume", str(tmp_path / "nowhere"), "--steps", "7"], capsys)
+    assert "neither a run folder" in err
+    err = usage_error(["train", "--resume", "--steps", "7"], capsys)
+    assert "--resume latest needs --output" in err
+    other = str(tmp_path / "other")
+    err = usage_error(["train", "--resume", step4, "--output", other, "--steps", "7"], capsys)
+    assert "not of --output" in err
+    with open(os.path.join(step4, "student.safetensors"), "wb") as f:
+        f.write(b"junk")  # corrupt: the checkpoint asked for by name is not swapped for another
+    err = usage_error(["train", "--resume", step4, "--steps", "7"], capsys)
+    assert "step-0000004" in err and "does not read back whole" in err
+
+
 def test_every_enumerated_train_flag_lists_its_choices(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
