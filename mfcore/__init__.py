@@ -12,6 +12,7 @@ are ``(B,)`` tensors.
 - :mod:`mfcore.jvp`: the total derivative ``du/dt`` along ``(v, 0, 1)``;
 - :mod:`mfcore.attention`: attention that forward-mode AD can differentiate;
 - :mod:`mfcore.targets`: MeanFlow targets; :mod:`mfcore.warmup`: the warm-up switch;
+  :mod:`mfcore.curricula`: a split target that moves from flow matching towards MeanFlow;
 - :mod:`mfcore.losses`: ``MeanFlowLoss``, ``FlowMatchingLoss``, ``AdaptiveWeight``;
 - :mod:`mfcore.critics`: trajectory distribution alignment (``AlignmentLoss``);
 - :mod:`mfcore.guidance`: classifier-free guidance;
@@ -32,6 +33,7 @@ Example:
 """
 
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, KernelCritic, MeanFlowCritic
+from mfcore.curricula import HalvingSpan, LinearSpan, SplitCurriculumTarget
 from mfcore.fields import (
     Critic,
     DiscreteTarget,
@@ -95,6 +97,9 @@ __all__ = [
     "SwitchGate",
     "SwitchGuard",
     "SwitchRollback",
+    "SplitCurriculumTarget",
+    "LinearSpan",
+    "HalvingSpan",
     "total_derivative",
     # time samplers and grids
     "UniformTime",

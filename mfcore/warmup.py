@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from mfcore._checks import (
+    check_choice,
     check_fraction,
     check_interval,
     check_like,
@@ -50,12 +51,14 @@ from mfcore._checks import (
     check_real,
     check_tensor,
     compute_dtype,
+    expand_time,
 )
 from mfcore.fields import DiscreteTarget, TargetOutput
 from mfcore.targets import DifferentialTarget
 
 __all__ = [
     "DEFAULT_GAP_EDGES",
+    "HANDOVERS",
     "gap_bin_names",
     "AgreementSignals",
     "target_agreement",
@@ -69,6 +72,8 @@ DEFAULT_GAP_EDGES: tuple[float, ...] = (0.0, 0.05, 0.2, 0.5, 1.0)
 """Gap bins ``(e_i, e_{i+1}]`` of ``t - r`` for the signals and the toys' probe."""
 
 _PHASES = ("discrete", "blend", "differential")
+#: How :class:`WarmupTarget` hands over from the discrete to the differential target.
+HANDOVERS = ("blend", "gap")
 _ROWS = 5  # per-bin sums: count, ||u_diff - u_disc||^2, ||u_disc||^2, ||u - u_disc||^2,
 # ||u_diff - u||^2
 
@@ -314,7 +319,13 @@ class WarmupTarget:
         threshold: fit-error threshold of the automatic criterion (``None``: off).
         ema: decay of the fit error's moving average.
         min_steps: earliest step at which the threshold may fire.
-        blend_steps: length of the linear blend after the switch (0: switch at once).
+        blend_steps: length of the hand-over after the switch (0: switch at once).
+        handover: how the target moves to the differential one over ``blend_steps``, with a
+            weight ``alpha`` ramping linearly from 0 to 1: ``"blend"``, the mix
+            ``alpha u_diff + (1 - alpha) u_disc``; ``"gap"``, the differential target on
+            the intervals with ``t - r <= alpha`` and the discrete one (integrated there
+            only) on the longer ones, short intervals first as the gap curriculum of
+            arXiv 2511.19065 orders them.
         gate: a :class:`SwitchGate` (``None``: switch without looking at the targets).
         guard: a :class:`SwitchGuard` (``None``: never revert).
         every: cadence of the signals, gate, guard and threshold checks.
@@ -351,6 +362,7 @@ class WarmupTarget:
         ema: float = 0.9,
         min_steps: int = 0,
         blend_steps: int = 0,
+        handover: str = "blend",
         gate: SwitchGate | None = None,
         guard: SwitchGuard | None = None,
         every: int | None = 10,
@@ -376,6 +388,7 @@ class WarmupTarget:
         check_fraction("ema", ema, below_one=True)
         check_positive_int("min_steps", min_steps, minimum=0)
         check_positive_int("blend_steps", blend_steps, minimum=0)
+        check_choice("handover", handover, HANDOVERS)
         if gate is not None and not isinstance(gate, SwitchGate):
             raise TypeError(f"gate must be a SwitchGate, got {type(gate).__name__}")
         if guard is not None and not isinstance(guard, SwitchGuard):
@@ -390,7 +403,7 @@ class WarmupTarget:
         self.discrete_target = discrete
         self.differential_target = differential
         self.switch_step, self.threshold, self.ema = switch_step, threshold, float(ema)
-        self.min_steps, self.blend_steps = min_steps, blend_steps
+        self.min_steps, self.blend_steps, self.handover = min_steps, blend_steps, handover
         self.gate, self.guard, self.every, self.reduce = gate, guard, every, reduce
         self.names = gap_bin_names(edges)
         self._edges = torch.tensor(_check_edges(edges), dtype=torch.float64)
@@ -459,15 +472,13 @@ class WarmupTarget:
             events["warmup_switched"] = 1.0
         phase = self.phase
         if phase == "discrete":
-            out = self.discrete_target(student, z_t, r, t, v, **kwargs)
+            out = self.discrete_target(student, z_t, r, t, v, step=self.step, **kwargs)
             extra = self._watch_discrete(out, student, z_t, r, t, v, cond)
         else:
             out = self.differential_target(student, z_t, r, t, v, **kwargs)
             alpha = self.blend_weight()
             if alpha < 1.0:
-                disc = self.discrete_target.compute(student, z_t, r, t, v, **kwargs)
-                mixed = alpha * out.target + (1.0 - alpha) * disc.to(out.target.dtype)
-                out = TargetOutput(out.pred, mixed, out.metrics)
+                out = self._hand_over(out, alpha, student, z_t, r, t, v, kwargs)
             extra = self._watch_guard(student)
             if self.switched_at is None:
                 events["warmup_reverted"] = 1.0
@@ -480,6 +491,20 @@ class WarmupTarget:
         for k, val in {**extra, **events}.items():
             metrics[k] = torch.full((), float(val), device=device)  # (a fill: no host wait)
         return TargetOutput(out.pred, out.target, metrics)
+
+    def _hand_over(self, out, alpha, student, z_t, r, t, v, kwargs) -> TargetOutput:
+        """The target during the hand-over, at differential weight ``alpha`` in ``[0, 1)``."""
+        work = out.target.dtype
+        if self.handover == "blend":
+            disc = self.discrete_target.compute(student, z_t, r, t, v, **kwargs)
+            mixed = alpha * out.target + (1.0 - alpha) * disc.to(work)
+            return TargetOutput(out.pred, mixed, out.metrics)
+        # "gap": the differential target on the intervals up to alpha long; the discrete one
+        # integrates only the longer ones (the others are passed as r = t: no solve)
+        short = (t.to(torch.float64) - r.to(torch.float64)) <= alpha
+        disc = self.discrete_target.compute(student, z_t, torch.where(short, t, r), t, v, **kwargs)
+        mixed = torch.where(expand_time(short, z_t), out.target, disc.to(work))
+        return TargetOutput(out.pred, mixed, out.metrics)
 
     def _may_switch(self) -> bool:
         """Whether the step or the threshold allows the switch, and the gate holds."""
