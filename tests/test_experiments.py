@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mfcore.toys import experiments, verdict
+from mfcore.toys import verdict_converged as converged
 
 TINY = dict(
     experiments.FAITHFUL,
@@ -121,3 +122,55 @@ def test_gate_calibration_counts_both_sides():
     assert "| calibration | (inf, inf) | 2/2 | 1/1 |" in rows
     assert "| held out (aniso3d) | (1, 3) | 0/0 | 0/1 |" in rows
     assert "| held out (aniso3d) | (inf, inf) | 0/0 | 1/1 |" in rows
+
+
+def test_converged_claim1_runs_branches_after_their_warm_up(tmp_path, monkeypatch):
+    """claim1_converged at a tiny budget: the warm-ups run (and stop at their plateau) in a
+    first phase, the branches start from them in a second; every table is written."""
+    small = dict(TINY, discrete_steps=1, probe_every=4, plateau_window=4, signal_every=2)
+    table = {}
+    for name, cfg in experiments.CONVERGED_VARIANTS.items():
+        c = {**cfg, **small}
+        if c.get("warm_up_run"):
+            c |= dict(steps=40, stop_plateau=0.5)
+        elif "branch" in c:
+            c |= dict(branch=(4, 4 + (c["branch"][1] - c["branch"][0]) // 200), blend_steps=4)
+        else:
+            c |= dict(warmup_steps=8, steps=16)
+        table[f"ring8 / {name}"] = c
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {"claim1_converged": table})
+    results = experiments.run_experiments(tmp_path, seeds=1)["claim1_converged"]
+    warm = results[f"ring8 / {converged.WARMUP}"]["runs"][0]
+    w = warm["steps_done"]
+    assert warm["converged_at"] == w < 40
+    assert (tmp_path / "warmups" / "ring8-0" / "checkpoint").is_dir()
+    fixed = results["ring8 / fixed switch"]["runs"][0]
+    assert fixed["steps_done"] == w + 14 and fixed["events"][0] == [w + 4, "switch"]
+    assert fixed["probes"][: len(warm["probes"]) - 1] == warm["probes"][:-1]  # the shared curve
+    assert fixed["signals_at_switch"] is not None  # measured on the branch before its switch
+    alpha = results["ring8 / FM -> MF anneal (alpha-Flow)"]["runs"][0]
+    assert alpha["events"][0] == [8, "switch"] and alpha["steps_done"] == 16
+    text = verdict.tables({"claim1_converged": results})
+    for head in ("plateau", "The switch and the curricula", "twins that could improve"):
+        assert head in text, head
+    assert "| calibration | (inf, inf) |" in text
+
+
+def test_equal_cost_reads_the_reference_curve_between_its_probes():
+    ref = {
+        "probes": [[0, 1.0, 0.0], [10, 0.5, 40.0]],
+        "probe": {"pooled": 0.25},
+        "teacher_nfe_per_sample": 4.0,
+        "steps_done": 20,
+    }
+    assert converged.equal_cost_probe(ref, 20.0) == pytest.approx(0.75)
+    assert converged.equal_cost_probe(ref, 60.0) == pytest.approx(0.375)  # toward the end
+    assert converged.equal_cost_probe(ref, 81.0) is None  # beyond the curve
+    switched = _run(0.3, 0.4, 0.29, 0.3) | {"teacher_nfe_per_sample": 1.0, "steps_done": 60}
+    assert converged.switch_helped(switched, ref) is True  # 0.3 against 0.375 at cost 60
+    worse = switched | {"probe": {"pooled": 0.4}}
+    assert converged.switch_helped(worse, ref) is False
+    assert converged.switch_helped(switched | {"steps_done": 90}, ref) is None  # off the curve
+    # improved: a lower probe than at the switch and a 1-step W2 no worse (5 %)
+    assert converged.improved(switched) and not converged.improved(worse)
+    assert not converged.improved(_run(0.3, 0.4, 0.4, 0.3))  # the W2 rose

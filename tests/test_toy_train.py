@@ -207,3 +207,53 @@ def test_resume_refuses_other_settings_and_a_missing_checkpoint(tmp_path, capsys
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path), "--name", "none", "--resume", "--quiet"])
     assert exc.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- branches
+
+
+def test_a_warm_up_stops_at_its_plateau_and_branches_share_it(tmp_path):
+    """stop_plateau ends a run where its probe stopped falling; a branch (init_from) starts
+    from that run's student, optimiser, step, teacher evaluations and probe curve."""
+    warm = dict(TINY, target="discrete", align="none", out_dir=str(tmp_path), name="warm")
+    warm |= dict(figures=False, steps=40, probe_every=2, plateau_window=4, save_every=0)
+    # a probe that falls by less than 1000 % over 4 steps: a plateau at the first check
+    done = run(dict(warm, stop_plateau=10.0))
+    tr = done["training"]
+    assert tr["converged_at"] == 8 and tr["steps_done"] == 8
+    never = run(dict(warm, name="never", stop_plateau=None))
+    assert never["training"]["converged_at"] is None and never["training"]["steps_done"] == 40
+    # a branch that runs no step is the run it starts from
+    same = dict(warm, out_dir=None, name=None, init_from=str(tmp_path / "warm"), steps=8)
+    branch = run(same)
+    assert branch["student"] == done["student"]  # one process, the same weights: equal
+    assert branch["training"]["teacher_points"] == tr["teacher_points"]
+    assert branch["training"]["probes"] == [p for p in tr["probes"] if p["step"] < 8]
+    # a branch with a switch continues from there, and counts on from the warm-up's cost
+    switched = run(dict(same, target="warmup", switch="fixed", warmup_steps=10, steps=14))
+    assert switched["training"]["switch_step"] == 10
+    assert switched["training"]["at_switch"]["step"] == 10
+    assert switched["training"]["teacher_points"] > tr["teacher_points"]
+    assert [p["step"] for p in switched["training"]["probes"]][-4:] == [6, 8, 10, 12]
+
+
+def test_a_branch_refuses_another_run_and_a_missing_checkpoint(tmp_path):
+    warm = dict(TINY, target="discrete", align="none", out_dir=str(tmp_path), name="warm")
+    run(dict(warm, figures=False, steps=4, save_every=0))
+    branch = dict(TINY, align="none", init_from=str(tmp_path / "warm"), steps=8)
+    with pytest.raises(
+        ValueError, match=r"init_from: .* another run \(preset: 'ring8' -> 'grid25'"
+    ):
+        run(dict(branch, preset="grid25"))
+    with pytest.raises(ValueError, match="stopped at step 4 > steps"):
+        run(dict(branch, steps=2))
+    with pytest.raises(FileNotFoundError, match="init_from: no checkpoint"):
+        run(dict(branch, init_from=str(tmp_path / "none")))
+    with pytest.raises(ValueError, match="plateau_window"):
+        run(dict(TINY, stop_plateau=0.1, plateau_window=5, probe_every=2))
+    with pytest.raises(ValueError, match="curriculum"):
+        run(dict(TINY, curriculum="cosine"))
+    with pytest.raises(ValueError, match="handover"):
+        run(dict(TINY, handover="fade"))
+    with pytest.raises(TypeError, match="init_from"):
+        run(dict(TINY, init_from=3))

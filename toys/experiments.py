@@ -193,6 +193,105 @@ target at equal steps and at equal teacher cost, guarded and not. (The gated swi
 judged from the unguarded runs' signals at the switch: the calibration table.)"""
 
 
+MAX_WARMUP = 16000
+"""The longest warm-up of ``claim1_converged``: it stops earlier at its plateau."""
+
+PLATEAU = 0.02
+"""A warm-up has converged when its probe error fell by under 2 % over the last 1,000 steps
+(the criterion of the issue's pilot)."""
+
+BRANCH = 2000
+"""Steps of ``claim1_converged``'s branches after their switch step."""
+
+LEAD = 100
+"""Discrete steps a branch runs before its switch step, so the gate's signals are measured
+on the branch itself (every ``signal_every`` steps)."""
+
+CURRICULUM = 2000
+"""Steps of a curriculum from the teacher-initialised student before its switch."""
+
+_CONVERGED_BASE: dict[str, Any] = dict(SHIPPED_NOW, probe_every=250, save_every=0)
+
+WARMUP_RUN: dict[str, Any] = dict(
+    _CONVERGED_BASE, target="discrete", steps=MAX_WARMUP, stop_plateau=PLATEAU, warm_up_run=True
+)
+"""``claim1_converged``'s warm-up: the discrete target until its plateau, saved for the
+branches (``warm_up_run`` and ``branch`` are experiment keys, resolved by :func:`_resolve`)."""
+
+_BRANCH_EQUAL_COST = round(BRANCH / 4.06)
+"""Discrete steps that cost what ``BRANCH`` differential steps cost (4.06 against 1 teacher
+evaluation per sample and step)."""
+
+CONVERGED_VARIANTS: dict[str, dict[str, Any]] = {
+    "converged warm-up": WARMUP_RUN,
+    # branches from the converged warm-up: (steps before the switch, steps in all) after it
+    "discrete only": dict(_CONVERGED_BASE, target="discrete", branch=(LEAD, LEAD + BRANCH)),
+    "discrete only, equal teacher cost": dict(
+        _CONVERGED_BASE, target="discrete", branch=(LEAD, LEAD + _BRANCH_EQUAL_COST)
+    ),
+    "fixed switch": dict(
+        _CONVERGED_BASE, switch="fixed", guard=False, branch=(LEAD, LEAD + BRANCH)
+    ),
+    "fixed switch, guarded": dict(_CONVERGED_BASE, switch="fixed", branch=(LEAD, LEAD + BRANCH)),
+    "gap curriculum": dict(
+        _CONVERGED_BASE,
+        switch="fixed",
+        guard=False,
+        handover="gap",
+        blend_steps=1000,
+        branch=(LEAD, LEAD + BRANCH),
+    ),
+    "gap curriculum, guarded": dict(
+        _CONVERGED_BASE,
+        switch="fixed",
+        handover="gap",
+        blend_steps=1000,
+        branch=(LEAD, LEAD + BRANCH),
+    ),
+    # curricula from the teacher-initialised student (no warm-up), switching at CURRICULUM
+    "FM -> MF anneal (alpha-Flow)": dict(
+        _CONVERGED_BASE,
+        switch="fixed",
+        guard=False,
+        curriculum="alpha",
+        warmup_steps=CURRICULUM,
+        steps=CURRICULUM + BRANCH,
+    ),
+    "FM -> MF anneal (alpha-Flow), guarded": dict(
+        _CONVERGED_BASE,
+        switch="fixed",
+        curriculum="alpha",
+        warmup_steps=CURRICULUM,
+        steps=CURRICULUM + BRANCH,
+    ),
+    "discrete MeanFlow curriculum": dict(
+        _CONVERGED_BASE,
+        switch="fixed",
+        guard=False,
+        curriculum="dmf",
+        warmup_steps=CURRICULUM,
+        steps=CURRICULUM + BRANCH,
+    ),
+    "discrete MeanFlow curriculum, guarded": dict(
+        _CONVERGED_BASE,
+        switch="fixed",
+        curriculum="dmf",
+        warmup_steps=CURRICULUM,
+        steps=CURRICULUM + BRANCH,
+    ),
+    "discrete MeanFlow curriculum, no switch": dict(
+        _CONVERGED_BASE,
+        target="discrete",
+        curriculum="dmf",
+        warmup_steps=CURRICULUM,
+        steps=CURRICULUM + BRANCH,
+    ),
+}
+"""Claim 1 after a converged warm-up, and the curricula (issue 19, items 3-7): each switch
+unguarded and guarded, against the discrete target at equal steps and teacher cost. The
+``SHIPPED_NOW`` base switches gated and guarded; the variants here fix the switch step."""
+
+
 def _hypotheses() -> dict[str, dict[str, Any]]:
     out = {}
     for p in ("ring8", "grid25"):
@@ -254,6 +353,9 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
         for p in PRESETS
         for v, o in CLAIM1_VARIANTS.items()
     },
+    "claim1_converged": {
+        f"{p} / {v}": dict(o, preset=p) for p in PRESETS for v, o in CONVERGED_VARIANTS.items()
+    },
     "seed_method": {
         f"{p} / {v}": dict(FAITHFUL, preset=p, **o)
         for p in PRESETS
@@ -298,6 +400,7 @@ SEEDS = {
     "recipe": 2,
     "ode_steps": 2,
     "claim1_shipped": 3,
+    "claim1_converged": 5,
 }
 """Seeds per experiment (5 where not listed)."""
 
@@ -308,9 +411,28 @@ def _key(config: dict[str, Any], seed: int) -> str:
     return json.dumps({**config, "seed": seed}, sort_keys=True, default=str)
 
 
+_EXPERIMENT_KEYS = ("warm_up_run", "branch")
+
+
+def _resolve(config: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
+    """The :class:`ToyConfig` fields of a variant: a ``warm_up_run`` is written to
+    ``out/warmups/<preset>-<seed>``; a ``branch=(lead, total)`` starts from that run at its
+    last step ``W``, switches at ``W + lead`` and stops at ``W + total``."""
+    config = dict(config)
+    folder = out / "warmups" / f"{config.get('preset', 'ring8')}-{seed}"
+    if config.pop("warm_up_run", False):
+        return dict(config, out_dir=str(folder.parent), name=folder.name)
+    branch = config.pop("branch", None)
+    if branch is None:
+        return config
+    done = json.loads((folder / "metrics.json").read_text())["training"]["steps_done"]
+    lead, total = branch
+    return dict(config, init_from=str(folder), warmup_steps=done + lead, steps=done + total)
+
+
 def _teacher(config: dict[str, Any], folder: Path) -> VelocityMLP | None:
     """The fitted teacher network of a config, from ``folder`` or fitted and stored there."""
-    cfg = ToyConfig(**config)
+    cfg = ToyConfig(**{k: v for k, v in config.items() if k not in _EXPERIMENT_KEYS})
     if cfg.teacher != "net":
         return None
     tcfg = teacher_net_config(cfg)
@@ -343,7 +465,8 @@ def _one(job: tuple[str, dict[str, Any], int, str]) -> dict[str, Any]:
     key, config, seed, teachers = job
     torch.set_num_threads(1)
     start = time.perf_counter()
-    res = run({**config, "seed": seed}, teacher_net=_teacher(config, Path(teachers)))
+    net = _teacher(config, Path(teachers))
+    res = run({**_resolve(config, seed, Path(teachers).parent), "seed": seed}, teacher_net=net)
     tr = res["training"]
     switch = next((s for s, k in tr["events"] if k == "switch"), None)
     return {
@@ -362,7 +485,13 @@ def _one(job: tuple[str, dict[str, Any], int, str]) -> dict[str, Any]:
         "at_switch": tr["at_switch"],
         "events": tr["events"],
         "signals_at_switch": _signals_at(tr["history"], switch or config.get("warmup_steps")),
-        "probes": [[p["step"], p["pooled"]] for p in tr["probes"]],
+        "probes": [
+            [p["step"], p["pooled"], p.get("teacher_points", 0) / res["config"]["batch"]]
+            for p in tr["probes"]
+        ],
+        "converged_at": tr["converged_at"],
+        "steps_done": tr["steps_done"],
+        "two_step": res["student"].get("2"),
         "guard": [
             [h["step"], h["guard_error"], h["guard_ref"]]
             for h in tr["history"]
@@ -383,6 +512,15 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
             row = json.loads(line)
             out[row["key"]] = row
     return out
+
+
+def _map(todo: list[tuple[str, dict[str, Any], int, str]], jobs: int):
+    """The rows of ``todo``'s runs as they finish, in ``jobs`` processes."""
+    if jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            yield from pool.map(_one, todo)
+    else:
+        yield from map(_one, todo)
 
 
 def run_experiments(
@@ -409,16 +547,14 @@ def run_experiments(
     for job in todo.values():
         _teacher(job[1], out / "teachers")
     logger.info("%d runs to do, %d already done", len(todo), len(plan) and len(done))
+    # branches last: they start from a warm-up run of the first phase
+    phases = [
+        [j for j in todo.values() if "branch" not in j[1]],
+        [j for j in todo.values() if "branch" in j[1]],
+    ]
     with done_path.open("a") as log:
-        if jobs > 1:
-            with ProcessPoolExecutor(jobs) as pool:
-                for row in pool.map(_one, todo.values()):
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    done[row["key"]] = row
-        else:
-            for job in todo.values():
-                row = _one(job)
+        for phase in phases:
+            for row in _map(phase, jobs):
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 done[row["key"]] = row

@@ -133,7 +133,7 @@ def plot_experiments(results: dict[str, Any], path: Path) -> None:
             if not name.startswith(mixture + " / "):
                 continue
             curves = [r["probes"] for r in v["runs"]]
-            steps = [s for s, _ in curves[0]]
+            steps = [p[0] for p in curves[0]]
             med = [sorted(c[i][1] for c in curves)[len(curves) // 2] for i in range(len(steps))]
             ax.plot(steps, med, lw=1.0, label=name.split(" / ", 1)[1])
         ax.axvline(v["config"]["warmup_steps"], ls=":", c="k", lw=0.8)

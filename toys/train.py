@@ -46,6 +46,7 @@ import torch
 
 from mfcore._checks import check_choice, check_int64, check_positive_int, check_real, cli_int
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, KernelCritic, MeanFlowCritic
+from mfcore.curricula import HalvingSpan, LinearSpan, SplitCurriculumTarget
 from mfcore.fields import Target
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
@@ -58,7 +59,7 @@ from mfcore.time import (
     UniformTime,
     uniform_grid,
 )
-from mfcore.warmup import SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
+from mfcore.warmup import HANDOVERS, SwitchGate, SwitchGuard, SwitchRollback, WarmupTarget
 
 from .derivative import derivative_loss
 from .gmm import GaussianMixture, preset, presets
@@ -74,6 +75,7 @@ logger = logging.getLogger(__name__)
 TARGETS = ("warmup", "discrete", "differential")
 SWITCHES = ("fixed", "gated")
 DISCRETE = ("ode", "split")
+CURRICULA = ("none", "alpha", "dmf")
 TEACHERS = ("exact", "net")
 INITS = ("random", "teacher")
 TIMES = ("uniform", "logit_normal")
@@ -108,6 +110,16 @@ class ToyConfig:
             error), so a run can be judged against its own state there.
         blend_steps: after the switch, steps over which the target ramps linearly from the
             discrete to the differential one (``WarmupTarget(blend_steps=...)``).
+        handover: how it ramps, ``"blend"`` (a mix of the two targets) or ``"gap"`` (the
+            differential target on the short intervals first: the gap curriculum;
+            ``WarmupTarget(handover=...)``).
+        curriculum: ``"none"``, or a :class:`~mfcore.curricula.SplitCurriculumTarget` as the
+            discrete target, its schedule running over ``warmup_steps`` (then held):
+            ``"alpha"`` (alpha-Flow: the teacher's share of the interval from 1, flow
+            matching, linearly to ``curriculum_end``) or ``"dmf"`` (Discrete MeanFlow, our
+            reading: an absolute teacher step from 1, halved over ``curriculum_stages``
+            stages). With ``target="warmup"`` the switch at ``warmup_steps`` then hands over
+            to the differential target.
         switch: ``"fixed"`` (at ``warmup_steps``) or ``"gated"`` (also only once the
             targets agree: :class:`mfcore.warmup.SwitchGate`).
         guard: revert to the discrete target when the student drifts after the switch
@@ -160,6 +172,15 @@ class ToyConfig:
             ``<run>/student.safetensors`` at the end. Nothing is written without ``out_dir``.
         resume: continue from ``<run>/checkpoint/`` (written with the same settings, but for
             ``progress``, ``figures`` and ``save_every``) exactly where it stopped.
+        init_from: a run folder whose ``checkpoint/`` this run *branches* from: its student,
+            optimiser, step, teacher evaluations and probe curve, on the same mixture, seed
+            and network (the targets, the pairs and the random draws are this run's own).
+            Several variants can so share one warm-up.
+        stop_plateau: stop once the probe error fell by less than this fraction over the
+            last ``plateau_window`` steps (checked at the probe steps from twice that on;
+            ``None``: never): a warm-up run to convergence. ``training["converged_at"]``
+            holds the step.
+        plateau_window: see ``stop_plateau``; a multiple of ``probe_every``.
     """
 
     preset: str = "ring8"
@@ -183,6 +204,10 @@ class ToyConfig:
     target: str = "discrete"
     warmup_steps: int = 1400
     blend_steps: int = 0
+    handover: str = "blend"
+    curriculum: str = "none"
+    curriculum_end: float = 0.05
+    curriculum_stages: int = 5
     switch: str = "fixed"
     guard: bool = True
     gate_delta: float = 0.1
@@ -224,6 +249,9 @@ class ToyConfig:
     progress: bool = True
     save_every: int = 500
     resume: bool = False
+    init_from: str | None = None
+    stop_plateau: float | None = None
+    plateau_window: int = 1000
 
     def validate(self) -> ToyConfig:
         """Raise ``ValueError``/``TypeError`` naming a bad field; return ``self``."""
@@ -231,6 +259,15 @@ class ToyConfig:
         check_choice("target", self.target, TARGETS)
         check_choice("align", self.align, CRITICS)
         check_choice("switch", self.switch, SWITCHES)
+        check_choice("handover", self.handover, HANDOVERS)
+        check_choice("curriculum", self.curriculum, CURRICULA)
+        check_real("curriculum_end", self.curriculum_end, minimum=0.0, strict=True)
+        if self.curriculum_end > 1.0:
+            raise ValueError(f"curriculum_end must lie in (0, 1], got {self.curriculum_end}")
+        if self.stop_plateau is not None:
+            check_real("stop_plateau", self.stop_plateau, minimum=0.0, strict=True)
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise TypeError(f"init_from must be a folder path (str), got {self.init_from!r}")
         check_choice("discrete", self.discrete, DISCRETE)
         check_choice("discrete_method", self.discrete_method, ODE_METHODS)
         check_choice("jvp", self.jvp, JVP_METHODS)
@@ -283,6 +320,11 @@ class ToyConfig:
             raise ValueError(f"equal_fraction must lie in [0, 1), got {self.equal_fraction}")
         if not check_real("grid_fraction", self.grid_fraction, minimum=0.0) <= 1.0:
             raise ValueError(f"grid_fraction must lie in [0, 1], got {self.grid_fraction}")
+        if self.stop_plateau is not None and self.plateau_window % self.probe_every:
+            raise ValueError(
+                f"plateau_window ({self.plateau_window}) must be a multiple of probe_every "
+                f"({self.probe_every}): the plateau compares two probes"
+            )
         return self
 
 
@@ -301,6 +343,8 @@ _POSITIVE_INTS = (
     "signal_every",
     "teacher_fit_steps",
     "probe_every",
+    "curriculum_stages",
+    "plateau_window",
 )
 
 
@@ -308,6 +352,11 @@ _POSITIVE_INTS = (
 
 
 def _discrete_target(cfg: ToyConfig) -> Any:
+    ramp = max(cfg.warmup_steps, 1)
+    if cfg.curriculum == "alpha":
+        return SplitCurriculumTarget(LinearSpan(1.0, cfg.curriculum_end, ramp))
+    if cfg.curriculum == "dmf":
+        return SplitCurriculumTarget(HalvingSpan(1.0, cfg.curriculum_stages, ramp), relative=False)
     if cfg.discrete == "split":
         return SplitTarget("first", teacher_steps=cfg.discrete_steps, method=cfg.discrete_method)
     return TeacherODETarget(steps=cfg.discrete_steps, method=cfg.discrete_method)
@@ -331,6 +380,7 @@ def _target(cfg: ToyConfig) -> Any:
         _differential_target(cfg),
         switch_step=cfg.warmup_steps,
         blend_steps=cfg.blend_steps,
+        handover=cfg.handover,
         gate=gate,
         guard=guard,
         every=cfg.signal_every,
@@ -395,14 +445,15 @@ def _lr_at(cfg: ToyConfig, step: int) -> float:
 
 
 class _History:
-    """Per-step scalars, kept every ``every`` steps (for the loss figure)."""
+    """Per-step scalars, kept every ``every`` steps (for the loss figure), and at every step
+    that measured the agreement signals, the gate or the guard (their own cadence)."""
 
     def __init__(self, every: int) -> None:
         self.every = every
         self.rows: list[dict[str, float]] = []
 
     def add(self, step: int, values: dict[str, float]) -> None:
-        if step % self.every == 0:
+        if step % self.every == 0 or any(k.startswith(_LOGGED) for k in values):
             self.rows.append({"step": step, **values})
 
 
@@ -535,6 +586,17 @@ class _Job:
             "at_switch": self.at_switch,
         }
 
+    def branch(self, state: dict, student, teacher) -> None:
+        """Start from another run's checkpoint: its student, optimiser, step, teacher
+        evaluations and curves (not its targets' state or random draws)."""
+        student.load_state_dict(state["student"])
+        self.opt.load_state_dict(state["optimizer"])
+        teacher.points = state["teacher_points"]
+        self.history.rows = list(state["history"])
+        # a run stopped at a plateau probed its last step, which this one probes again
+        self.probes = [p for p in state["probes"] if p["step"] < state["step"]]
+        self.step, self.wall = state["step"], state["wall_s"]
+
     def load_state_dict(self, state: dict, student, teacher, gen: torch.Generator) -> None:
         student.load_state_dict(state["student"])
         self.opt.load_state_dict(state["optimizer"])
@@ -553,7 +615,12 @@ class _Job:
 #: Settings a run may change when it resumes (they do not touch the training).
 _RESUMABLE = ("progress", "figures", "save_every", "resume")
 #: What a checkpoint written before a setting existed ran with.
-_LEGACY = {"times": "uniform", "time_mean": -0.4, "time_std": 1.0}
+_LEGACY = {"times": "uniform", "time_mean": -0.4, "time_std": 1.0, "handover": "blend"}
+_LEGACY |= {"curriculum": "none", "curriculum_end": 0.05, "curriculum_stages": 5}
+_LEGACY |= {"init_from": None, "stop_plateau": None, "plateau_window": 1000}
+#: What a branch shares with the run it starts from (:attr:`ToyConfig.init_from`).
+_BRANCH_SAME = ("preset", "seed", "teacher", "init", "hidden", "depth", "act", "time_max_freq")
+_BRANCH_SAME += ("point_features", "point_scale", "teacher_fit_steps", "batch")
 
 
 def _run_dir(cfg: ToyConfig) -> Path | None:
@@ -599,6 +666,30 @@ _ENTRIES = ("config", "step", "wall_s", "student", "optimizer", "loss", "alignme
 _ENTRIES += ("rollback", "rng", "teacher_points", "history", "probes", "at_switch")
 
 
+def branch_point(cfg: ToyConfig) -> dict[str, Any]:
+    """The checkpoint of ``cfg.init_from`` a branch starts from, checked against ``cfg``.
+
+    Raises:
+        FileNotFoundError: when the folder has no checkpoint.
+        ValueError: when it reads back corrupt, was another mixture, seed or network, or
+            stopped beyond ``cfg.steps``.
+    """
+    from mfcore.adapters._durable import whole_folders
+
+    folders = whole_folders(Path(str(cfg.init_from)) / "checkpoint")
+    if not folders:
+        raise FileNotFoundError(f"init_from: no checkpoint in {cfg.init_from}/checkpoint")
+    state = _read_state(Path(folders[0]))
+    saved, now = {**_LEGACY, **state["config"]}, dataclasses.asdict(cfg)
+    other = [k for k in _BRANCH_SAME if saved.get(k) != now[k]]
+    if other:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in other)
+        raise ValueError(f"init_from: {cfg.init_from} is another run ({diffs})")
+    if state["step"] > cfg.steps:
+        raise ValueError(f"init_from: {cfg.init_from} stopped at step {state['step']} > steps")
+    return state
+
+
 def _read_state(folder: Path) -> dict[str, Any]:
     """A checkpoint folder's state, every entry present and the student's weights finite."""
     from mfcore.adapters._state import check_entries, load_state
@@ -633,10 +724,23 @@ def _save_checkpoint(run_dir: Path, state: dict) -> None:
     replace_folder(tmp, final)
 
 
+def _plateaued(cfg: ToyConfig, probes: list[dict[str, Any]]) -> bool:
+    """Whether the pooled probe error fell by less than ``cfg.stop_plateau`` (a fraction)
+    over the last ``cfg.plateau_window`` steps, from twice that step on."""
+    window = cfg.plateau_window
+    if cfg.stop_plateau is None or probes[-1]["step"] < 2 * window:
+        return False
+    now = probes[-1]
+    before = next((p for p in probes if p["step"] == now["step"] - window), None)
+    if before is None:
+        return False
+    return before["pooled"] - now["pooled"] < cfg.stop_plateau * before["pooled"]
+
+
 def _train(cfg, gmm, student, teacher, gen, probe, job: _Job) -> dict[str, Any]:
     bar = _progress(cfg, job.step)
     run_dir = _run_dir(cfg)
-    collapse, start = None, time.perf_counter()
+    collapse, start, converged = None, time.perf_counter(), None
     eval_seed = cfg.seed + 10_000
 
     def save() -> None:
@@ -651,7 +755,12 @@ def _train(cfg, gmm, student, teacher, gen, probe, job: _Job) -> dict[str, Any]:
             if step == cfg.warmup_steps:
                 job.at_switch = {"step": step, **_quick_eval(cfg, student, gmm, probe, eval_seed)}
             if step % cfg.probe_every == 0:
-                job.probes.append({"step": step, **probe(student)})
+                job.probes.append(
+                    {"step": step, "teacher_points": teacher.points, **probe(student)}
+                )
+                if _plateaued(cfg, job.probes):
+                    converged = step
+                    break
             values = _train_step(
                 cfg, step, student, teacher, job.opt, job.mf_loss, job.aligns, gen, job.rollback
             )
@@ -680,6 +789,7 @@ def _train(cfg, gmm, student, teacher, gen, probe, job: _Job) -> dict[str, Any]:
         "collapsed": collapse is not None,
         "collapse": collapse,
         "steps_done": job.step,
+        "converged_at": converged,
         "switch_step": getattr(target, "switched_at", None)
         or next((s for s, k in events if k == "switch"), None),
         "events": [[s, k] for s, k in events],
@@ -799,6 +909,8 @@ def run(
     job = _Job(cfg, teacher.dim, student)
     if cfg.resume:
         job.load_state_dict(read_checkpoint(cfg), student, field, gen)
+    elif cfg.init_from is not None:
+        job.branch(branch_point(cfg), student, field)
     training = _train(cfg, teacher, student, field, gen, probe, job)
     results = _evaluate(cfg, teacher, student, torch.Generator().manual_seed(cfg.seed + 10_000))
     samples = results.pop("_samples")

@@ -359,6 +359,11 @@ def tables(results: dict[str, Any]) -> str:
         parts += _seed_method(results["claim1_shipped"])
         parts += ["", "### Guard in the shipped recipe", "", *_guard(results, "claim1_shipped")]
         parts += ["", "### The gate's calibration", "", *_calibration(results), ""]
+    if "claim1_converged" in results:
+        from .verdict_converged import tables as converged_tables
+
+        parts += ["### Claim 1 after a converged warm-up, and the curricula", ""]
+        parts += [*converged_tables(results["claim1_converged"]), ""]
     if "seed_method" in results:
         parts += ["### Claim 1 in the faithful setting", "", *_seed_method(results["seed_method"])]
         parts += ["", "### Guard and gate", "", *_guard(results)]
