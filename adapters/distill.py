@@ -290,7 +290,11 @@ def build_run(
             enable_gradient_checkpointing(transformer)
         else:
             logger.info("%s has no gradient checkpointing of its own", type(transformer).__name__)
-    teacher = student.teacher(true_cfg_scale=cfg.true_cfg_scale)
+    teacher = student.teacher(
+        true_cfg_scale=cfg.true_cfg_scale,
+        rule=cfg.teacher_guidance,
+        apg_norm_threshold=cfg.apg_norm_threshold,
+    )
     if world.distributed:
         transformer.add_module(INTERVAL_MODULE, student.interval)
     if world.mode == "fsdp":

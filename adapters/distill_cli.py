@@ -32,7 +32,7 @@ from mfcore.adapters.parallel import (
 from mfcore.adapters.pipeline import add_generate_parser, run_generate
 from mfcore.adapters.prepare import add_prepare_parser, run_prepare
 from mfcore.adapters.run_checkpoints import saved_settings
-from mfcore.adapters.student import Teacher
+from mfcore.adapters.student import GUIDANCE_RULES, Teacher
 from mfcore.jvp import JVP_METHODS
 from mfcore.solvers import ODE_METHODS
 
@@ -62,8 +62,13 @@ HELP: dict[str, str] = {
     "lora_rank": "rank of the student's LoRA updates",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / rank); unset: rank",
     "guidance_scale": "guidance input of a guidance-distilled teacher",
-    "true_cfg_scale": "two-pass classifier-free guidance scale of the teacher (1: off; "
-    "needs negative prompts in the data)",
+    "true_cfg_scale": "two-pass guidance scale of the teacher (1: off; needs negative "
+    "prompts in the data)",
+    "teacher_guidance": "how the teacher's two passes combine: cfg (classifier-free) or apg "
+    "(adaptive projected guidance without momentum, eta 0: HunyuanImage 2.1's release guides "
+    "with it after its first steps)",
+    "apg_norm_threshold": "with --teacher-guidance apg: the largest norm of the guidance "
+    "direction per sample (0: none; the 2.1 release's: 10)",
     "switch": "when to leave the discrete warm-up target: gated (once the targets agree, "
     "not before --warmup-steps), fixed (at --warmup-steps) or never",
     "warmup_steps": "steps of the discrete (teacher-ODE) warm-up target at least",
@@ -143,6 +148,7 @@ _OPTIONAL = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "family": ("auto", *FAMILIES),
     "student": STUDENTS,
+    "teacher_guidance": GUIDANCE_RULES,
     "switch": SWITCHES,
     "warmup_ode_method": ODE_METHODS,
     "jvp": JVP_METHODS,

@@ -18,6 +18,7 @@ from mfcore.adapters.loading import DTYPES
 from mfcore.adapters.parallel import (
     MODES,
 )
+from mfcore.adapters.student import GUIDANCE_RULES
 from mfcore.jvp import JVP_METHODS
 
 __all__ = [
@@ -62,6 +63,8 @@ class DistillConfig:
     lora_alpha: float | None = None
     guidance_scale: float = 3.5
     true_cfg_scale: float = 1.0
+    teacher_guidance: str = "cfg"
+    apg_norm_threshold: float = 10.0
     switch: str = "gated"
     warmup_steps: int = 200
     warmup_threshold: float | None = None
@@ -172,6 +175,8 @@ class DistillConfig:
         check_real("align_weight", self.align_weight, minimum=0.0)
         check_real("guidance_scale", self.guidance_scale)
         check_real("true_cfg_scale", self.true_cfg_scale, minimum=1.0)
+        check_choice("teacher_guidance", self.teacher_guidance, GUIDANCE_RULES)
+        check_real("apg_norm_threshold", self.apg_norm_threshold, minimum=0.0)
         check_real("critic_lr", self.critic_lr, minimum=0.0, strict=True)
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {self.jvp!r}")

@@ -46,9 +46,11 @@ from mfcore.adapters.routing import (
     has_tangent,
     route_attention,
 )
+from mfcore.guidance import apg_velocity
 
 __all__ = [
     "INTERVAL_WEIGHT_NAME",
+    "GUIDANCE_RULES",
     "check_cond_keys",
     "Teacher",
     "SharedWeightsStudent",
@@ -59,6 +61,8 @@ __all__ = [
 ]
 
 INTERVAL_WEIGHT_NAME = "interval_embedding.safetensors"
+#: How :class:`Teacher` combines its two guided passes.
+GUIDANCE_RULES = ("cfg", "apg")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -87,8 +91,14 @@ class Teacher:
         transformer: the family's transformer.
         family: its conventions.
         guidance_scale: default guidance input of a guidance-distilled checkpoint.
-        true_cfg_scale: scale ``s`` of two-pass classifier-free guidance
-            ``v = v_neg + s (v_pos - v_neg)``; 1 disables it (one pass, negatives unused).
+        true_cfg_scale: scale ``s`` of two-pass guidance; 1 disables it (one pass,
+            negatives unused).
+        rule: how the two passes combine: ``"cfg"``, classifier-free guidance
+            ``v = v_neg + s (v_pos - v_neg)``; ``"apg"``, adaptive projected guidance without
+            momentum (:func:`mfcore.guidance.apg_velocity`, ``eta = 0``), as HunyuanImage
+            2.1's release guides after its first steps.
+        apg_norm_threshold: APG's largest norm of ``v_pos - v_neg`` per sample (0: none; the
+            2.1 release's is 10).
     """
 
     def __init__(
@@ -98,11 +108,15 @@ class Teacher:
         *,
         guidance_scale: float = 3.5,
         true_cfg_scale: float = 1.0,
+        rule: str = "cfg",
+        apg_norm_threshold: float = 10.0,
     ) -> None:
         self.family = family
         self.transformer = family.check_model(transformer)
         self.guidance_scale = check_real("guidance_scale", guidance_scale)
         self.true_cfg_scale = check_real("true_cfg_scale", true_cfg_scale, minimum=1.0)
+        self.rule = check_choice("rule", rule, GUIDANCE_RULES)
+        self.apg_norm_threshold = check_real("apg_norm_threshold", apg_norm_threshold, minimum=0.0)
 
     def __call__(self, z: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Velocity ``v(z, t) = eps - x`` of the (guided) teacher, ``z``'s shape and dtype."""
@@ -115,7 +129,11 @@ class Teacher:
             if cfg:
                 assert call.negative is not None
                 v_neg = _velocity(self.family, tr, z, t, call.negative)
-                v = v_neg + self.true_cfg_scale * (v - v_neg)
+                if self.rule == "apg":
+                    v = apg_velocity(v, v_neg, self.true_cfg_scale,
+                                     norm_threshold=self.apg_norm_threshold)  # fmt: skip
+                else:
+                    v = v_neg + self.true_cfg_scale * (v - v_neg)
         return v
 
 
@@ -131,13 +149,18 @@ class SharedWeightsStudent(nn.Module):
     guidance_scale: float
     adapter_name: str
 
-    def teacher(self, *, true_cfg_scale: float = 1.0) -> Teacher:
-        """The teacher on the same base weights (LoRA and the student's additions off)."""
+    def teacher(
+        self, *, true_cfg_scale: float = 1.0, rule: str = "cfg", apg_norm_threshold: float = 10.0
+    ) -> Teacher:
+        """The teacher on the same base weights (LoRA and the student's additions off);
+        the arguments are :class:`Teacher`'s."""
         return Teacher(
             self.transformer,
             self.family,
             guidance_scale=self.guidance_scale,
             true_cfg_scale=true_cfg_scale,
+            rule=rule,
+            apg_norm_threshold=apg_norm_threshold,
         )
 
     def _train_in_fp32(self) -> None:

@@ -45,7 +45,7 @@ from mfcore.fields import (
     VelocityField,
     Weighting,
 )
-from mfcore.guidance import ClassifierFreeGuidance, MeanFlowGuidance, cfg_velocity
+from mfcore.guidance import ClassifierFreeGuidance, MeanFlowGuidance, apg_velocity, cfg_velocity
 from mfcore.jvp import total_derivative
 from mfcore.losses import AdaptiveWeight, FlowMatchingLoss, MeanFlowLoss
 from mfcore.solvers import odeint, sample_meanflow, sample_teacher
@@ -120,6 +120,7 @@ __all__ = [
     "MeanFlowGuidance",
     "ClassifierFreeGuidance",
     "cfg_velocity",
+    "apg_velocity",
     # solvers and samplers
     "odeint",
     "sample_teacher",

@@ -342,3 +342,22 @@ def test_every_enumerated_train_flag_lists_its_choices(capsys):
         assert f"{flag} {{{values}" in text, flag
     err = usage_error(["train", "--tiny", "--data", "d", "--output", "o", "--jvp", "nope"], capsys)
     assert "invalid choice: 'nope'" in err
+
+
+def test_teacher_guidance_reaches_the_runs_teacher(tmp_path, capsys):
+    from mfcore.adapters.distill import build_run, resolve_family
+
+    data_dir = str(tmp_path / "data")
+    make_synthetic_data(data_dir, family="hunyuanimage2", num_files=1, per_file=2, height=8,
+                        width=8, negatives=True)  # fmt: skip
+    cfg = DistillConfig(data=data_dir, output=str(tmp_path / "o"), tiny=True,
+                        family="hunyuanimage2", device="cpu", weights_dtype="fp32", lora_rank=2,
+                        progress=False, true_cfg_scale=4.0, teacher_guidance="apg",
+                        apg_norm_threshold=2.0)  # fmt: skip
+    run = build_run(dataclasses.replace(cfg, family=resolve_family(cfg)))
+    assert (run.teacher.rule, run.teacher.apg_norm_threshold) == ("apg", 2.0)
+    with pytest.raises(ValueError, match="teacher_guidance"):
+        DistillConfig(data=data_dir, output="o", tiny=True, teacher_guidance="pag")
+    err = usage_error(["train", "--tiny", "--data", data_dir, "--output", "o",
+                       "--teacher-guidance", "pag"], capsys)  # fmt: skip
+    assert "invalid choice: 'pag'" in err

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from mfcore.guidance import ClassifierFreeGuidance, MeanFlowGuidance, cfg_velocity
+from mfcore.guidance import ClassifierFreeGuidance, MeanFlowGuidance, apg_velocity, cfg_velocity
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss, per_sample_sq_error, sample_path
 from mfcore.targets import DifferentialTarget
 from tests._cfg_peers import (
@@ -388,3 +388,56 @@ def test_a_plain_callable_still_guides_every_sample():
     expected = per_sample_sq_error(student(sample_path(x, noise, t), t, t), 2 * (noise - x))
     torch.testing.assert_close(loss, expected.mean())
     assert seen == [False]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    scale=st.floats(0.0, 12.0),
+    eta=st.floats(0.0, 1.0),
+    threshold=st.sampled_from([0.0, 0.5, 10.0]),
+    shape=st.sampled_from([(3, 4), (2, 3, 4, 4), (1, 5, 2)]),
+)
+def test_apg_equals_diffusers_normalized_guidance(seed, scale, eta, threshold, shape):
+    """Our APG against diffusers' own (the HunyuanImage 2.1 guider's), momentum off; fp32
+    inputs, both project in fp64, so they agree to fp32 rounding."""
+    from diffusers.guiders.adaptive_projected_guidance_mix import normalized_guidance
+
+    gen = torch.Generator().manual_seed(seed)
+    v_c, v_u = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    ours = apg_velocity(v_c, v_u, scale, eta=eta, norm_threshold=threshold)
+    theirs = normalized_guidance(v_c, v_u, scale, None, eta, threshold, False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * (1 + scale))
+    assert ours.dtype == v_c.dtype
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.0, 12.0))
+def test_apg_with_the_whole_direction_is_cfg_and_projects_out_the_rest(seed, scale):
+    gen = torch.Generator().manual_seed(seed)
+    v_c, v_u = (
+        torch.randn(4, 6, generator=gen, dtype=F64),
+        torch.randn(4, 6, generator=gen, dtype=F64),
+    )
+    torch.testing.assert_close(
+        apg_velocity(v_c, v_u, scale, eta=1.0),
+        cfg_velocity(v_c, v_u, scale),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    # eta = 0: the update is orthogonal to v_c, sample by sample
+    update = apg_velocity(v_c, v_u, 1.0) - v_u
+    assert (update * v_c).sum(dim=1).abs().max() < 1e-10
+    # a threshold caps the update's norm
+    capped = apg_velocity(v_c, v_u, 1.0, eta=1.0, norm_threshold=0.1) - v_u
+    assert capped.norm(dim=1).max() <= 0.1 + 1e-12
+
+
+def test_apg_refuses_bad_input_by_name():
+    v = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="v_uncond"):
+        apg_velocity(v, torch.randn(2, 4), 2.0)
+    with pytest.raises(ValueError, match="eta"):
+        apg_velocity(v, v, 2.0, eta=-1.0)
+    with pytest.raises(ValueError, match="norm_threshold"):
+        apg_velocity(v, v, 2.0, norm_threshold=float("nan"))

@@ -106,6 +106,34 @@ def test_teacher_two_pass_cfg():
         Teacher(tr, FAMILY, true_cfg_scale=3.0)(z, t, **cond)
 
 
+def test_teacher_two_pass_apg_is_the_release_guiders():
+    """rule="apg": diffusers' AdaptiveProjectedMixGuidance past its CFG steps, momentum off,
+    on the teacher's two passes."""
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+
+    tr = tiny()
+    z, _, t, cond = batch()
+    _, _, _, neg = batch(seed=5)
+    negs = {"negative_" + k: v for k, v in neg.items()}
+    v = Teacher(tr, FAMILY, true_cfg_scale=10.0, rule="apg", apg_norm_threshold=0.5)(
+        z, t, **cond, **negs
+    )
+    guider = AdaptiveProjectedMixGuidance(
+        adaptive_projected_guidance_scale=10.0,
+        adaptive_projected_guidance_momentum=None,
+        adaptive_projected_guidance_rescale=0.5,
+        adaptive_projected_guidance_start_step=0,
+    )
+    guider.set_state(step=3, num_inference_steps=10, timestep=t[0])
+    assert guider._is_apg_enabled()  # step 3 > start 0: APG, not its CFG steps
+    want = guider.forward(direct(tr, z, t, cond), direct(tr, z, t, neg)).pred
+    torch.testing.assert_close(v, want, rtol=1e-10, atol=1e-10)  # fp64 model: fp64 rounding
+    cfg = Teacher(tr, FAMILY, true_cfg_scale=10.0)(z, t, **cond, **negs)
+    assert (v - cfg).abs().max() > 1e-3  # a different rule, not CFG renamed
+    with pytest.raises(ValueError, match="rule"):
+        Teacher(tr, FAMILY, true_cfg_scale=3.0, rule="pag")
+
+
 def test_input_errors():
     tr = tiny()
     z, r, t, cond = batch()
