@@ -31,11 +31,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from mfcore._checks import check_positive_int, check_real, lookup
-from mfcore.solvers import SOLVERS
-from mfcore.targets import _DiscreteTarget, _split
+from mfcore._checks import check_positive_int, check_real
+from mfcore.targets import SplitTarget
 
 __all__ = ["LinearSpan", "HalvingSpan", "SplitCurriculumTarget"]
 
@@ -60,8 +60,8 @@ class LinearSpan:
         check_positive_int("steps", self.steps)
 
     def __call__(self, step: int) -> float:
-        frac = min(max(step, 0) / self.steps, 1.0)
-        return self.start + (self.end - self.start) * frac
+        frac = max(step, 0) / self.steps
+        return self.end if frac >= 1.0 else self.start + (self.end - self.start) * frac
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class HalvingSpan:
         return self.start / 2**stage
 
 
-class SplitCurriculumTarget(_DiscreteTarget):
+class SplitCurriculumTarget(SplitTarget):
     """The split target with the teacher's piece ``[s, t]`` shrinking on a schedule.
 
     Args:
@@ -127,11 +127,8 @@ class SplitCurriculumTarget(_DiscreteTarget):
     ) -> None:
         if not callable(span):
             raise TypeError(f"span must be callable (step -> float), got {type(span).__name__}")
+        super().__init__("first", teacher_steps, method, reuse_v=reuse_v, always_call=always_call)
         self.span, self.relative = span, bool(relative)
-        self.teacher_steps = check_positive_int("teacher_steps", teacher_steps)
-        self._step_fn = lookup("method", method, SOLVERS)
-        self.method = method
-        self.reuse_v, self.always_call = bool(reuse_v), bool(always_call)
         self.step = 0
 
     def span_at(self, step: int) -> float:
@@ -150,18 +147,12 @@ class SplitCurriculumTarget(_DiscreteTarget):
             student, z_t, r, t, v, teacher=teacher, cond=cond, generator=generator
         )
 
-    def _compute(self, student, z_t, r, t, v, teacher, cond, generator) -> tuple[Tensor, int]:
-        if teacher is None:
-            raise ValueError("SplitCurriculumTarget needs a teacher (pass teacher=...)")
+    def split_point(self, r: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``s = t - a (t - r)`` or ``t - min(t - r, a)`` at the current step's ``a``."""
         a = self.span_at(self.step)
         gap = t - r
         s = t - a * gap if self.relative else t - gap.clamp(max=a)
-        s = s.clamp(min=r, max=t)  # rounding must not step outside [r, t]
-        pieces, steps, fn = (True, False), self.teacher_steps, self._step_fn
-        return _split(
-            student, teacher, z_t, r, t, s, v, pieces, steps, fn, cond, self.reuse_v,
-            self.always_call,
-        )  # fmt: skip
+        return s.clamp(min=r, max=t)  # rounding must not step outside [r, t]
 
     def state_dict(self) -> dict:
         return {"step": self.step}

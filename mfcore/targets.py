@@ -15,8 +15,9 @@ Every target turns a state ``z_t``, an interval ``[r, t]`` and the velocity ``v`
   with the teacher on the first piece, on both, or on neither (pure self-consistency).
 
 The warm-up switch (arXiv 2605.17834, Sec. 3), which trains on a discrete target first and
-then switches to the differential one, is :class:`mfcore.warmup.WarmupTarget` (importable
-from here too), with the target-agreement signals, gate and guard that make it safe.
+then switches to the differential one, is :class:`mfcore.warmup.WarmupTarget` (built on this
+module, which does not import it back), with the target-agreement signals, gate and guard
+that make it safe.
 
 Pure functions come first (each checks its arguments); the target objects on top are
 :class:`~mfcore.fields.Target` s (the discrete ones :class:`~mfcore.fields.DiscreteTarget` s),
@@ -547,20 +548,15 @@ class SplitTarget(_DiscreteTarget):
         self.teacher_pieces, self.method = teacher_pieces, method
         self.reuse_v, self.always_call = bool(reuse_v), bool(always_call)
 
-    def _compute(self, student, z_t, r, t, v, teacher, cond, generator) -> tuple[Tensor, int]:
-        _need_teacher(self._pieces, teacher, f"SplitTarget({self.teacher_pieces!r})")
+    def split_point(self, r: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The split times ``s`` ``(B,)`` in ``[r, t]``: here ``r + lambda (t - r)``,
+        ``lambda ~ U(0, 1)`` per sample (a subclass may choose its own)."""
         lam = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
-        s = torch.minimum(r + lam * (t - r), t)
+        return torch.minimum(r + lam * (t - r), t)
+
+    def _compute(self, student, z_t, r, t, v, teacher, cond, generator) -> tuple[Tensor, int]:
+        _need_teacher(self._pieces, teacher, f"{type(self).__name__}({self.teacher_pieces!r})")
+        s = self.split_point(r, t, generator)
         pieces, steps, step, reuse = self._pieces, self.teacher_steps, self._step, self.reuse_v
         one = self.always_call
         return _split(student, teacher, z_t, r, t, s, v, pieces, steps, step, cond, reuse, one)
-
-
-def __getattr__(name: str) -> Any:
-    # The warm-up switch lives in mfcore.warmup (with its signals, gate and guard), which
-    # builds on this module; it stays importable from here.
-    if name == "WarmupTarget":
-        from mfcore.warmup import WarmupTarget
-
-        return WarmupTarget
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

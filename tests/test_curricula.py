@@ -76,9 +76,8 @@ def test_the_whole_interval_to_the_teacher_is_flow_matching(seed):
         SplitCurriculumTarget(LinearSpan(1.0, 1.0, 10)),
         SplitCurriculumTarget(HalvingSpan(1.0, 1, 10), relative=False),
     ):
-        torch.testing.assert_close(
-            _compute(target, z, r, t), velocity(z, t), rtol=1e-12, atol=1e-12
-        )
+        # fp64: (t - s) / (t - r) is 1 up to the split point's rounding, over a gap t - r
+        torch.testing.assert_close(_compute(target, z, r, t), velocity(z, t), rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=30, deadline=None)

@@ -15,9 +15,10 @@ from mfcore.losses import (
     sample_path,
 )
 from mfcore.solvers import sample_meanflow
-from mfcore.targets import DifferentialTarget, TeacherODETarget, WarmupTarget
+from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.time import TimePairSampler, UniformTime
 from mfcore.toys.gmm import GaussianMixture
+from mfcore.warmup import WarmupTarget
 from tests._cfg_peers import TinyStudent, peer_data, peer_inputs, peer_student, reference_loss
 from tests._nets import MLPStudent
 

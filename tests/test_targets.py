@@ -19,12 +19,12 @@ from mfcore.targets import (
     DifferentialTarget,
     SplitTarget,
     TeacherODETarget,
-    WarmupTarget,
     differential_target,
     split_target,
     teacher_ode_target,
 )
 from mfcore.toys.gmm import GaussianMixture
+from mfcore.warmup import WarmupTarget
 from tests._nets import MLPStudent
 
 F64 = torch.float64

@@ -25,7 +25,6 @@ from mfcore.targets import (
     DifferentialTarget,
     SplitTarget,
     TeacherODETarget,
-    WarmupTarget,
     differential_target,
     split_target,
     teacher_ode_target,
@@ -33,6 +32,7 @@ from mfcore.targets import (
 from mfcore.time import shifted_grid, uniform_grid
 from mfcore.toys.train import ToyConfig
 from mfcore.toys.train import main as toy_main
+from mfcore.warmup import WarmupTarget
 from tests._nets import MLPStudent
 
 BF16, F32, F64 = torch.bfloat16, torch.float32, torch.float64

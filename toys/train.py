@@ -4,7 +4,7 @@ The seed method of arXiv 2605.17834 on a 2-D mixture where every answer is exact
 
 1. MeanFlow regression (:class:`mfcore.losses.MeanFlowLoss`) on ``(r, t)`` pairs, with the
    target chosen by ``target``: ``"warmup"`` is the warm-up switch
-   (:class:`mfcore.targets.WarmupTarget`: the discrete teacher-ODE target first, the
+   (:class:`mfcore.warmup.WarmupTarget`: the discrete teacher-ODE target first, the
    differential (JVP) target after ``warmup_steps``), ``"discrete"`` keeps the teacher-ODE
    target throughout, ``"differential"`` uses the JVP target from scratch. The default is
    ``"discrete"``: on these toys the teacher-ODE target is exact and cheap, and switching to
