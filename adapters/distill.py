@@ -468,7 +468,9 @@ def distill(
             else "",
         )  # fmt: skip
         os.makedirs(cfg.output, exist_ok=True)
-        log = RunLog(cfg.output, run.step, tensorboard=cfg.tensorboard)
+        log = RunLog(
+            cfg.output, run.step, report_to=cfg.report_to, settings=dataclasses.asdict(cfg)
+        )
     shown = cfg.progress and main
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not shown, desc="distil")
     try:

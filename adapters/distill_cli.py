@@ -25,6 +25,7 @@ from mfcore.adapters.distill import distill
 from mfcore.adapters.distill_config import DTYPES, SWITCHES, DistillConfig
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.loading import resolve_model
+from mfcore.adapters.monitor import REPORTERS
 from mfcore.adapters.parallel import (
     MODES,
     leave,
@@ -132,7 +133,9 @@ HELP: dict[str, str] = {
     "text encoders; unset: the data's first two conditions",
     "preview_every": "every N steps (0: never) write previews/step-N.png: per preview sample, "
     "the teacher's 28-step sample and the student's 1-, 2- and 4-step ones from its noise",
-    "tensorboard": "also log to TensorBoard (<output>/tensorboard) when it is installed",
+    "report_to": "where metrics and previews go besides metrics.jsonl and previews/: "
+    "tensorboard (<output>/tensorboard, when it is installed), wandb (offline unless "
+    "WANDB_MODE says otherwise; needs pip install wandb) or none",
     "progress": "show a progress bar",
 }
 
@@ -149,6 +152,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "family": ("auto", *FAMILIES),
     "student": STUDENTS,
     "teacher_guidance": GUIDANCE_RULES,
+    "report_to": REPORTERS,
     "switch": SWITCHES,
     "warmup_ode_method": ODE_METHODS,
     "jvp": JVP_METHODS,

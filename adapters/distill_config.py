@@ -5,6 +5,7 @@ only with alignment, what a checkpoint that predates a setting ran with)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from mfcore.adapters.alignment import CRITICS
 from mfcore.adapters.arcflow_objective import STUDENTS
 from mfcore.adapters.family import FAMILIES
 from mfcore.adapters.loading import DTYPES
+from mfcore.adapters.monitor import REPORTERS
 from mfcore.adapters.parallel import (
     MODES,
 )
@@ -111,7 +113,7 @@ class DistillConfig:
     ema_decay: float = 0.999
     preview_every: int = 100
     validation_prompts: str | None = None
-    tensorboard: bool = True
+    report_to: str = "tensorboard"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -176,6 +178,9 @@ class DistillConfig:
         check_real("guidance_scale", self.guidance_scale)
         check_real("true_cfg_scale", self.true_cfg_scale, minimum=1.0)
         check_choice("teacher_guidance", self.teacher_guidance, GUIDANCE_RULES)
+        check_choice("report_to", self.report_to, REPORTERS)
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ValueError("report_to='wandb' needs wandb: pip install wandb")
         check_real("apg_norm_threshold", self.apg_norm_threshold, minimum=0.0)
         check_real("critic_lr", self.critic_lr, minimum=0.0, strict=True)
         if self.jvp not in JVP_METHODS:
@@ -200,7 +205,7 @@ LEGACY = {"switch": "fixed", "guard": False, "family": "flux", "grid_fraction": 
 RESUMABLE = {"steps", "resume", "resume_from", "progress", "checkpoint_every", "keep_checkpoints"}
 RESUMABLE |= {"output"}
 RESUMABLE |= {"allow_data_change"}
-RESUMABLE |= {"ema", "ema_decay", "preview_every", "validation_prompts", "tensorboard"}
+RESUMABLE |= {"ema", "ema_decay", "preview_every", "validation_prompts", "report_to"}
 # (a rollback needs the copy taken at the switch: resumed without one, it waits for the next)
 RESUMABLE |= {"rollback"}
 # (how the global batch is computed: the engine and the micro-batches change only float order)

@@ -1,15 +1,16 @@
-"""What a distillation run shows while it runs: JSONL metrics, TensorBoard, preview images.
+"""What a distillation run shows while it runs: JSONL metrics, TensorBoard or wandb, previews.
 
 Every step's metrics go to ``metrics.jsonl`` (one strict JSON object a line: a non-finite
-number is written as ``null``, the JSON of a missing value); when TensorBoard is
-installed (``pip install tensorboard``, read through ``torch.utils.tensorboard``) the same
-scalars go to ``<output>/tensorboard``. Preview images (1- and 2-step samples of the EMA
-student) are written as PNG files under ``<output>/previews`` and, with TensorBoard, as
-images.
+number is written as ``null``, the JSON of a missing value); with ``report_to`` the same
+scalars go to TensorBoard (``<output>/tensorboard``, when ``pip install tensorboard`` made
+``torch.utils.tensorboard`` importable) or to an offline wandb run (``<output>/wandb``).
+Preview images (the teacher beside the EMA student at 1, 2 and 4 steps) are written as PNG
+files under ``<output>/previews`` and, with a reporter, as images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from mfcore._checks import check_choice
 from mfcore.adapters._durable import write_atomic
 
 __all__ = ["RunLog", "latents_to_images", "truncate_log"]
@@ -98,22 +100,38 @@ def _table(rows: list[list[PIL.Image.Image]]) -> PIL.Image.Image:
     return out
 
 
+REPORTERS = ("tensorboard", "wandb", "none")
+"""Where :class:`RunLog` reports besides ``metrics.jsonl`` and ``previews/``."""
+
+
 class RunLog:
     """The run's metrics log and preview writer.
 
     Args:
         output: the run folder.
         step: the step the run starts (or resumes) at; later lines of an existing log go.
-        tensorboard: also write TensorBoard events when ``torch.utils.tensorboard`` imports.
+        report_to: ``"tensorboard"`` (events in ``<output>/tensorboard`` when
+            ``torch.utils.tensorboard`` imports, else a note), ``"wandb"`` (a run in
+            ``<output>/wandb``, offline unless ``WANDB_MODE`` says otherwise; ``wandb`` must
+            be installed) or ``"none"``.
+        settings: the run's settings, recorded as the wandb run's config.
     """
 
-    def __init__(self, output: str, step: int, *, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        output: str,
+        step: int,
+        *,
+        report_to: str = "tensorboard",
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        check_choice("report_to", report_to, REPORTERS)
         self.output = output
         self.path = os.path.join(output, "metrics.jsonl")
         truncate_log(self.path, step)
         self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
-        self.writer = None
-        if tensorboard:
+        self.writer = self.wandb = None
+        if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -122,21 +140,29 @@ class RunLog:
                 # events past the checkpoint's step go; its own step's stay (logged once)
                 folder = os.path.join(output, "tensorboard")
                 self.writer = SummaryWriter(folder, purge_step=step + 1)
+        elif report_to == "wandb":
+            self.wandb = _wandb_run(output, settings or {})
 
     def metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        """Log one step's metrics (numbers to TensorBoard, everything to the JSONL file, a
-        non-finite number as ``null``)."""
+        """Log one step's metrics (numbers to TensorBoard or wandb, everything to the JSONL
+        file, a non-finite number as ``null``)."""
         row = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
+        numbers = {
+            k: v
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
         if self.writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    self.writer.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
 
     def table(self, step: int, rows: list[list[PIL.Image.Image]]) -> str:
         """Write ``rows`` of images as one ``previews/step-XXXXXXX.png`` (and to
-        TensorBoard); returns the file's path."""
+        TensorBoard or wandb); returns the file's path."""
         folder = os.path.join(self.output, "previews")
         os.makedirs(folder, exist_ok=True)
         grid = _table(rows)
@@ -144,6 +170,10 @@ class RunLog:
         grid.save(path)
         if self.writer is not None:
             self.writer.add_image("preview", np.asarray(grid), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"preview": wandb.Image(grid)}, step=step)
         return path
 
     def sync(self) -> None:
@@ -154,8 +184,30 @@ class RunLog:
             self.writer.flush()
 
     def close(self) -> None:
-        """Flush and close the files."""
+        """Flush and close the files (and finish the wandb run)."""
         self.sync()
         self._file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(output: str, settings: dict[str, Any]):
+    """A wandb run logging into ``<output>/wandb``: offline unless ``WANDB_MODE`` is set
+    (``wandb sync`` uploads it later); the same run id on every resume of the folder."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("report_to='wandb' needs wandb: pip install wandb") from None
+    folder = os.path.join(output, "wandb")
+    os.makedirs(folder, exist_ok=True)
+    run_id = "mfcore-" + hashlib.sha1(os.path.abspath(output).encode()).hexdigest()[:12]
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "mfcore"),
+        dir=folder,
+        id=run_id,
+        resume="allow",
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        config=settings,
+    )

@@ -57,7 +57,7 @@ def _measure(mode: str, folder: str, device: torch.device, tiny: bool, reps: int
         data=folder, output=os.path.join(folder, mode), tiny=True, family="flux",
         batch_size=2, switch="fixed", warmup_steps=0, align="fake", critic_lead=0,
         lora_rank=4 if tiny else 64, critic_rank=4 if tiny else 64, weights_dtype=dtype,
-        device=device.type, parallel=mode, preview_every=0, tensorboard=False, progress=False,
+        device=device.type, parallel=mode, preview_every=0, report_to="none", progress=False,
     )  # fmt: skip
     run = build_run(cfg, transformer=transformer)
     row = {"mode": mode, **_report.time_and_peak(functools.partial(train_step, run), device, reps)}

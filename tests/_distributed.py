@@ -109,7 +109,7 @@ def config(folder, family: str, name: str, **kw) -> DistillConfig:
         checkpoint_every=1,
         preview_every=0,
         progress=False,
-        tensorboard=False,
+        report_to="none",
     )
     return DistillConfig(**(base | kw))
 

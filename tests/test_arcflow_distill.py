@@ -20,7 +20,7 @@ def _cfg(tmp_path, data, name, **kw) -> DistillConfig:
     base = dict(data=str(data), output=str(tmp_path / name), tiny=True, student="arcflow",
                 steps=4, batch_size=2, lr=1e-2, lora_rank=2, device="cpu", seed=1,
                 weights_dtype="fp32", checkpoint_every=2, preview_every=0, progress=False,
-                tensorboard=False)  # fmt: skip
+                report_to="none")  # fmt: skip
     return DistillConfig(**(base | kw))
 
 

@@ -58,7 +58,7 @@ def config(tmp_path, name="run", **kw) -> DistillConfig:
         weights_dtype="fp32",
         progress=False,
         preview_every=0,
-        tensorboard=False,
+        report_to="none",
     )
     return DistillConfig(**(base | kw))
 
@@ -75,7 +75,7 @@ def argv(tmp_path, *flags) -> list[str]:
     common += [str(tmp_path / "run"), "--device", "cpu", "--weights-dtype", "fp32"]
     common += ["--lora-rank", "2", "--batch-size", "2", "--switch", "never"]
     common += ["--warmup-ode-steps", "1", "--checkpoint-every", "2", "--preview-every", "0"]
-    return [*common, "--no-tensorboard", "--no-progress", *flags]
+    return [*common, "--report-to", "none", "--no-progress", *flags]
 
 
 def usage_error(args, capsys) -> str:
@@ -310,7 +310,7 @@ def _strict(text: str):
 
 
 def test_metrics_jsonl_is_strict_json_with_null_for_non_finite(tmp_path):
-    log = RunLog(str(tmp_path), 0, tensorboard=False)
+    log = RunLog(str(tmp_path), 0, report_to="none")
     log.metrics(
         1,
         {
@@ -352,3 +352,63 @@ def test_tensorboard_keeps_the_checkpoint_step_after_resume(tmp_path):
     loss = {e.step: e.value for e in events.Scalars("loss")}
     assert loss == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0}
     assert [e.step for e in events.Images("preview")] == [2]
+
+
+class _FakeWandb:
+    """A stand-in for the wandb package (not installed here): records what RunLog calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self
+
+    def log(self, values, step):
+        self.calls.append(("log", dict(values), step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+    class Image:
+        def __init__(self, image) -> None:
+            self.size = image.size
+
+
+def test_report_to_wandb_logs_offline_into_the_run_folder(tmp_path, monkeypatch):
+    """The wandb reporter against a stand-in module: an offline run in <output>/wandb whose
+    id the run folder fixes (a resume continues it), scalars and previews at their steps."""
+    import sys
+
+    from PIL import Image
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    log = RunLog(str(tmp_path), 0, report_to="wandb", settings={"lr": 1e-4})
+    log.metrics(1, {"loss": 0.5, "phase": "discrete", "flag": True})
+    log.table(1, [[Image.new("L", (4, 4))]])
+    log.close()
+    RunLog(str(tmp_path), 1, report_to="wandb").close()  # resumed
+    (first, init), (second, again) = fake.calls[0], fake.calls[4]
+    assert first == second == "init" and init["id"] == again["id"]
+    assert init["mode"] == "offline" and init["dir"] == str(tmp_path / "wandb")
+    assert init["config"] == {"lr": 1e-4} and init["resume"] == "allow"
+    assert fake.calls[1] == ("log", {"loss": 0.5}, 1)  # numbers only
+    assert fake.calls[2][0] == "log" and fake.calls[2][2] == 1
+    assert fake.calls[2][1]["preview"].size == (4, 4)
+    assert fake.calls[3] == ("finish",)
+    assert (tmp_path / "metrics.jsonl").read_text().count('"step": 1') == 1
+
+
+def test_report_to_refuses_an_unknown_reporter_and_a_missing_wandb(tmp_path, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(ValueError, match="report_to"):
+        RunLog(str(tmp_path), 0, report_to="mlflow")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match="pip install wandb"):
+        config(tmp_path, report_to="wandb")

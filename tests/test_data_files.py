@@ -130,7 +130,7 @@ def _run_config(tmp_path, **kw) -> DistillConfig:
     base = dict(data=str(tmp_path / "data"), output=str(tmp_path / "run"), tiny=True, steps=2)
     base |= dict(switch="never", warmup_ode_steps=1, checkpoint_every=2, lora_rank=2)
     base |= dict(batch_size=2, device="cpu", weights_dtype="fp32", progress=False)
-    base |= dict(preview_every=0, tensorboard=False, keep_checkpoints=1)
+    base |= dict(preview_every=0, report_to="none", keep_checkpoints=1)
     return DistillConfig(**(base | kw))
 
 

@@ -51,7 +51,7 @@ def config(tmp_path, family, name="run", **kw) -> DistillConfig:
         critic_lead=1,
         critic_rank=2,
         preview_every=0,
-        tensorboard=False,
+        report_to="none",
     )
     return DistillConfig(**(base | kw))
 
@@ -132,7 +132,9 @@ def test_ema_is_checkpointed_and_exported(tmp_path):
 
 def test_tensorboard_and_preview_images(tmp_path):
     data(tmp_path, "hunyuanimage2")
-    distill(config(tmp_path, "hunyuanimage2", align="none", preview_every=2, tensorboard=True))
+    distill(
+        config(tmp_path, "hunyuanimage2", align="none", preview_every=2, report_to="tensorboard")
+    )
     previews = sorted(os.listdir(tmp_path / "run" / "previews"))
     assert previews == ["step-0000002.png", "step-0000004.png"]
     # two samples, as rows: the teacher, then the student at 1, 2 and 4 steps (no VAE: a
@@ -182,6 +184,7 @@ def test_every_flag_has_help_and_shows_its_default(capsys):
         "output",
         "model",
         "tiny",
+        "resume_from",  # given as --resume PATH
     }
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -243,7 +246,7 @@ def test_cli_make_data_and_a_tiny_run(tmp_path, family, capsys):
     assert "wrote 1 files" in capsys.readouterr().out
     argv = ["train", "--tiny", "--family", family, "--data", str(folder)]
     argv += ["--output", str(tmp_path / "out"), "--steps", "1", "--device", "cpu"]
-    argv += ["--weights-dtype", "fp32", "--no-progress", "--lora-rank", "2", "--no-tensorboard"]
+    argv += ["--weights-dtype", "fp32", "--no-progress", "--lora-rank", "2", "--report-to", "none"]
     assert main(argv) == 0
     student = tmp_path / "out" / "student"
     assert os.path.isfile(student / get_family(family).student_config_name)
@@ -278,7 +281,7 @@ def test_resume_remembers_the_runs_settings_and_refuses_a_changed_one_by_name(tm
     first = ["train", "--tiny", "--data", folder, "--output", out, "--steps", "2",
              "--checkpoint-every", "2", "--warmup-steps", "1", "--lora-rank", "2",
              "--device", "cpu", "--weights-dtype", "fp32", "--no-progress",
-             "--no-tensorboard", "--preview-every", "0"]  # fmt: skip
+             "--report-to", "none", "--preview-every", "0"]  # fmt: skip
     assert main(first) == 0
     # the docs' resume line: only what locates the run and what may change
     assert main(["train", "--output", out, "--steps", "3", "--resume", "--no-progress"]) == 0
@@ -302,7 +305,7 @@ def test_resume_takes_latest_a_run_folder_or_one_checkpoint(tmp_path, capsys):
     first = ["train", "--tiny", "--data", folder, "--output", out, "--steps", "4",
              "--checkpoint-every", "2", "--keep-checkpoints", "3", "--lora-rank", "2",
              "--device", "cpu", "--weights-dtype", "fp32", "--no-progress",
-             "--no-tensorboard", "--preview-every", "0"]  # fmt: skip
+             "--report-to", "none", "--preview-every", "0"]  # fmt: skip
     assert main(first) == 0
     step2 = os.path.join(out, "checkpoints", "step-0000002")
     step4 = os.path.join(out, "checkpoints", "step-0000004")

@@ -203,7 +203,7 @@ def test_torchrun_runs_the_command_line(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--tiny", "--family", "hunyuanimage2", "--data", folder, "--output",
             str(out), "--device", "cpu", "--weights-dtype", "fp32", "--lora-rank", "2",
-            "--batch-size", "2", "--no-progress", "--no-tensorboard", "--preview-every", "1",
+            "--batch-size", "2", "--no-progress", "--report-to", "none", "--preview-every", "1",
             "--checkpoint-every", "2", "--align", "fake", "--critic-rank", "2"]  # fmt: skip
     done = _torchrun(2, *argv, "--steps", "2", "--parallel", "fsdp")
     assert done.returncode == 0, done.stderr[-3000:]

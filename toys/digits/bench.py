@@ -69,7 +69,7 @@ TOY_SETTINGS: dict[str, Any] = dict(
     weights_dtype="fp32",
     device="cpu",
     gradient_checkpointing=False,
-    tensorboard=False,
+    report_to="none",
     checkpoint_every=100,
     preview_every=400,
 )

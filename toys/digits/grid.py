@@ -97,10 +97,11 @@ def _recipe(settings: dict[str, Any]) -> dict[str, Any]:
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     }
     resolved = defaults | TOY_SETTINGS | settings
-    return {k: v for k, v in resolved.items() if k not in _NOT_RECIPE}
+    return {k: v for k, v in resolved.items() if k not in _NOT_RECIPE | _LOGGING}
 
 
 _NOT_RECIPE = {"data", "output", "model", "seed", "progress", "resume"}
+_LOGGING = {"tensorboard", "report_to"}  # where a run logs (the old flag and its successor)
 
 
 def _key(name: str, seed: int, bench: BenchConfig) -> str:
@@ -116,7 +117,7 @@ def _normal(key: str) -> str:
     """A run's key with every ``DistillConfig`` setting it predates filled in at its
     default: a setting is added at the default that keeps what the code did before it (as
     ``--student meanflow``), so a run made before it is the same run."""
-    entries = json.loads(key)
+    entries = {k: v for k, v in json.loads(key).items() if k not in _LOGGING}
     for name, value in _recipe({}).items():
         entries.setdefault(name, value)
     return json.dumps(entries, sort_keys=True, default=str)
