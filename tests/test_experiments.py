@@ -154,6 +154,10 @@ def test_converged_claim1_runs_branches_after_their_warm_up(tmp_path, monkeypatc
     for head in ("plateau", "The switch and the curricula", "twins that could improve"):
         assert head in text, head
     assert "| calibration | (inf, inf) |" in text
+    from mfcore.toys import plots
+
+    plots.plot_converged(results, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_equal_cost_reads_the_reference_curve_between_its_probes():

@@ -591,6 +591,8 @@ def main(argv: list[str] | None = None) -> None:
     from . import plots
 
     plots.plot_experiments(results, out / "experiments.png")
+    if "claim1_converged" in results:
+        plots.plot_converged(results["claim1_converged"], out / "claim1_converged.png")
     print(text)
     print(f"total {time.perf_counter() - start:.0f} s; wrote {out}/results.json and tables.md")
 

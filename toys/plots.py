@@ -4,7 +4,8 @@
 - :func:`plot_trajectories`: student trajectories beside the teacher's ODE paths;
 - :func:`plot_losses`: loss curves with the warm-up switch and the alignment start marked;
 - :func:`write_run_figures`: all three for a run folder;
-- :func:`plot_experiments`: the summary figure of :mod:`mfcore.toys.experiments`.
+- :func:`plot_experiments`: the summary figure of :mod:`mfcore.toys.experiments`;
+- :func:`plot_converged`: its ``claim1_converged`` curves.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "plot_trajectories",
     "plot_losses",
     "plot_experiments",
+    "plot_converged",
     "write_run_figures",
 ]
 
@@ -141,6 +143,69 @@ def plot_experiments(results: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{mixture}: probe error (median of seeds)", fontsize=8)
         ax.set_xlabel("step", fontsize=7)
     axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+_CURVES = (
+    ("discrete only", "k", "-"),
+    ("fixed switch", "tab:red", "-"),
+    ("fixed switch, guarded", "tab:red", ":"),
+    ("gap curriculum", "tab:orange", "-"),
+    ("gap curriculum, guarded", "tab:orange", ":"),
+    ("FM -> MF anneal (alpha-Flow)", "tab:blue", "-"),
+    ("FM -> MF anneal (alpha-Flow), guarded", "tab:blue", ":"),
+    ("discrete MeanFlow curriculum", "tab:green", "-"),
+    ("discrete MeanFlow curriculum, no switch", "tab:green", "--"),
+)
+
+
+_FROM_START = ("FM -> MF", "discrete MeanFlow")
+
+
+def plot_converged(results: dict[str, Any], path: Path, seed: int = 0) -> None:
+    """``claim1_converged`` for one seed: per mixture, the probe error against the steps
+    (top: the warm-up to its plateau, then the branches after it) and against the teacher
+    evaluations per sample spent (bottom: the curricula from step 0 beside the warm-up)."""
+    mixtures = list(dict.fromkeys(name.split(" / ")[0] for name in results))
+    if not mixtures:
+        return
+    fig, axes = plt.subplots(2, len(mixtures), figsize=(4.4 * len(mixtures), 6.4), squeeze=False)
+    for col, mixture in enumerate(mixtures):
+
+        def run_of(variant: str, mixture=mixture) -> dict[str, Any] | None:
+            runs = results.get(f"{mixture} / {variant}", {}).get("runs", [])
+            return next((r for r in runs if r["seed"] == seed), None)
+
+        warm = run_of("converged warm-up")
+        top, bottom = axes[0][col], axes[1][col]
+        if warm is not None:
+            steps = [p[0] for p in warm["probes"]]
+            top.plot(steps, [p[1] for p in warm["probes"]], c="0.5", lw=1.0, label="warm-up")
+            top.axvline(warm["steps_done"], ls=":", c="k", lw=0.8)
+            bottom.plot([p[2] for p in warm["probes"]], [p[1] for p in warm["probes"]], c="0.5",
+                        lw=1.0, label="discrete (the warm-up)")  # fmt: skip
+        for variant, colour, style in _CURVES:
+            run = run_of(variant)
+            if run is None:
+                continue
+            own = [p for p in run["probes"] if warm is None or p[0] >= warm["steps_done"]]
+            if variant.startswith(_FROM_START):  # no warm-up: its whole curve
+                own = run["probes"]
+                bottom.plot([p[2] for p in own], [p[1] for p in own], c=colour, ls=style, lw=1.0,
+                            label=variant)  # fmt: skip
+            else:
+                top.plot([p[0] for p in own], [p[1] for p in own], c=colour, ls=style, lw=1.0,
+                         label=variant)  # fmt: skip
+        top.set_yscale("log")
+        bottom.set_yscale("log")
+        bottom.set_xscale("log")
+        top.set_title(f"{mixture}: probe error, seed {seed}", fontsize=8)
+        top.set_xlabel("step (dotted: the plateau)", fontsize=7)
+        bottom.set_xlabel("teacher evaluations per sample", fontsize=7)
+    axes[0][0].legend(fontsize=5)
+    axes[1][0].legend(fontsize=5)
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
