@@ -178,3 +178,23 @@ def test_equal_cost_reads_the_reference_curve_between_its_probes():
     # improved: a lower probe than at the switch and a 1-step W2 no worse (5 %)
     assert converged.improved(switched) and not converged.improved(worse)
     assert not converged.improved(_run(0.3, 0.4, 0.4, 0.3))  # the W2 rose
+
+
+def test_a_revert_is_false_when_its_unguarded_twin_improved():
+    """The guard table counts a false revert where the unguarded twin ended better than at
+    its switch: the count can come out non-zero."""
+
+    def switched(seed, probe_end, w2_end, events):
+        run = _run(0.3, 0.4, w2_end, probe_end) | {"seed": seed, "events": events}
+        return run | {"steps_done": 100, "teacher_nfe_per_sample": 1.0, "probes": []}
+
+    reverted = [[10, "switch"], [40, "revert"]]
+    results = {
+        "ring8 / fixed switch": {"runs": [switched(0, 0.35, 0.3, [[10, "switch"]]),
+                                          switched(1, 0.5, 0.3, [[10, "switch"]])]},
+        "ring8 / fixed switch, guarded": {"runs": [switched(0, 0.4, 0.3, reverted),
+                                                   switched(1, 0.4, 0.3, reverted)]},
+    }  # fmt: skip
+    rows = converged._guard(converged._groups(results))
+    # seed 0's twin improved (0.4 -> 0.35), seed 1's did not: one false revert of two
+    assert rows[2].startswith("| ring8 / fixed switch, guarded | 2/2 | 30 ± 0 | 1/2 | 1/2 |")

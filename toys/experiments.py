@@ -292,6 +292,23 @@ unguarded and guarded, against the discrete target at equal steps and teacher co
 ``SHIPPED_NOW`` base switches gated and guarded; the variants here fix the switch step."""
 
 
+_TWINS_EQUAL_COST = 500 + round(1500 / 2.75)
+"""Discrete steps that cost what 500 discrete then 1,500 differential steps cost (2.75
+against 1 teacher evaluation per sample and step with MeanFlow's pairs)."""
+
+_TWINS_BASE: dict[str, Any] = dict(SHIPPED, warmup_steps=500, steps=2000, probe_every=100)
+
+TWIN_VARIANTS: dict[str, dict[str, Any]] = {
+    "discrete only": dict(target="discrete"),
+    "discrete only, equal teacher cost": dict(target="discrete", steps=_TWINS_EQUAL_COST),
+    "fixed switch": dict(switch="fixed", guard=False),
+    "fixed switch, guarded": dict(switch="fixed"),
+}
+"""The recipe where the issue's audit saw the differential phase refine (MeanFlow's own
+pairs, no grid pairs, lr 1e-4, the switch at step 500): twins that can improve, so that the
+guard's false reverts can be counted (issue 19, item 7)."""
+
+
 def _hypotheses() -> dict[str, dict[str, Any]]:
     out = {}
     for p in ("ring8", "grid25"):
@@ -353,6 +370,11 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
         for p in PRESETS
         for v, o in CLAIM1_VARIANTS.items()
     },
+    "guard_twins": {
+        f"{p} / {v}": {**_TWINS_BASE, "preset": p, **o}
+        for p in PRESETS
+        for v, o in TWIN_VARIANTS.items()
+    },
     "claim1_converged": {
         f"{p} / {v}": dict(o, preset=p) for p in PRESETS for v, o in CONVERGED_VARIANTS.items()
     },
@@ -401,6 +423,7 @@ SEEDS = {
     "ode_steps": 2,
     "claim1_shipped": 3,
     "claim1_converged": 5,
+    "guard_twins": 5,
 }
 """Seeds per experiment (5 where not listed)."""
 

@@ -364,6 +364,11 @@ def tables(results: dict[str, Any]) -> str:
 
         parts += ["### Claim 1 after a converged warm-up, and the curricula", ""]
         parts += [*converged_tables(results["claim1_converged"]), ""]
+    if "guard_twins" in results:
+        from .verdict_converged import tables as converged_tables
+
+        parts += ["### The guard against twins in MeanFlow's own pairs", ""]
+        parts += [*converged_tables(results["guard_twins"]), ""]
     if "seed_method" in results:
         parts += ["### Claim 1 in the faithful setting", "", *_seed_method(results["seed_method"])]
         parts += ["", "### Guard and gate", "", *_guard(results)]

@@ -206,11 +206,9 @@ def _calibration(groups) -> list[str]:
 def tables(results: dict[str, Any]) -> list[str]:
     """Markdown lines: the warm-ups, the outcomes, the guard and the gate's calibration."""
     groups = _groups(results)
+    warm = any(WARMUP in variants for variants in groups.values())
     return [
-        "#### The warm-up to its plateau",
-        "",
-        *_warmups(groups),
-        "",
+        *(["#### The warm-up to its plateau", "", *_warmups(groups), ""] if warm else []),
         "#### The switch and the curricula",
         "",
         *_outcomes(groups),
