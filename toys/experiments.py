@@ -279,6 +279,13 @@ CONVERGED_VARIANTS: dict[str, dict[str, Any]] = {
         warmup_steps=CURRICULUM,
         steps=CURRICULUM + BRANCH,
     ),
+    "FM -> MF anneal (alpha-Flow), no switch": dict(
+        _CONVERGED_BASE,
+        target="discrete",
+        curriculum="alpha",
+        warmup_steps=CURRICULUM,
+        steps=CURRICULUM + BRANCH,
+    ),
     "discrete MeanFlow curriculum, no switch": dict(
         _CONVERGED_BASE,
         target="discrete",

@@ -157,6 +157,7 @@ _CURVES = (
     ("FM -> MF anneal (alpha-Flow)", "tab:blue", "-"),
     ("FM -> MF anneal (alpha-Flow), guarded", "tab:blue", ":"),
     ("discrete MeanFlow curriculum", "tab:green", "-"),
+    ("FM -> MF anneal (alpha-Flow), no switch", "tab:blue", "--"),
     ("discrete MeanFlow curriculum, no switch", "tab:green", "--"),
 )
 

@@ -9,7 +9,10 @@ Every run of a mixture and seed is compared with the discrete target on the same
 
 "At equal teacher cost" reads the discrete run's probe curve where it has spent the teacher
 evaluations per sample the other run spent in all (linear between its probes). A switch
-*helped* when the unguarded run ends with a lower probe error than that. A twin *improved*
+*helped* when the unguarded run ends with a lower probe error than the same schedule without
+the switch at equal teacher cost: the ``discrete only`` branch for a branch, the
+curriculum's ``no switch`` run for a curriculum (whose cost per step the switch leaves at
+one teacher evaluation per sample). A twin *improved*
 when it ended with a lower probe error than at its switch and a 1-step W2 no worse (within
 :data:`~mfcore.toys.verdict.TOL`): a revert of its guarded twin was then a false one.
 """
@@ -86,6 +89,12 @@ def _reference(variants: dict[str, list[dict[str, Any]]], variant: str, seed: in
 
 _BRANCHES = ("discrete only", "discrete only, equal teacher cost", "fixed switch")
 _BRANCHES += ("fixed switch, guarded", "gap curriculum", "gap curriculum, guarded")
+
+
+def _without_switch(variants: dict[str, list[dict[str, Any]]], variant: str, seed: int):
+    """The same schedule without the switch: what tells whether ``variant``'s switch helped."""
+    name = "discrete only" if variant in _BRANCHES else f"{variant}, no switch"
+    return next((r for r in variants.get(name, []) if r["seed"] == seed), None)
 
 
 def _warmups(groups) -> list[str]:
@@ -184,7 +193,7 @@ def _calibration(groups) -> list[str]:
         group = "held out (aniso3d)" if mixture == "aniso3d" else "calibration"
         for name in UNGUARDED:
             for r in variants.get(name, []):
-                helped = switch_helped(r, _reference(variants, name, r["seed"]))
+                helped = switch_helped(r, _without_switch(variants, name, r["seed"]))
                 if r["signals_at_switch"] and helped is not None:
                     rows.setdefault(group, []).append((helped, r["signals_at_switch"]))
     out = [
