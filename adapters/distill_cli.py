@@ -70,8 +70,9 @@ HELP: dict[str, str] = {
     "with it after its first steps)",
     "apg_norm_threshold": "with --teacher-guidance apg: the largest norm of the guidance "
     "direction per sample (0: none; the 2.1 release's: 10)",
-    "switch": "when to leave the discrete warm-up target: gated (once the targets agree, "
-    "not before --warmup-steps), fixed (at --warmup-steps) or never",
+    "switch": "when to leave the discrete warm-up target: never (the toys and digits found "
+    "no recipe where leaving it pays), gated (once the targets agree, not before "
+    "--warmup-steps), or fixed (at --warmup-steps, the paper's schedule)",
     "warmup_steps": "steps of the discrete (teacher-ODE) warm-up target at least",
     "warmup_threshold": "also switch once the warm-up fit error falls below this",
     "warmup_ode_steps": "teacher ODE steps of the warm-up target",

@@ -67,7 +67,7 @@ class DistillConfig:
     true_cfg_scale: float = 1.0
     teacher_guidance: str = "cfg"
     apg_norm_threshold: float = 10.0
-    switch: str = "gated"
+    switch: str = "never"
     warmup_steps: int = 200
     warmup_threshold: float | None = None
     warmup_ode_steps: int = 4
