@@ -72,6 +72,14 @@ def apg_velocity(
 
     Returns:
         ``(B, ...)`` in ``v_cond``'s dtype.
+
+    Example:
+        >>> import torch
+        >>> v_c, v_u = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+        >>> apg_velocity(v_c, v_u, 2.0)  # d = (1, -1): only its part across v_c counts
+        tensor([[ 1., -1.]])
+        >>> apg_velocity(v_c, v_u, 2.0, eta=1.0)  # the whole d: classifier-free guidance
+        tensor([[ 3., -1.]])
     """
     check_like("v_uncond", v_uncond, v_cond, "v_cond")
     scale = check_real("scale", scale)

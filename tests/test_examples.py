@@ -24,6 +24,7 @@ MODULES = (
     "mfcore.tangent_rules",
     "mfcore.guidance",
     "mfcore.critics",
+    "mfcore.curricula",
 )
 #: The names whose docstrings must hold an example (``module.qualname``).
 DOCUMENTED = {
@@ -49,6 +50,10 @@ DOCUMENTED = {
     "mfcore.guidance.MeanFlowGuidance",
     "mfcore.critics.AlignmentLoss",
     "mfcore.critics.FakeVelocityCritic",
+    "mfcore.curricula.LinearSpan",
+    "mfcore.curricula.HalvingSpan",
+    "mfcore.curricula.SplitCurriculumTarget",
+    "mfcore.guidance.apg_velocity",
 }
 
 
