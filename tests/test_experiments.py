@@ -171,10 +171,11 @@ def test_equal_cost_reads_the_reference_curve_between_its_probes():
     assert converged.equal_cost_probe(ref, 60.0) == pytest.approx(0.375)  # toward the end
     assert converged.equal_cost_probe(ref, 81.0) is None  # beyond the curve
     switched = _run(0.3, 0.4, 0.29, 0.3) | {"teacher_nfe_per_sample": 1.0, "steps_done": 60}
-    assert converged.switch_helped(switched, ref) is True  # 0.3 against 0.375 at cost 60
+    assert converged.helped_at_equal_cost(switched, ref) is True  # 0.3 against 0.375 at cost 60
     worse = switched | {"probe": {"pooled": 0.4}}
-    assert converged.switch_helped(worse, ref) is False
-    assert converged.switch_helped(switched | {"steps_done": 90}, ref) is None  # off the curve
+    assert converged.helped_at_equal_cost(worse, ref) is False
+    off_curve = switched | {"steps_done": 90}
+    assert converged.helped_at_equal_cost(off_curve, ref) is None  # beyond the reference
     # improved: a lower probe than at the switch and a 1-step W2 no worse (5 %)
     assert converged.improved(switched) and not converged.improved(worse)
     assert not converged.improved(_run(0.3, 0.4, 0.4, 0.3))  # the W2 rose

@@ -15,7 +15,19 @@ from typing import Any
 
 from mfcore.solvers import SOLVERS
 
-__all__ = ["TOL", "GATES", "ended_worse", "blew_up", "switch_helped", "tables"]
+__all__ = [
+    "TOL",
+    "GATES",
+    "ended_worse",
+    "blew_up",
+    "switch_helped",
+    "gate_opens",
+    "gate_table",
+    "stat",
+    "count",
+    "finite",
+    "tables",
+]
 
 TOL = 0.05
 """Relative rise of W2 or of the probe error that counts as ending worse."""
@@ -28,18 +40,18 @@ TWINS = {
 """A guarded variant -> the unguarded one with the same seeds, to tell false reverts."""
 
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
 def ended_worse(run: dict[str, Any]) -> bool:
     """Whether a run ended worse than its own state at the switch step (see the module)."""
     final_w2, final_probe = run["student"]["1"]["w2"], (run["probe"] or {}).get("pooled")
-    if run["collapsed"] or not (_finite(final_w2) and _finite(final_probe)):
+    if run["collapsed"] or not (finite(final_w2) and finite(final_probe)):
         return True
     at = run["at_switch"] or {}
     w2_s, probe_s = at.get("w2_1"), (at.get("probe") or {}).get("pooled")
-    if not (_finite(w2_s) and _finite(probe_s)):
+    if not (finite(w2_s) and finite(probe_s)):
         return False  # already broken at S: it cannot end worse than that
     return final_w2 > (1 + TOL) * w2_s or final_probe > (1 + TOL) * probe_s
 
@@ -48,11 +60,11 @@ def blew_up(run: dict[str, Any]) -> bool:
     """Final 1-step W2 above 5x the teacher network's (or the exact teacher's) W2."""
     w2 = run["student"]["1"]["w2"]
     ref = (run.get("teacher_net") or {}).get("w2") or run["teacher_w2"]
-    return run["collapsed"] or not _finite(w2) or w2 > 5.0 * ref
+    return run["collapsed"] or not finite(w2) or w2 > 5.0 * ref
 
 
-def _stat(values: list[Any], digits: int = 3) -> str:
-    vals = [v for v in values if _finite(v)]
+def stat(values: list[Any], digits: int = 3) -> str:
+    vals = [v for v in values if finite(v)]
     if not vals:
         return "n/a"
     mean = statistics.fmean(vals)
@@ -71,7 +83,7 @@ def _end(run, key):
     return run["student"]["1"]["w2"] if key == "w2" else (run["probe"] or {}).get("pooled")
 
 
-def _count(runs, fn) -> str:
+def count(runs, fn) -> str:
     return f"{sum(map(fn, runs))}/{len(runs)}"
 
 
@@ -84,12 +96,12 @@ def _seed_method(results: dict[str, Any]) -> list[str]:
     for name, v in results.items():
         runs = v["runs"]
         out.append(
-            f"| {name} | {_count(runs, ended_worse)} | {_count(runs, blew_up)} | "
-            f"{_stat([_at(r, 'w2') for r in runs])} | {_stat([_end(r, 'w2') for r in runs])} | "
-            f"{_stat([_at(r, 'probe') for r in runs])} | "
-            f"{_stat([_end(r, 'probe') for r in runs])} | "
-            f"{_stat([r['student']['1']['mode_precision'] for r in runs])} | "
-            f"{_stat([r['teacher_nfe_per_sample'] for r in runs], 2)} |"
+            f"| {name} | {count(runs, ended_worse)} | {count(runs, blew_up)} | "
+            f"{stat([_at(r, 'w2') for r in runs])} | {stat([_end(r, 'w2') for r in runs])} | "
+            f"{stat([_at(r, 'probe') for r in runs])} | "
+            f"{stat([_end(r, 'probe') for r in runs])} | "
+            f"{stat([r['student']['1']['mode_precision'] for r in runs])} | "
+            f"{stat([r['teacher_nfe_per_sample'] for r in runs], 2)} |"
         )
     return out
 
@@ -137,11 +149,11 @@ def _signals(results: dict[str, Any]) -> list[str]:
     for label, runs in groups.items():
         sig = [r["signals_at_switch"] for r in runs]
         out.append(
-            f"| {label} | {len(runs)} | {_count(runs, ended_worse)} | "
-            f"{_stat([s['agree_delta'] for s in sig], 2)} | "
-            f"{_stat([s['agree_rho'] for s in sig], 2)} | "
-            f"{_stat([_max_bin(s, 'rho') for s in sig], 2)} | "
-            f"{_stat([s['agree_drift'] for s in sig], 2)} |"
+            f"| {label} | {len(runs)} | {count(runs, ended_worse)} | "
+            f"{stat([s['agree_delta'] for s in sig], 2)} | "
+            f"{stat([s['agree_rho'] for s in sig], 2)} | "
+            f"{stat([_max_bin(s, 'rho') for s in sig], 2)} | "
+            f"{stat([s['agree_drift'] for s in sig], 2)} |"
         )
     worse = [r for _, r in rows if ended_worse(r)]
     better = [r for _, r in rows if not ended_worse(r)]
@@ -196,9 +208,9 @@ def _guard(results: dict[str, Any], exp: str = "seed_method") -> list[str]:
         disc = seed_method.get(f"{mixture} / discrete only", {"runs": []})["runs"]
         out.append(
             f"| {name} | {len(switched)}/{len(runs)} | {len(reverted)}/{len(runs)} | "
-            f"{_stat(latency, 0) if latency else '-'} | {false} | "
-            f"{_count(runs, ended_worse)} | {_stat([_end(r, 'probe') for r in runs])} | "
-            f"{_stat([_end(r, 'probe') for r in disc])} |"
+            f"{stat(latency, 0) if latency else '-'} | {false} | "
+            f"{count(runs, ended_worse)} | {stat([_end(r, 'probe') for r in runs])} | "
+            f"{stat([_end(r, 'probe') for r in disc])} |"
         )
     return out
 
@@ -208,7 +220,7 @@ GATES = ((0.1, 1.5), (0.5, 2.0), (1.0, 2.0), (1.0, 3.0), (math.inf, math.inf))
 always open."""
 
 
-def _opens(signals: dict[str, float], delta: float, rho: float) -> bool:
+def gate_opens(signals: dict[str, float], delta: float, rho: float) -> bool:
     """Whether ``SwitchGate(delta, rho)`` would open on these signals (pooled and per bin)."""
     bins = all(v <= rho for k, v in signals.items() if k.startswith("agree_rho/")) and all(
         v <= delta for k, v in signals.items() if k.startswith("agree_delta/")
@@ -220,7 +232,7 @@ def switch_helped(run: dict[str, Any], twin: dict[str, Any]) -> bool:
     """Whether a run that switched ended with a lower probe error than its discrete-only twin
     at equal teacher cost (same mixture and seed)."""
     end, ref = _end(run, "probe"), _end(twin, "probe")
-    return _finite(end) and _finite(ref) and end < ref
+    return finite(end) and finite(ref) and end < ref
 
 
 def _calibration(results: dict[str, Any], exp: str = "claim1_shipped") -> list[str]:
@@ -240,8 +252,13 @@ def _calibration(results: dict[str, Any], exp: str = "claim1_shipped") -> list[s
                 rows.setdefault(group, []).append(
                     (switch_helped(r, twins[r["seed"]]), r["signals_at_switch"])
                 )
-    if not rows:
-        return []
+    return gate_table(rows) if rows else []
+
+
+def gate_table(rows: dict[str, list[tuple[bool, dict[str, float]]]]) -> list[str]:
+    """The gate's calibration table: per group of runs and per setting of :data:`GATES`, how
+    often it opens on the signals of the switches that helped (it should) and of those that
+    did not; ``rows`` maps a group to ``(helped, signals at the switch)`` pairs."""
     out = [
         "| runs | gate (delta, rho) | opens where switching helped | opens where it did not |",
         "|---|---|---|---|",
@@ -250,8 +267,8 @@ def _calibration(results: dict[str, Any], exp: str = "claim1_shipped") -> list[s
         helped = [s for h, s in pairs if h]
         hurt = [s for h, s in pairs if not h]
         for delta, rho in GATES:
-            yes = sum(_opens(s, delta, rho) for s in helped)
-            no = sum(_opens(s, delta, rho) for s in hurt)
+            yes = sum(gate_opens(s, delta, rho) for s in helped)
+            no = sum(gate_opens(s, delta, rho) for s in hurt)
             out.append(
                 f"| {group} | ({delta:g}, {rho:g}) | {yes}/{len(helped)} | {no}/{len(hurt)} |"
             )
@@ -273,10 +290,10 @@ def _hypotheses(results: dict[str, Any]) -> list[str]:
         base = name[: -len(" / warm-up")]
         warm, disc = v["runs"], h[f"{base} / discrete only"]["runs"]
         out.append(
-            f"| {base} | {_count(warm, ended_worse)} | {_stat([_at(r, 'probe') for r in warm])} | "
-            f"{_stat([_end(r, 'probe') for r in warm])} | "
-            f"{_stat([_end(r, 'probe') for r in disc])} | "
-            f"{_stat([_end(r, 'w2') for r in warm])} | {_stat([_end(r, 'w2') for r in disc])} |"
+            f"| {base} | {count(warm, ended_worse)} | {stat([_at(r, 'probe') for r in warm])} | "
+            f"{stat([_end(r, 'probe') for r in warm])} | "
+            f"{stat([_end(r, 'probe') for r in disc])} | "
+            f"{stat([_end(r, 'w2') for r in warm])} | {stat([_end(r, 'w2') for r in disc])} |"
         )
     return out
 
@@ -289,9 +306,9 @@ def _metric_table(results: dict[str, Any], exp: str) -> list[str]:
     ]
     for name, v in results[exp].items():
         runs = v["runs"]
-        ms = _stat([r["ms_per_step"] for r in runs])
+        ms = stat([r["ms_per_step"] for r in runs])
         for k in ("1", "2"):
-            cells = " | ".join(_stat([r["student"][k][c] for r in runs]) for c in cols)
+            cells = " | ".join(stat([r["student"][k][c] for r in runs]) for c in cols)
             out.append(f"| {name} | {k} | {cells} | {ms} |")
     return out
 
@@ -317,9 +334,9 @@ def _recipe(results: dict[str, Any], exp: str = "recipe") -> list[str]:
     ]
     for name, v in results[exp].items():
         runs, cfg = v["runs"], v["config"]
-        one = " | ".join(_stat([r["student"]["1"][c] for r in runs]) for c in cols)
-        two = " | ".join(_stat([r["student"]["2"][c] for r in runs]) for c in cols)
-        probe = _stat([(r["probe"] or {}).get("pooled") for r in runs])
+        one = " | ".join(stat([r["student"]["1"][c] for r in runs]) for c in cols)
+        two = " | ".join(stat([r["student"]["2"][c] for r in runs]) for c in cols)
+        probe = stat([(r["probe"] or {}).get("pooled") for r in runs])
         cost = teacher_evals_per_sample(cfg)
         out.append(f"| {name} | {cfg['steps']} | {cost:.2f} | {one} | {two} | {probe} |")
     return out
@@ -334,15 +351,15 @@ def _old_warmup(results: dict[str, Any]) -> list[str]:
         runs = v["runs"]
         collapsed = sum(
             r["collapsed"]
-            or not _finite(r["student"]["1"]["w2"])
+            or not finite(r["student"]["1"]["w2"])
             or r["student"]["1"]["w2"] > 5.0 * r["teacher_w2"]
             for r in runs
         )
         out.append(
             f"| {name} | {collapsed}/{len(runs)} | "
-            f"{_stat([r['student']['1']['w2'] for r in runs])} | "
-            f"{_stat([r['teacher_w2'] for r in runs])} | "
-            f"{_stat([r['student']['1']['mode_precision'] for r in runs])} |"
+            f"{stat([r['student']['1']['w2'] for r in runs])} | "
+            f"{stat([r['teacher_w2'] for r in runs])} | "
+            f"{stat([r['student']['1']['mode_precision'] for r in runs])} |"
         )
     return out
 

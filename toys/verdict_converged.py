@@ -12,18 +12,18 @@ evaluations per sample the other run spent in all (linear between its probes). A
 *helped* when the unguarded run ends with a lower probe error than the same schedule without
 the switch at equal teacher cost: the ``discrete only`` branch for a branch, the
 curriculum's ``no switch`` run for a curriculum (whose cost per step the switch leaves at
-one teacher evaluation per sample). A twin *improved*
-when it ended with a lower probe error than at its switch and a 1-step W2 no worse (within
-:data:`~mfcore.toys.verdict.TOL`): a revert of its guarded twin was then a false one.
+one teacher evaluation per sample). A twin *improved* when it ended with a lower probe error
+than at its switch and a 1-step W2 no worse (within :data:`~mfcore.toys.verdict.TOL`): a
+revert of its guarded twin was then a false one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .verdict import GATES, TOL, _count, _finite, _opens, _stat, blew_up, ended_worse
+from .verdict import TOL, blew_up, count, ended_worse, finite, gate_table, stat
 
-__all__ = ["WARMUP", "improved", "equal_cost_probe", "tables"]
+__all__ = ["WARMUP", "improved", "equal_cost_probe", "helped_at_equal_cost", "tables"]
 
 WARMUP = "converged warm-up"
 """The variant holding each seed's warm-up run."""
@@ -48,7 +48,7 @@ def equal_cost_probe(reference: dict[str, Any], cost: float) -> float | None:
     its curve."""
     points = [(p[2], p[1]) for p in reference["probes"] if len(p) > 2]
     points.append((_cost(reference), _probe_end(reference)))
-    points = [(c, e) for c, e in points if _finite(c) and _finite(e)]
+    points = [(c, e) for c, e in points if finite(c) and finite(e)]
     for (c0, e0), (c1, e1) in zip(points, points[1:], strict=False):
         if c0 <= cost <= c1:
             return e0 if c1 == c0 else e0 + (e1 - e0) * (cost - c0) / (c1 - c0)
@@ -67,7 +67,7 @@ def improved(run: dict[str, Any]) -> bool:
     at = run["at_switch"] or {}
     w2_s, probe_s = at.get("w2_1"), (at.get("probe") or {}).get("pooled")
     w2, probe = run["student"]["1"]["w2"], _probe_end(run)
-    if run["collapsed"] or not all(_finite(x) for x in (w2_s, probe_s, w2, probe)):
+    if run["collapsed"] or not all(finite(x) for x in (w2_s, probe_s, w2, probe)):
         return False
     return probe < probe_s and w2 <= (1 + TOL) * w2_s
 
@@ -108,10 +108,10 @@ def _warmups(groups) -> list[str]:
         branch = variants.get("discrete only", [])
         capped = sum(r["converged_at"] is None for r in warm)
         out.append(
-            f"| {mixture} | {_stat([r['steps_done'] for r in warm], 0)} | {capped}/{len(warm)} | "
-            f"{_stat([_probe_end(r) for r in warm])} | "
-            f"{_stat([(r['at_switch'] or {}).get('w2_1') for r in branch])} | "
-            f"{_stat([_cost(r) for r in warm], 0)} |"
+            f"| {mixture} | {stat([r['steps_done'] for r in warm], 0)} | {capped}/{len(warm)} | "
+            f"{stat([_probe_end(r) for r in warm])} | "
+            f"{stat([(r['at_switch'] or {}).get('w2_1') for r in branch])} | "
+            f"{stat([_cost(r) for r in warm], 0)} |"
         )
     return out
 
@@ -132,13 +132,13 @@ def _outcomes(groups) -> list[str]:
             cost = [None if f is None else equal_cost_probe(f, _cost(r)) for r, f in refs]
             at = [r["at_switch"] or {} for r in runs]
             out.append(
-                f"| {mixture} / {variant} | {_count(runs, ended_worse)} | "
-                f"{_count(runs, blew_up)} | {_stat([a.get('w2_1') for a in at])} | "
-                f"{_stat([r['student']['1']['w2'] for r in runs])} | "
-                f"{_stat([(r.get('two_step') or {}).get('w2') for r in runs])} | "
-                f"{_stat([(a.get('probe') or {}).get('pooled') for a in at])} | "
-                f"{_stat([_probe_end(r) for r in runs])} | {_stat(steps)} | {_stat(cost)} | "
-                f"{_stat([_cost(r) for r in runs], 0)} | {_stat([r['wall_s'] for r in runs], 0)} |"
+                f"| {mixture} / {variant} | {count(runs, ended_worse)} | "
+                f"{count(runs, blew_up)} | {stat([a.get('w2_1') for a in at])} | "
+                f"{stat([r['student']['1']['w2'] for r in runs])} | "
+                f"{stat([(r.get('two_step') or {}).get('w2') for r in runs])} | "
+                f"{stat([(a.get('probe') or {}).get('pooled') for a in at])} | "
+                f"{stat([_probe_end(r) for r in runs])} | {stat(steps)} | {stat(cost)} | "
+                f"{stat([_cost(r) for r in runs], 0)} | {stat([r['wall_s'] for r in runs], 0)} |"
             )
     return out
 
@@ -169,22 +169,22 @@ def _guard(groups) -> list[str]:
             false = [r for r in reverted if r["seed"] in by_seed and improved(by_seed[r["seed"]])]
             out.append(
                 f"| {mixture} / {name}, guarded | {len(reverted)}/{len(guarded)} | "
-                f"{_stat(latency, 0) if latency else '-'} | {len(better)}/{len(twins)} | "
-                f"{len(false)}/{len(reverted)} | {_count(twins, ended_worse)} | "
-                f"{_stat([_probe_end(r) for r in guarded])} | "
-                f"{_stat([_probe_end(r) for r in twins])} |"
+                f"{stat(latency, 0) if latency else '-'} | {len(better)}/{len(twins)} | "
+                f"{len(false)}/{len(reverted)} | {count(twins, ended_worse)} | "
+                f"{stat([_probe_end(r) for r in guarded])} | "
+                f"{stat([_probe_end(r) for r in twins])} |"
             )
     return out
 
 
-def switch_helped(run: dict[str, Any], reference: dict[str, Any] | None) -> bool | None:
+def helped_at_equal_cost(run: dict[str, Any], reference: dict[str, Any] | None) -> bool | None:
     """Whether ``run`` ended with a lower probe error than ``reference`` at equal teacher
     cost; ``None`` when that cannot be read."""
     end = _probe_end(run)
     ref = None if reference is None else equal_cost_probe(reference, _cost(run))
-    if not _finite(ref):
+    if not finite(ref):
         return None
-    return _finite(end) and end < ref
+    return finite(end) and end < ref
 
 
 def _calibration(groups) -> list[str]:
@@ -193,23 +193,10 @@ def _calibration(groups) -> list[str]:
         group = "held out (aniso3d)" if mixture == "aniso3d" else "calibration"
         for name in UNGUARDED:
             for r in variants.get(name, []):
-                helped = switch_helped(r, _without_switch(variants, name, r["seed"]))
+                helped = helped_at_equal_cost(r, _without_switch(variants, name, r["seed"]))
                 if r["signals_at_switch"] and helped is not None:
                     rows.setdefault(group, []).append((helped, r["signals_at_switch"]))
-    out = [
-        "| runs | gate (delta, rho) | opens where switching helped | opens where it did not |",
-        "|---|---|---|---|",
-    ]
-    for group, pairs in rows.items():
-        helped = [s for h, s in pairs if h]
-        hurt = [s for h, s in pairs if not h]
-        for delta, rho in GATES:
-            yes = sum(_opens(s, delta, rho) for s in helped)
-            no = sum(_opens(s, delta, rho) for s in hurt)
-            out.append(
-                f"| {group} | ({delta:g}, {rho:g}) | {yes}/{len(helped)} | {no}/{len(hurt)} |"
-            )
-    return out
+    return gate_table(rows)
 
 
 def tables(results: dict[str, Any]) -> list[str]:
