@@ -222,76 +222,34 @@ _BRANCH_EQUAL_COST = round(BRANCH / 4.06)
 """Discrete steps that cost what ``BRANCH`` differential steps cost (4.06 against 1 teacher
 evaluation per sample and step)."""
 
+_BRANCH_BASE = dict(_CONVERGED_BASE, branch=(LEAD, LEAD + BRANCH))
+"""A branch from the converged warm-up: ``(steps before the switch, steps in all)`` after it."""
+
+_CURRICULUM_BASE = dict(_CONVERGED_BASE, warmup_steps=CURRICULUM, steps=CURRICULUM + BRANCH)
+"""A curriculum from the teacher-initialised student, switching at ``CURRICULUM``."""
+
+
+def _switched(name: str, base: dict[str, Any], **overrides: Any) -> dict[str, dict[str, Any]]:
+    """``name`` (unguarded) and ``name, guarded``: a fixed switch, without and with the guard."""
+    run = dict(base, switch="fixed", **overrides)
+    return {name: dict(run, guard=False), f"{name}, guarded": run}
+
+
 CONVERGED_VARIANTS: dict[str, dict[str, Any]] = {
     "converged warm-up": WARMUP_RUN,
-    # branches from the converged warm-up: (steps before the switch, steps in all) after it
-    "discrete only": dict(_CONVERGED_BASE, target="discrete", branch=(LEAD, LEAD + BRANCH)),
+    "discrete only": dict(_BRANCH_BASE, target="discrete"),
     "discrete only, equal teacher cost": dict(
         _CONVERGED_BASE, target="discrete", branch=(LEAD, LEAD + _BRANCH_EQUAL_COST)
     ),
-    "fixed switch": dict(
-        _CONVERGED_BASE, switch="fixed", guard=False, branch=(LEAD, LEAD + BRANCH)
-    ),
-    "fixed switch, guarded": dict(_CONVERGED_BASE, switch="fixed", branch=(LEAD, LEAD + BRANCH)),
-    "gap curriculum": dict(
-        _CONVERGED_BASE,
-        switch="fixed",
-        guard=False,
-        handover="gap",
-        blend_steps=1000,
-        branch=(LEAD, LEAD + BRANCH),
-    ),
-    "gap curriculum, guarded": dict(
-        _CONVERGED_BASE,
-        switch="fixed",
-        handover="gap",
-        blend_steps=1000,
-        branch=(LEAD, LEAD + BRANCH),
-    ),
-    # curricula from the teacher-initialised student (no warm-up), switching at CURRICULUM
-    "FM -> MF anneal (alpha-Flow)": dict(
-        _CONVERGED_BASE,
-        switch="fixed",
-        guard=False,
-        curriculum="alpha",
-        warmup_steps=CURRICULUM,
-        steps=CURRICULUM + BRANCH,
-    ),
-    "FM -> MF anneal (alpha-Flow), guarded": dict(
-        _CONVERGED_BASE,
-        switch="fixed",
-        curriculum="alpha",
-        warmup_steps=CURRICULUM,
-        steps=CURRICULUM + BRANCH,
-    ),
-    "discrete MeanFlow curriculum": dict(
-        _CONVERGED_BASE,
-        switch="fixed",
-        guard=False,
-        curriculum="dmf",
-        warmup_steps=CURRICULUM,
-        steps=CURRICULUM + BRANCH,
-    ),
-    "discrete MeanFlow curriculum, guarded": dict(
-        _CONVERGED_BASE,
-        switch="fixed",
-        curriculum="dmf",
-        warmup_steps=CURRICULUM,
-        steps=CURRICULUM + BRANCH,
-    ),
+    **_switched("fixed switch", _BRANCH_BASE),
+    **_switched("gap curriculum", _BRANCH_BASE, handover="gap", blend_steps=1000),
+    **_switched("FM -> MF anneal (alpha-Flow)", _CURRICULUM_BASE, curriculum="alpha"),
+    **_switched("discrete MeanFlow curriculum", _CURRICULUM_BASE, curriculum="dmf"),
     "FM -> MF anneal (alpha-Flow), no switch": dict(
-        _CONVERGED_BASE,
-        target="discrete",
-        curriculum="alpha",
-        warmup_steps=CURRICULUM,
-        steps=CURRICULUM + BRANCH,
+        _CURRICULUM_BASE, target="discrete", curriculum="alpha"
     ),
     "discrete MeanFlow curriculum, no switch": dict(
-        _CONVERGED_BASE,
-        target="discrete",
-        curriculum="dmf",
-        warmup_steps=CURRICULUM,
-        steps=CURRICULUM + BRANCH,
+        _CURRICULUM_BASE, target="discrete", curriculum="dmf"
     ),
 }
 """Claim 1 after a converged warm-up, and the curricula (issue 19, items 3-7): each switch
