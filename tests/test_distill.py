@@ -275,14 +275,18 @@ def test_grid_fraction_draws_the_intervals_of_the_familys_few_step_grids(tmp_pat
         DistillConfig(data=data_dir, output="o", tiny=True, grid_fraction=1.5)
 
 
+def _tiny_train(folder: str, out: str, *flags: str) -> list[str]:
+    """A quiet CPU ``train --tiny`` command line (rank-2 LoRA, no previews, no reporter)."""
+    return ["train", "--tiny", "--data", folder, "--output", out, "--lora-rank", "2",
+            "--device", "cpu", "--weights-dtype", "fp32", "--no-progress", "--report-to",
+            "none", "--preview-every", "0", *flags]  # fmt: skip
+
+
 def test_resume_remembers_the_runs_settings_and_refuses_a_changed_one_by_name(tmp_path, capsys):
     folder = str(data(tmp_path, "flux"))
     out = str(tmp_path / "run")
-    first = ["train", "--tiny", "--data", folder, "--output", out, "--steps", "2",
-             "--checkpoint-every", "2", "--warmup-steps", "1", "--lora-rank", "2",
-             "--device", "cpu", "--weights-dtype", "fp32", "--no-progress",
-             "--report-to", "none", "--preview-every", "0"]  # fmt: skip
-    assert main(first) == 0
+    assert main(_tiny_train(folder, out, "--steps", "2", "--checkpoint-every", "2",
+                            "--warmup-steps", "1")) == 0  # fmt: skip
     # the docs' resume line: only what locates the run and what may change
     assert main(["train", "--output", out, "--steps", "3", "--resume", "--no-progress"]) == 0
     assert latest_checkpoint(out).endswith("step-0000003")
@@ -302,11 +306,8 @@ def test_resume_takes_latest_a_run_folder_or_one_checkpoint(tmp_path, capsys):
     newest checkpoint, a checkpoint folder that one (and the run is its output)."""
     folder = str(data(tmp_path, "flux"))
     out = str(tmp_path / "run")
-    first = ["train", "--tiny", "--data", folder, "--output", out, "--steps", "4",
-             "--checkpoint-every", "2", "--keep-checkpoints", "3", "--lora-rank", "2",
-             "--device", "cpu", "--weights-dtype", "fp32", "--no-progress",
-             "--report-to", "none", "--preview-every", "0"]  # fmt: skip
-    assert main(first) == 0
+    assert main(_tiny_train(folder, out, "--steps", "4", "--checkpoint-every", "2",
+                            "--keep-checkpoints", "3")) == 0  # fmt: skip
     step2 = os.path.join(out, "checkpoints", "step-0000002")
     step4 = os.path.join(out, "checkpoints", "step-0000004")
     original = load_file(os.path.join(step4, "student.safetensors"))
