@@ -108,6 +108,12 @@ class Family(Protocol):
         and the modules whose outputs it is added to."""
         ...
 
+    def native_student(self, transformer: nn.Module, **kwargs: Any) -> Any:
+        """A :class:`~mfcore.adapters.student.MeanFlowStudent` (``kwargs`` its own) that
+        takes ``r`` through the model's own input, which stock diffusers pipelines feed
+        (``r_embedding="native"``); ``ValueError`` for a family whose model has none."""
+        ...
+
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The modules whose forward calls ``F.scaled_dot_product_attention``."""
         ...
@@ -223,6 +229,12 @@ class FamilyBase:
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in model.modules() if isinstance(m, self.attention_class)]
+
+    def native_student(self, transformer: nn.Module, **kwargs: Any) -> Any:
+        raise ValueError(
+            f"{self.label} models have no input for r of their own: r_embedding 'native' "
+            "runs on HunyuanImage 2.1 only; use 'interval'"
+        )
 
     def check_latents(self, model: nn.Module, z: object) -> Tensor:
         """``z`` if it is a floating ``(B, C, H, W)`` tensor with the model's ``C``."""

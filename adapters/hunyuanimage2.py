@@ -18,7 +18,9 @@ Its conventions, converted here and nowhere else (checked on diffusers 0.42.1):
   runs one through mfcore's few-step sampler via its native ``timestep_r``. A base checkpoint
   is the teacher; its student gets mfcore's zero-initialised interval embedding, added to
   ``time_guidance_embed``'s output (which every block and ``norm_out`` read; the token
-  refiner embeds ``timestep`` itself and is not reached).
+  refiner embeds ``timestep`` itself and is not reached), or, as
+  :class:`HunyuanImage2NativeStudent`, the ``use_meanflow`` branch itself
+  (:mod:`mfcore.adapters.native_meanflow`), which the stock pipeline runs.
 - LoRA: ``to_q``/``to_k``/``to_v``/``to_out.0``/``ff.net.*`` also name modules of the token
   refiner and ``proj_out`` the final layer, so the targets are the dual- and single-stream
   blocks' layers by full name (:func:`lora_targets`).
@@ -45,6 +47,7 @@ from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
 from mfcore.adapters.interval import diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 from mfcore.adapters.lora import lora_disabled
+from mfcore.adapters.native_meanflow import NativeMeanFlowStudent
 from mfcore.adapters.prepare import PipelinePromptEncoder
 from mfcore.adapters.student import MeanFlowStudent, check_cond_keys
 
@@ -57,6 +60,7 @@ __all__ = [
     "DEFAULT_SHIFT",
     "lora_targets",
     "HunyuanImage2Student",
+    "HunyuanImage2NativeStudent",
     "HunyuanMeanFlow",
 ]
 
@@ -193,16 +197,14 @@ def _mask(cond: Mapping[str, Any], name: str, embeds: Tensor) -> Tensor:
 
 
 def _call(
-    model: HunyuanImageTransformer2DModel,
-    z: Tensor,
-    t: Tensor,
-    inputs: dict[str, Any],
-    r: Tensor | None = None,
+    model: HunyuanImageTransformer2DModel, z: Tensor, t: Tensor, inputs: dict[str, Any]
 ) -> Tensor:
-    """One transformer call in model units (times and guidance x 1000); ``z``'s dtype out."""
+    """One transformer call in model units (times and guidance x 1000); ``z``'s dtype out.
+    An ``"r"`` in ``inputs`` goes to a ``use_meanflow`` model's ``timestep_r``."""
     dtype = model.dtype
     kwargs = {k: (v.to(dtype) if k.startswith("encoder_hidden") else v) for k, v in inputs.items()}
     g = kwargs.pop("guidance", None)
+    r = kwargs.pop("r", None)
     out = model(
         hidden_states=z.to(dtype),
         timestep=(t * 1000).to(dtype),
@@ -258,6 +260,9 @@ class HunyuanImage2Family(FamilyBase):
 
     def latent_channels(self, model: nn.Module) -> int:
         return model.config.in_channels
+
+    def native_student(self, transformer: nn.Module, **kwargs: Any) -> MeanFlowStudent:
+        return HunyuanImage2NativeStudent(transformer, self, **kwargs)
 
     # ----------------------------------------------------------------------- entry point
 
@@ -366,6 +371,15 @@ class HunyuanImage2Student(MeanFlowStudent):
     default_family = FAMILY
 
 
+class HunyuanImage2NativeStudent(NativeMeanFlowStudent):
+    """A base HunyuanImage 2.1 transformer as a student in diffusers' ``use_meanflow`` form
+    (``r_embedding="native"``, :mod:`mfcore.adapters.native_meanflow`): the stock
+    ``HunyuanImagePipeline`` runs what :meth:`save_stock` writes. Arguments as
+    :class:`HunyuanImage2Student`'s."""
+
+    default_family = FAMILY
+
+
 class HunyuanMeanFlow(nn.Module):
     """A ``use_meanflow`` checkpoint (Tencent's distilled 2.1) as ``u(z, r, t, **cond)``.
 
@@ -396,4 +410,4 @@ class HunyuanMeanFlow(nn.Module):
         check_time("r", r, z)
         check_time("t", t, z)
         with lora_disabled(self.transformer):
-            return _call(self.transformer, z, t, call.inputs, r=r)
+            return _call(self.transformer, z, t, {**call.inputs, "r": r})

@@ -47,6 +47,7 @@ __all__ = [
     "pinned_checkpointing",
     "lora_state_dict",
     "load_lora_state_dict",
+    "merged_state_dict",
     "save_lora",
     "load_lora",
 ]
@@ -301,6 +302,34 @@ def load_lora_state_dict(
                 f"LoRA weight {k} has shape {tuple(v.shape)}, the model {tuple(expected[k].shape)}"
             )
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+
+
+def merged_state_dict(model: nn.Module, *, adapter_name: str = "mfcore") -> dict[str, Tensor]:
+    """``model``'s weights under its own (pre-LoRA) names, with one adapter merged in.
+
+    Each layer of adapter ``adapter_name`` gets ``W + s B A`` (peft's ``get_delta_weight``,
+    ``s = alpha / rank``), summed in fp32 and stored in ``W``'s dtype; every other adapter is
+    left out. ``model`` itself is not changed, so a teacher that shares its base weights is
+    untouched (peft's ``merge_and_unload`` rewrites them in place).
+
+    Returns:
+        detached tensors keyed as the model's ``state_dict`` was before :func:`add_lora`;
+        the unchanged ones share storage with the model.
+    """
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+    state = {
+        k.replace(".base_layer.", "."): v.detach()
+        for k, v in model.state_dict().items()
+        if ".lora_" not in k
+    }
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer) and adapter_name in layer.lora_A:
+                w = layer.get_base_layer().weight
+                delta = layer.get_delta_weight(adapter_name).float()
+                state[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+    return state
 
 
 # The safetensors metadata key under which diffusers stores a LoRA's peft config.

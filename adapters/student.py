@@ -51,6 +51,7 @@ from mfcore.guidance import apg_velocity
 __all__ = [
     "INTERVAL_WEIGHT_NAME",
     "GUIDANCE_RULES",
+    "R_EMBEDDINGS",
     "check_cond_keys",
     "Teacher",
     "SharedWeightsStudent",
@@ -63,6 +64,12 @@ __all__ = [
 INTERVAL_WEIGHT_NAME = "interval_embedding.safetensors"
 #: How :class:`Teacher` combines its two guided passes.
 GUIDANCE_RULES = ("cfg", "apg")
+#: How a student takes its second time ``r``: ``"interval"``, mfcore's zero-initialised
+#: embedding of ``t - r`` added to the model's time embedding (every family; the student
+#: equals the teacher for every ``r`` at init); ``"native"``, the model's own ``r`` input
+#: where its family has one (HunyuanImage 2.1's ``use_meanflow``, which stock diffusers
+#: pipelines run; :meth:`~mfcore.adapters.family.TrainingFamily.native_student`).
+R_EMBEDDINGS = ("interval", "native")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -212,6 +219,13 @@ class MeanFlowStudent(SharedWeightsStudent):
 
     #: The family of a subclass that is one family's student (``family`` may then be omitted).
     default_family: Family | None = None
+    #: How ``r`` enters (one of :data:`R_EMBEDDINGS`), and the file of :attr:`interval`'s
+    #: weights in a saved student.
+    r_embedding = "interval"
+    interval_file = INTERVAL_WEIGHT_NAME
+    #: Whether :attr:`interval` is a module of the transformer already (else a multi-process
+    #: run adds it, so DDP and FSDP2 see its parameters).
+    interval_in_transformer = False
 
     def __init__(
         self,
@@ -238,7 +252,7 @@ class MeanFlowStudent(SharedWeightsStudent):
         self.adapter_name = adapter_name
         self.transformer = transformer
         add_lora(transformer, self.lora_spec, adapter_name=adapter_name)
-        self.interval, points = family.interval_embedding(transformer)
+        self.interval, points = self._r_input(transformer)
         self._train_in_fp32()
         self._delta: Tensor | None = None
         self._hooks = [p.register_forward_hook(self._add_interval) for p in points]
@@ -251,6 +265,16 @@ class MeanFlowStudent(SharedWeightsStudent):
     @attention.setter
     def attention(self, mode: str) -> None:
         self._routing.mode = check_choice("attention", mode, ATTENTION_MODES)
+
+    def _r_input(self, transformer: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        """The trained module that embeds ``r`` and the modules whose outputs it is added
+        to: the family's zero-initialised interval embedding, added at its time embedding."""
+        return self.family.interval_embedding(transformer)
+
+    def _call_inputs(self, inputs: dict[str, Any], r: Tensor) -> dict[str, Any]:
+        """The model call's inputs for end times ``r`` (the interval reaches the model
+        through the hooks, so the family's inputs are unchanged)."""
+        return inputs
 
     def _add_interval(self, module: nn.Module, args: tuple, temb: Tensor) -> Tensor | None:
         if self._delta is None:
@@ -289,7 +313,7 @@ class MeanFlowStudent(SharedWeightsStudent):
             checkpointing_off(tr, jvp_graph),
             lora_active(tr, self.adapter_name),
         ):
-            return _velocity(self.family, tr, z, t, call.inputs)
+            return _velocity(self.family, tr, z, t, self._call_inputs(call.inputs, r))
 
     # ----------------------------------------------------------------------- trainable state
 
@@ -329,11 +353,12 @@ class MeanFlowStudent(SharedWeightsStudent):
         os.makedirs(directory, exist_ok=True)
         self.family.save_lora(directory, self.transformer, self.adapter_name)
         interval = {k: v.detach().contiguous() for k, v in self.interval.state_dict().items()}
-        save_file(interval, os.path.join(directory, INTERVAL_WEIGHT_NAME))
+        save_file(interval, os.path.join(directory, self.interval_file))
         meta = {
             "format": self.family.student_format,
             "version": 1,
             "family": self.family.name,
+            "r_embedding": self.r_embedding,
             "lora": self.lora_spec.to_dict(),
             "guidance_scale": self.guidance_scale,
             "adapter_name": self.adapter_name,
@@ -342,11 +367,21 @@ class MeanFlowStudent(SharedWeightsStudent):
         with open(os.path.join(directory, self.family.student_config_name), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(directory, "README.md"), "w") as f:
-            f.write(_MODEL_CARD.format(label=self.family.label, rank=self.lora_spec.rank))
+            f.write(self._model_card())
+
+    def _model_card(self) -> str:
+        """The saved student's ``README.md``."""
+        return _MODEL_CARD.format(label=self.family.label, rank=self.lora_spec.rank)
 
     def load_pretrained(self, directory: str | os.PathLike) -> None:
         """Load what :meth:`save_pretrained` wrote into this student (same LoRA spec and model)."""
         meta = read_student_config(directory, self.family)
+        saved = meta.get("r_embedding", "interval")
+        if saved != self.r_embedding:
+            raise ValueError(
+                f"{directory} holds a student with r_embedding {saved!r}, this one takes "
+                f"{self.r_embedding!r} (load it with load_student)"
+            )
         summary = self.family.config_summary(self.transformer)
         if meta["transformer_config"] != summary:
             raise ValueError(
@@ -358,7 +393,7 @@ class MeanFlowStudent(SharedWeightsStudent):
                 f"{directory} has LoRA {meta['lora']}, this student {self.lora_spec.to_dict()}"
             )
         self.family.load_lora(str(directory), self.transformer, self.adapter_name)
-        path = os.path.join(directory, INTERVAL_WEIGHT_NAME)
+        path = os.path.join(directory, self.interval_file)
         self._load_interval(read_tensors(path, what="student file"))
 
     @classmethod
@@ -399,7 +434,13 @@ few-step student.
 def load_student(
     transformer: nn.Module, directory: str | os.PathLike, family: Family
 ) -> MeanFlowStudent:
-    """Build a student on ``transformer`` from a :meth:`MeanFlowStudent.save_pretrained` folder."""
+    """Build a student on ``transformer`` from a :meth:`MeanFlowStudent.save_pretrained` folder
+    (with the ``r`` input it was trained with, :data:`R_EMBEDDINGS`)."""
+    meta = read_student_config(directory, family)
+    if meta.get("r_embedding", "interval") == "native":
+        student = family.native_student(transformer, **student_kwargs(directory, family))
+        student.load_pretrained(directory)
+        return student
     return MeanFlowStudent.from_pretrained(transformer, directory, family)
 
 
