@@ -273,13 +273,15 @@ def build_run(
         grid = family.sampling_grid(cfg.arc_steps, h, w, scheduler=scheduler, device=device)
         student, loss = build_arcflow(cfg, transformer, grid)
     else:
-        student = MeanFlowStudent(
-            transformer,
-            family,
+        kwargs = dict(
             lora=LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
             guidance_scale=cfg.guidance_scale,
             attention=attention_mode_for(cfg.jvp),
         )
+        if cfg.r_embedding == "native":
+            student = family.native_student(transformer, **kwargs)
+        else:
+            student = MeanFlowStudent(transformer, family, **kwargs)
     if world.mode != "fsdp":
         student.to(device)
     if cfg.align != "none" and alignment is not None:
@@ -295,7 +297,7 @@ def build_run(
         rule=cfg.teacher_guidance,
         apg_norm_threshold=cfg.apg_norm_threshold,
     )
-    if world.distributed:
+    if world.distributed and not student.interval_in_transformer:
         transformer.add_module(INTERVAL_MODULE, student.interval)
     if world.mode == "fsdp":
         shard(student, mixed_precision(dtype))

@@ -1,5 +1,6 @@
-"""``mfcore-distill``'s command line: ``train``, ``prepare``, ``make-data`` and ``generate``
-(:mod:`mfcore.adapters.distill` trains; the other commands have modules of their own).
+"""``mfcore-distill``'s command line: ``train``, ``prepare``, ``make-data``, ``generate`` and
+``export`` (:mod:`mfcore.adapters.distill` trains; the other commands have modules of their
+own).
 
 Bad input ends with an argparse usage error that names what is wrong, never a traceback.
 """
@@ -23,6 +24,7 @@ from mfcore.adapters.arcflow_objective import STUDENTS
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
 from mfcore.adapters.distill import distill
 from mfcore.adapters.distill_config import DTYPES, SWITCHES, DistillConfig
+from mfcore.adapters.export import add_export_parser, run_export
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.loading import resolve_model
 from mfcore.adapters.monitor import REPORTERS
@@ -33,7 +35,7 @@ from mfcore.adapters.parallel import (
 from mfcore.adapters.pipeline import add_generate_parser, run_generate
 from mfcore.adapters.prepare import add_prepare_parser, run_prepare
 from mfcore.adapters.run_checkpoints import saved_settings
-from mfcore.adapters.student import GUIDANCE_RULES, Teacher
+from mfcore.adapters.student import GUIDANCE_RULES, R_EMBEDDINGS, Teacher
 from mfcore.jvp import JVP_METHODS
 from mfcore.solvers import ODE_METHODS
 
@@ -48,7 +50,8 @@ _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 DESCRIPTION = (
     "Distil a FLUX or HunyuanImage checkpoint into a few-step MeanFlow (or ArcFlow) student, "
     "and make images with it. train: distil; prepare: prompts (or captioned images) to a "
-    "data folder; make-data: a random data folder; generate: images from a student."
+    "data folder; make-data: a random data folder; generate: images from a student; export: "
+    "a --r-embedding native student as a stock diffusers transformer."
 )
 
 #: The help text of every ``train`` flag (the parser adds each default).
@@ -97,6 +100,10 @@ HELP: dict[str, str] = {
     "student": "meanflow: the average velocity u(z, r, t) (the seed method); arcflow: "
     "ArcFlow's momentum mixture on FLUX (arXiv 2602.09014; one process; --warmup-steps is its "
     "teacher-mixing phase; the target, switch, guard and alignment settings do not apply)",
+    "r_embedding": "how the student takes r: interval (mfcore's zero-initialised embedding of "
+    "t - r; the student starts equal to the teacher for every r) or native (HunyuanImage 2.1 "
+    "only: diffusers' use_meanflow branch, e_r copied from e, so it starts equal only at r = t; "
+    "`export` then writes a transformer the stock HunyuanImagePipeline runs)",
     "arc_components": "--student arcflow: momentum components K",
     "arc_steps": "--student arcflow: steps of the rollout it is trained on (its NFE)",
     "align": "trajectory alignment critic: none, fake (velocity) or meanflow",
@@ -152,6 +159,7 @@ _OPTIONAL = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "family": ("auto", *FAMILIES),
     "student": STUDENTS,
+    "r_embedding": R_EMBEDDINGS,
     "teacher_guidance": GUIDANCE_RULES,
     "report_to": REPORTERS,
     "switch": SWITCHES,
@@ -238,7 +246,7 @@ def _add_make_data(sub: Any) -> None:
 
 
 def build_parser(prog: str = "mfcore-distill", given_only: bool = False) -> argparse.ArgumentParser:
-    """The ``train``, ``prepare``, ``make-data`` and ``generate`` command line
+    """The ``train``, ``prepare``, ``make-data``, ``generate`` and ``export`` command line
     (``given_only``: every ``train`` default a marker, to tell which flags a command line
     gives)."""
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
@@ -247,6 +255,7 @@ def build_parser(prog: str = "mfcore-distill", given_only: bool = False) -> argp
     add_prepare_parser(sub, _FORMATTER)
     _add_make_data(sub)
     add_generate_parser(sub, _FORMATTER)
+    add_export_parser(sub, _FORMATTER)
     return parser
 
 
@@ -356,6 +365,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> 
             sys.stdout.write(run_prepare(args))
         elif command == "generate":
             sys.stdout.write(run_generate(args))
+        elif command == "export":
+            sys.stdout.write(run_export(args))
         else:
             cfg = DistillConfig(**_train_settings(args, argv, prog))
             distill(cfg)

@@ -20,7 +20,7 @@ from mfcore.adapters.monitor import REPORTERS
 from mfcore.adapters.parallel import (
     MODES,
 )
-from mfcore.adapters.student import GUIDANCE_RULES
+from mfcore.adapters.student import GUIDANCE_RULES, R_EMBEDDINGS
 from mfcore.jvp import JVP_METHODS
 
 __all__ = [
@@ -54,6 +54,7 @@ class DistillConfig:
     family: str = "auto"
     tiny_guidance: bool = False
     student: str = "meanflow"
+    r_embedding: str = "interval"
     arc_components: int = 2
     arc_steps: int = 2
     steps: int = 1000
@@ -166,6 +167,9 @@ class DistillConfig:
             raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
         check_choice("switch", self.switch, SWITCHES)
         check_choice("student", self.student, STUDENTS)
+        check_choice("r_embedding", self.r_embedding, R_EMBEDDINGS)
+        if self.student == "arcflow" and self.r_embedding != "interval":
+            raise ValueError("student 'arcflow' takes r_embedding 'interval' only")
         check_choice("parallel", self.parallel, MODES)
         if self.micro_batch_size is not None:
             check_positive_int("micro_batch_size", self.micro_batch_size)
@@ -200,6 +204,7 @@ GRID_STEPS = (1, 2, 4)
 # What a checkpoint that predates a setting ran with (before the gate and guard existed the
 # switch was fixed and unguarded; before the families every run was FLUX's).
 LEGACY = {"switch": "fixed", "guard": False, "family": "flux", "grid_fraction": 0.0}
+LEGACY |= {"r_embedding": "interval"}
 # Settings that may differ between a run and its resumption (the EMA shadows the weights
 # without steering them; a checkpoint without one starts it from the resumed weights).
 RESUMABLE = {"steps", "resume", "resume_from", "progress", "checkpoint_every", "keep_checkpoints"}

@@ -281,13 +281,14 @@ def shard(student: MeanFlowStudent, policy: MixedPrecisionPolicy) -> None:
 
     Call it after every adapter is added (the critic's too) and gradient checkpointing is
     on, and before any optimiser or EMA is built: ``fully_shard`` replaces the parameters
-    with sharded ones. The interval embedding must already be a module of the transformer
-    (:data:`INTERVAL_MODULE`). Every rank ends with rank 0's trained weights (broadcast as
+    with sharded ones. The student's ``r`` embedding must already be a module of the
+    transformer (:data:`INTERVAL_MODULE`, or the model's own for a native student). Every
+    rank ends with rank 0's trained weights (broadcast as
     ``set_model_state_dict(..., broadcast_from_rank0=True)`` does), so a random LoRA init
     cannot differ between ranks; the base must already agree (same checkpoint or seed).
     """
     tr = student.transformer
-    if getattr(tr, INTERVAL_MODULE, None) is not student.interval:
+    if not any(m is student.interval for m in tr.modules()):
         raise ValueError(f"the interval embedding must be the transformer's {INTERVAL_MODULE}")
     trained = {}
     if dist.get_rank() == 0:

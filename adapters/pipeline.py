@@ -55,7 +55,13 @@ from mfcore.adapters.lora import LoraSpec
 from mfcore.adapters.monitor import latents_to_images
 from mfcore.adapters.student import MeanFlowStudent, SharedWeightsStudent, load_student
 
-__all__ = ["MeanFlowPipelineOutput", "MeanFlowPipeline", "add_generate_parser", "run_generate"]
+__all__ = [
+    "MeanFlowPipelineOutput",
+    "MeanFlowPipeline",
+    "add_generate_parser",
+    "run_generate",
+    "student_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +167,8 @@ def _load_checkpoint_student(
             transformer, num_components=settings["arc_components"], lora=lora,
             guidance_scale=guidance,
         )  # fmt: skip
+    elif settings.get("r_embedding") == "native":
+        student = family.native_student(transformer, lora=lora, guidance_scale=guidance)
     else:
         student = MeanFlowStudent(transformer, family, lora=lora, guidance_scale=guidance)
     student.load_trainable_state_dict(read_tensors(os.path.join(folder, "student.safetensors")))
@@ -444,6 +452,12 @@ def add_generate_parser(sub: Any, formatter: type) -> None:
     )
 
 
+def student_dtype(student: str | os.PathLike) -> str:
+    """The ``--weights-dtype`` of the run that trained ``student`` (bf16 when unknown)."""
+    settings = _locate(student).settings or {}
+    return settings.get("weights_dtype", "bf16")
+
+
 def _conditions(args: dict[str, Any], pipe: MeanFlowPipeline) -> tuple[list[str], dict | None]:
     """The prompts (or data rows) to generate for, and the data's conditions if any."""
     if args["data"] is None:
@@ -470,8 +484,7 @@ def run_generate(args: dict[str, Any]) -> str:
     if args["device"] == "auto":
         args["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if args["dtype"] is None:
-        settings = _locate(args["student"]).settings or {}
-        args["dtype"] = settings.get("weights_dtype", "bf16")
+        args["dtype"] = student_dtype(args["student"])
     pipe = MeanFlowPipeline.from_pretrained(
         args["model"], student=args["student"], family=args["family"],
         torch_dtype=DTYPES[args["dtype"]], device=args["device"],

@@ -67,19 +67,28 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+def _adapter(name: str) -> bool:
+    """Whether a student parameter is trained: a LoRA weight, the interval embedding or
+    (``r_embedding="native"``) the model's own e_r."""
+    return ".lora_" in name or name.startswith("interval.") or "timestep_embedder_r" in name
+
+
+@pytest.mark.parametrize(
+    ("family", "r_embedding"),
+    [*((f, "interval") for f in FAMILIES), ("hunyuanimage2", "native")],
+)
 def test_whole_run_trains_only_adapters_and_resumes_exactly_after_a_kill(
-    tmp_path, family, monkeypatch
+    tmp_path, family, r_embedding, monkeypatch
 ):
     data(tmp_path, family)
     fam = get_family(family)
     base = fam.tiny_model(0, torch.float32, False).state_dict()
-    straight = distill(config(tmp_path, family, "a"))
+    straight = distill(config(tmp_path, family, "a", r_embedding=r_embedding))
     # everything but the adapters (student LoRA, interval, the critic's LoRA) is the base
     trained = {"student": 0, "fake": 0}
     for name, p in straight.named_parameters():
         key = name.removeprefix("transformer.").replace(".base_layer", "")
-        if ".lora_" in name or name.startswith("interval."):
+        if _adapter(name):
             owner = "fake" if ".mfcore_fake." in name else "student"
             if "lora_B" in name:
                 trained[owner] += int(bool(p.detach().abs().sum() > 0))
@@ -100,14 +109,17 @@ def test_whole_run_trains_only_adapters_and_resumes_exactly_after_a_kill(
 
     monkeypatch.setattr(distill_module, "_train_step", dies_at_three)
     with pytest.raises(Killed):
-        distill(config(tmp_path, family, "b"))
+        distill(config(tmp_path, family, "b", r_embedding=r_embedding))
     monkeypatch.setattr(distill_module, "_train_step", honest)
     # ... and resumed: bit-identical weights, EMA and critic (one process, one machine: a
     # resumed run equal to the uninterrupted one bit for bit is the checkpoints' contract)
-    resumed = distill(config(tmp_path, family, "b", resume=True))
+    resumed = distill(config(tmp_path, family, "b", resume=True, r_embedding=r_embedding))
     a, b = dict(straight.named_parameters()), dict(resumed.named_parameters())
+    assert sum(_adapter(k) and "timestep_embedder_r" in k for k in a) == 4 * (
+        r_embedding == "native"
+    )
     for k in a:
-        if ".lora_" in k or k.startswith("interval."):
+        if _adapter(k):
             assert torch.equal(a[k], b[k]), k
     ema = [load_state(os.path.join(latest_checkpoint(tmp_path / n), "state"))["ema"] for n in "ab"]
     assert all(torch.equal(x, y) for x, y in zip(ema[0]["shadow"], ema[1]["shadow"], strict=True))

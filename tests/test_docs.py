@@ -24,7 +24,11 @@ def _python_blocks(page: Path) -> list[Block]:
     return [b for b in iter_blocks(page) if b.lang in PYTHON]
 
 
-PAGES = [p for p in doc_pages() if _python_blocks(p)]
+def _runs(block: Block) -> bool:
+    return block.marker is None or block.marker.kind != "skip"
+
+
+PAGES = [p for p in doc_pages() if any(map(_runs, _python_blocks(p)))]
 
 
 @contextmanager
@@ -56,9 +60,7 @@ def test_python_blocks_of_page_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     ns: dict = {"__name__": f"doc:{page.name}"}
     ran = 0
-    for block in _python_blocks(page):
-        if block.marker is not None and block.marker.kind == "skip":
-            continue
+    for block in filter(_runs, _python_blocks(page)):
         _run(block, ns, tmp_path / f"block{block.lineno}")
         ran += 1
     assert ran > 0

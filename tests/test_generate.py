@@ -26,22 +26,27 @@ from tests._pipelines import flux_ckpt, hy3_ckpt, hy21_ckpt, tiny_flux_pipeline
 __all__ = ["flux_ckpt", "hy21_ckpt", "hy3_ckpt"]  # the fixtures this module uses
 
 
-def _tiny_run(tmp_path, family: str):
+def _tiny_run(tmp_path, family: str, *extra: str):
     data, run = tmp_path / "data", tmp_path / "run"
     assert main(["make-data", str(data), "--family", family]) == 0
     assert main(["train", "--tiny", "--family", family, "--data", str(data), "--output",
                  str(run), "--steps", "2", "--device", "cpu", "--weights-dtype", "fp32",
                  "--no-progress", "--lora-rank", "2", "--lr", "1e-2", "--seed", "3",
-                 "--checkpoint-every", "2"]) == 0  # fmt: skip
+                 "--checkpoint-every", "2", *extra]) == 0  # fmt: skip
     return data, run
 
 
-@pytest.mark.parametrize("family", ["flux", "hunyuanimage2", "hunyuanimage3"])
-def test_generate_from_a_tiny_run_equals_the_student_on_the_data(tmp_path, family, capsys):
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [("flux", ()), ("hunyuanimage2", ()), ("hunyuanimage3", ()),
+     ("hunyuanimage2", ("--r-embedding", "native"))],
+    ids=["flux", "hunyuanimage2", "hunyuanimage3", "hunyuanimage2-native"],
+)  # fmt: skip
+def test_generate_from_a_tiny_run_equals_the_student_on_the_data(tmp_path, family, extra, capsys):
     """make-data, train --tiny, generate: PNGs per sample and step count, whose latents are
     the saved student's MeanFlow steps from the seeded noise on the run's own tiny model;
     the run folder, its student/ and its checkpoint (EMA weights) give the same images."""
-    data, run = _tiny_run(tmp_path, family)
+    data, run = _tiny_run(tmp_path, family, *extra)
     out = tmp_path / "images"
     argv = ["generate", "--student", str(run), "--data", str(data), "--count", "3", "--steps",
             "1", "2", "--seed", "7", "--dtype", "fp32", "--output", str(out)]  # fmt: skip
@@ -55,6 +60,7 @@ def test_generate_from_a_tiny_run_equals_the_student_on_the_data(tmp_path, famil
 
     fam = get_family(family)
     student = load_student(fam.tiny_model(3, torch.float32, False), run / "student", fam)
+    assert student.r_embedding == (extra[-1] if extra else "interval")
     x, cond = LatentDataset(data, fam).take([0, 1, 2], "cpu")
     _, c, h, w = x.shape
     assert PIL.Image.open(out / "000-1step.png").size == (w, h)  # no VAE: a latent pixel each
