@@ -31,12 +31,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mfcore._checks import check_positive_int, check_real, cli_int
+from mfcore._checks import check_choice, check_positive_int, check_real, cli_int
 from mfcore.adapters.data import LatentDataset
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import seeded_noise, vae_scale_factor
 from mfcore.adapters.loading import DTYPES
-from mfcore.adapters.student import Teacher
+from mfcore.adapters.student import GUIDANCE_RULES, Teacher
 from mfcore.solvers import sample_teacher
 
 __all__ = [
@@ -234,16 +234,9 @@ def encode_images(
 
 
 def _teacher_latents(
-    family: TrainingFamily,
-    model: nn.Module,
-    cond: Mapping[str, Tensor],
-    size: tuple[int, int],
-    steps: int,
-    guidance: float,
-    cfg_scale: float,
-    seed: int,
+    teacher: Teacher, cond: Mapping[str, Tensor], size: tuple[int, int], steps: int, seed: int
 ) -> Tensor:
-    teacher = Teacher(model, family, guidance_scale=guidance, true_cfg_scale=cfg_scale)
+    family, model = teacher.family, teacher.transformer
     n = next(iter(cond.values())).shape[0]
     noise = seeded_noise((n, family.latent_channels(model), *size), seed, "cpu", torch.float32)
     grid = family.sampling_grid(steps, *size)
@@ -264,6 +257,8 @@ def prepare(
     teacher_steps: int = 28,
     guidance_scale: float = 3.5,
     true_cfg_scale: float = 1.0,
+    teacher_guidance: str = "cfg",
+    apg_norm_threshold: float = 10.0,
     per_file: int = 16,
     dtype: str = "bf16",
     seed: int = 0,
@@ -289,6 +284,8 @@ def prepare(
     teacher_steps = check_positive_int("teacher_steps", teacher_steps)
     check_real("guidance_scale", guidance_scale)
     check_real("true_cfg_scale", true_cfg_scale, minimum=1.0)
+    check_choice("teacher_guidance", teacher_guidance, GUIDANCE_RULES)
+    check_real("apg_norm_threshold", apg_norm_threshold, minimum=0.0)
     torch_dtype = DTYPES[dtype]
     vae = fam.load_vae(model_path, torch_dtype)
     factor = vae_scale_factor(vae) if vae is not None else fam.vae_factor
@@ -312,9 +309,11 @@ def prepare(
                         cropped, len(files), width, height)  # fmt: skip
     else:
         model, _ = fam.load_model(model_path, torch_dtype)
-        latents = _teacher_latents(
-            fam, model, cond, size, teacher_steps, guidance_scale, true_cfg_scale, seed
-        )
+        teacher = Teacher(
+            model, fam, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+            rule=teacher_guidance, apg_norm_threshold=apg_norm_threshold,
+        )  # fmt: skip
+        latents = _teacher_latents(teacher, cond, size, teacher_steps, seed)
     os.makedirs(output, exist_ok=True)
     stale = sorted(f for f in os.listdir(output) if f.startswith("samples-"))
     if stale:  # an earlier prepare's files would mix with these
@@ -379,6 +378,18 @@ def add_prepare_parser(sub: Any, formatter: type) -> None:
     )
     pr.add_argument(
         "--true-cfg-scale", type=float, default=1.0, help="teacher's two-pass CFG scale"
+    )
+    pr.add_argument(
+        "--teacher-guidance",
+        choices=GUIDANCE_RULES,
+        default="cfg",
+        help="how the teacher's two passes combine (as train's --teacher-guidance)",
+    )
+    pr.add_argument(
+        "--apg-norm-threshold",
+        type=float,
+        default=10.0,
+        help="with --teacher-guidance apg: the largest norm of the guidance direction",
     )
     pr.add_argument("--per-file", type=cli_int, default=16, help="samples per file")
     pr.add_argument(

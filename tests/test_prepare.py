@@ -24,7 +24,7 @@ from mfcore.adapters.prepare import fit_image, prepare, read_image_folder
 from mfcore.adapters.student import Teacher
 from mfcore.solvers import sample_teacher
 from tests._cli import usage_error
-from tests._close import max_rel
+from tests._close import FP32, assert_close_to, max_rel
 from tests._pipelines import PROMPTS, flux_ckpt, hy3_ckpt, hy21_ckpt, prompt_file
 
 __all__ = ["flux_ckpt", "hy21_ckpt", "hy3_ckpt"]  # the fixtures this module uses
@@ -108,6 +108,33 @@ def test_hunyuanimage2_with_glyph_text_and_a_run(tmp_path, hy21_ckpt):
            str(tmp_path / "run"), "--steps", "1", "--device", "cpu", "--weights-dtype", "fp32",
            "--no-progress", "--lora-rank", "2", "--true-cfg-scale", "2"]  # fmt: skip
     assert main(run) == 0
+
+
+def test_the_teacher_samples_with_apg_when_asked(tmp_path, hy21_ckpt, capsys):
+    """--teacher-guidance apg: the latents are the APG teacher's samples (Teacher(rule="apg"),
+    the same noise, grid and conditions), not plain CFG's; a bad rule is a usage error."""
+    path, _ = hy21_ckpt
+    argv = ["prepare", "--model", str(path), "--prompts", prompt_file(tmp_path, PROMPTS[:2]),
+            "--height", "32", "--width", "32", "--teacher-steps", "2", "--dtype", "fp32",
+            "--true-cfg-scale", "40", "--negative-prompt", "blurry"]  # fmt: skip
+    fam = get_family("hunyuanimage2")
+    got = {}
+    for rule in ("cfg", "apg"):
+        out = tmp_path / rule
+        assert main([*argv, "--output", str(out), "--teacher-guidance", rule,
+                     "--apg-norm-threshold", "0.01"]) == 0  # fmt: skip
+        got[rule] = _load(str(out / "samples-00000.safetensors"))
+    x, cond = LatentDataset(tmp_path / "apg", fam).take([0, 1], "cpu")
+    model, _ = fam.load_model(str(path), torch.float32)
+    teacher = Teacher(model, fam, true_cfg_scale=40.0, rule="apg", apg_norm_threshold=0.01)
+    noise = seeded_noise((2, 4, 4, 4), 0, "cpu", torch.float32)
+    with torch.no_grad():
+        ref = sample_teacher(teacher, noise, 2, grid=fam.sampling_grid(2, 4, 4), cond=cond)
+    assert_close_to(x, ref, FP32, "apg teacher")
+    assert max_rel(got["cfg"]["latents"], x) > 10 * FP32  # (3e-3 measured)
+    err = usage_error([*argv, "--output", str(tmp_path / "x"), "--teacher-guidance", "pag"],
+                      capsys)  # fmt: skip
+    assert "invalid choice" in err
 
 
 def _load(path):
