@@ -16,7 +16,7 @@ import argparse
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -75,6 +75,20 @@ def check_real(
     if not (math.isfinite(value) and low_ok):
         raise ValueError(f"{name} must be finite{bound}, got {value!r}")
     return float(value)
+
+
+def check_bandwidths(bandwidths: object) -> tuple[float, ...]:
+    """``bandwidths`` as a non-empty tuple of positive floats (a sequence or a 1-D tensor of
+    kernel bandwidths); ``TypeError``/``ValueError`` naming ``bandwidths`` otherwise."""
+    if isinstance(bandwidths, Tensor):
+        bandwidths = bandwidths.flatten().tolist()
+    if isinstance(bandwidths, str) or not isinstance(bandwidths, Sequence):
+        raise TypeError(
+            f"bandwidths must be a sequence of positive floats, got {type(bandwidths).__name__}"
+        )
+    if not bandwidths:
+        raise ValueError("bandwidths must not be empty")
+    return tuple(check_real("bandwidths", h, minimum=0.0, strict=True) for h in bandwidths)
 
 
 def check_fraction(name: str, value: object, *, below_one: bool = False) -> float:

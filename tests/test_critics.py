@@ -436,11 +436,11 @@ def test_non_finite_teacher_raises():
 
 def test_renoise_times_stay_above_r_in_bfloat16():
     # Short segments in bf16: a time cast back to bf16 would round onto r and be rejected.
-    from mfcore.critics import _draw_renoise_time
+    from mfcore.renoise import draw_renoise_time
 
     gen = torch.Generator().manual_seed(0)
     r = torch.full((4096,), 0.5, dtype=torch.bfloat16)
-    s = _draw_renoise_time(r, torch.ones_like(r), gen)
+    s = draw_renoise_time(r, torch.ones_like(r), gen)
     assert s.dtype == torch.float32 and bool((s > r.float()).all())
 
 

@@ -23,7 +23,9 @@ MODULES = (
     "mfcore.jvp",
     "mfcore.tangent_rules",
     "mfcore.guidance",
-    "mfcore.critics",
+    "mfcore.velocity_critics",
+    "mfcore.kernel_critic",
+    "mfcore.alignment_loss",
     "mfcore.curricula",
 )
 #: The names whose docstrings must hold an example (``module.qualname``).
@@ -48,8 +50,9 @@ DOCUMENTED = {
     "mfcore.jvp.total_derivative",
     "mfcore.tangent_rules.use_tangent_rules",
     "mfcore.guidance.MeanFlowGuidance",
-    "mfcore.critics.AlignmentLoss",
-    "mfcore.critics.FakeVelocityCritic",
+    "mfcore.alignment_loss.AlignmentLoss",
+    "mfcore.velocity_critics.FakeVelocityCritic",
+    "mfcore.kernel_critic.kernel_discrepancy",
     "mfcore.curricula.LinearSpan",
     "mfcore.curricula.HalvingSpan",
     "mfcore.curricula.SplitCurriculumTarget",

@@ -20,7 +20,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from mfcore._checks import check_positive_int, check_tensor
+from mfcore._checks import check_bandwidths, check_positive_int, check_tensor
 from mfcore.toys.gmm import GaussianMixture
 
 __all__ = ["W2_MAX_POINTS", "w2", "mmd", "nll", "mode_precision", "mode_recall", "evaluate"]
@@ -121,16 +121,6 @@ def _kernel_sum(a: Tensor, b: Tensor, bandwidths: Tensor) -> float:
     return total / len(scales)
 
 
-def _check_bandwidths(bandwidths: object) -> Tensor:
-    try:
-        bw = torch.as_tensor(bandwidths, dtype=torch.float64).flatten()
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError("bandwidths must be a sequence of positive floats") from err
-    if bw.numel() == 0 or not bool(torch.isfinite(bw).all()) or bool((bw <= 0).any()):
-        raise ValueError(f"bandwidths must be a non-empty sequence of positive floats, got {bw}")
-    return bw
-
-
 def mmd(
     a: object,
     b: object,
@@ -163,7 +153,7 @@ def mmd(
     """
     a = _as_points("a", a)
     b = _as_points("b", b, a.shape[1])
-    bw = _check_bandwidths(bandwidths)
+    bw = torch.tensor(check_bandwidths(bandwidths), dtype=torch.float64)
     n, m = a.shape[0], b.shape[0]
     cross = _kernel_sum(a, b, bw) / (n * m)
     if not unbiased:
