@@ -34,9 +34,7 @@ decide alike.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,15 +43,23 @@ from torch import Tensor
 from mfcore._checks import (
     check_choice,
     check_fraction,
-    check_interval,
-    check_like,
     check_positive_int,
     check_real,
-    check_tensor,
-    compute_dtype,
     expand_time,
 )
 from mfcore.fields import DiscreteTarget, TargetOutput
+from mfcore.rollback import SwitchRollback
+from mfcore.switch_signals import (
+    AGREEMENT_ROWS,
+    DEFAULT_GAP_EDGES,
+    AgreementSignals,
+    SwitchGate,
+    SwitchGuard,
+    agreement_sums,
+    check_gap_edges,
+    gap_bin_names,
+    target_agreement,
+)
 from mfcore.targets import DifferentialTarget
 
 __all__ = [
@@ -68,206 +74,9 @@ __all__ = [
     "SwitchRollback",
 ]
 
-DEFAULT_GAP_EDGES: tuple[float, ...] = (0.0, 0.05, 0.2, 0.5, 1.0)
-"""Gap bins ``(e_i, e_{i+1}]`` of ``t - r`` for the signals and the toys' probe."""
-
 _PHASES = ("discrete", "blend", "differential")
 #: How :class:`WarmupTarget` hands over from the discrete to the differential target.
 HANDOVERS = ("blend", "gap")
-_ROWS = 5  # per-bin sums: count, ||u_diff - u_disc||^2, ||u_disc||^2, ||u - u_disc||^2,
-# ||u_diff - u||^2
-
-
-def _check_edges(edges: object) -> tuple[float, ...]:
-    if not isinstance(edges, tuple | list) or len(edges) < 2:
-        raise ValueError(f"edges must be a sequence 0 = e_0 < ... < e_n = 1, got {edges!r}")
-    values = tuple(check_real("edges", e, minimum=0.0) for e in edges)
-    steps = zip(values[:-1], values[1:], strict=True)
-    if values[0] != 0.0 or values[-1] != 1.0 or any(b <= a for a, b in steps):
-        raise ValueError(f"edges must increase strictly from 0 to 1, got {edges!r}")
-    return values
-
-
-def gap_bin_names(edges: tuple[float, ...] = DEFAULT_GAP_EDGES) -> tuple[str, ...]:
-    """Names of the gap bins ``(e_i, e_{i+1}]``, e.g. ``"gap<=0.05"``, ``"gap<=0.2"``."""
-    return tuple(f"gap<={e:g}" for e in _check_edges(edges)[1:])
-
-
-# --------------------------------------------------------------------------- signals
-
-
-def _agreement_sums(
-    pred: Tensor, u_disc: Tensor, u_diff: Tensor, r: Tensor, t: Tensor, edges: Tensor
-) -> Tensor:
-    """Per-bin sums ``(5, n_bins)`` (see ``_ROWS``) over the pairs with ``r < t``; no sync."""
-    work = compute_dtype(pred.dtype)
-    gap = t.to(work) - r.to(work)
-    bins = (torch.bucketize(gap, edges.to(work), right=False) - 1).clamp(0, edges.numel() - 2)
-    weight = (gap > 0).to(work)
-    pred, u_disc, u_diff = pred.to(work), u_disc.to(work), u_diff.to(work)
-    fit_sq = (pred - u_disc).flatten(1).pow(2).sum(1)
-    gap_sq = (u_diff - u_disc).flatten(1).pow(2).sum(1)
-    disc_sq = u_disc.flatten(1).pow(2).sum(1)
-    step_sq = (u_diff - pred).flatten(1).pow(2).sum(1)
-    rows = torch.stack([torch.ones_like(gap_sq), gap_sq, disc_sq, fit_sq, step_sq]) * weight
-    out = torch.zeros(_ROWS, edges.numel() - 1, dtype=work, device=pred.device)
-    return out.index_add_(1, bins, rows)
-
-
-def _ratio(num: float, den: float) -> float:
-    return math.sqrt(num / den) if den > 0 else math.inf
-
-
-@dataclass(frozen=True)
-class AgreementSignals:
-    """The target-agreement signals of one evaluation (host floats).
-
-    Attributes:
-        delta, rho: pooled over the pairs with ``r < t`` (``inf`` where a denominator is 0).
-        drift: ``||u_diff - u|| / ||u - u_disc||``, how far the differential target would move
-            the student relative to its fit error (0 for the exact field; 2 where ``u_diff``
-            mirrors ``u`` around ``u_disc``, as for a teacher-initialised student, whose
-            ``rho`` is then 1 too). With ``rho`` it fixes the angle between the two moves.
-        fit: ``||u - u_disc|| / ||u_disc||`` (``= delta / rho``).
-        delta_bins, rho_bins, drift_bins: per gap bin (bins with no pair are left out).
-        counts: pairs per gap bin.
-    """
-
-    delta: float
-    rho: float
-    drift: float
-    fit: float
-    delta_bins: dict[str, float]
-    rho_bins: dict[str, float]
-    drift_bins: dict[str, float]
-    counts: dict[str, int]
-
-    @classmethod
-    def from_sums(cls, sums: list[list[float]], names: tuple[str, ...]) -> AgreementSignals:
-        """Build from per-bin sums ``(5, n_bins)`` as nested lists."""
-        count, gap_sq, disc_sq, fit_sq, step_sq = sums
-        present = [i for i, n in enumerate(count) if n > 0]
-        return cls(
-            delta=_ratio(sum(gap_sq), sum(disc_sq)),
-            rho=_ratio(sum(gap_sq), sum(fit_sq)),
-            drift=_ratio(sum(step_sq), sum(fit_sq)),
-            fit=_ratio(sum(fit_sq), sum(disc_sq)),
-            delta_bins={names[i]: _ratio(gap_sq[i], disc_sq[i]) for i in present},
-            rho_bins={names[i]: _ratio(gap_sq[i], fit_sq[i]) for i in present},
-            drift_bins={names[i]: _ratio(step_sq[i], fit_sq[i]) for i in present},
-            counts={names[i]: int(round(count[i])) for i in present},
-        )
-
-    def metrics(self) -> dict[str, float]:
-        """Flat ``{"agree_delta": ..., "agree_rho": ..., "agree_delta/gap<=0.05": ...}``."""
-        out = {"agree_delta": self.delta, "agree_rho": self.rho, "agree_drift": self.drift}
-        out |= {f"agree_delta/{k}": v for k, v in self.delta_bins.items()}
-        out |= {f"agree_rho/{k}": v for k, v in self.rho_bins.items()}
-        out |= {f"agree_drift/{k}": v for k, v in self.drift_bins.items()}
-        return out
-
-
-def target_agreement(
-    pred: Tensor,
-    u_disc: Tensor,
-    u_diff: Tensor,
-    r: Tensor,
-    t: Tensor,
-    *,
-    edges: tuple[float, ...] = DEFAULT_GAP_EDGES,
-) -> AgreementSignals:
-    """The signals ``delta`` and ``rho`` of a batch (see the module docstring).
-
-    Args:
-        pred: the student's ``u(z_t, r, t)``, ``(B, ...)``.
-        u_disc: the discrete target on the same batch, ``(B, ...)``.
-        u_diff: the differential target ``v - (t - r) du/dt`` on the same batch, ``(B, ...)``.
-        r, t: ``(B,)`` times with ``r <= t``; pairs with ``r = t`` are left out.
-        edges: the gap bins' edges.
-
-    Returns:
-        :class:`AgreementSignals`.
-    """
-    check_tensor("pred", pred, ndim_min=1)
-    check_like("u_disc", u_disc, pred, "pred")
-    check_like("u_diff", u_diff, pred, "pred")
-    r, t = check_interval(r, t, pred)
-    names = gap_bin_names(edges)
-    grid = torch.tensor(_check_edges(edges), dtype=torch.float64, device=pred.device)
-    sums = _agreement_sums(pred.detach(), u_disc, u_diff, r, t, grid)
-    return AgreementSignals.from_sums(sums.tolist(), names)
-
-
-# --------------------------------------------------------------------------- gate and guard
-
-
-@dataclass(frozen=True)
-class SwitchGate:
-    """Switch only when the targets agree: ``delta <= delta_max`` and ``rho <= rho_max``,
-    pooled and in every gap bin with at least ``min_count`` pairs, at ``patience``
-    evaluations in a row.
-
-    Attributes:
-        delta_max: largest ``delta`` (relative distance of the targets).
-        rho_max: largest ``rho`` (1 for the exact field).
-        patience: consecutive evaluations that must hold.
-        min_count: pairs a gap bin needs to be judged (fewer: the bin is skipped).
-    """
-
-    delta_max: float = 0.1
-    rho_max: float = 1.5
-    patience: int = 3
-    min_count: int = 4
-
-    def __post_init__(self) -> None:
-        check_real("delta_max", self.delta_max, minimum=0.0, strict=True)
-        check_real("rho_max", self.rho_max, minimum=0.0, strict=True)
-        check_positive_int("patience", self.patience)
-        check_positive_int("min_count", self.min_count)
-
-    def holds(self, signals: AgreementSignals) -> bool:
-        """Whether one evaluation's signals pass (pooled and per judged bin)."""
-        if not (signals.delta <= self.delta_max and signals.rho <= self.rho_max):
-            return False
-        for name, n in signals.counts.items():
-            if n < self.min_count:
-                continue
-            if not (
-                signals.delta_bins[name] <= self.delta_max
-                and signals.rho_bins[name] <= self.rho_max
-            ):
-                return False
-        return True
-
-
-@dataclass(frozen=True)
-class SwitchGuard:
-    """Revert to the discrete target when the student drifts after the switch.
-
-    At the switch the current batch becomes the held-out batch (its first ``batch``
-    samples): its discrete targets are computed once, and the student's relative error on
-    them, ``e = sum ||u - u_disc||^2 / sum ||u_disc||^2``, is the reference ``e_0``. Every
-    ``every`` steps after the switch ``e`` is measured again with one forward; when
-    ``e > (1 + margin) e_0`` at ``patience`` checks in a row the target reverts.
-
-    Attributes:
-        margin: allowed relative rise of the held-out error.
-        patience: consecutive checks above the bar before a revert.
-        batch: held-out samples kept (``None``: the whole batch at the switch).
-        max_reverts: reverts allowed; after the last one the target stays discrete.
-    """
-
-    margin: float = 0.25
-    patience: int = 2
-    batch: int | None = None
-    max_reverts: int = 1
-
-    def __post_init__(self) -> None:
-        check_real("margin", self.margin, minimum=0.0)
-        check_positive_int("patience", self.patience)
-        if self.batch is not None:
-            check_positive_int("batch", self.batch)
-        check_positive_int("max_reverts", self.max_reverts)
 
 
 # --------------------------------------------------------------------------- the switch
@@ -406,7 +215,7 @@ class WarmupTarget:
         self.min_steps, self.blend_steps, self.handover = min_steps, blend_steps, handover
         self.gate, self.guard, self.every, self.reduce = gate, guard, every, reduce
         self.names = gap_bin_names(edges)
-        self._edges = torch.tensor(_check_edges(edges), dtype=torch.float64)
+        self._edges = torch.tensor(check_gap_edges(edges), dtype=torch.float64)
         self.step = 0
         self.switched_at: int | None = None
         self.events: list[tuple[int, str]] = []
@@ -579,7 +388,7 @@ class WarmupTarget:
         if watch:
             u_diff = self.differential_target.compute(student, z_t, r, t, v, cond=cond)
             edges = self._edges.to(pred.device)
-            stats.append(_agreement_sums(pred, target, u_diff, r, t, edges).flatten().to(work))
+            stats.append(agreement_sums(pred, target, u_diff, r, t, edges).flatten().to(work))
         host = self._sum(torch.cat(stats)).tolist()
         fit_sum, ranks = host[:2]
         extra: dict[str, float] = {}
@@ -587,7 +396,7 @@ class WarmupTarget:
             self._fit_below_threshold = fit_sum / ranks < self.threshold
         if watch:
             n = len(self.names)
-            sums = [host[2 + i * n : 2 + (i + 1) * n] for i in range(_ROWS)]
+            sums = [host[2 + i * n : 2 + (i + 1) * n] for i in range(AGREEMENT_ROWS)]
             self.signals = AgreementSignals.from_sums(sums, self.names)
             extra |= self.signals.metrics()
             if self.gate is not None:
@@ -632,99 +441,3 @@ class WarmupTarget:
         self._held = state.get("held")
         self.discrete_target.load_state_dict(state["discrete"])
         self.differential_target.load_state_dict(state["differential"])
-
-
-# --------------------------------------------------------------------------- rollback
-
-
-def _clone(state: Any, device: torch.device | str | None) -> Any:
-    if isinstance(state, Tensor):
-        return state.detach().to(device=device or state.device, copy=True)
-    if isinstance(state, dict):
-        return {k: _clone(v, device) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(_clone(v, device) for v in state)
-    return state
-
-
-def _happened(metrics: Mapping[str, Any], event: str) -> bool:
-    """Whether ``metrics`` report ``event`` (present, with a nonzero value)."""
-    return event in metrics and float(metrics[event]) != 0.0
-
-
-class SwitchRollback:
-    """Restore the trained weights and the optimiser to the switch when the guard reverts.
-
-    A revert alone leaves the student where the differential phase took it; on the toys a
-    guard that caught a blow-up 20 steps after the switch still ended far worse than the
-    switch state (docs/toys.md). With a rollback the run continues on the discrete target
-    from exactly the state at the switch.
-
-    Call :meth:`observe` with a step's metrics after the loss and *before* the optimiser
-    step: at ``warmup_switched`` it copies the optimiser's parameters and state (and the
-    states of ``also``, e.g. an EMA of the weights); at ``warmup_reverted`` it writes them
-    back and returns ``True``, and the caller then skips this step's update. The copy is
-    part of :meth:`state_dict`, so a resumed run can still roll back.
-
-    Args:
-        optimizer: the student's optimiser; its parameters are what is restored.
-        also: further objects with ``state_dict()`` / ``load_state_dict()`` to restore.
-        device: where the copy lives (e.g. ``"cpu"`` to spare accelerator memory; default:
-            beside each tensor).
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        also: tuple[Any, ...] = (),
-        device: torch.device | str | None = None,
-    ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
-        for obj in also:
-            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-                raise TypeError(f"also must hold objects with state_dict(), got {obj!r}")
-        self.optimizer, self.also, self.device = optimizer, tuple(also), device
-        self.saved: dict[str, Any] | None = None
-
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def observe(self, metrics: Mapping[str, Any]) -> bool:
-        """Save at a switch, restore at a revert; ``True`` when this step was rolled back.
-
-        An event happened when its key is in ``metrics`` with a nonzero value
-        (``{"warmup_reverted": 0.0}`` is no revert).
-
-        Raises:
-            TypeError: unless ``metrics`` is a mapping.
-        """
-        if not isinstance(metrics, Mapping):
-            raise TypeError(
-                f"metrics must be a mapping (a step's metrics), got {type(metrics).__name__}"
-            )
-        if _happened(metrics, "warmup_switched"):
-            self.saved = {
-                "params": _clone(self._params(), self.device),
-                "optimizer": _clone(self.optimizer.state_dict(), self.device),
-                "also": [_clone(obj.state_dict(), self.device) for obj in self.also],
-            }
-        if _happened(metrics, "warmup_reverted") and self.saved is not None:
-            with torch.no_grad():
-                for p, saved in zip(self._params(), self.saved["params"], strict=True):
-                    p.copy_(saved)
-            self.optimizer.load_state_dict(_clone(self.saved["optimizer"], None))
-            for obj, state in zip(self.also, self.saved["also"], strict=True):
-                obj.load_state_dict(_clone(state, None))
-            self.saved = None
-            return True
-        return False
-
-    def state_dict(self) -> dict:
-        return {"saved": self.saved}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "saved" not in state:
-            raise KeyError("SwitchRollback state is missing 'saved'")
-        self.saved = state["saved"]

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
+from mfcore.switch_signals import agreement_sums
 from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.time import TimePairSampler, UniformTime
 from mfcore.warmup import (
@@ -247,12 +248,10 @@ def test_signals_are_scale_free_and_pool_as_sums(seed, scale, n):
     assert target_agreement(pred, u_disc, pred, r, t).rho == pytest.approx(1.0, rel=1e-12)
     # pooled = the sums of the halves
     h = n // 2
-    from mfcore.warmup import _agreement_sums
-
     edges = torch.tensor(DEFAULT_GAP_EDGES, dtype=F64)
-    whole = _agreement_sums(pred, u_disc, u_diff, r, t, edges)
-    parts = _agreement_sums(pred[:h], u_disc[:h], u_diff[:h], r[:h], t[:h], edges)
-    parts = parts + _agreement_sums(pred[h:], u_disc[h:], u_diff[h:], r[h:], t[h:], edges)
+    whole = agreement_sums(pred, u_disc, u_diff, r, t, edges)
+    parts = agreement_sums(pred[:h], u_disc[:h], u_diff[:h], r[:h], t[:h], edges)
+    parts = parts + agreement_sums(pred[h:], u_disc[h:], u_diff[h:], r[h:], t[h:], edges)
     torch.testing.assert_close(whole, parts, rtol=1e-12, atol=1e-12)
     sig = AgreementSignals.from_sums(whole.tolist(), gap_bin_names())
     assert sig.delta == pytest.approx(a.delta, rel=1e-12)
