@@ -45,6 +45,7 @@ from _report import provenance, update_section  # benchmarks/ is on sys.path as 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mfcore.attention as attn_mod
+import mfcore.attention_reference as attn_ref
 from mfcore.attention import attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -102,7 +103,7 @@ def _peer():
 def _exact_tangent(q, k, v, tangents, scale):
     p64 = [x.double() for x in (q, k, v)]
     t64 = tuple(t.double() for t in tangents)
-    return attn_mod._ref_forward(*p64, t64, "none", None, scale, None)[2]
+    return attn_ref.reference_forward(*p64, t64, "none", None, scale, None)[2]
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -174,8 +175,8 @@ def _backward_methods(on_cuda: bool, q, k, v, grad) -> dict[str, Callable]:
 
 def _exact_grads(q, k, v, grad, scale) -> tuple[torch.Tensor, ...]:
     p64 = [x.double() for x in (q, k, v)]
-    out, lse, _ = attn_mod._ref_forward(*p64, None, "none", None, scale, None)
-    return attn_mod._ref_backward(*p64, out, lse, grad.double(), "none", None, scale, None)
+    out, lse, _ = attn_ref.reference_forward(*p64, None, "none", None, scale, None)
+    return attn_ref.reference_backward(*p64, out, lse, grad.double(), "none", None, scale, None)
 
 
 def _unit(q, k, v, on_cuda: bool) -> Callable:

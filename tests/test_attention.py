@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mfcore.attention as attn_mod
+import mfcore.attention_reference as attn_ref
 from mfcore.attention import attention, triton_available, use_jvp_attention
 
 F64 = torch.float64
@@ -251,7 +252,7 @@ def test_reference_memory_is_bounded_by_the_chunk(chunk, fuse):
 
 
 def test_automatic_chunk_honours_the_block_budget(monkeypatch):
-    monkeypatch.setattr(attn_mod, "_BLOCK_ELEMENTS", 2 * 40 * 16)
+    monkeypatch.setattr(attn_ref, "_BLOCK_ELEMENTS", 2 * 40 * 16)
     primals, _, _ = _make(1, 2, 200, 40, 4)
     with _MaxNumel() as rec:
         attention(*primals)
