@@ -55,7 +55,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -501,13 +501,7 @@ def distill(
     return run.student
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "mfcore-distill") -> int:
-    """The command line (:func:`mfcore.adapters.distill_cli.main`), also run by ``python -m
-    mfcore.adapters.distill`` (as ``torchrun`` starts it)."""
-    from mfcore.adapters.distill_cli import main as cli_main
+if __name__ == "__main__":  # torchrun ... -m mfcore.adapters.distill (a program, not an import)
+    from mfcore.adapters.distill_cli import main
 
-    return cli_main(argv, prog=prog)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ head; this module does the same on FLUX:
   is initialised from the pretrained ``proj_out`` (component 0 holds the velocity, the others
   start at zero), so at initialisation one ArcFlow step is the teacher's Euler step;
 - the backbone gets LoRA updates (:func:`mfcore.adapters.lora.add_lora`) on every target of
-  :data:`mfcore.adapters.lora.FLUX_LORA_TARGETS` except the final ``proj_out``, which the head
+  :data:`mfcore.adapters.flux.FLUX_LORA_TARGETS` except the final ``proj_out``, which the head
   replaces (:func:`arcflow_lora_targets`);
 - the teacher is the same transformer with LoRA off and the head off
   (:class:`mfcore.adapters.flux.FluxTeacher`): the base weights exist once.
@@ -79,7 +79,7 @@ _OUTPUT_NAME = "proj_out"
 def arcflow_lora_targets(transformer: FluxTransformer2DModel) -> tuple[str, ...]:
     """LoRA targets for an ArcFlow FLUX student: FLUX's, minus the final ``proj_out``.
 
-    :data:`~mfcore.adapters.lora.FLUX_LORA_TARGETS` names ``proj_out``, which peft matches both
+    :data:`~mfcore.adapters.flux.FLUX_LORA_TARGETS` names ``proj_out``, which peft matches both
     in the single-stream blocks and at the top level. The top-level one is the head's
     business, so the single-stream ones are listed by their full names instead.
 

@@ -16,8 +16,8 @@ from diffusers import FluxTransformer2DModel
 
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
 from mfcore.adapters.distill import AlignmentHook, DistillConfig, distill, latest_checkpoint
-from mfcore.adapters.distill import main as _main
 from mfcore.adapters.distill_cli import build_parser
+from mfcore.adapters.distill_cli import main as _main
 from mfcore.adapters.flux import FAMILY
 
 __all__ = [

@@ -410,12 +410,3 @@ def load_lora(
         other = sorted(k for k in raw if not k.startswith(head))[:3]
         raise ValueError(f"{path} holds keys outside the {prefix!r} prefix: {other}")
     load_lora_state_dict(model, state, adapter_name=adapter_name)
-
-
-def __getattr__(name: str) -> Any:
-    # FLUX's targets live with FLUX's conventions; this name stays importable from here.
-    if name == "FLUX_LORA_TARGETS":
-        from mfcore.adapters.flux import FLUX_LORA_TARGETS
-
-        return FLUX_LORA_TARGETS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mfcore.adapters.distill import main
+from mfcore.adapters.distill_cli import main
 
 
 def usage_error(argv, capsys) -> str:

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
-from mfcore.adapters.distill import DistillConfig, distill, main
+from mfcore.adapters.distill import DistillConfig, distill
+from mfcore.adapters.distill_cli import main
 from mfcore.adapters.family import get_family
 from mfcore.adapters.flux_arcflow import FluxArcFlowStudent
 from mfcore.adapters.generation import seeded_noise

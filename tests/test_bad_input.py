@@ -110,7 +110,7 @@ def _flux_train(tmp, *flags: str) -> int:
 
 
 def _distill_train(tmp, *flags: str) -> int:
-    from mfcore.adapters.distill import main
+    from mfcore.adapters.distill_cli import main
     from mfcore.adapters.flux_distill import make_synthetic_data
 
     data = tmp / "data"
@@ -120,7 +120,7 @@ def _distill_train(tmp, *flags: str) -> int:
 
 
 def _distill_main(argv):
-    from mfcore.adapters.distill import main
+    from mfcore.adapters.distill_cli import main
 
     return main(argv)
 

@@ -19,7 +19,8 @@ import mfcore.toys.train as toy
 from mfcore.adapters import _durable
 from mfcore.adapters._state import load_state, save_state
 from mfcore.adapters.data import make_synthetic_data
-from mfcore.adapters.distill import DistillConfig, distill, latest_checkpoint, main
+from mfcore.adapters.distill import DistillConfig, distill, latest_checkpoint
+from mfcore.adapters.distill_cli import main
 from mfcore.adapters.monitor import RunLog
 
 TOY = dict(

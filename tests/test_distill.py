@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 import mfcore.adapters.distill as distill_module
 from mfcore.adapters._state import load_state
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
-from mfcore.adapters.distill import DistillConfig, distill, latest_checkpoint, main
-from mfcore.adapters.distill_cli import HELP, build_parser
+from mfcore.adapters.distill import DistillConfig, distill, latest_checkpoint
+from mfcore.adapters.distill_cli import HELP, build_parser, main
 from mfcore.adapters.family import FAMILIES, get_family
 from mfcore.adapters.flux import FluxStudent
 from mfcore.adapters.hunyuanimage2 import TINY_HY21_CONFIG

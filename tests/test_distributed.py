@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mfcore.adapters.distill_cli import main as cli_main
 from tests import _distributed as D
 
 # Multi-process runs go on one pytest-xdist worker, one after another (CI runs the slow step
@@ -217,7 +218,7 @@ def test_torchrun_runs_the_command_line(tmp_path):
     done = _torchrun(1, *argv, "--steps", "3", "--parallel", "fsdp", "--resume")
     assert done.returncode != 0 and "written by 2 processes" in done.stderr
     with pytest.raises(SystemExit) as exc:
-        D.distill_module.main([*argv, "--steps", "3", "--resume"])
+        cli_main([*argv, "--steps", "3", "--resume"])
     assert exc.value.code == 2
 
 

@@ -8,9 +8,15 @@ from diffusers import FluxTransformer2DModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfcore.adapters.flux import FLUX_DEV_CONFIG, TINY_FLUX_CONFIG, FluxStudent, FluxTeacher
+from mfcore.adapters.flux import (
+    FLUX_DEV_CONFIG,
+    FLUX_LORA_TARGETS,
+    TINY_FLUX_CONFIG,
+    FluxStudent,
+    FluxTeacher,
+)
 from mfcore.adapters.flux_arcflow import FluxArcFlowStudent, arcflow_lora_targets
-from mfcore.adapters.lora import FLUX_LORA_TARGETS, LoraSpec
+from mfcore.adapters.lora import LoraSpec
 from mfcore.arcflow import (
     ArcFlowDistillationLoss,
     ArcFlowStudent,

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mfcore.adapters.data import LatentDataset
-from mfcore.adapters.distill import main
+from mfcore.adapters.distill_cli import main
 from mfcore.adapters.family import get_family
 from mfcore.adapters.generation import seeded_noise
 from mfcore.adapters.lora import LoraSpec

@@ -307,7 +307,7 @@ def test_hunyuanimage3_token_ids_past_the_vocabulary_are_refused():
 
 
 def test_make_data_sizes_that_train_refuses_are_refused_or_warned(tmp_path, caplog, capsys):
-    from mfcore.adapters.distill import main as distill_main
+    from mfcore.adapters.distill_cli import main as distill_main
 
     with pytest.raises(SystemExit):  # the tiny model's widths: an error
         distill_main(["make-data", str(tmp_path / "a"), "--family", "flux", "--width", "3"])

@@ -10,7 +10,7 @@ import torch
 from diffusers import HunyuanImagePipeline, HunyuanImageTransformer2DModel
 from safetensors.torch import load_file
 
-from mfcore.adapters.distill import main
+from mfcore.adapters.distill_cli import main
 from mfcore.adapters.family import Synthetic
 from mfcore.adapters.generation import seeded_noise
 from mfcore.adapters.hunyuanimage2 import (

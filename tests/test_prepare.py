@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfcore.adapters.data import LatentDataset, make_synthetic_data
-from mfcore.adapters.distill import latest_checkpoint, main
+from mfcore.adapters.distill import latest_checkpoint
+from mfcore.adapters.distill_cli import main
 from mfcore.adapters.family import get_family
 from mfcore.adapters.generation import seeded_noise
 from mfcore.adapters.loading import resolve_model
