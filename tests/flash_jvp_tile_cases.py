@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from mfcore.kernels import flash_jvp  # noqa: E402
+from mfcore.kernels.common import interpreter_block  # noqa: E402
 from tests._attention_data import TOL, _data, _exact, _rel  # noqa: E402
 
 SHAPES = [  # (B, H, S_q, S_k, D) with S_k a multiple of the interpreter's tile
@@ -44,7 +45,7 @@ def fj():
 
 
 def _full_blocks(s_q: int, s_k: int) -> bool:
-    return s_k % flash_jvp._interpreter_block(s_q, s_k) == 0
+    return s_k % interpreter_block(s_q, s_k) == 0
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])

@@ -50,8 +50,8 @@ def test_even_n_means_full_key_blocks(fj, seq_k, block_n):
 
 
 def test_compiled_fp32_does_not_fuse(fj, monkeypatch):
-    monkeypatch.setattr(fj, "_interpreting", lambda: False)
+    monkeypatch.setattr(fj, "interpreting", lambda: False)
     assert not fj._fuses(torch.float32)
     assert fj._fuses(torch.bfloat16) and fj._fuses(torch.float16)
-    monkeypatch.setattr(fj, "_interpreting", lambda: True)
+    monkeypatch.setattr(fj, "interpreting", lambda: True)
     assert fj._fuses(torch.float32)  # the interpreter keeps testing the fused fp32 math

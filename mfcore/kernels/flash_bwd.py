@@ -37,13 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mfcore.kernels.flash_jvp import (
-    _LOG2E,
-    _configs,
-    _dot,
-    _interpreter_block,
-    _interpreting,
-)
+from mfcore.kernels.common import LOG2E, dot, interpreter_block, interpreting, tile_configs
 
 __all__ = ["attention_backward"]
 
@@ -130,7 +124,7 @@ def _dkdv_kernel(
         V + b * s_vb + h * s_vh + cols[:, None] * s_vs + dims[None, :] * s_vd,
         mask=kv_tile, other=0.0,
     )  # fmt: skip
-    qk_scale = scale * _LOG2E  # scores in log2 units
+    qk_scale = scale * LOG2E  # scores in log2 units
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -149,13 +143,13 @@ def _dkdv_kernel(
         # Rows past S_q read lse = +inf: P = 0 there, like rows with every key masked.
         lse = tl.load(LSE + pid_bh * seq_q + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=row_ok, other=0.0)
-        s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
-        p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])
+        s_t = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+        p_t = tl.exp2(s_t - (lse * LOG2E)[None, :])
         p_t = tl.where(col_ok[:, None], p_t, 0.0)
-        dv += _dot(p_t.to(g.dtype), g, PRECISION, UPCAST)
-        dp_t = _dot(v, tl.trans(g), PRECISION, UPCAST)
+        dv += dot(p_t.to(g.dtype), g, PRECISION, UPCAST)
+        dp_t = dot(v, tl.trans(g), PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+        dk += dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
 
     out = pid_bh * seq_k * head_dim + cols[:, None] * head_dim + dims[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_tile)
@@ -193,9 +187,9 @@ def _dq_kernel(
         G + b * s_gb + h * s_gh + rows[:, None] * s_gs + dims[None, :] * s_gd,
         mask=q_tile, other=0.0,
     )  # fmt: skip
-    lse2 = tl.load(LSE + pid_bh * seq_q + rows, mask=row_ok, other=float("inf")) * _LOG2E
+    lse2 = tl.load(LSE + pid_bh * seq_q + rows, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=row_ok, other=0.0)
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start in range(0, seq_k, BLOCK_N):
@@ -213,19 +207,19 @@ def _dq_kernel(
             V + b * s_vb + h * s_vh + cols[None, :] * s_vs + dims[:, None] * s_vd,
             mask=dim_ok[:, None] & col_in[None, :], other=0.0,
         )  # fmt: skip
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(col_ok[None, :], p, 0.0)
-        dp = _dot(g, v_t, PRECISION, UPCAST)
+        dp = dot(g, v_t, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+        dq += dot(ds.to(k.dtype), k, PRECISION, UPCAST)
 
     out = pid_bh * seq_q * head_dim + rows[:, None] * head_dim + dims[None, :]
     tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=q_tile)
 
 
-_tuned_dkdv = triton.autotune(configs=_configs(_DKDV_SHAPES), key=_TUNE_KEY)(_dkdv_kernel)
-_tuned_dq = triton.autotune(configs=_configs(_DQ_SHAPES), key=_TUNE_KEY)(_dq_kernel)
+_tuned_dkdv = triton.autotune(configs=tile_configs(_DKDV_SHAPES), key=_TUNE_KEY)(_dkdv_kernel)
+_tuned_dq = triton.autotune(configs=tile_configs(_DQ_SHAPES), key=_TUNE_KEY)(_dq_kernel)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor):
@@ -325,10 +319,10 @@ def attention_backward(
     flags = dict(
         HAS_MASK=key_mask is not None, BLOCK_D=block_d,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
     )  # fmt: skip
-    if _interpreting():
-        block = _interpreter_block(seq_q, seq_k)
+    if interpreting():
+        block = interpreter_block(seq_q, seq_k)
         tiles = dict(BLOCK_M=block, BLOCK_N=block)
         _dkdv_kernel[(triton.cdiv(seq_k, block), batch * heads)](*dkdv_args, **flags, **tiles)
         _dq_kernel[(triton.cdiv(seq_q, block), batch * heads)](*dq_args, **flags, **tiles)

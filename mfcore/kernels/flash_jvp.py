@@ -26,23 +26,21 @@ and ``lse = +inf``. Any ``S_q``, ``S_k`` (blocks are bounds-checked; full key bl
 the bounds masks) and head dims up to 256 (padded to a power of two, at least 16).
 
 The backward is in :mod:`mfcore.kernels.flash_bwd` (FlashAttention-2 style, from the saved
-``lse`` and ``O``); it shares ``_dot``, the log2 constants and the config helpers below.
+``lse`` and ``O``); what both share is in :mod:`mfcore.kernels.common`.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from mfcore.kernels.common import LOG2E, dot, interpreter_block, interpreting, tile_configs
+
 __all__ = ["attention_forward", "attention_tangent"]
 
-# Compile-time constants, shared with the backward (mfcore.kernels.flash_bwd): scores are
-# handled in log2 units so the kernels can use exp2/log2.
-_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# ln 2, for the natural logsumexp of scores kept in log2 units (LOG2E).
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Autotune tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), one list per mode. Chosen from
 # compile-time resource counts for an H100 (sm_90a, Triton 3.9, bf16/fp16, S=4608), made
@@ -63,16 +61,6 @@ _SHAPES = {
     "tangent": ((128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2),
                 (64, 64, 4, 3), (64, 32, 4, 2)),
 }  # fmt: skip
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; ``UPCAST`` computes it from fp32 copies (used under
-    the interpreter, whose bf16 dot multiplies raw bit patterns: triton-lang/triton#11584)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -121,7 +109,7 @@ def _attn_jvp_kernel(
             TQ + b * s_tqb + h * s_tqh + rows[:, None] * s_tqs + dims[None, :] * s_tqd,
             mask=q_tile, other=0.0,
         )  # fmt: skip
-    qk_scale = scale * _LOG2E  # scores in log2 units
+    qk_scale = scale * LOG2E  # scores in log2 units
 
     if PRIMAL:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -129,7 +117,7 @@ def _attn_jvp_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     else:
         lse = tl.load(LSE + pid_bh * seq_q + rows, mask=row_ok, other=float("inf"))
-        m_i = lse * _LOG2E
+        m_i = lse * LOG2E
     if TANGENT:
         g_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -152,7 +140,7 @@ def _attn_jvp_kernel(
             K + b * s_kb + h * s_kh + cols[None, :] * s_ks + dims[:, None] * s_kd, kt_tile,
             KV_EVEN,
         )  # fmt: skip
-        s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
+        s = dot(q, k_t, PRECISION, UPCAST) * qk_scale
         if HAS_MASK or not EVEN_N:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         if PRIMAL:
@@ -170,7 +158,7 @@ def _attn_jvp_kernel(
         )  # fmt: skip
         p_lo = p.to(v.dtype)
         if PRIMAL:
-            acc = acc * alpha[:, None] + _dot(p_lo, v, PRECISION, UPCAST)
+            acc = acc * alpha[:, None] + dot(p_lo, v, PRECISION, UPCAST)
         if TANGENT:
             if PRIMAL:
                 acc_t = acc_t * alpha[:, None]
@@ -180,20 +168,20 @@ def _attn_jvp_kernel(
                     TV + b * s_tvb + h * s_tvh + cols[:, None] * s_tvs + dims[None, :] * s_tvd,
                     kv_tile, KV_EVEN,
                 )  # fmt: skip
-                acc_t += _dot(p_lo, tv, PRECISION, UPCAST)
+                acc_t += dot(p_lo, tv, PRECISION, UPCAST)
             if HAS_TQ or HAS_TK:
                 ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 if HAS_TQ:
-                    ds += _dot(tq, k_t, PRECISION, UPCAST)
+                    ds += dot(tq, k_t, PRECISION, UPCAST)
                 if HAS_TK:
                     tk_t = _load(
                         TK + b * s_tkb + h * s_tkh + cols[None, :] * s_tks
                         + dims[:, None] * s_tkd, kt_tile, KV_EVEN,
                     )  # fmt: skip
-                    ds += _dot(q, tk_t, PRECISION, UPCAST)
+                    ds += dot(q, tk_t, PRECISION, UPCAST)
                 pds = p * (ds * scale)
                 g_i += tl.sum(pds, 1)
-                acc_t += _dot(pds.to(v.dtype), v, PRECISION, UPCAST)
+                acc_t += dot(pds.to(v.dtype), v, PRECISION, UPCAST)
 
     o_offs = b * s_ob + h * s_oh + rows[:, None] * s_os + dims[None, :] * s_od
     if PRIMAL:
@@ -210,14 +198,6 @@ def _attn_jvp_kernel(
         o = tl.load(O + o_offs, mask=q_tile, other=0.0).to(tl.float32)
         t_out = acc_t - g_i[:, None] * o
         tl.store(TO + o_offs, t_out.to(TO.dtype.element_ty), mask=q_tile)
-
-
-def _configs(shapes: tuple[tuple[int, int, int, int], ...]) -> list[triton.Config]:
-    """Autotuner configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tile shapes."""
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in shapes
-    ]
 
 
 def _mode(primal: bool, tangent: bool) -> str:
@@ -237,15 +217,11 @@ def _even_n(args: dict) -> bool:
 
 # One autotuner per mode, each with its own tile list; EVEN_N follows from the chosen tile.
 _TUNED = {
-    mode: triton.autotune(configs=_configs(shapes), key=_TUNE_KEY)(
+    mode: triton.autotune(configs=tile_configs(shapes), key=_TUNE_KEY)(
         triton.heuristics({"EVEN_N": _even_n})(_attn_jvp_kernel)
     )
     for mode, shapes in _SHAPES.items()
 }
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def _fuses(dtype: torch.dtype) -> bool:
@@ -257,12 +233,7 @@ def _fuses(dtype: torch.dtype) -> bool:
     while the primal and tangent modes compile. fp32 then takes the forward kernel and the
     tangent kernel from its ``lse`` (seven matmuls instead of six, same result).
     """
-    return dtype != torch.float32 or _interpreting()
-
-
-def _interpreter_block(seq_q: int, seq_k: int) -> int:
-    """The one small tile used under the interpreter (no autotuning there: tests stay fast)."""
-    return 16 if max(seq_q, seq_k) <= 16 else 32
+    return dtype != torch.float32 or interpreting()
 
 
 def _strides(x: Tensor | None, like: Tensor) -> tuple[int, ...]:
@@ -297,7 +268,7 @@ def _kernel_inputs(
         HAS_TV=tv is not None, HAS_MASK=key_mask is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_D=block_d, EVEN_D=head_dim == block_d,
-        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
     )  # fmt: skip
     return args, flags
 
@@ -309,8 +280,8 @@ def _launch(
     """Launch the kernel; ``o``/``lse`` are outputs when ``primal``, inputs otherwise."""
     args, flags = _kernel_inputs(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal)
     batch, heads, seq_q, _ = q.shape
-    if _interpreting():
-        block = _interpreter_block(seq_q, k.shape[2])
+    if interpreting():
+        block = interpreter_block(seq_q, k.shape[2])
         grid = (triton.cdiv(seq_q, block), batch * heads)
         even_n = k.shape[2] % block == 0
         _attn_jvp_kernel[grid](*args, **flags, BLOCK_M=block, BLOCK_N=block, EVEN_N=even_n)
