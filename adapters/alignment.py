@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_positive_int, check_real, check_time
 from mfcore.adapters.lora import LoraSpec, adapter_parameters, add_lora, lora_active
-from mfcore.adapters.student import SharedWeightsStudent, _velocity, check_cond_keys
+from mfcore.adapters.student import SharedWeightsStudent, check_cond_keys, pinned_velocity
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, MeanFlowCritic
 from mfcore.draws import BatchRows, draw_normal
 
@@ -117,7 +117,7 @@ class FakeVelocity(nn.Module):
         call = self.family.check_call(tr, z, cond, self.guidance_scale, False)
         check_time("t", t, z)
         with self.active():
-            return _velocity(self.family, tr, z, t, call.inputs)
+            return pinned_velocity(self.family, tr, z, t, call.inputs)
 
 
 class Alignment:

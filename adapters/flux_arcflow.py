@@ -46,7 +46,6 @@ from mfcore.adapters.flux import (
     FAMILY,
     FLUX_LORA_TARGETS,
     SharedWeightsStudent,
-    _checked_call,
     check_flux_transformer,
     latent_image_ids,
     pack_latents,
@@ -254,7 +253,10 @@ class FluxArcFlowStudent(SharedWeightsStudent):
             weights and rates ``(B, K, 1, H, W)`` (fp32 at least) and ``s0``.
         """
         tr = self.transformer
-        g = _checked_call(tr, z, prompt_embeds, pooled_prompt_embeds, guidance, self.guidance_scale)
+        cond = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+        if guidance is not None:
+            cond["guidance"] = guidance
+        g = FAMILY.check_call(tr, z, cond, self.guidance_scale, False).inputs["guidance"]
         check_time("s0", s0, z)
         with self._head_on():
             raw = self._transformer_tokens(z, s0, prompt_embeds, pooled_prompt_embeds, g)

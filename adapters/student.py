@@ -53,6 +53,7 @@ __all__ = [
     "GUIDANCE_RULES",
     "R_EMBEDDINGS",
     "check_cond_keys",
+    "pinned_velocity",
     "Teacher",
     "SharedWeightsStudent",
     "MeanFlowStudent",
@@ -83,8 +84,10 @@ def check_cond_keys(family: Family, cond: Mapping[str, Any]) -> None:
         )
 
 
-def _velocity(family: Family, model: nn.Module, z: Tensor, t: Tensor, inputs: dict) -> Tensor:
-    with pinned_checkpointing(model):  # recomputed blocks keep this call's adapters
+def pinned_velocity(family: Family, model: nn.Module, z: Tensor, t: Tensor, inputs: dict) -> Tensor:
+    """``family.velocity`` of one checked call, with gradient checkpointing pinned to the
+    adapters active now (a recomputed block keeps this call's LoRA switches)."""
+    with pinned_checkpointing(model):
         return family.velocity(model, z, t, inputs)
 
 
@@ -132,10 +135,10 @@ class Teacher:
         call = self.family.check_call(tr, z, cond, self.guidance_scale, cfg)
         check_time("t", t, z)
         with torch.no_grad(), lora_disabled(tr):
-            v = _velocity(self.family, tr, z, t, call.inputs)
+            v = pinned_velocity(self.family, tr, z, t, call.inputs)
             if cfg:
                 assert call.negative is not None
-                v_neg = _velocity(self.family, tr, z, t, call.negative)
+                v_neg = pinned_velocity(self.family, tr, z, t, call.negative)
                 if self.rule == "apg":
                     v = apg_velocity(v, v_neg, self.true_cfg_scale,
                                      norm_threshold=self.apg_norm_threshold)  # fmt: skip
@@ -313,7 +316,7 @@ class MeanFlowStudent(SharedWeightsStudent):
             checkpointing_off(tr, jvp_graph),
             lora_active(tr, self.adapter_name),
         ):
-            return _velocity(self.family, tr, z, t, self._call_inputs(call.inputs, r))
+            return pinned_velocity(self.family, tr, z, t, self._call_inputs(call.inputs, r))
 
     # ----------------------------------------------------------------------- trainable state
 

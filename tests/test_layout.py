@@ -87,3 +87,15 @@ def test_no_module_over_600_lines(package):
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A module uses another's public names only (a ``_`` module such as ``mfcore._checks``
+    is the package's own, and its names are public to the package)."""
+    crossing = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mfcore"):
+                crossing += [f"{name}: {node.module}.{a.name}" for a in node.names
+                             if a.name.startswith("_")]  # fmt: skip
+    assert crossing == []
