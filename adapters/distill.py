@@ -56,7 +56,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +93,7 @@ from mfcore.adapters.run_checkpoints import (
     resume_point,
     save_checkpoint,
 )
-from mfcore.adapters.step import Run, critic_loss, student_loss, train_step
+from mfcore.adapters.step import AlignmentHook, Run, critic_loss, student_loss, train_step
 from mfcore.adapters.student import MeanFlowStudent
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.solvers import sample_teacher
@@ -115,31 +115,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- alignment hook
-
-
-@runtime_checkable
-class AlignmentHook(Protocol):
-    """A trajectory-alignment term added to the MeanFlow loss (e.g. ``Alignment``).
-
-    ``critic_step`` trains the critic (its own optimiser) on the batch before the student's
-    step; ``student_loss`` returns the student's alignment loss (with graph) and metrics;
-    the total is ``mean_flow + weight * student_loss``. ``state_dict`` /
-    ``load_state_dict`` make it resumable (tensors and plain values only).
-    """
-
-    weight: float
-
-    def critic_step(
-        self, student: MeanFlowStudent, teacher: Any, x: Tensor, cond: dict, step: int
-    ) -> dict: ...
-
-    def student_loss(
-        self, student: MeanFlowStudent, teacher: Any, x: Tensor, cond: dict, step: int
-    ) -> tuple[Tensor, dict]: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 # --------------------------------------------------------------------------- training

@@ -24,51 +24,81 @@ One micro-batch in one process is exactly the step before multi-process runs exi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from mfcore.adapters.alignment import Alignment
+from mfcore.adapters.arcflow_objective import ArcFlowObjective
 from mfcore.adapters.data import LatentDataset
+from mfcore.adapters.distill_config import DistillConfig
 from mfcore.adapters.ema import EMA
 from mfcore.adapters.family import TrainingFamily
+from mfcore.adapters.flux_arcflow import FluxArcFlowStudent
 from mfcore.adapters.parallel import Split, World, gradient_sync, release_gathered
-from mfcore.adapters.student import MeanFlowStudent
+from mfcore.adapters.student import MeanFlowStudent, Teacher
 from mfcore.draws import BatchRows
 from mfcore.losses import MeanFlowLoss
 from mfcore.warmup import SwitchRollback, WarmupTarget
 
-__all__ = ["Run", "train_step", "student_loss", "critic_loss"]
+__all__ = ["AlignmentHook", "Run", "train_step", "student_loss", "critic_loss"]
+
+
+@runtime_checkable
+class AlignmentHook(Protocol):
+    """A trajectory-alignment term added to the MeanFlow loss (e.g. ``Alignment``).
+
+    ``critic_step`` trains the critic (its own optimiser) on the batch before the student's
+    step; ``student_loss`` returns the student's alignment loss (with graph) and metrics;
+    the total is ``mean_flow + weight * student_loss``. ``state_dict`` /
+    ``load_state_dict`` make it resumable (tensors and plain values only).
+    """
+
+    weight: float
+
+    def critic_step(
+        self, student: MeanFlowStudent, teacher: Teacher, x: Tensor, cond: dict, step: int
+    ) -> dict: ...
+
+    def student_loss(
+        self, student: MeanFlowStudent, teacher: Teacher, x: Tensor, cond: dict, step: int
+    ) -> tuple[Tensor, dict]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
 class Run:
     """Everything a training step touches (built by the entry point)."""
 
-    cfg: Any
+    cfg: DistillConfig
     family: TrainingFamily
-    student: MeanFlowStudent
-    teacher: Any
-    loss: MeanFlowLoss
+    student: MeanFlowStudent | FluxArcFlowStudent
+    teacher: Teacher
+    loss: MeanFlowLoss | ArcFlowObjective
     optimizer: torch.optim.Optimizer
     data: LatentDataset
     generator: torch.Generator
     device: torch.device
-    alignment: Any
+    alignment: AlignmentHook | None
     scheduler: dict
     vae: nn.Module | None
     world: World
     split: Split
-    objective: Any = None
-    critic_objective: Any = None
+    objective: Callable[..., Any] | None = None  # the student's loss as DDP runs it
+    critic_objective: Callable[..., Any] | None = None  # the critic's, likewise
     ema: EMA | None = None
     rollback: SwitchRollback | None = None
     step: int = 0
     preview_reference: Tensor | None = None  # the teacher's preview samples, once computed
     preview_cond: dict | None = None  # the validation prompts' conditions, once encoded
+    following: dict[str, MeanFlowLoss] = field(default_factory=dict)  # see _following
 
 
 class _Means:
@@ -193,14 +223,16 @@ def _critic_phase(run: Run, batches: list, parts: list[tuple[int, int]]) -> dict
 
 
 def _following(run: Run, first: dict[str, Any]) -> MeanFlowLoss:
-    """The loss of a step's later micro-batches: the target the warm-up used on the first."""
+    """The loss of a step's later micro-batches: the target the warm-up used on the first,
+    without its switch logic (one loss per phase, built at its first use)."""
     target = run.loss.target
     if not isinstance(target, WarmupTarget):
         return run.loss
-    chosen = target.discrete_target
-    if float(first["warmup_phase"]) > 0:
-        chosen = target.differential_target
-    return MeanFlowLoss(run.loss.time_sampler, chosen, run.loss.weighting)
+    phase = "differential" if float(first["warmup_phase"]) > 0 else "discrete"
+    if phase not in run.following:
+        chosen = target.differential_target if phase == "differential" else target.discrete_target
+        run.following[phase] = MeanFlowLoss(run.loss.time_sampler, chosen, run.loss.weighting)
+    return run.following[phase]
 
 
 def _grad_norm(run: Run) -> Tensor:
