@@ -47,7 +47,7 @@ from mfcore.adapters.student import (
     SharedWeightsStudent,
     Teacher,
 )
-from mfcore.time import resolution_shift_mu, shifted_grid, uniform_grid
+from mfcore.time import resolution_shift_mu
 
 __all__ = [
     "FAMILY",
@@ -69,7 +69,6 @@ __all__ = [
     "IntervalEmbedding",
     "FluxTeacher",
     "FluxStudent",
-    "sampling_grid",
 ]
 
 logger = logging.getLogger(__name__)
@@ -528,21 +527,3 @@ class FluxStudent(MeanFlowStudent):
     """
 
     default_family = FAMILY
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def sampling_grid(
-    steps: int, height: int, width: int, *, shift: bool = True, device=None, dtype=torch.float32
-) -> Tensor:
-    """Times ``(steps + 1,)`` from 1 to 0 for a ``height x width`` latent.
-
-    With ``shift`` the uniform grid is shifted by FLUX's resolution-dependent ``mu``
-    (:func:`flux_mu` of ``H W / 4`` tokens), as the FLUX pipeline's scheduler does.
-    """
-    steps = check_positive_int("steps", steps)
-    if not shift:
-        return uniform_grid(steps, device=device, dtype=dtype)
-    mu = flux_mu(check_positive_int("height", height) * check_positive_int("width", width) // 4)
-    return shifted_grid(steps, mu=mu, device=device, dtype=dtype)

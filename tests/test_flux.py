@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfcore.adapters.flux import (
+    FAMILY,
     FLUX_DEV_CONFIG,
     TINY_FLUX_CONFIG,
     FluxStudent,
@@ -28,7 +29,6 @@ from mfcore.adapters.flux import (
     flux_mu,
     latent_image_ids,
     pack_latents,
-    sampling_grid,
     text_ids,
     unpack_latents,
 )
@@ -37,6 +37,7 @@ from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec, lora_disabled
 from mfcore.adapters.pipeline import MeanFlowPipeline
 from mfcore.jvp import JVP_METHODS, total_derivative
 from mfcore.targets import DifferentialTarget
+from mfcore.time import uniform_grid
 from tests._rules_check import assert_rules_change_nothing
 
 F64 = torch.float64
@@ -142,9 +143,9 @@ def test_grid_matches_flux_scheduler(steps):
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     mu = calculate_shift(h * w // 4)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
-    grid = sampling_grid(steps, h, w, dtype=F64)
+    grid = FAMILY.sampling_grid(steps, h, w, dtype=F64)
     assert torch.allclose(grid, sched.sigmas.to(F64), atol=1e-6)
-    assert torch.equal(sampling_grid(steps, h, w, shift=False, dtype=F64)[[0, -1]], grid[[0, -1]])
+    assert torch.equal(uniform_grid(steps, dtype=F64)[[0, -1]], grid[[0, -1]])
 
 
 def test_velocity_sign_matches_scheduler_step():
@@ -509,7 +510,7 @@ def test_generate_latents_follows_meanflow_steps(steps):
     assert z0.shape == (2, 1, 4, 6) and torch.equal(z0, again)
     # by hand: noise from the seed, then z_r = z_t - (t - r) u(z_t, r, t) on the shifted grid
     z = torch.randn(2, 1, 4, 6, generator=torch.Generator().manual_seed(11))
-    grid = sampling_grid(steps, 4, 6)
+    grid = FAMILY.sampling_grid(steps, 4, 6)
     with torch.no_grad():
         for t_, r_ in zip(grid[:-1], grid[1:], strict=True):
             t, r = t_.expand(2), r_.expand(2)
