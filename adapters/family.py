@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_real, check_tensor
 from mfcore.adapters._durable import read_json
+from mfcore.adapters.interval import diffusers_interval_embedding
+from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 
 __all__ = [
     "Call",
@@ -216,16 +218,67 @@ def guidance_input(
 
 
 class FamilyBase:
-    """Defaults that families share: LoRA files without a key prefix (a diffusers model's
-    ``save_lora_adapter`` format); a constant sampling shift read from the scheduler config's
-    ``shift_key`` (``default_shift`` without one); the sampling grid and the training times
-    shifted as :meth:`sampling_shift` says; the config summary of ``summary_keys``; the
-    attention modules of class ``attention_class``."""
+    """Defaults that families share, so a family declares what its model is and overrides
+    only what differs.
 
+    From declared attributes:
+
+    - ``model_class``: :meth:`check_model` (an instance of it), :meth:`load_model` (the
+      checkpoint's transformer of that class and its scheduler config) and, with
+      ``tiny_config``, :meth:`tiny_model`;
+    - ``vae_class``: :meth:`load_vae`;
+    - ``time_embedding``: the name of the module that embeds ``t`` with a ``time_proj`` and
+      a ``timestep_embedder`` (diffusers' ``Timesteps`` + ``TimestepEmbedding``), whose
+      output every block reads: :meth:`interval_embedding` hooks it;
+    - ``attention_class``: :meth:`attention_modules`;
+    - ``summary_keys``: :meth:`config_summary`;
+    - ``shift_key`` / ``default_shift``: a constant sampling shift read from the scheduler
+      config (:meth:`sampling_shift`), the sampling grid and the shifted training times.
+
+    And without: latents of ``config.in_channels`` channels (:meth:`latent_channels`), LoRA
+    files without a key prefix (a diffusers model's ``save_lora_adapter`` format).
+    """
+
+    label: str = "model"
+    model_class: type | None = None
+    tiny_config: Mapping[str, Any] = {}
+    vae_class: type | None = None
+    time_embedding: str | None = None
     summary_keys: tuple[str, ...] = ()
     shift_key: str = "shift"
     default_shift: float = 1.0
     attention_class: type = nn.Module
+
+    def check_model(self, model: object) -> nn.Module:
+        cls = self.model_class
+        assert cls is not None, f"{type(self).__name__} declares no model_class"
+        if not isinstance(model, cls):
+            raise TypeError(
+                f"transformer must be a diffusers {cls.__name__}, got {type(model).__name__}"
+            )
+        return model
+
+    def latent_channels(self, model: nn.Module) -> int:
+        return model.config.in_channels
+
+    def interval_embedding(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        assert self.time_embedding is not None, f"{type(self).__name__} declares no time_embedding"
+        embed = getattr(model, self.time_embedding)
+        return diffusers_interval_embedding(embed.time_proj, embed.timestep_embedder), [embed]
+
+    def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
+        if guidance:
+            raise ValueError(f"the tiny {self.label} has no guidance embedding")
+        assert self.model_class is not None, f"{type(self).__name__} declares no model_class"
+        torch.manual_seed(seed)
+        return self.model_class(**self.tiny_config).to(dtype)
+
+    def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
+        model = load_transformer(path, self.model_class, self.label, dtype)
+        return model, load_scheduler_config(path)
+
+    def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
+        return None if self.vae_class is None else load_vae(path, self.vae_class, dtype)
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in model.modules() if isinstance(m, self.attention_class)]
@@ -297,6 +350,7 @@ FAMILIES: dict[str, str] = {
     "flux": "mfcore.adapters.flux",
     "hunyuanimage2": "mfcore.adapters.hunyuanimage2",
     "hunyuanimage3": "mfcore.adapters.hunyuanimage3",
+    "sd3": "mfcore.adapters.sd3",
 }
 
 
@@ -338,5 +392,5 @@ def detect_family(path: str | os.PathLike) -> str:
     found = [n for n in names if n != "None"]
     raise ValueError(
         f"{path} holds a {found[0] if found else 'unknown'} checkpoint, which is none of "
-        f"the families {tuple(FAMILIES)} (FLUX, HunyuanImage 2.1, HunyuanImage 3.0)"
+        f"the families {tuple(FAMILIES)} (FLUX, HunyuanImage 2.1 and 3.0, Stable Diffusion 3)"
     )
