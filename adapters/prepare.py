@@ -42,6 +42,7 @@ from mfcore.solvers import sample_teacher
 __all__ = [
     "PromptEncoder",
     "PipelinePromptEncoder",
+    "PipelinePrompts",
     "read_prompts",
     "read_image_folder",
     "fit_image",
@@ -67,6 +68,19 @@ class PromptEncoder(Protocol):
     def __call__(
         self, prompts: list[str], latent_size: tuple[int, int], negative: str | None
     ) -> dict[str, Tensor]: ...
+
+
+class PipelinePrompts:
+    """A family's :meth:`prompt_encoder` from its ``pipeline_class`` and its own
+    ``encode_prompts(pipe, prompts, tag)`` and ``prompt_too_long(pipe, prompt)`` (as
+    :class:`PipelinePromptEncoder` takes them); mixed in before
+    :class:`~mfcore.adapters.family.FamilyBase`."""
+
+    pipeline_class: type
+
+    def prompt_encoder(self, path: str, dtype: torch.dtype) -> PipelinePromptEncoder:
+        encode, too_long = self.encode_prompts, self.prompt_too_long  # type: ignore[attr-defined]
+        return PipelinePromptEncoder(path, dtype, self.pipeline_class, encode, too_long)
 
 
 class PipelinePromptEncoder:
