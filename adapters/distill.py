@@ -1,4 +1,4 @@
-"""Distil a FLUX or HunyuanImage checkpoint into a few-step MeanFlow student: ``mfcore-distill``.
+"""Distil a FLUX, HunyuanImage or SD3 checkpoint into a few-step student: ``mfcore-distill``.
 
 The seed method, the same for every family: the student
 (:class:`~mfcore.adapters.student.MeanFlowStudent`, LoRA plus an interval embedding on the

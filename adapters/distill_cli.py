@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 DESCRIPTION = (
-    "Distil a FLUX or HunyuanImage checkpoint into a few-step MeanFlow (or ArcFlow) student, "
+    "Distil a FLUX, HunyuanImage or Stable Diffusion 3 checkpoint into a few-step MeanFlow (or "
+    "ArcFlow) student, "
     "and make images with it. train: distil; prepare: prompts (or captioned images) to a "
     "data folder; make-data: a random data folder; generate: images from a student; export: "
     "a --r-embedding native student as a stock diffusers transformer."

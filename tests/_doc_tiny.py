@@ -9,9 +9,7 @@ block's text claims. The block itself runs unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -226,21 +224,13 @@ def _flux_arcflow(ns: dict, tmp: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- adapters.md
 
 
-@tiny("family_template")
-def _family_template(ns: dict, tmp: Path) -> Iterator[None]:
-    import diffusers
-
+@tiny("sd3_family")
+def _sd3_family(ns: dict, tmp: Path) -> Iterator[None]:
     from mfcore.adapters.family import TrainingFamily
 
-    # the template's placeholders stand for a real diffusers model's classes
-    stand_ins = {
-        "MyTransformer": diffusers.FluxTransformer2DModel,
-        "MyAutoencoder": diffusers.AutoencoderKL,
-        "MyPipeline": diffusers.FluxPipeline,
-    }
-    with ExitStack() as stack:
-        for name, cls in stand_ins.items():
-            stack.enter_context(mock.patch.object(diffusers, name, cls, create=True))
-        yield
-    assert isinstance(ns["FAMILY"], TrainingFamily)  # every method and attribute is there
-    assert ns["MyStudent"].default_family is ns["FAMILY"]
+    yield
+    # the block defines the whole family: every method and attribute the entry point needs
+    assert isinstance(ns["FAMILY"], TrainingFamily)
+    assert ns["SD3Student"].default_family is ns["FAMILY"]
+    model = ns["FAMILY"].tiny_model(0, torch.float32, False)
+    assert ns["FAMILY"].check_model(model) is model

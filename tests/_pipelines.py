@@ -1,6 +1,7 @@
-"""Tiny diffusers checkpoints of the three families, built here with random text encoders,
+"""Tiny diffusers checkpoints of the families, built here with random text encoders,
 tokenizers and VAEs (no downloads): FLUX (CLIP, T5), HunyuanImage 2.1 (Qwen2.5-VL, ByT5),
-HunyuanImage 3.0 (token ids). Module-scoped fixtures for ``prepare`` and ``generate``."""
+HunyuanImage 3.0 (token ids), Stable Diffusion 3 (two CLIPs with projections, T5).
+Module-scoped fixtures for ``prepare`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     HunyuanImagePipeline,
+    StableDiffusion3Pipeline,
 )
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -112,6 +115,39 @@ def tiny_hy21_pipeline() -> HunyuanImagePipeline:
 def hy21_ckpt(tmp_path_factory):
     pipe = tiny_hy21_pipeline()
     path = tmp_path_factory.mktemp("hy21")
+    pipe.save_pretrained(path)
+    return path, pipe
+
+
+def tiny_sd3_pipeline() -> StableDiffusion3Pipeline:
+    """An SD3 pipeline of tiny random parts: two CLIPs of width 8 with 4-wide projections
+    (pooled 8), a T5 of width 16 (the joint width), a VAE of factor 2, shift 3."""
+    torch.manual_seed(0)
+
+    def clip() -> CLIPTextModelWithProjection:
+        config = CLIPTextConfig(vocab_size=128, hidden_size=8, intermediate_size=16,
+                                num_hidden_layers=1, num_attention_heads=2,
+                                max_position_embeddings=77, projection_dim=4, eos_token_id=2,
+                                bos_token_id=3)
+        return CLIPTextModelWithProjection(config).eval()  # fmt: skip
+
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8), latent_channels=4, norm_num_groups=1, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        shift_factor=0.0609, scaling_factor=1.5305,
+    )  # fmt: skip
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip(),
+        tokenizer=char_tokenizer(77), text_encoder_2=clip(), tokenizer_2=char_tokenizer(77),
+        text_encoder_3=t5(16), tokenizer_3=char_tokenizer(256),
+        transformer=get_family("sd3").tiny_model(0, torch.float32, False),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd3_ckpt(tmp_path_factory):
+    pipe = tiny_sd3_pipeline()
+    path = tmp_path_factory.mktemp("sd3")
     pipe.save_pretrained(path)
     return path, pipe
 

@@ -231,14 +231,14 @@ def test_named_errors_before_any_step(tmp_path, capsys, monkeypatch):
     err = usage_error(["train", "--tiny", "--family", "hunyuanimage2", "--data", str(wrong),
                         *out], capsys)  # fmt: skip
     assert "channels" in err
-    other = tmp_path / "sd3"
+    other = tmp_path / "sana"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    (other / "config.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))
     assert "none of the families" in usage_error(
         ["train", "--model", str(other), "--data", str(flux), *out], capsys
     )
     assert "family" in usage_error(
-        ["train", "--tiny", "--family", "sd3", "--data", str(flux), *out], capsys
+        ["train", "--tiny", "--family", "sana", "--data", str(flux), *out], capsys
     )
     assert "guidance" in usage_error(
         ["train", "--tiny", "--family", "hunyuanimage3", "--tiny-guidance",

@@ -221,10 +221,11 @@ def test_cli_bad_input(tmp_path, capsys, data):
     err = _cli_error(["train", "--tiny", "--data", str(tmp_path / "missing"), *out], capsys)
     assert "does not exist" in err
     assert "--model" in _cli_error(["train", "--data", str(data), *out], capsys)
-    other = tmp_path / "sd3" / "transformer"
+    other = tmp_path / "sana" / "transformer"
     other.mkdir(parents=True)
-    (other / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
-    err = _cli_error(["train", "--model", str(tmp_path / "sd3"), "--data", str(data), *out], capsys)
+    (other / "config.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))
+    argv = ["train", "--model", str(tmp_path / "sana"), "--data", str(data), *out]
+    err = _cli_error(argv, capsys)
     assert "not FLUX" in err
     assert "no " in _cli_error(
         ["train", "--model", str(tmp_path), "--data", str(data), *out], capsys

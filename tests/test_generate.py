@@ -38,9 +38,9 @@ def _tiny_run(tmp_path, family: str, *extra: str):
 
 @pytest.mark.parametrize(
     ("family", "extra"),
-    [("flux", ()), ("hunyuanimage2", ()), ("hunyuanimage3", ()),
+    [("flux", ()), ("hunyuanimage2", ()), ("hunyuanimage3", ()), ("sd3", ()),
      ("hunyuanimage2", ("--r-embedding", "native"))],
-    ids=["flux", "hunyuanimage2", "hunyuanimage3", "hunyuanimage2-native"],
+    ids=["flux", "hunyuanimage2", "hunyuanimage3", "sd3", "hunyuanimage2-native"],
 )  # fmt: skip
 def test_generate_from_a_tiny_run_equals_the_student_on_the_data(tmp_path, family, extra, capsys):
     """make-data, train --tiny, generate: PNGs per sample and step count, whose latents are

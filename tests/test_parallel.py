@@ -60,6 +60,7 @@ def test_each_block_is_an_fsdp_unit(family):
         "hunyuanimage2": {"transformer_blocks.0", "single_transformer_blocks.0",
                           "context_embedder.token_refiner.refiner_blocks.0"},
         "hunyuanimage3": {"model.layers.0", "model.layers.1"},
+        "sd3": {"transformer_blocks.0"},
     }  # fmt: skip
     assert names == blocks_of[family] and len(blocks) == len(names)
 
