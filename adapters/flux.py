@@ -36,10 +36,9 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_positive_int, check_tensor
 from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
-from mfcore.adapters.interval import IntervalEmbedding, diffusers_interval_embedding
-from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
+from mfcore.adapters.interval import IntervalEmbedding
 from mfcore.adapters.lora import load_lora, save_lora
-from mfcore.adapters.prepare import PipelinePromptEncoder
+from mfcore.adapters.prepare import PipelinePrompts
 from mfcore.adapters.routing import ATTENTION_MODES, attention_mode_for
 from mfcore.adapters.student import (
     INTERVAL_WEIGHT_NAME,
@@ -319,7 +318,7 @@ def _required(cond: Mapping[str, Any], *names: str) -> list[Any]:
 # --------------------------------------------------------------------------- the family
 
 
-class FluxFamily(FamilyBase):
+class FluxFamily(PipelinePrompts, FamilyBase):
     """FLUX.1's conventions for the adapter core (:class:`mfcore.adapters.family.Family`)."""
 
     name = "flux"
@@ -338,6 +337,8 @@ class FluxFamily(FamilyBase):
     student_format = _FORMAT
     summary_keys = tuple(sorted(TINY_FLUX_CONFIG))
     attention_class = FluxAttention
+    model_class, vae_class, pipeline_class = FluxTransformer2DModel, AutoencoderKL, FluxPipeline
+    time_embedding = "time_text_embed"
 
     def check_model(self, model: object) -> FluxTransformer2DModel:
         return check_flux_transformer(model)
@@ -373,10 +374,6 @@ class FluxFamily(FamilyBase):
 
     def lora_targets(self, model: nn.Module) -> tuple[str, ...]:
         return FLUX_LORA_TARGETS
-
-    def interval_embedding(self, model: FluxTransformer2DModel) -> tuple[nn.Module, list]:
-        embed = model.time_text_embed
-        return diffusers_interval_embedding(embed.time_proj, embed.timestep_embedder), [embed]
 
     def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
         save_lora(directory, model, loader_cls=FluxPipeline, adapter_name=adapter_name)
@@ -438,37 +435,25 @@ class FluxFamily(FamilyBase):
         torch.manual_seed(seed)
         return FluxTransformer2DModel(**dict(TINY_FLUX_CONFIG, guidance_embeds=guidance)).to(dtype)
 
-    def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
-        model = load_transformer(path, FluxTransformer2DModel, self.label, dtype)
-        return model, load_scheduler_config(path)
+    def encode_prompts(self, pipe: FluxPipeline, prompts: list[str], tag: str) -> dict[str, Tensor]:
+        """The pipeline's own prompt encoding: T5 embeddings and CLIP's pooled embedding."""
+        pe, pooled, _ = pipe.encode_prompt(
+            prompts, None, device=pipe.text_encoder.device, max_sequence_length=MAX_SEQUENCE_LENGTH
+        )
+        return {f"{tag}prompt_embeds": pe, f"{tag}pooled_prompt_embeds": pooled}
 
-    def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
-        return load_vae(path, AutoencoderKL, dtype)
-
-    def prompt_encoder(self, path: str, dtype: torch.dtype) -> PipelinePromptEncoder:
-        return PipelinePromptEncoder(path, dtype, FluxPipeline, _encode, _too_long)
+    def prompt_too_long(self, pipe: FluxPipeline, prompt: str) -> str | None:
+        """Why T5 would truncate ``prompt`` (the pipeline cuts silently), or None."""
+        n = len(pipe.tokenizer_2(prompt).input_ids)
+        if n > MAX_SEQUENCE_LENGTH:
+            return f"{n} T5 tokens, the encoder takes {MAX_SEQUENCE_LENGTH}"
+        return None
 
     vae_factor = 8
 
 
 #: T5 tokens FLUX.1-dev's pipeline encodes (``max_sequence_length``).
 MAX_SEQUENCE_LENGTH = 512
-
-
-def _encode(pipe: FluxPipeline, prompts: list[str], tag: str) -> dict[str, Tensor]:
-    """The pipeline's own prompt encoding: T5 embeddings and CLIP's pooled embedding."""
-    pe, pooled, _ = pipe.encode_prompt(
-        prompts, None, device=pipe.text_encoder.device, max_sequence_length=MAX_SEQUENCE_LENGTH
-    )
-    return {f"{tag}prompt_embeds": pe, f"{tag}pooled_prompt_embeds": pooled}
-
-
-def _too_long(pipe: FluxPipeline, prompt: str) -> str | None:
-    """Why T5 would truncate ``prompt`` (the pipeline cuts silently), or None."""
-    n = len(pipe.tokenizer_2(prompt).input_ids)
-    if n > MAX_SEQUENCE_LENGTH:
-        return f"{n} T5 tokens, the encoder takes {MAX_SEQUENCE_LENGTH}"
-    return None
 
 
 FAMILY = FluxFamily()

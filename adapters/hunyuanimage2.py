@@ -44,11 +44,9 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_real, check_tensor, check_time
 from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
-from mfcore.adapters.interval import diffusers_interval_embedding
-from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 from mfcore.adapters.lora import lora_disabled
 from mfcore.adapters.native_meanflow import NativeMeanFlowStudent
-from mfcore.adapters.prepare import PipelinePromptEncoder
+from mfcore.adapters.prepare import PipelinePrompts
 from mfcore.adapters.student import MeanFlowStudent, check_cond_keys
 
 __all__ = [
@@ -216,7 +214,7 @@ def _call(
     return out.to(z.dtype)
 
 
-class HunyuanImage2Family(FamilyBase):
+class HunyuanImage2Family(PipelinePrompts, FamilyBase):
     """HunyuanImage 2.1's conventions for the adapter core (see the module docstring).
 
     diffusers 0.42.1 has no HunyuanImage pipeline LoRA loader, so the LoRA is written in the
@@ -232,6 +230,8 @@ class HunyuanImage2Family(FamilyBase):
     student_config_name = "mfcore_hunyuanimage2_student.json"
     student_format = "mfcore.adapters.hunyuanimage2.HunyuanImage2Student"
     shift_key, default_shift, attention_class = "shift", DEFAULT_SHIFT, Attention
+    model_class, vae_class = HunyuanImageTransformer2DModel, AutoencoderKLHunyuanImage
+    pipeline_class, time_embedding = HunyuanImagePipeline, "time_guidance_embed"
     summary_keys = tuple(sorted({*TINY_HY21_CONFIG, "mlp_ratio"}))
 
     def check_model(self, model: object) -> HunyuanImageTransformer2DModel:
@@ -253,13 +253,6 @@ class HunyuanImage2Family(FamilyBase):
 
     def lora_targets(self, model: nn.Module) -> tuple[str, ...]:
         return lora_targets(model.config)
-
-    def interval_embedding(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
-        embed = model.time_guidance_embed
-        return diffusers_interval_embedding(embed.time_proj, embed.timestep_embedder), [embed]
-
-    def latent_channels(self, model: nn.Module) -> int:
-        return model.config.in_channels
 
     def native_student(self, transformer: nn.Module, **kwargs: Any) -> MeanFlowStudent:
         return HunyuanImage2NativeStudent(transformer, self, **kwargs)
@@ -311,42 +304,36 @@ class HunyuanImage2Family(FamilyBase):
         return HunyuanImageTransformer2DModel(**config).to(dtype)
 
     def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
-        model = load_transformer(path, HunyuanImageTransformer2DModel, self.label, dtype)
+        model, scheduler = super().load_model(path, dtype)
         if model.config.use_meanflow:
             raise ValueError(
                 f"{path} is a use_meanflow (distilled) HunyuanImage 2.1 checkpoint, a MeanFlow "
                 "model already: distil from the base checkpoint (compare with this one "
                 "through HunyuanMeanFlow)"
             )
-        return model, load_scheduler_config(path)
+        return model, scheduler
 
-    def load_vae(self, path: str, dtype: torch.dtype) -> nn.Module | None:
-        return load_vae(path, AutoencoderKLHunyuanImage, dtype)
+    def encode_prompts(
+        self, pipe: HunyuanImagePipeline, prompts: list[str], tag: str
+    ) -> dict[str, Tensor]:
+        """The pipeline's own prompt encoding (Qwen2.5-VL template and ByT5 glyph text)."""
+        pe, mask, pe2, mask2 = pipe.encode_prompt(
+            prompts, device=pipe.text_encoder.device, batch_size=len(prompts)
+        )
+        return {
+            f"{tag}prompt_embeds": pe,
+            f"{tag}prompt_attention_mask": mask,
+            f"{tag}prompt_embeds_2": pe2,
+            f"{tag}prompt_attention_mask_2": mask2,
+        }
 
-    def prompt_encoder(self, path: str, dtype: torch.dtype) -> PipelinePromptEncoder:
-        return PipelinePromptEncoder(path, dtype, HunyuanImagePipeline, _encode, _too_long)
-
-
-def _encode(pipe: HunyuanImagePipeline, prompts: list[str], tag: str) -> dict[str, Tensor]:
-    """The pipeline's own prompt encoding (Qwen2.5-VL template and ByT5 glyph text)."""
-    pe, mask, pe2, mask2 = pipe.encode_prompt(
-        prompts, device=pipe.text_encoder.device, batch_size=len(prompts)
-    )
-    return {
-        f"{tag}prompt_embeds": pe,
-        f"{tag}prompt_attention_mask": mask,
-        f"{tag}prompt_embeds_2": pe2,
-        f"{tag}prompt_attention_mask_2": mask2,
-    }
-
-
-def _too_long(pipe: HunyuanImagePipeline, prompt: str) -> str | None:
-    """Why Qwen2.5-VL would truncate ``prompt`` (the pipeline cuts silently), or None."""
-    ids = pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids
-    n = len(ids) - pipe.prompt_template_encode_start_idx
-    if n > pipe.tokenizer_max_length:
-        return f"{n} Qwen2.5-VL tokens, the encoder takes {pipe.tokenizer_max_length}"
-    return None
+    def prompt_too_long(self, pipe: HunyuanImagePipeline, prompt: str) -> str | None:
+        """Why Qwen2.5-VL would truncate ``prompt`` (the pipeline cuts silently), or None."""
+        ids = pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids
+        n = len(ids) - pipe.prompt_template_encode_start_idx
+        if n > pipe.tokenizer_max_length:
+            return f"{n} Qwen2.5-VL tokens, the encoder takes {pipe.tokenizer_max_length}"
+        return None
 
 
 FAMILY = HunyuanImage2Family()
