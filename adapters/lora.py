@@ -308,7 +308,8 @@ def merged_state_dict(model: nn.Module, *, adapter_name: str = "mfcore") -> dict
     """``model``'s weights under its own (pre-LoRA) names, with one adapter merged in.
 
     Each layer of adapter ``adapter_name`` gets ``W + s B A`` (peft's ``get_delta_weight``,
-    ``s = alpha / rank``), summed in fp32 and stored in ``W``'s dtype; every other adapter is
+    ``s = alpha / rank``), summed in fp32 at least (fp64 stays fp64) and stored in ``W``'s
+    dtype; every other adapter is
     left out. ``model`` itself is not changed, so a teacher that shares its base weights is
     untouched (peft's ``merge_and_unload`` rewrites them in place).
 
@@ -327,8 +328,9 @@ def merged_state_dict(model: nn.Module, *, adapter_name: str = "mfcore") -> dict
         for name, layer in model.named_modules():
             if isinstance(layer, BaseTunerLayer) and adapter_name in layer.lora_A:
                 w = layer.get_base_layer().weight
-                delta = layer.get_delta_weight(adapter_name).float()
-                state[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+                work = torch.promote_types(w.dtype, torch.float32)  # fp64 stays fp64
+                delta = layer.get_delta_weight(adapter_name).to(work)
+                state[f"{name}.weight"] = (w.to(work) + delta).to(w.dtype)
     return state
 
 

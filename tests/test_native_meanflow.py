@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import HunyuanImagePipeline, HunyuanImageTransformer2DModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from mfcore.adapters.distill_cli import main
@@ -131,6 +133,36 @@ def test_merged_state_dict_is_the_lora_model():
     assert_close_to(got, expected, FP32, "merged")
     with pytest.raises(ValueError, match="no LoRA adapter named 'c'"):
         merged_state_dict(tr, adapter_name="c")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rank=st.integers(1, 4),
+    alpha=st.floats(0.25, 16.0),
+    seed=st.integers(0, 2**16),
+    other=st.booleans(),
+)
+def test_merging_is_the_lora_forward(rank, alpha, seed, other):
+    """For any rank, alpha and weights, W + (alpha / rank) B A under the base name computes
+    what the layer with its adapter computes (fp64), and another adapter is left out."""
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.SiLU(), torch.nn.Linear(5, 3))
+    model = model.double()
+    add_lora(model, LoraSpec(rank=rank, alpha=alpha, target_modules=("0", "2")), adapter_name="a")
+    if other:
+        add_lora(model, LoraSpec(rank=2, target_modules=("0",)), adapter_name="b")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    with torch.no_grad(), lora_active(model, "a"):
+        expected = model(x)
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.SiLU(), torch.nn.Linear(5, 3))
+    plain = plain.double()
+    plain.load_state_dict(merged_state_dict(model, adapter_name="a"))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), expected, rtol=1e-12, atol=1e-12)  # fp64
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
