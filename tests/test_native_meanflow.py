@@ -68,6 +68,22 @@ def test_the_native_student_starts_at_the_teacher_at_r_equal_t_only():
     assert all("timestep_embedder_r" in n or ".lora_" in n for n in trained)
 
 
+_NATIVE = HunyuanImage2NativeStudent(FAMILY.tiny_model(0, torch.float64, False),
+                                     lora=LoraSpec(rank=2))  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None)
+@given(t=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2), seed=st.integers(0, 2**16))
+def test_at_init_the_native_student_is_the_teacher_at_r_equal_t_for_any_t(t, seed):
+    """``(e(t) + e_r(t)) / 2 = e(t)`` exactly when ``e_r`` is a copy of ``e`` (a sum of a
+    float with itself is exact, and so is halving it): bit for bit, at any ``t``."""
+    z, _, cond = _inputs()
+    z = z + torch.randn(z.shape, generator=torch.Generator().manual_seed(seed), dtype=z.dtype)
+    times = torch.tensor(t, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(_NATIVE(z, times, times, **cond), _NATIVE.teacher()(z, times, **cond))
+
+
 def test_a_half_precision_base_keeps_e_r_in_fp32():
     """On a bf16 base e_r is trained in fp32 (as the LoRA) and runs inside the bf16 model."""
     student = HunyuanImage2NativeStudent(FAMILY.tiny_model(0, torch.bfloat16, False),
