@@ -15,7 +15,7 @@ student here is a base checkpoint put in that form:
   starts at the teacher called with the mean embedding ``(e(t) + e(r)) / 2``, not at
   ``v(z, t)`` as the interval student (:mod:`mfcore.adapters.interval`) does: no ``e_r(r)``
   equals ``e(t)`` for every ``t``.
-- :meth:`HunyuanImage2NativeStudent.save_stock` writes a stock transformer folder (LoRA
+- :meth:`NativeMeanFlowStudent.save_stock` writes a stock transformer folder (LoRA
   merged, diffusers' names, ``use_meanflow: true``) that
   ``HunyuanImagePipeline.from_pretrained(base, transformer=...)`` runs at few steps.
 
