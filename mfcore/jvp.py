@@ -42,9 +42,11 @@ to :func:`mfcore.attention.attention` during the JVP.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -68,6 +70,9 @@ from mfcore.tangent_rules import use_tangent_rules
 __all__ = [
     "JVP_BACKENDS",
     "JVP_METHODS",
+    "FlowPoint",
+    "JvpOptions",
+    "along_flow",
     "total_derivative",
     "fd_step_size",
     "torch_tangent_rules",
@@ -175,63 +180,74 @@ def total_derivative(
     if fd_step is not None:
         check_real("fd_step", fd_step, minimum=0.0, strict=True)
     cond = check_cond(cond)
-    return along_flow(
-        backend, u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents
-    )
+    options = JvpOptions(keep_graph, fd_step, route_sdpa, detach_tangents)
+    return along_flow(backend, u_fn, FlowPoint(z, r, t, v, cond), options)
+
+
+@dataclass(frozen=True)
+class FlowPoint:
+    """Where ``du/dt`` is taken: the state ``z (B, ...)`` at times ``t (B,)``, the end times
+    ``r (B,)``, the flow's velocity ``v = dz/dt (B, ...)`` and the conditioning."""
+
+    z: Tensor
+    r: Tensor
+    t: Tensor
+    v: Tensor
+    cond: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JvpOptions:
+    """How :func:`total_derivative` takes ``du/dt`` besides its backend (its arguments of
+    the same names)."""
+
+    keep_graph: bool = False
+    fd_step: float | None = None
+    route_sdpa: bool = False
+    detach_tangents: bool = True
 
 
 def along_flow(
-    backend: _Backend,
-    u_fn: Callable[..., Tensor],
-    z: Tensor,
-    r: Tensor,
-    t: Tensor,
-    v: Tensor,
-    cond: dict[str, Any],
-    keep_graph: bool,
-    fd_step: float | None,
-    route_sdpa: bool,
-    detach_tangents: bool,
+    backend: _Backend, u_fn: Callable[..., Tensor], point: FlowPoint, options: JvpOptions
 ) -> tuple[Tensor, Tensor]:
     """:func:`total_derivative` with a backend of :data:`JVP_BACKENDS`. Internal: the
     arguments are trusted (validate at the public entry); the model's output is checked."""
-    v = v.to(z.dtype)
-    u, dudt = backend(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents)
+    z = point.z
+    point = dataclasses.replace(point, v=point.v.to(z.dtype))
+    u, dudt = backend(u_fn, point, options)
     check_student_output(u)
     if u.shape != z.shape:
         raise ValueError(f"u_fn returned shape {tuple(u.shape)}, expected z's {tuple(z.shape)}")
     return u, dudt.detach().to(u.dtype)
 
 
-def _func(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents):
+def _func(u_fn, point: FlowPoint, options: JvpOptions):
     """The ``"func"`` backend: forward-mode AD with the explicit tangent rules, the
     tangents' history cut when asked."""
-    del fd_step
-    cut = detach_tangents and keep_graph and torch.is_grad_enabled()
-    with _routing(route_sdpa), _rules():
+    keep_graph = options.keep_graph
+    cut = options.detach_tangents and keep_graph and torch.is_grad_enabled()
+    with _routing(options.route_sdpa), _rules():
         if cut and isinstance(u_fn, nn.Module) and _plain_forward_ad():
             try:
-                return _jvp_dual_cut(u_fn, z, r, t, v, cond)
+                return _jvp_dual_cut(u_fn, point)
             except NotImplementedError as err:  # e.g. a compiled region: no dual rule
                 logger.warning(
                     "detach_tangents: forward_ad failed (%s); using torch.func.jvp with "
                     "the tangents' history kept",
                     str(err).splitlines()[0][:120],
                 )
-        return _jvp_func(u_fn, z, r, t, v, cond, keep_graph)
+        return _jvp_func(u_fn, point, keep_graph)
 
 
-def _autograd(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents):
+def _autograd(u_fn, point: FlowPoint, options: JvpOptions):
     """The ``"autograd"`` backend: the double-backward trick."""
-    del fd_step, detach_tangents
-    with _routing(route_sdpa):
-        return _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph)
+    with _routing(options.route_sdpa):
+        return _jvp_autograd(u_fn, point, options.keep_graph)
 
 
-def _fd(u_fn, z, r, t, v, cond, keep_graph, fd_step, route_sdpa, detach_tangents):
+def _fd(u_fn, point: FlowPoint, options: JvpOptions):
     """The ``"fd"`` backend: a central finite difference (no AD, no attention routing)."""
-    del route_sdpa, detach_tangents
-    return _jvp_fd(u_fn, z, r, t, v, cond, keep_graph, fd_step)
+    return _jvp_fd(u_fn, point, options.keep_graph, options.fd_step)
 
 
 def _routing(route_sdpa: bool) -> contextlib.AbstractContextManager:
@@ -290,9 +306,10 @@ def _plain_forward_ad() -> bool:
     return no_transform and fwAD._current_level < 0
 
 
-def _jvp_dual_cut(u_fn, z, r, t, v, cond):
+def _jvp_dual_cut(u_fn, point: FlowPoint):
     """The keep-graph forward with :mod:`torch.autograd.forward_ad`, every submodule's output
     tangent detached from its history (functorch's wrappers would hide the tangents)."""
+    z, r, t, v, cond = point.z, point.r, point.t, point.v, point.cond
     with fwAD.dual_level(), _tangent_history_cut(u_fn):
         out = u_fn(fwAD.make_dual(z, v), r, fwAD.make_dual(t, torch.ones_like(t)), **cond)
         if not isinstance(out, Tensor):
@@ -332,7 +349,9 @@ def _tangent_history_cut(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-def _jvp_func(u_fn, z, r, t, v, cond, keep_graph):
+def _jvp_func(u_fn, point: FlowPoint, keep_graph: bool):
+    z, r, t, v, cond = point.z, point.r, point.t, point.v, point.cond
+
     def along(z_, t_):
         return u_fn(z_, r, t_, **cond)
 
@@ -341,7 +360,8 @@ def _jvp_func(u_fn, z, r, t, v, cond, keep_graph):
     return (u if keep_graph else u.detach()), dudt
 
 
-def _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph):
+def _jvp_autograd(u_fn, point: FlowPoint, keep_graph: bool):
+    z, r, t, v, cond = point.z, point.r, point.t, point.v, point.cond
     # J (v, 1) = d/dw <J^T w, (v, 1)>: the vector-Jacobian product is linear in w, so its
     # gradient with respect to w is the Jacobian-vector product.
     with torch.enable_grad():
@@ -363,7 +383,8 @@ def _jvp_autograd(u_fn, z, r, t, v, cond, keep_graph):
     return (u if keep_graph else u.detach()), dudt
 
 
-def _jvp_fd(u_fn, z, r, t, v, cond, keep_graph, fd_step):
+def _jvp_fd(u_fn, point: FlowPoint, keep_graph: bool, fd_step: float | None):
+    z, r, t, v, cond = point.z, point.r, point.t, point.v, point.cond
     # Central difference along (v, 0, 1), with the stencil kept inside r <= t' <= 1, so the
     # student only ever sees valid intervals: a sample within h of either end uses an
     # asymmetric two-point difference (first order there). Where the stencil has no room

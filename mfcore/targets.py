@@ -48,7 +48,14 @@ from mfcore._checks import (
     lookup,
 )
 from mfcore.fields import TargetOutput
-from mfcore.jvp import JVP_BACKENDS, along_flow, restore_rng, rng_state
+from mfcore.jvp import (
+    JVP_BACKENDS,
+    FlowPoint,
+    JvpOptions,
+    along_flow,
+    restore_rng,
+    rng_state,
+)
 from mfcore.solvers import SOLVERS, cond_rows, solve_span, span_rows
 
 __all__ = [
@@ -383,7 +390,8 @@ class DifferentialTarget:
     ) -> TargetOutput:
         cond = cond or {}
         rng = None if self.single_forward else rng_state(z_t.device)
-        u, dudt = self._jvp(student, z_t, r, t, v, cond, keep_graph=self.single_forward)
+        point = FlowPoint(z_t, r, t, v, cond)
+        u, dudt = self._jvp(student, point, keep_graph=self.single_forward)
         pred = u if self.single_forward else _same_draws_forward(student, z_t, r, t, cond, rng)
         metrics = {"dudt_rms": dudt.detach().float().pow(2).mean().sqrt()}
         return TargetOutput(pred, self._target(z_t, r, t, v, dudt), metrics)
@@ -391,12 +399,12 @@ class DifferentialTarget:
     def compute(self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None) -> Tensor:
         """The detached target alone, from one JVP that keeps no graph (e.g. to compare it
         with a discrete target on the same batch)."""
-        _, dudt = self._jvp(student, z_t, r, t, v, cond or {}, keep_graph=False)
+        _, dudt = self._jvp(student, FlowPoint(z_t, r, t, v, cond or {}), keep_graph=False)
         return self._target(z_t, r, t, v, dudt)
 
-    def _jvp(self, student, z_t, r, t, v, cond, *, keep_graph: bool) -> tuple[Tensor, Tensor]:
-        fd, route, cut = self.fd_step, self.route_sdpa, self.detach_tangents
-        return along_flow(self._backend, student, z_t, r, t, v, cond, keep_graph, fd, route, cut)
+    def _jvp(self, student, point: FlowPoint, *, keep_graph: bool) -> tuple[Tensor, Tensor]:
+        options = JvpOptions(keep_graph, self.fd_step, self.route_sdpa, self.detach_tangents)
+        return along_flow(self._backend, student, point, options)
 
     def _target(self, z_t, r, t, v, dudt) -> Tensor:
         """``v - (t - r) du/dt`` with the optional tangent normalisation and clamp."""
