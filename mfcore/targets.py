@@ -164,7 +164,8 @@ def teacher_ode_target(
             v = check_like("the output of the teacher", teacher(z_t, t, **cond), z_t)
     else:
         check_like("v", v, z_t, "z_t")
-    return _ode_secant(teacher, z_t, r, t, steps, step, v, cond, z_t.dtype, span_rows(r, t))[0]
+    point = FlowPoint(z_t, r, t, v, cond)
+    return _ode_secant(teacher, point, span_rows(r, t), steps=steps, step=step)[0]
 
 
 def _gap(r: Tensor, t: Tensor, work: torch.dtype) -> Tensor:
@@ -174,24 +175,26 @@ def _gap(r: Tensor, t: Tensor, work: torch.dtype) -> Tensor:
 
 
 def _ode_secant(
-    teacher, z_t, r, t, steps, step, v, cond, dtype, rows, *, v_is_teacher=True
+    teacher, point: FlowPoint, rows: Tensor, *, steps, step, dtype=None, v_is_teacher=True
 ) -> tuple[Tensor, int]:
     """:func:`teacher_ode_target` on trusted arguments, integrating only the samples ``rows``.
 
     Args:
-        step: a step function of :data:`~mfcore.solvers.SOLVERS`.
-        v: ``(B, ...)``, the velocity at ``(z_t, t)``: the answer where ``r = t``; with
-            ``v_is_teacher`` also the first stage of the solves. ``None``: the teacher is
-            evaluated at ``rows`` only, and every other row of the answer is 0 (for a caller
-            that overwrites them).
-        dtype: the teacher's input dtype (``z_t`` may be held at a higher precision); the
-            answer is in its compute dtype.
+        point: ``z_t``, ``r``, ``t``, the conditioning and ``v`` ``(B, ...)``, the velocity at
+            ``(z_t, t)``: the answer where ``r = t``; with ``v_is_teacher`` also the first
+            stage of the solves. ``v`` None: the teacher is evaluated at ``rows`` only, and
+            every other row of the answer is 0 (for a caller that overwrites them).
         rows: ``(K,)`` indices of the samples to integrate (:func:`~mfcore.solvers.span_rows`;
             possibly none); every other sample must have ``r = t``.
+        steps, step: the solve: steps and a step function of :data:`~mfcore.solvers.SOLVERS`.
+        dtype: the teacher's input dtype (``z_t`` may be held at a higher precision; default
+            ``z_t``'s); the answer is in its compute dtype.
 
     Returns:
         ``(u, the teacher evaluations made)``.
     """
+    z_t, r, t, v, cond = point.z, point.r, point.t, point.v, point.cond
+    dtype = z_t.dtype if dtype is None else dtype
     work = compute_dtype(dtype)
     n = rows.numel()
     with torch.no_grad():
@@ -279,7 +282,8 @@ def split_target(
     step = lookup("method", method, SOLVERS)
     _need_teacher(pieces, teacher, f"teacher_pieces={teacher_pieces!r}")
     cond = check_cond(cond)
-    return _split(student, teacher, z_t, r, t, s, v, pieces, teacher_steps, step, cond)[0]
+    point = FlowPoint(z_t, r, t, v, cond)
+    return _split(student, teacher, point, s, pieces, steps=teacher_steps, step=step)[0]
 
 
 def _need_teacher(pieces: tuple[bool, bool], teacher: object, who: str) -> None:
@@ -288,12 +292,13 @@ def _need_teacher(pieces: tuple[bool, bool], teacher: object, who: str) -> None:
 
 
 def _split(
-    student, teacher, z_t, r, t, s, v, pieces, steps, step, cond, v_is_teacher=True, one=False
+    student, teacher, point: FlowPoint, s, pieces, *, steps, step, v_is_teacher=True, one=False
 ):
-    """:func:`split_target` on trusted arguments (``pieces`` from ``_PIECES``, ``step`` a
-    step function): ``(u, the teacher evaluations made)``. The teacher integrates its pieces
-    at the samples with ``r < t`` only (one host read, shared by both pieces; at least one
-    sample with ``one``); the others' target is ``v``."""
+    """:func:`split_target` on trusted arguments at ``point`` split at ``s`` (``pieces`` from
+    ``_PIECES``, ``step`` a step function): ``(u, the teacher evaluations made)``. The
+    teacher integrates its pieces at the samples with ``r < t`` only (one host read, shared
+    by both pieces; at least one sample with ``one``); the others' target is ``v``."""
+    z_t, r, t, v, cond = point.z, point.r, point.t, point.v, point.cond
     dtype, work = z_t.dtype, compute_dtype(z_t.dtype)
     rows = span_rows(r, t, at_least_one=one) if pieces[0] else None
     evals = 0
@@ -302,9 +307,8 @@ def _split(
         nonlocal evals
         if not use_teacher:
             return student(z.to(dtype), lo, hi, **cond).to(work)
-        u, n = _ode_secant(
-            teacher, z, lo, hi, steps, step, v_hi, cond, dtype, rows, v_is_teacher=v_is_teacher
-        )
+        u, n = _ode_secant(teacher, FlowPoint(z, lo, hi, v_hi, cond), rows, steps=steps,
+                           step=step, dtype=dtype, v_is_teacher=v_is_teacher)  # fmt: skip
         evals += n
         return u
 
@@ -441,12 +445,12 @@ class _DiscreteTarget(ABC):
     phase = "discrete"
 
     @abstractmethod
-    def _compute(self, student, z_t, r, t, v, teacher, cond, generator) -> tuple[Tensor, int]:
-        """The detached target ``(B, ...)`` and the teacher evaluations it made."""
+    def _compute(self, student, point: FlowPoint, teacher, generator) -> tuple[Tensor, int]:
+        """The detached target ``(B, ...)`` at ``point`` and the teacher evaluations it made."""
 
     def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
         """The detached target ``(B, ...)`` (no student prediction)."""
-        return self._compute(student, z_t, r, t, v, teacher, cond or {}, generator)[0]
+        return self._compute(student, FlowPoint(z_t, r, t, v, cond or {}), teacher, generator)[0]
 
     def __call__(
         self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
@@ -455,7 +459,7 @@ class _DiscreteTarget(ABC):
         teacher's evaluations per sample for this target, counting the loss's ``v`` at
         ``(z_t, t)`` as one when there is a teacher (a host number: no sync)."""
         cond = cond or {}
-        target, evals = self._compute(student, z_t, r, t, v, teacher, cond, generator)
+        target, evals = self._compute(student, FlowPoint(z_t, r, t, v, cond), teacher, generator)
         pred = check_like("the student's output", student(z_t, r, t, **cond), z_t)
         per_sample = (teacher is not None) + evals / z_t.shape[0]
         metrics = {"teacher_evals_per_sample": torch.full((), float(per_sample), device=z_t.device)}
@@ -518,13 +522,12 @@ class TeacherODETarget(_DiscreteTarget):
         self.method = method
         self.reuse_v, self.always_call = bool(reuse_v), bool(always_call)
 
-    def _compute(self, student, z_t, r, t, v, teacher, cond, generator) -> tuple[Tensor, int]:
+    def _compute(self, student, point: FlowPoint, teacher, generator) -> tuple[Tensor, int]:
         if teacher is None:
             raise ValueError("TeacherODETarget needs a teacher (pass teacher=...)")
-        steps, step = self.steps, self._step
-        rows = span_rows(r, t, at_least_one=self.always_call)
+        rows = span_rows(point.r, point.t, at_least_one=self.always_call)
         return _ode_secant(
-            teacher, z_t, r, t, steps, step, v, cond, z_t.dtype, rows, v_is_teacher=self.reuse_v
+            teacher, point, rows, steps=self.steps, step=self._step, v_is_teacher=self.reuse_v
         )
 
 
@@ -562,9 +565,10 @@ class SplitTarget(_DiscreteTarget):
         lam = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
         return torch.minimum(r + lam * (t - r), t)
 
-    def _compute(self, student, z_t, r, t, v, teacher, cond, generator) -> tuple[Tensor, int]:
+    def _compute(self, student, point: FlowPoint, teacher, generator) -> tuple[Tensor, int]:
         _need_teacher(self._pieces, teacher, f"{type(self).__name__}({self.teacher_pieces!r})")
-        s = self.split_point(r, t, generator)
-        pieces, steps, step, reuse = self._pieces, self.teacher_steps, self._step, self.reuse_v
-        one = self.always_call
-        return _split(student, teacher, z_t, r, t, s, v, pieces, steps, step, cond, reuse, one)
+        s = self.split_point(point.r, point.t, generator)
+        return _split(
+            student, teacher, point, s, self._pieces, steps=self.teacher_steps, step=self._step,
+            v_is_teacher=self.reuse_v, one=self.always_call,
+        )  # fmt: skip
