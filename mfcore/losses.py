@@ -134,7 +134,7 @@ def _prepare(x, noise, generator):
     return noise
 
 
-def _draw(sampler, x: Tensor, generator, trusted: bool, check, what: str):
+def _draw(sampler, x: Tensor, generator, *, trusted: bool, check, what: str):
     """A sampler's draw for the batch ``x``; unless ``trusted`` (one of :mod:`mfcore.time`'s
     samplers, valid by construction), ``check(draw, x)`` at once (one sync), naming the
     sampler, before any model runs, rather than deep in a target."""
@@ -168,7 +168,8 @@ def _reduce(
     return per_sample.mean()
 
 
-def _velocity(teacher, z_t, t, x, noise, cond):
+def _path_velocity(teacher, z_t: Tensor, t: Tensor, cond: dict, *, x: Tensor, noise: Tensor):
+    """The velocity at ``(z_t, t)``: the teacher's, or the path's own ``eps - x`` without one."""
     if teacher is None:
         return noise - x
     with torch.no_grad():
@@ -286,15 +287,19 @@ class MeanFlowLoss:
             check_positive_int("step", step, minimum=0)
         cond = dict(cond or {})
         if r is None and t is None:
-            draw = (self.time_sampler, x, generator, self._trusted, _pair, "time_sampler")
-            r, t = _draw(*draw)
+            r, t = _draw(
+                self.time_sampler, x, generator, trusted=self._trusted, check=_pair,
+                what="time_sampler",
+            )  # fmt: skip
         elif r is None or t is None:
             raise ValueError("pass r and t together (fixed times), or neither (sampled times)")
         else:
             r, t = check_interval(r, t, x)
         drop = self._drop(cond_drop, x, generator)
         z_t = _path(x, noise, t)
-        v0, v, student_cond, extra = self._guided(student, teacher, z_t, t, x, noise, cond, drop)
+        v0, v, student_cond, extra = self._guided(
+            student, teacher, z_t, t, cond, drop, path=(x, noise)
+        )
         out = self.target(
             student,
             z_t,
@@ -352,18 +357,20 @@ class MeanFlowLoss:
             )
         return cond_drop
 
-    def _guided(self, student, teacher, z_t, t, x, noise, cond, drop):
+    def _guided(self, student, teacher, z_t, t, cond, drop, *, path):
         """``(v, guided v, the student's cond, metrics)``: ``v`` guided where the guidance
-        says, the dropped rows of ``cond`` (and of the teacher's) set to the null condition."""
+        says, the dropped rows of ``cond`` (and of the teacher's) set to the null condition;
+        ``path`` is ``(x, noise)`` (the velocity without a teacher)."""
+        x, noise = path
         if self.guidance is None:
-            v = _velocity(teacher, z_t, t, x, noise, cond)
+            v = _path_velocity(teacher, z_t, t, cond, x=x, noise=noise)
             return v, v, cond, {}
         if not isinstance(self.guidance, MeanFlowGuidance):
-            v = _velocity(teacher, z_t, t, x, noise, cond)
+            v = _path_velocity(teacher, z_t, t, cond, x=x, noise=noise)
             with torch.no_grad():
                 return v, self.guidance(v, student, z_t, t, cond), cond, {}
         student_cond = self.guidance.condition(cond, drop)
-        v = _velocity(teacher, z_t, t, x, noise, student_cond)
+        v = _path_velocity(teacher, z_t, t, student_cond, x=x, noise=noise)
         guided = self.guidance(v, student, z_t, t, cond, drop=drop)
         dropped = drop.float().mean() if drop is not None else torch.zeros((), device=t.device)
         metrics = {"frac_guided": self.guidance.guided(t, drop).float().mean()}
@@ -421,11 +428,12 @@ class FlowMatchingLoss:
         noise = _prepare(x, noise, generator)
         cond = dict(cond or {})
         if t is None:
-            t = _draw(self.time_sampler, x, generator, self._trusted, _times, "the time sampler")
+            t = _draw(self.time_sampler, x, generator, trusted=self._trusted, check=_times,
+                      what="the time sampler")  # fmt: skip
         else:
             check_time("t", t, x)
         z_t = _path(x, noise, t)
-        target = _velocity(teacher, z_t, t, x, noise, cond)
+        target = _path_velocity(teacher, z_t, t, cond, x=x, noise=noise)
         pred = model(z_t, t, **cond)
         check_like("model output", pred, z_t, "z_t")
         sq_err = _sq_error(pred, target)

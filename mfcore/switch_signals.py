@@ -72,7 +72,7 @@ def gap_bin_names(edges: tuple[float, ...] = DEFAULT_GAP_EDGES) -> tuple[str, ..
 
 
 def agreement_sums(
-    pred: Tensor, u_disc: Tensor, u_diff: Tensor, r: Tensor, t: Tensor, edges: Tensor
+    pred: Tensor, u_disc: Tensor, u_diff: Tensor, r: Tensor, t: Tensor, *, edges: Tensor
 ) -> Tensor:
     """Per-bin sums ``(5, n_bins)`` over the pairs with ``r < t``, no sync: the count,
     ``||u_diff - u_disc||^2``, ``||u_disc||^2``, ``||u - u_disc||^2`` and ``||u_diff - u||^2``
@@ -172,7 +172,7 @@ def target_agreement(
     r, t = check_interval(r, t, pred)
     names = gap_bin_names(edges)
     grid = torch.tensor(check_gap_edges(edges), dtype=torch.float64, device=pred.device)
-    sums = agreement_sums(pred.detach(), u_disc, u_diff, r, t, grid)
+    sums = agreement_sums(pred.detach(), u_disc, u_diff, r, t, edges=grid)
     return AgreementSignals.from_sums(sums.tolist(), names)
 
 

@@ -188,6 +188,7 @@ def _draw_shifted(
     base: Callable[..., Tensor],
     scale: float,
     batch_size: int,
+    *,
     device: DeviceLike,
     dtype: torch.dtype,
     generator: torch.Generator | None,
@@ -225,7 +226,9 @@ class ShiftedTime:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
-        return _draw_shifted(self.base, self.shift, batch_size, device, dtype, generator)
+        return _draw_shifted(
+            self.base, self.shift, batch_size, device=device, dtype=dtype, generator=generator
+        )
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,10 @@ class ResolutionShiftedTime:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
-        return _draw_shifted(self.base, math.exp(self.mu), batch_size, device, dtype, generator)
+        scale = math.exp(self.mu)
+        return _draw_shifted(
+            self.base, scale, batch_size, device=device, dtype=dtype, generator=generator
+        )
 
 
 def _default_t_sampler() -> LogitNormalTime:

@@ -48,6 +48,7 @@ from mfcore._checks import (
     expand_time,
 )
 from mfcore.fields import DiscreteTarget, TargetOutput
+from mfcore.jvp import FlowPoint
 from mfcore.rollback import SwitchRollback
 from mfcore.switch_signals import (
     AGREEMENT_ROWS,
@@ -275,19 +276,20 @@ class WarmupTarget:
     ) -> TargetOutput:
         self.step = self.step + 1 if step is None else check_positive_int("step", step, minimum=0)
         kwargs = dict(teacher=teacher, cond=cond, generator=generator)
+        point = FlowPoint(z_t, r, t, v, cond or {})
         events: dict[str, float] = {}
         if self.switched_at is None and not self._locked() and self._may_switch():
-            self._switch(student, z_t, r, t, v, kwargs)
+            self._switch(student, point, teacher)
             events["warmup_switched"] = 1.0
         phase = self.phase
         if phase == "discrete":
             out = self.discrete_target(student, z_t, r, t, v, step=self.step, **kwargs)
-            extra = self._watch_discrete(out, student, z_t, r, t, v, cond)
+            extra = self._watch_discrete(out, student, point)
         else:
             out = self.differential_target(student, z_t, r, t, v, **kwargs)
             alpha = self.blend_weight()
             if alpha < 1.0:
-                out = self._hand_over(out, alpha, student, z_t, r, t, v, kwargs)
+                out = self._hand_over(out, alpha, student, point, kwargs)
             extra = self._watch_guard(student)
             if self.switched_at is None:
                 events["warmup_reverted"] = 1.0
@@ -301,8 +303,9 @@ class WarmupTarget:
             metrics[k] = torch.full((), float(val), device=device)  # (a fill: no host wait)
         return TargetOutput(out.pred, out.target, metrics)
 
-    def _hand_over(self, out, alpha, student, z_t, r, t, v, kwargs) -> TargetOutput:
+    def _hand_over(self, out, alpha, student, point: FlowPoint, kwargs) -> TargetOutput:
         """The target during the hand-over, at differential weight ``alpha`` in ``[0, 1)``."""
+        z_t, r, t, v = point.z, point.r, point.t, point.v
         work = out.target.dtype
         if self.handover == "blend":
             disc = self.discrete_target.compute(student, z_t, r, t, v, **kwargs)
@@ -326,7 +329,7 @@ class WarmupTarget:
         ready = scheduled or fitted or (self.switch_step is None and self.threshold is None)
         return ready and self.gate_streak >= self.gate.patience
 
-    def _switch(self, student, z_t, r, t, v, kwargs) -> None:
+    def _switch(self, student, point: FlowPoint, teacher) -> None:
         self.switched_at = self.step
         self.events.append((self.step, "switch"))
         self._guard_streak = 0
@@ -334,10 +337,10 @@ class WarmupTarget:
             return
         keep = self.guard.batch
         cut = slice(None) if keep is None else slice(0, keep)
-        z, rr, tt, vv = z_t[cut].detach(), r[cut], t[cut], v[cut]
-        cond = _detached(dict(kwargs.get("cond") or {}), keep)
+        z, rr, tt, vv = point.z[cut].detach(), point.r[cut], point.t[cut], point.v[cut]
+        cond = _detached(point.cond, keep)
         target = self.discrete_target.compute(
-            student, z, rr, tt, vv, teacher=kwargs["teacher"], cond=cond, generator=None
+            student, z, rr, tt, vv, teacher=teacher, cond=cond, generator=None
         )
         self._held = {"z": z, "r": rr, "t": tt, "cond": cond, "target": target.detach()}
         err, ref = self._held_error(student)
@@ -372,7 +375,7 @@ class WarmupTarget:
             self.gate_streak = 0
         return out
 
-    def _watch_discrete(self, out, student, z_t, r, t, v, cond) -> dict[str, float]:
+    def _watch_discrete(self, out, student, point: FlowPoint) -> dict[str, float]:
         """Fit error every step (on device); threshold, signals and gate every ``every``
         steps, from one reduced tensor read to the host once."""
         pred, target = out.pred.detach(), out.target
@@ -386,9 +389,10 @@ class WarmupTarget:
         stats = [torch.stack([self._fit.to(work), torch.ones((), dtype=work, device=e.device)])]
         watch = not self._locked()
         if watch:
-            u_diff = self.differential_target.compute(student, z_t, r, t, v, cond=cond)
-            edges = self._edges.to(pred.device)
-            stats.append(agreement_sums(pred, target, u_diff, r, t, edges).flatten().to(work))
+            z_t, r, t, v = point.z, point.r, point.t, point.v
+            u_diff = self.differential_target.compute(student, z_t, r, t, v, cond=point.cond)
+            sums = agreement_sums(pred, target, u_diff, r, t, edges=self._edges.to(pred.device))
+            stats.append(sums.flatten().to(work))
         host = self._sum(torch.cat(stats)).tolist()
         fit_sum, ranks = host[:2]
         extra: dict[str, float] = {}

@@ -249,9 +249,9 @@ def test_signals_are_scale_free_and_pool_as_sums(seed, scale, n):
     # pooled = the sums of the halves
     h = n // 2
     edges = torch.tensor(DEFAULT_GAP_EDGES, dtype=F64)
-    whole = agreement_sums(pred, u_disc, u_diff, r, t, edges)
-    parts = agreement_sums(pred[:h], u_disc[:h], u_diff[:h], r[:h], t[:h], edges)
-    parts = parts + agreement_sums(pred[h:], u_disc[h:], u_diff[h:], r[h:], t[h:], edges)
+    whole = agreement_sums(pred, u_disc, u_diff, r, t, edges=edges)
+    parts = agreement_sums(pred[:h], u_disc[:h], u_diff[:h], r[:h], t[:h], edges=edges)
+    parts = parts + agreement_sums(pred[h:], u_disc[h:], u_diff[h:], r[h:], t[h:], edges=edges)
     torch.testing.assert_close(whole, parts, rtol=1e-12, atol=1e-12)
     sig = AgreementSignals.from_sums(whole.tolist(), gap_bin_names())
     assert sig.delta == pytest.approx(a.delta, rel=1e-12)
