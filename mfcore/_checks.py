@@ -482,17 +482,3 @@ def check_grid_steps(steps: object, grid: Tensor) -> None:
             f"steps={steps} does not match the grid's {grid.shape[0] - 1} steps; "
             "pass steps=None with a grid"
         )
-
-
-def expand_time(t: Tensor, z: Tensor) -> Tensor:
-    """Reshape a ``(B,)`` time to ``(B, 1, ..., 1)`` to broadcast over ``z`` ``(B, ...)``."""
-    if t.ndim != 1 or t.shape[0] != z.shape[0]:
-        raise ValueError(
-            f"time of shape {tuple(t.shape)} does not match the batch of z {tuple(z.shape)}"
-        )
-    return t.reshape(t.shape[0], *([1] * (z.ndim - 1)))
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype targets and time coefficients are computed in: fp32 at least, fp64 stays fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

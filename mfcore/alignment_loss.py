@@ -18,10 +18,10 @@ from mfcore._checks import (
     check_positive_int,
     check_tensor,
     check_weighting,
-    compute_dtype,
 )
 from mfcore.draws import Draws
 from mfcore.fields import Critic, SampleCritic, TrainedCritic, Weighting
+from mfcore.path import compute_dtype
 from mfcore.solvers import meanflow_path
 from mfcore.time import uniform_grid
 

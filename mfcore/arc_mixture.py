@@ -25,9 +25,8 @@ from mfcore._checks import (
     check_tensor,
     check_time,
     check_values_finite,
-    compute_dtype,
-    expand_time,
 )
+from mfcore.path import compute_dtype, expand_time
 
 __all__ = [
     "MAX_RATE",

@@ -48,8 +48,6 @@ from mfcore._checks import (
     check_tensor,
     check_weighting,
     check_weights,
-    compute_dtype,
-    expand_time,
 )
 from mfcore.arc_mixture import (
     MAX_RATE,
@@ -63,6 +61,7 @@ from mfcore.arc_mixture import (
     split_arc_output,
 )
 from mfcore.fields import VelocityField, Weighting
+from mfcore.path import compute_dtype, expand_time
 from mfcore.time import uniform_grid
 
 __all__ = [

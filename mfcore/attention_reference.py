@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from mfcore._checks import compute_dtype
+from mfcore.path import compute_dtype
 
 __all__ = ["reference_forward", "reference_tangent", "reference_backward"]
 

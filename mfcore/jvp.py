@@ -61,16 +61,15 @@ from mfcore._checks import (
     check_real,
     check_student_output,
     check_tensor,
-    compute_dtype,
     lookup,
 )
 from mfcore.attention import use_jvp_attention
+from mfcore.path import FlowPoint, compute_dtype
 from mfcore.tangent_rules import use_tangent_rules
 
 __all__ = [
     "JVP_BACKENDS",
     "JVP_METHODS",
-    "FlowPoint",
     "JvpOptions",
     "along_flow",
     "total_derivative",
@@ -182,18 +181,6 @@ def total_derivative(
     cond = check_cond(cond)
     options = JvpOptions(keep_graph, fd_step, route_sdpa, detach_tangents)
     return along_flow(backend, u_fn, FlowPoint(z, r, t, v, cond), options)
-
-
-@dataclass(frozen=True)
-class FlowPoint:
-    """Where ``du/dt`` is taken: the state ``z (B, ...)`` at times ``t (B,)``, the end times
-    ``r (B,)``, the flow's velocity ``v = dz/dt (B, ...)`` and the conditioning."""
-
-    z: Tensor
-    r: Tensor
-    t: Tensor
-    v: Tensor
-    cond: dict[str, Any]
 
 
 @dataclass(frozen=True)

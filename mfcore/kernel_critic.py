@@ -22,16 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mfcore._checks import (
-    check_bandwidths,
-    check_tensor,
-    check_weights,
-    compute_dtype,
-    expand_time,
-    lookup,
-)
+from mfcore._checks import check_bandwidths, check_tensor, check_weights, lookup
 from mfcore.draws import Draws, draw_normal
 from mfcore.fields import Weighting
+from mfcore.path import compute_dtype, expand_time
 from mfcore.solvers import sample_teacher
 
 __all__ = ["KERNELS", "kernel_discrepancy", "KernelCritic"]

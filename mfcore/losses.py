@@ -30,12 +30,11 @@ from mfcore._checks import (
     check_time,
     check_weighting,
     check_weights,
-    compute_dtype,
-    expand_time,
     non_finite_loss,
 )
 from mfcore.fields import Target, Weighting
 from mfcore.guidance import MeanFlowGuidance
+from mfcore.path import compute_dtype, sample_path
 from mfcore.targets import DifferentialTarget
 from mfcore.time import LogitNormalTime, TimePairSampler, valid_by_construction
 
@@ -79,30 +78,6 @@ class AdaptiveWeight:
 
     def __repr__(self) -> str:
         return f"AdaptiveWeight(p={self.p}, c={self.c})"
-
-
-def sample_path(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """The rectified-flow path ``z_t = (1 - t) x + t eps`` (t = 0 data, t = 1 noise).
-
-    Args:
-        x: clean samples ``(B, ...)``, floating.
-        noise: Gaussian noise ``(B, ...)``, the shape and device of ``x``.
-        t: times ``(B,)`` in ``[0, 1]``.
-
-    Returns:
-        ``z_t`` of shape ``(B, ...)`` in the dtype of ``x``.
-    """
-    check_tensor("x", x, ndim_min=1)
-    check_like("noise", noise, x, "x")
-    check_time("t", t, x)
-    return _path(x, noise, t)
-
-
-def _path(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """:func:`sample_path` on trusted arguments."""
-    work = compute_dtype(x.dtype)
-    tt = expand_time(t.to(work), x)
-    return ((1 - tt) * x.to(work) + tt * noise.to(work)).to(x.dtype)
 
 
 def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
@@ -296,7 +271,7 @@ class MeanFlowLoss:
         else:
             r, t = check_interval(r, t, x)
         drop = self._drop(cond_drop, x, generator)
-        z_t = _path(x, noise, t)
+        z_t = sample_path(x, noise, t, validate=False)
         v0, v, student_cond, extra = self._guided(
             student, teacher, z_t, t, cond, drop, path=(x, noise)
         )
@@ -432,7 +407,7 @@ class FlowMatchingLoss:
                       what="the time sampler")  # fmt: skip
         else:
             check_time("t", t, x)
-        z_t = _path(x, noise, t)
+        z_t = sample_path(x, noise, t, validate=False)
         target = _path_velocity(teacher, z_t, t, cond, x=x, noise=noise)
         pred = model(z_t, t, **cond)
         check_like("model output", pred, z_t, "z_t")

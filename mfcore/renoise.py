@@ -23,15 +23,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mfcore._checks import (
-    check_interval,
-    check_like,
-    check_tensor,
-    check_time,
-    compute_dtype,
-    expand_time,
-)
+from mfcore._checks import check_interval, check_like, check_tensor, check_time
 from mfcore.draws import Draws, draw_uniform
+from mfcore.path import compute_dtype, expand_time
 
 __all__ = [
     "MIN_FRACTION",

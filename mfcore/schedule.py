@@ -24,14 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-from mfcore._checks import (
-    check_device,
-    check_dtype,
-    check_positive_int,
-    check_real,
-    check_unit,
-    compute_dtype,
-)
+from mfcore._checks import check_device, check_dtype, check_positive_int, check_real, check_unit
+from mfcore.path import compute_dtype
 
 __all__ = [
     "shift_of_mu",

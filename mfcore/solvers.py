@@ -39,10 +39,9 @@ from mfcore._checks import (
     check_real,
     check_tensor,
     check_time,
-    compute_dtype,
-    expand_time,
     lookup,
 )
+from mfcore.path import compute_dtype, expand_time
 from mfcore.time import shift_time, shifted_grid, uniform_grid
 
 __all__ = ["SOLVERS", "ODE_METHODS", "solver_order", "odeint", "sample_teacher", "sample_meanflow"]

@@ -24,14 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mfcore._checks import (
-    check_interval,
-    check_like,
-    check_positive_int,
-    check_real,
-    check_tensor,
-    compute_dtype,
-)
+from mfcore._checks import check_interval, check_like, check_positive_int, check_real, check_tensor
+from mfcore.path import compute_dtype
 
 __all__ = [
     "DEFAULT_GAP_EDGES",

@@ -50,7 +50,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
-from mfcore._checks import compute_dtype
+from mfcore.path import compute_dtype
 
 __all__ = ["use_tangent_rules"]
 

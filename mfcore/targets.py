@@ -43,19 +43,11 @@ from mfcore._checks import (
     check_positive_int,
     check_real,
     check_tensor,
-    compute_dtype,
-    expand_time,
     lookup,
 )
 from mfcore.fields import TargetOutput
-from mfcore.jvp import (
-    JVP_BACKENDS,
-    FlowPoint,
-    JvpOptions,
-    along_flow,
-    restore_rng,
-    rng_state,
-)
+from mfcore.jvp import JVP_BACKENDS, JvpOptions, along_flow, restore_rng, rng_state
+from mfcore.path import FlowPoint, compute_dtype, expand_time
 from mfcore.solvers import SOLVERS, cond_rows, solve_span, span_rows
 
 __all__ = [

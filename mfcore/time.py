@@ -48,8 +48,8 @@ from mfcore._checks import (
     check_positive_int,
     check_real,
     check_tensor,
-    compute_dtype,
 )
+from mfcore.path import compute_dtype
 from mfcore.schedule import (
     exponential_shift,
     resolution_shift_mu,

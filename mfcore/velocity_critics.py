@@ -33,17 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import (
-    check_like,
-    check_positive_int,
-    check_real,
-    check_weights,
-    compute_dtype,
-    expand_time,
-    lookup,
-)
+from mfcore._checks import check_like, check_positive_int, check_real, check_weights, lookup
 from mfcore.draws import Draws, draw_normal
 from mfcore.fields import Weighting
+from mfcore.path import compute_dtype, expand_time
 from mfcore.renoise import (
     draw_renoise_time,
     renoise,

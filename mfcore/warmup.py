@@ -40,15 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mfcore._checks import (
-    check_choice,
-    check_fraction,
-    check_positive_int,
-    check_real,
-    expand_time,
-)
+from mfcore._checks import check_choice, check_fraction, check_positive_int, check_real
 from mfcore.fields import DiscreteTarget, TargetOutput
-from mfcore.jvp import FlowPoint
+from mfcore.path import FlowPoint, expand_time
 from mfcore.rollback import SwitchRollback
 from mfcore.switch_signals import (
     AGREEMENT_ROWS,

@@ -125,10 +125,17 @@ def tiny_sd3_pipeline() -> StableDiffusion3Pipeline:
     torch.manual_seed(0)
 
     def clip() -> CLIPTextModelWithProjection:
-        config = CLIPTextConfig(vocab_size=128, hidden_size=8, intermediate_size=16,
-                                num_hidden_layers=1, num_attention_heads=2,
-                                max_position_embeddings=77, projection_dim=4, eos_token_id=2,
-                                bos_token_id=3)
+        config = CLIPTextConfig(
+            vocab_size=128,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=4,
+            eos_token_id=2,
+            bos_token_id=3,
+        )
         return CLIPTextModelWithProjection(config).eval()  # fmt: skip
 
     vae = AutoencoderKL(

@@ -34,13 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mfcore._checks import (
-    check_choice,
-    check_positive_int,
-    check_tensor,
-    check_time,
-    compute_dtype,
-)
+from mfcore._checks import check_choice, check_positive_int, check_tensor, check_time
+from mfcore.path import compute_dtype
 
 __all__ = ["GaussianMixture", "presets", "preset"]
 
