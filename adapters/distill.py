@@ -93,7 +93,13 @@ from mfcore.adapters.run_checkpoints import (
     resume_point,
     save_checkpoint,
 )
-from mfcore.adapters.step import AlignmentHook, Run, critic_loss, student_loss, train_step
+from mfcore.adapters.step import (
+    AlignmentHook,
+    Run,
+    micro_batch_critic_loss,
+    micro_batch_loss,
+    train_step,
+)
 from mfcore.adapters.student import MeanFlowStudent
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
 from mfcore.solvers import sample_teacher
@@ -292,7 +298,7 @@ def build_run(
         rollback = SwitchRollback(optimizer, also=(ema,) if ema is not None else (), device=keep)
     critic = None
     if isinstance(alignment, Alignment):
-        critic = wrap(critic_loss, list(alignment.fake.parameters()), world)
+        critic = wrap(micro_batch_critic_loss, list(alignment.fake.parameters()), world)
     return Run(
         cfg=cfg,
         family=family,
@@ -308,7 +314,7 @@ def build_run(
         vae=vae,
         world=world,
         split=split,
-        objective=wrap(student_loss, student.trainable_parameters(), world),
+        objective=wrap(micro_batch_loss, student.trainable_parameters(), world),
         critic_objective=critic,
         ema=ema,
         rollback=rollback,

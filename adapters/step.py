@@ -45,7 +45,7 @@ from mfcore.draws import BatchRows
 from mfcore.losses import MeanFlowLoss
 from mfcore.warmup import SwitchRollback, WarmupTarget
 
-__all__ = ["AlignmentHook", "Run", "train_step", "student_loss", "critic_loss"]
+__all__ = ["AlignmentHook", "Run", "train_step", "micro_batch_loss", "micro_batch_critic_loss"]
 
 
 @runtime_checkable
@@ -133,7 +133,7 @@ def _weighted(loss: Tensor, weight: float) -> Tensor:
     return loss if weight == 1.0 else loss * weight
 
 
-def student_loss(
+def micro_batch_loss(
     run: Run,
     loss_fn: MeanFlowLoss,
     x: Tensor,
@@ -168,7 +168,7 @@ def student_loss(
     return loss, metrics
 
 
-def critic_loss(run: Run, noise: Tensor, cond: dict, rows: BatchRows) -> Tensor:
+def micro_batch_critic_loss(run: Run, noise: Tensor, cond: dict, rows: BatchRows) -> Tensor:
     """One micro-batch's loss of one critic update (the fake's flow matching)."""
     return run.alignment.critic_loss(run.student, noise, cond, rows)
 
