@@ -17,7 +17,7 @@ import torch
 
 from mfcore.adapters.distill_config import DTYPES
 from mfcore.adapters.native_meanflow import NativeMeanFlowStudent
-from mfcore.adapters.pipeline import MeanFlowPipeline, student_dtype
+from mfcore.adapters.pipeline import MeanFlowPipeline, add_student_arguments, student_dtype
 
 __all__ = ["add_export_parser", "run_export"]
 
@@ -29,23 +29,8 @@ def add_export_parser(sub: Any, formatter: type) -> None:
         help="write a --r-embedding native student as a stock diffusers transformer folder",
         formatter_class=formatter,
     )
-    ex.add_argument(
-        "--student",
-        required=True,
-        help="a run's student/ folder, the run folder, or one of its checkpoints",
-    )
-    ex.add_argument(
-        "--model",
-        default=None,
-        help="the base checkpoint folder; unset: the run's own (its --model or tiny model)",
-    )
+    add_student_arguments(ex, "dtype of the written weights")
     ex.add_argument("--output", required=True, help="folder for the transformer")
-    ex.add_argument(
-        "--dtype",
-        choices=tuple(DTYPES),
-        default=None,
-        help="dtype of the written weights; unset: the run's --weights-dtype, else bf16",
-    )
 
 
 def run_export(args: dict[str, Any]) -> str:

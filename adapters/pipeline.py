@@ -61,6 +61,7 @@ __all__ = [
     "add_generate_parser",
     "run_generate",
     "student_dtype",
+    "add_student_arguments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -400,6 +401,27 @@ class _LazyEncoder:
 # --------------------------------------------------------------------------- command line
 
 
+def add_student_arguments(parser: Any, dtype_help: str) -> None:
+    """``--student``, ``--model`` and ``--dtype``: which trained student, on which base, in
+    which dtype (``generate`` and ``export`` take them alike)."""
+    parser.add_argument(
+        "--student",
+        required=True,
+        help="a run's student/ folder, the run folder, or one of its checkpoints",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the base checkpoint folder; unset: the run's own (its --model or tiny model)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help=f"{dtype_help}; unset: the run's --weights-dtype, else bf16",
+    )
+
+
 def add_generate_parser(sub: Any, formatter: type) -> None:
     """Add the ``generate`` subcommand to ``mfcore-distill``'s parser."""
     ge = sub.add_parser(
@@ -407,16 +429,7 @@ def add_generate_parser(sub: Any, formatter: type) -> None:
         help="images from a trained student, from prompts or a data folder's conditions",
         formatter_class=formatter,
     )
-    ge.add_argument(
-        "--student",
-        required=True,
-        help="a run's student/ folder, the run folder, or one of its checkpoints",
-    )
-    ge.add_argument(
-        "--model",
-        default=None,
-        help="the base checkpoint folder; unset: the run's own (its --model or tiny model)",
-    )
+    add_student_arguments(ge, "dtype of the base weights")
     ge.add_argument("--family", default="auto", choices=("auto", *FAMILIES), help="model family")
     source = ge.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
@@ -443,12 +456,6 @@ def add_generate_parser(sub: Any, formatter: type) -> None:
     ge.add_argument("--output", required=True, help="folder for the PNGs and settings.json")
     ge.add_argument(
         "--device", default="auto", help="torch device; auto: CUDA when there is one, else CPU"
-    )
-    ge.add_argument(
-        "--dtype",
-        choices=tuple(DTYPES),
-        default=None,
-        help="dtype of the base weights; unset: the run's --weights-dtype, else bf16",
     )
 
 
