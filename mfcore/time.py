@@ -51,6 +51,7 @@ from mfcore._checks import (
 )
 from mfcore.path import compute_dtype
 from mfcore.schedule import (
+    DeviceLike,
     exponential_shift,
     resolution_shift_mu,
     shift_of_mu,
@@ -75,8 +76,6 @@ __all__ = [
     "uniform_grid",
     "shifted_grid",
 ]
-
-DeviceLike = str | torch.device | None
 
 
 @runtime_checkable

@@ -9,16 +9,9 @@ the discrete target can still have a ``du/dt`` that is far off (the discrete tar
 supervises values, never derivatives), and then the switch undoes the fit (docs/toys.md).
 
 Two signals compare the targets on the same batch, at the cost of one extra JVP every
-``every`` steps, pooled over the pairs with ``r < t`` and per gap bin ``t - r``:
-
-- ``delta = ||u_diff - u_disc|| / ||u_disc||``: how far apart the two targets are. For the
-  exact average velocity ``u_diff = u`` and ``delta`` is the discrete target's own error;
-- ``rho = ||u_diff - u_disc|| / ||u - u_disc||``: 1 for the exact field (``u_diff = u``);
-  above 1 the differential target points further from the discrete one than the student's
-  prediction does, so training on it would move the student away from what it fits.
-
-Norms are pooled as sums of squares (``delta^2 = sum ||u_diff - u_disc||^2 /
-sum ||u_disc||^2``), so the sums of several ranks or evaluations simply add.
+``every`` steps: ``delta``, how far apart the two targets are, and ``rho``, how far the
+differential target points from the discrete one against the student's own fit error
+(:mod:`mfcore.switch_signals` defines both, pooled and per gap bin ``t - r``).
 
 :class:`SwitchGate` switches only once both signals hold, pooled and in every gap bin, for
 ``patience`` evaluations in a row. :class:`SwitchGuard` watches the student after the
