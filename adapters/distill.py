@@ -77,6 +77,7 @@ from mfcore.adapters.parallel import (
     World,
     choose_mode,
     full_trained_weights,
+    holds_module,
     join,
     mixed_precision,
     release_gathered,
@@ -278,7 +279,7 @@ def build_run(
         rule=cfg.teacher_guidance,
         apg_norm_threshold=cfg.apg_norm_threshold,
     )
-    if world.distributed and not student.interval_in_transformer:
+    if world.distributed and not holds_module(transformer, student.interval):
         transformer.add_module(INTERVAL_MODULE, student.interval)
     if world.mode == "fsdp":
         shard(student, mixed_precision(dtype))

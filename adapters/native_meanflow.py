@@ -104,7 +104,6 @@ class NativeMeanFlowStudent(MeanFlowStudent):
 
     r_embedding = "native"
     interval_file = "timestep_embedder_r.safetensors"
-    interval_in_transformer = True
 
     def _r_input(self, transformer: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
         e_r = enable_native_meanflow(transformer)

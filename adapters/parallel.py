@@ -61,6 +61,7 @@ __all__ = [
     "choose_mode",
     "transformer_blocks",
     "mixed_precision",
+    "holds_module",
     "shard",
     "release_gathered",
     "Objective",
@@ -276,6 +277,12 @@ def mixed_precision(weights_dtype: torch.dtype) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
+def holds_module(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module`` is ``model`` or one of its submodules (the student's ``r``
+    embedding must be, for DDP and FSDP2 to see its parameters)."""
+    return any(m is module for m in model.modules())
+
+
 def shard(student: MeanFlowStudent, policy: MixedPrecisionPolicy) -> None:
     """FSDP2 over the student's transformer: one unit per block, the transformer the root.
 
@@ -288,7 +295,7 @@ def shard(student: MeanFlowStudent, policy: MixedPrecisionPolicy) -> None:
     cannot differ between ranks; the base must already agree (same checkpoint or seed).
     """
     tr = student.transformer
-    if not any(m is student.interval for m in tr.modules()):
+    if not holds_module(tr, student.interval):
         raise ValueError(f"the interval embedding must be the transformer's {INTERVAL_MODULE}")
     trained = {}
     if dist.get_rank() == 0:

@@ -226,9 +226,6 @@ class MeanFlowStudent(SharedWeightsStudent):
     #: weights in a saved student.
     r_embedding = "interval"
     interval_file = INTERVAL_WEIGHT_NAME
-    #: Whether :attr:`interval` is a module of the transformer already (else a multi-process
-    #: run adds it, so DDP and FSDP2 see its parameters).
-    interval_in_transformer = False
 
     def __init__(
         self,
