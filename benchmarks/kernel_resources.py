@@ -76,9 +76,10 @@ def _forward_inputs(kernel: str, qkv: tuple, lse: torch.Tensor, keep) -> tuple[t
     q, k, v = qkv
     tangent = kernel != "primal"
     tangents = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    outputs = (torch.empty_like(q), torch.empty_like(q) if tangent else None, lse)
     return flash_jvp._kernel_inputs(
-        q, k, v, tangents if tangent else (None, None, None), torch.empty_like(q),
-        torch.empty_like(q) if tangent else None, lse, keep, 0.1, primal=kernel != "tangent",
+        qkv, tangents if tangent else (None, None, None), outputs, key_mask=keep, scale=0.1,
+        primal=kernel != "tangent",
     )  # fmt: skip
 
 

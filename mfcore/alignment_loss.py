@@ -131,7 +131,9 @@ class AlignmentLoss:
 
     def _trajectory(self, student, noise: Tensor, cond: dict, grad: bool) -> Tensor:
         with torch.enable_grad() if grad else torch.no_grad():
-            _, traj = meanflow_path(student, noise, self._grid_for(noise), cond, None, True)
+            _, traj = meanflow_path(
+                student, noise, self._grid_for(noise), cond, return_trajectory=True
+            )
         return traj
 
     def trajectory(

@@ -30,7 +30,7 @@ rates smoothly at ``max_rate`` (default 10).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -151,12 +151,12 @@ def sample_arcflow(
         z, states = noise, [noise]
         for i in range(times.shape[0] - 1):
             params = _call_student(student, z, _batch_time(times[i], z), cond)
-            z = _substeps(params, z, times[i], times[i + 1], n_sub, states)
+            z = _substeps(params, z, times[i], times[i + 1], n=n_sub, states=states)
     return (z, torch.stack(states)) if return_trajectory else z
 
 
 def _substeps(
-    params: ArcParams, z: Tensor, s_start: Tensor, s_end: Tensor, n: int, states: list
+    params: ArcParams, z: Tensor, s_start: Tensor, s_end: Tensor, *, n: int, states: list
 ) -> Tensor:
     """Closed-form sub-steps from ``s_start`` to ``s_end``, appending each state."""
     fractions = torch.linspace(0.0, 1.0, n + 1, device=z.device, dtype=torch.float64)
@@ -173,6 +173,14 @@ def _substeps(
 # ---------------------------------------------------------------------------------------------
 # Trajectory distillation
 # ---------------------------------------------------------------------------------------------
+
+
+class _TeacherCalls(NamedTuple):
+    """What one distillation call passes to every teacher evaluation of its rollout."""
+
+    teacher: VelocityField
+    cond: dict
+    generator: torch.Generator | None
 
 
 class TeacherMixSchedule:
@@ -320,12 +328,13 @@ class ArcFlowDistillationLoss:
         self.num_calls = step + 1
         p_mix = self.mix_schedule(step)
         times = _resolve_grid(self.steps, self.grid, noise)
-        per_sample, stats = self._rollout(student, teacher, noise, times, p_mix, cond, generator)
+        calls = _TeacherCalls(teacher, cond, generator)
+        per_sample, stats = self._rollout(student, noise, times, p_mix, calls)
         suspects = [("noise", noise), ("the student's weights", student)]
         return self._reduce(per_sample, stats, p_mix, times, lambda: suspects)
 
     def _rollout(
-        self, student, teacher, noise, times, p_mix, cond, generator
+        self, student, noise, times, p_mix, calls: _TeacherCalls
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-sample error ``(B,)`` summed over steps and points, plus rollout statistics."""
         z = noise.detach()
@@ -334,11 +343,11 @@ class ArcFlowDistillationLoss:
         n_steps = times.shape[0] - 1
         for i in range(n_steps):
             s0, s1 = _batch_time(times[i], z), _batch_time(times[i + 1], z)
-            params = _call_student(student, z, s0, cond)
-            err = err + self._match(params, z, s1, teacher, cond, generator)
+            params = _call_student(student, z, s0, calls.cond)
+            err = err + self._match(params, z, s1, calls)
             rate_sum = rate_sum + params.rates.detach().float().mean().to(err.dtype)
             with torch.no_grad():
-                z, n_mixed = self._advance(params, z, s1, teacher, p_mix, cond, generator)
+                z, n_mixed = self._advance(params, z, s1, p_mix, calls)
             mixed = mixed + n_mixed
         stats = {
             "rate_mean": rate_sum / n_steps,
@@ -346,39 +355,40 @@ class ArcFlowDistillationLoss:
         }
         return err / (n_steps * self.points_per_step), stats
 
-    def _match(self, params, z, s1, teacher, cond, generator) -> Tensor:
+    def _match(self, params, z, s1, calls: _TeacherCalls) -> Tensor:
         """Sum over sampled times of the per-sample velocity error ``(B,)``."""
         detached = params.detach()
         total = 0
         for _ in range(self.points_per_step):
-            u = torch.rand(z.shape[0], generator=generator, device=z.device, dtype=s1.dtype)
+            u = torch.rand(z.shape[0], generator=calls.generator, device=z.device, dtype=s1.dtype)
             s = s1 + u * (params.s0 - s1)
             with torch.no_grad():
                 z_s = arc_step(detached, z, params.s0, s, validate=False)
-                target = teacher(z_s, s, **cond)
+                target = calls.teacher(z_s, s, **calls.cond)
             check_finite("teacher velocity", target)
             total = total + arc_velocity_error(params, s, target, validate=False)
         return total
 
-    def _advance(self, params, z, s1, teacher, p_mix, cond, generator) -> tuple[Tensor, Tensor]:
+    def _advance(self, params, z, s1, p_mix, calls: _TeacherCalls) -> tuple[Tensor, Tensor]:
         """The next state: the student's closed-form step, or teacher Euler steps (prob p_mix)."""
         z_next = arc_step(params.detach(), z, params.s0, s1, validate=False)
         if p_mix <= 0:
             return z_next, z_next.new_zeros((), dtype=torch.float32)
-        draw = torch.rand(z.shape[0], generator=generator, device=z.device) < p_mix
+        draw = torch.rand(z.shape[0], generator=calls.generator, device=z.device) < p_mix
         if not bool(draw.any()):
             return z_next, z_next.new_zeros((), dtype=torch.float32)
-        z_teacher = self._teacher_euler(teacher, z, params.s0, s1, cond)
+        z_teacher = self._teacher_euler(calls, z, params.s0, s1)
         z_next = torch.where(expand_time(draw, z), z_teacher, z_next)
         return z_next, draw.float().sum()
 
-    def _teacher_euler(self, teacher, z, s0, s1, cond) -> Tensor:
+    def _teacher_euler(self, calls: _TeacherCalls, z, s0, s1) -> Tensor:
         n = self.teacher_substeps
         h = (s1 - s0) / n
         work = z.to(h.dtype)  # the Euler state stays in the time's (compute) dtype
         for j in range(n):
             s = s0 + j * h
-            work = work + expand_time(h, z) * teacher(work.to(z.dtype), s, **cond).to(h.dtype)
+            v = calls.teacher(work.to(z.dtype), s, **calls.cond)
+            work = work + expand_time(h, z) * v.to(h.dtype)
         return work.to(z.dtype)
 
     def _reduce(

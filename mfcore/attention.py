@@ -38,6 +38,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,12 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch.autograd import forward_ad as fwAD
 
 from mfcore._checks import check_choice, check_positive_int, check_tensor
-from mfcore.attention_reference import reference_backward, reference_forward, reference_tangent
+from mfcore.attention_reference import (
+    ScoreSpec,
+    reference_backward,
+    reference_forward,
+    reference_tangent,
+)
 from mfcore.tangent_rules import check_once_differentiable, save_values
 
 __all__ = ["ATTENTION_BACKENDS", "attention", "triton_available", "use_jvp_attention"]
@@ -185,13 +191,12 @@ def _select_path(backend: str, q: Tensor, v: Tensor, kind: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _path_forward(path: str, q, k, v, tangents, kind, mask, scale, chunk_size):
+def _path_forward(path: str, qkv, tangents, spec: ScoreSpec):
     if path == "triton":
         from mfcore.kernels import flash_jvp
 
-        kpm = mask if kind == "keys" else None
-        return flash_jvp.attention_forward(q, k, v, tangents, key_mask=kpm, scale=scale)
-    return reference_forward(q, k, v, tangents, kind, mask, scale, chunk_size)
+        return flash_jvp.attention_forward(*qkv, tangents, key_mask=spec.key_mask, scale=spec.scale)
+    return reference_forward(*qkv, tangents, spec)
 
 
 def _raw(x: Tensor | None) -> Tensor | None:
@@ -208,20 +213,19 @@ def _raw(x: Tensor | None) -> Tensor | None:
     return x
 
 
-def _path_tangent(path: str, q, k, v, o, lse, tq, tk, tv, kind, mask, scale, chunk_size):
+def _path_tangent(path: str, saved, tangents, spec: ScoreSpec):
     if path == "triton":
         from mfcore.kernels import flash_jvp
 
-        q, k, v, o, lse, tq, tk, tv = (_raw(x) for x in (q, k, v, o, lse, tq, tk, tv))
-        kpm = mask if kind == "keys" else None
+        saved, tangents = tuple(map(_raw, saved)), tuple(map(_raw, tangents))
         with temporarily_clear_interpreter_stack():  # plain tensors for the kernel's buffers
             return flash_jvp.attention_tangent(
-                q, k, v, o, lse, (tq, tk, tv), key_mask=kpm, scale=scale
+                *saved, tangents, key_mask=spec.key_mask, scale=spec.scale
             )
-    return reference_tangent(q, k, v, o, lse, tq, tk, tv, kind, mask, scale, chunk_size)
+    return reference_tangent(saved, tangents, spec)
 
 
-def _path_backward(path: str, q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size):
+def _path_backward(path: str, saved, grad_o, spec: ScoreSpec):
     """Gradients of ``<grad_o, O>`` (no graph): the Triton kernel on the Triton path.
 
     Only reached with grad mode off. functorch transforms (``torch.func.grad``, ``vjp``)
@@ -230,79 +234,79 @@ def _path_backward(path: str, q, k, v, o, lse, grad_o, kind, mask, scale, chunk_
     which functorch traces) keeps what the wrapper carries instead of peeling it off.
     """
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if path == "triton" and not any(wrapped(x) for x in (q, k, v, o, lse, grad_o)):
+    if path == "triton" and not any(wrapped(x) for x in (*saved, grad_o)):
         from mfcore.kernels import flash_bwd
 
-        kpm = mask if kind == "keys" else None
-        return flash_bwd.attention_backward(q, k, v, o, lse, grad_o, key_mask=kpm, scale=scale)
-    return reference_backward(q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)
+        return flash_bwd.attention_backward(
+            *saved, grad_o, key_mask=spec.key_mask, scale=spec.scale
+        )
+    return reference_backward(saved, grad_o, spec)
 
 
 class _AttentionFunction(torch.autograd.Function):
     """``O = softmax(scale Q K^T + M) V`` with a tangent rule and a primal backward.
 
-    Inputs ``(q, k, v, tq, tk, tv, kind, mask, scale, path, chunk_size)``. When the forward
-    tangents ``tq, tk, tv`` are passed (the fused dual call, see :func:`_dual_tangents`),
-    the forward computes the output and its tangent in one pass and ``jvp`` hands the
-    stored tangent on; otherwise ``jvp`` recomputes the scores from the saved logsumexp.
-    Only ``q, k, v, O, lse`` are saved: the tangent is never kept for the backward, which
-    recomputes ``P`` from ``lse`` (Triton kernel or chunked reference, by ``path``).
+    Inputs ``(q, k, v, tq, tk, tv, mask, spec, path)``; the mask travels as an input of its
+    own (not inside ``spec``) so that functorch transforms unwrap it with the others. When
+    the forward tangents ``tq, tk, tv`` are passed (the fused dual call, see
+    :func:`_dual_tangents`), the forward computes the output and its tangent in one pass and
+    ``jvp`` hands the stored tangent on; otherwise ``jvp`` recomputes the scores from the
+    saved logsumexp. Only ``q, k, v, O, lse`` are saved: the tangent is never kept for the
+    backward, which recomputes ``P`` from ``lse`` (Triton kernel or chunked reference, by
+    ``path``).
     """
 
     @staticmethod
-    def forward(q, k, v, tq, tk, tv, kind, mask, scale, path, chunk_size):
+    def forward(q, k, v, tq, tk, tv, mask, spec, path):
         tangents = None if tq is None and tk is None and tv is None else (tq, tk, tv)
-        o, lse, t_out = _path_forward(path, q, k, v, tangents, kind, mask, scale, chunk_size)
-        return o, lse, t_out
+        return _path_forward(path, (q, k, v), tangents, replace(spec, mask=mask))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _, _, _, kind, mask, scale, path, chunk_size = inputs
+        q, k, v, _, _, _, mask, spec, path = inputs
         o, lse, t_out = output
         ctx.set_materialize_grads(False)  # absent tangents (of tq, tk, tv) stay None
-        save_values(ctx, q, k, v, o, lse)  # without the tangents (they are not needed)
-        ctx.save_for_forward(q, k, v, o, lse)
+        saved = (q, k, v, o, lse)
+        save_values(ctx, *saved)  # without the tangents (they are not needed)
+        ctx.save_for_forward(*saved)
         ctx.mark_non_differentiable(*(x for x in (lse, t_out) if x is not None))
         ctx.fused_tangent = t_out
-        ctx.options = (kind, mask, scale, path, chunk_size)
+        ctx.spec, ctx.path = replace(spec, mask=mask), path
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, *_):
         fused, ctx.fused_tangent = ctx.fused_tangent, None
         if fused is not None:
             return fused, None, None
-        q, k, v, o, lse = ctx.saved_tensors
-        kind, mask, scale, path, chunk_size = ctx.options
+        saved = ctx.saved_tensors
         if dq is None and dk is None and dv is None:
-            return torch.zeros_like(o), None, None
-        t_out = _path_tangent(path, q, k, v, o, lse, dq, dk, dv, kind, mask, scale, chunk_size)
-        return t_out, None, None
+            return torch.zeros_like(saved[3]), None, None
+        return _path_tangent(ctx.path, saved, (dq, dk, dv), ctx.spec), None, None
 
     @staticmethod
     def backward(ctx, grad_o, *_):
         ctx.fused_tangent = None
         if grad_o is None:  # no gradient reached the output
-            return (None,) * 11
-        q, k, v, o, lse = ctx.saved_tensors
-        kind, mask, scale, path, chunk_size = ctx.options
+            return (None,) * 9
+        saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
             check_once_differentiable(ctx)
-            grads = _differentiable_backward(q, k, v, grad_o, kind, mask, scale, chunk_size)
+            grads = _differentiable_backward(saved[:3], grad_o, ctx.spec)
         else:
-            grads = _path_backward(path, q, k, v, o, lse, grad_o, kind, mask, scale, chunk_size)
-        return (*grads, *([None] * 8))
+            grads = _path_backward(ctx.path, saved, grad_o, ctx.spec)
+        return (*grads, *([None] * 6))
 
 
-def _differentiable_backward(q, k, v, grad_o, kind, mask, scale, chunk_size):
+def _differentiable_backward(qkv, grad_o, spec: ScoreSpec):
     """Gradients that autograd can differentiate again (double backward, e.g. the
     ``"autograd"`` JVP backend): recompute the chunked reference forward with recorded ops
     and differentiate it with ``create_graph=True``. Costs an extra forward; only taken
     when a backward is asked to build a graph."""
-    needs = [x.requires_grad for x in (q, k, v)]
+    needs = [x.requires_grad for x in qkv]
     if not any(needs):
         return None, None, None
-    o, _, _ = reference_forward(q, k, v, None, kind, mask, scale, chunk_size)
-    inputs = [x for x, need in zip((q, k, v), needs, strict=True) if need]
+    o, _, _ = reference_forward(*qkv, None, spec)
+    inputs = [x for x, need in zip(qkv, needs, strict=True) if need]
     found = iter(torch.autograd.grad(o, inputs, grad_o, create_graph=True))
     return tuple(next(found) if need else None for need in needs)
 
@@ -413,10 +417,12 @@ def attention(
         check_positive_int("chunk_size", chunk_size)
     scale_f = _check_scale(scale, q.shape[-1])
     kind, mask = _normalize_mask(attn_mask, q, k)
+    spec = ScoreSpec(kind, None, scale_f, chunk_size)
     path = _select_path(backend, q, v, kind)
-    tangents = _dual_tangents(q, k, v)
-    tq, tk, tv = (None, None, None) if tangents is None else tangents
-    o, _, _ = _AttentionFunction.apply(q, k, v, tq, tk, tv, kind, mask, scale_f, path, chunk_size)
+    tq, tk, tv = _dual_tangents(q, k, v) or (None, None, None)
+    o, _, _ = _AttentionFunction.apply(
+        q, k, v, tq=tq, tk=tk, tv=tv, mask=mask, spec=spec, path=path
+    )
     return o
 
 

@@ -9,67 +9,79 @@ with ``dS = P * (G V^T - rowsum(G * O))`` (:func:`reference_backward`); derivati
 ``docs/attention.md``. Computed in fp32 at least (fp64 stays fp64); the logsumexp of an
 all-masked row is +inf, so ``exp(S - lse) = 0`` there.
 
-Masks arrive normalised as ``(kind, mask)``: ``kind`` ``"none"``, ``"keys"`` (a ``(B, S_k)``
-boolean key-padding mask), ``"bool"`` or ``"float"`` (4-D, broadcast to ``(B, H, S_q, S_k)``;
-True keeps, a float mask is added to the scores). Shapes: ``q (B, H, S_q, D)``,
-``k (B, H, S_k, D)``, ``v (B, H, S_k, D_v)``, output ``(B, H, S_q, D_v)``, logsumexp
-``(B, H, S_q)``.
+A :class:`ScoreSpec` holds the scale, the block size and the mask, normalised: ``kind``
+``"none"``, ``"keys"`` (a ``(B, S_k)`` boolean key-padding mask), ``"bool"`` or ``"float"``
+(4-D, broadcast to ``(B, H, S_q, S_k)``; True keeps, a float mask is added to the scores).
+Shapes: ``q (B, H, S_q, D)``, ``k (B, H, S_k, D)``, ``v (B, H, S_k, D_v)``, output ``(B, H,
+S_q, D_v)``, logsumexp ``(B, H, S_q)``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from mfcore.path import compute_dtype
 
-__all__ = ["reference_forward", "reference_tangent", "reference_backward"]
+__all__ = ["ScoreSpec", "reference_forward", "reference_tangent", "reference_backward"]
 
 # Reference path: rows per query block are chosen so one block of scores holds about this
 # many elements (16 MiB in fp32), and never fewer than _MIN_ROWS rows.
 _BLOCK_ELEMENTS = 1 << 22
 _MIN_ROWS = 16
 
-
-def _mask_rows(kind: str, mask: Tensor | None, start: int, stop: int) -> Tensor | None:
-    """The part of a normalised mask that applies to query rows ``start:stop``."""
-    if kind == "none" or kind == "keys":
-        return mask
-    assert mask is not None
-    return mask if mask.shape[2] == 1 else mask[:, :, start:stop]
+Tangents = tuple[Tensor | None, ...]
+"""``(dQ, dK, dV)``, any of them None (no tangent)."""
+Saved = tuple[Tensor, ...]
+"""``(Q, K, V, O, lse)``: what a forward keeps for its tangent and backward."""
 
 
-def _apply_mask(scores: Tensor, kind: str, mask: Tensor | None) -> Tensor:
-    """Add a (row block of a) normalised mask to scores ``(B, H, rows, S_k)``."""
-    if kind == "none":
-        return scores
-    assert mask is not None
-    if kind == "keys":
-        return scores.masked_fill(~mask[:, None, None, :], -math.inf)
-    if kind == "bool":
-        return scores.masked_fill(~mask, -math.inf)
-    return scores + mask.to(scores.dtype)
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How the scores ``S = scale Q K^T + M`` of one call are formed, block by block.
 
+    Attributes:
+        kind: ``"none"``, ``"keys"``, ``"bool"`` or ``"float"`` (see the module docstring).
+        mask: the normalised mask (None for ``"none"``).
+        scale: the score scale.
+        chunk_size: query rows per block; None chooses it from the sizes.
+    """
 
-# ---------------------------------------------------------------------------------------
-# Reference path: exact, chunked over query rows. Computed in fp32 at least (fp64 stays
-# fp64); the logsumexp of an all-masked row is +inf, so exp(S - lse) = 0 there.
-# ---------------------------------------------------------------------------------------
+    kind: str = "none"
+    mask: Tensor | None = None
+    scale: float = 1.0
+    chunk_size: int | None = None
 
+    @property
+    def key_mask(self) -> Tensor | None:
+        """The ``(B, S_k)`` boolean key-padding mask, the only mask the Triton path takes."""
+        return self.mask if self.kind == "keys" else None
 
-def _rows_per_block(q: Tensor, s_k: int, chunk_size: int | None) -> int:
-    """Query rows per block of the reference path."""
-    if chunk_size is not None:
-        return chunk_size
-    per_row = max(1, q.shape[0] * q.shape[1] * s_k)
-    return max(_MIN_ROWS, _BLOCK_ELEMENTS // per_row)
+    def blocks(self, q: Tensor, s_k: int) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of each block of query rows."""
+        rows = self.chunk_size
+        if rows is None:
+            per_row = max(1, q.shape[0] * q.shape[1] * s_k)
+            rows = max(_MIN_ROWS, _BLOCK_ELEMENTS // per_row)
+        s_q = q.shape[2]
+        return ((start, min(start + rows, s_q)) for start in range(0, s_q, rows))
 
-
-def _block_scores(qc: Tensor, kc: Tensor, scale: float, kind: str, mask: Tensor | None) -> Tensor:
-    """Masked scores ``scale q k^T + M`` for a row block, in the compute dtype."""
-    return _apply_mask(torch.matmul(qc, kc.transpose(-1, -2)) * scale, kind, mask)
+    def scores(self, qc: Tensor, kc: Tensor, start: int, stop: int) -> Tensor:
+        """Masked scores ``(B, H, stop - start, S_k)`` of query rows ``start:stop``."""
+        scores = torch.matmul(qc, kc.transpose(-1, -2)) * self.scale
+        if self.kind == "none":
+            return scores
+        assert self.mask is not None
+        if self.kind == "keys":
+            return scores.masked_fill(~self.mask[:, None, None, :], -math.inf)
+        rows = self.mask if self.mask.shape[2] == 1 else self.mask[:, :, start:stop]
+        if self.kind == "bool":
+            return scores.masked_fill(~rows, -math.inf)
+        return scores + rows.to(scores.dtype)
 
 
 def _lse(scores: Tensor) -> Tensor:
@@ -79,17 +91,14 @@ def _lse(scores: Tensor) -> Tensor:
 
 
 def _tangent_block(
-    p: Tensor,
-    o: Tensor,
-    qc: Tensor,
-    k: Tensor,
-    v: Tensor,
-    tq: Tensor | None,
-    tk: Tensor | None,
-    tv: Tensor | None,
-    scale: float,
+    p: Tensor, o: Tensor, qc: Tensor, kv: tuple[Tensor, Tensor], tangents: Tangents, *, scale: float
 ) -> Tensor:
-    """``dO = (P * dS) V + P dV - rowsum(P * dS) O`` for one row block (compute dtype)."""
+    """``dO = (P * dS) V + P dV - rowsum(P * dS) O`` for one row block (compute dtype).
+
+    ``kv`` is ``(K, V)``; ``tangents`` is ``(dQ, dK, dV)`` with ``dQ`` of the block's rows.
+    """
+    k, v = kv
+    tq, tk, tv = tangents
     # The score tangent from the tangents present (no zero block), one score block at a time.
     ds = None if tq is None else torch.matmul(tq, k.transpose(-1, -2))
     if tk is not None:
@@ -113,98 +122,65 @@ def _cast(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def reference_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    tangents: tuple[Tensor | None, ...] | None,
-    kind: str,
-    mask: Tensor | None,
-    scale: float,
-    chunk_size: int | None,
+    q: Tensor, k: Tensor, v: Tensor, tangents: Tangents | None, spec: ScoreSpec
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Output, logsumexp and (when ``tangents`` is given) the tangent, block by block."""
+    """Output, logsumexp and (when ``tangents = (dQ, dK, dV)`` is given) the tangent."""
     cdt = compute_dtype(q.dtype)
-    k32, v32 = k.to(cdt), v.to(cdt)
-    tk, tv = (
-        (None, None) if tangents is None else (_cast(tangents[1], cdt), _cast(tangents[2], cdt))
-    )
-    s_q, rows = q.shape[2], _rows_per_block(q, k.shape[2], chunk_size)
+    kv = (k.to(cdt), v.to(cdt))
+    tq, tk, tv = (None, None, None) if tangents is None else tangents
+    tk, tv = _cast(tk, cdt), _cast(tv, cdt)
     outs, lses, touts = [], [], []
-    for start in range(0, s_q, rows):
-        stop = min(start + rows, s_q)
+    for start, stop in spec.blocks(q, k.shape[2]):
         qc = q[:, :, start:stop].to(cdt)
-        scores = _block_scores(qc, k32, scale, kind, _mask_rows(kind, mask, start, stop))
+        scores = spec.scores(qc, kv[0], start, stop)
         lse = _lse(scores)
         p = torch.exp(scores - lse[..., None])
-        o = torch.matmul(p, v32)
+        o = torch.matmul(p, kv[1])
         outs.append(o.to(q.dtype))
         lses.append(lse)
         if tangents is not None:
-            tqc = None if tangents[0] is None else tangents[0][:, :, start:stop].to(cdt)
-            touts.append(_tangent_block(p, o, qc, k32, v32, tqc, tk, tv, scale).to(q.dtype))
+            tqc = None if tq is None else tq[:, :, start:stop].to(cdt)
+            tangent = _tangent_block(p, o, qc, kv, (tqc, tk, tv), scale=spec.scale)
+            touts.append(tangent.to(q.dtype))
     tout = torch.cat(touts, dim=2) if tangents is not None else None
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2), tout
 
 
-def reference_tangent(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    lse: Tensor,
-    tq: Tensor | None,
-    tk: Tensor | None,
-    tv: Tensor | None,
-    kind: str,
-    mask: Tensor | None,
-    scale: float,
-    chunk_size: int | None,
-) -> Tensor:
-    """Tangent of the output from the saved output and logsumexp, block by block."""
+def reference_tangent(saved: Saved, tangents: Tangents, spec: ScoreSpec) -> Tensor:
+    """Tangent of the output from ``saved = (Q, K, V, O, lse)``, block by block."""
+    q, k, v, o, lse = saved
+    tq, tk, tv = tangents
     cdt = compute_dtype(q.dtype)
-    k32, v32, tk32, tv32 = k.to(cdt), v.to(cdt), _cast(tk, cdt), _cast(tv, cdt)
-    s_q, rows = q.shape[2], _rows_per_block(q, k.shape[2], chunk_size)
+    kv, tk, tv = (k.to(cdt), v.to(cdt)), _cast(tk, cdt), _cast(tv, cdt)
     touts = []
-    for start in range(0, s_q, rows):
-        stop = min(start + rows, s_q)
+    for start, stop in spec.blocks(q, k.shape[2]):
         qc = q[:, :, start:stop].to(cdt)
-        scores = _block_scores(qc, k32, scale, kind, _mask_rows(kind, mask, start, stop))
-        p = torch.exp(scores - lse[:, :, start:stop, None])
+        p = torch.exp(spec.scores(qc, kv[0], start, stop) - lse[:, :, start:stop, None])
         tqc = None if tq is None else tq[:, :, start:stop].to(cdt)
         oc = o[:, :, start:stop].to(cdt)
-        touts.append(_tangent_block(p, oc, qc, k32, v32, tqc, tk32, tv32, scale).to(q.dtype))
+        tangent = _tangent_block(p, oc, qc, kv, (tqc, tk, tv), scale=spec.scale)
+        touts.append(tangent.to(q.dtype))
     return torch.cat(touts, dim=2)
 
 
 def reference_backward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    lse: Tensor,
-    grad_o: Tensor,
-    kind: str,
-    mask: Tensor | None,
-    scale: float,
-    chunk_size: int | None,
+    saved: Saved, grad_o: Tensor, spec: ScoreSpec
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``<grad_o, O>`` with respect to q, k, v, block by block.
+    """Gradients of ``<grad_o, O>`` with respect to q, k, v, from ``saved = (Q, K, V, O, lse)``.
 
     ``dP = grad_o V^T``, ``dS = P * (dP - rowsum(grad_o * O))``, then
     ``grad_q = scale dS K``, ``grad_k = scale dS^T Q``, ``grad_v = P^T grad_o``.
     """
+    q, k, v, o, lse = saved
     cdt = compute_dtype(q.dtype)
     k32, v32 = k.to(cdt), v.to(cdt)
     grad_k, grad_v = torch.zeros_like(k32), torch.zeros_like(v32)
-    s_q, rows = q.shape[2], _rows_per_block(q, k.shape[2], chunk_size)
     grad_qs = []
-    for start in range(0, s_q, rows):
-        stop = min(start + rows, s_q)
+    for start, stop in spec.blocks(q, k.shape[2]):
         qc, gc = q[:, :, start:stop].to(cdt), grad_o[:, :, start:stop].to(cdt)
-        scores = _block_scores(qc, k32, scale, kind, _mask_rows(kind, mask, start, stop))
-        p = torch.exp(scores - lse[:, :, start:stop, None])
+        p = torch.exp(spec.scores(qc, k32, start, stop) - lse[:, :, start:stop, None])
         delta = (gc * o[:, :, start:stop].to(cdt)).sum(-1, keepdim=True)
-        ds = p * (torch.matmul(gc, v32.transpose(-1, -2)) - delta) * scale
+        ds = p * (torch.matmul(gc, v32.transpose(-1, -2)) - delta) * spec.scale
         grad_qs.append(torch.matmul(ds, k32).to(q.dtype))
         grad_k += torch.matmul(ds.transpose(-1, -2), qc)
         grad_v += torch.matmul(p.transpose(-1, -2), gc)

@@ -158,8 +158,9 @@ def _advance(
     z: Tensor,
     times: Tensor,
     step: _Step,
-    callback: Callable[[dict[str, Any]], None] | None,
-    trajectory: list[Tensor] | None,
+    *,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    trajectory: list[Tensor] | None = None,
     k1: Tensor | None = None,
 ) -> Tensor:
     """Take ``len(times) - 1`` steps along per-sample ``times`` ``(N + 1, B)`` from ``z``;
@@ -182,12 +183,13 @@ def _integrate(
     z: Tensor,
     times: Tensor,
     step: _Step,
-    callback: Callable[[dict[str, Any]], None] | None,
-    return_trajectory: bool,
+    *,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    return_trajectory: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`_advance`, with the end state checked and cast to ``z``'s dtype."""
     trajectory = [z] if return_trajectory else None
-    state = _advance(f, z, times, step, callback, trajectory)
+    state = _advance(f, z, times, step, callback=callback, trajectory=trajectory)
     z_end = check_finite("the solution (did the model return NaN or inf?)", state.to(z.dtype))
     return z_end, None if trajectory is None else torch.stack(trajectory)
 
@@ -197,6 +199,7 @@ def solve_span(
     z: Tensor,
     t_start: Tensor,
     t_end: Tensor,
+    *,
     steps: int,
     step: _Step,
     cond: dict[str, Any],
@@ -216,7 +219,7 @@ def solve_span(
     times = _span_times(t_start, t_end, steps, None, cd)
     f = _field(v_fn, name, model_dtype, cond)
     k1 = None if v_start is None else v_start.to(cd)
-    return _advance(f, z, times, step, None, None, k1)
+    return _advance(f, z, times, step, k1=k1)
 
 
 def span_rows(t_start: Tensor, t_end: Tensor, *, at_least_one: bool = False) -> Tensor:
@@ -322,7 +325,7 @@ def odeint(
     shift = _check_shift(shift)
     times = _span_times(t_start, t_end, steps, shift, compute_dtype(z.dtype))
     f = _field(v_fn, "v_fn", z.dtype, check_cond(cond))
-    z_end, trajectory = _integrate(f, z, times, step, None, return_trajectory)
+    z_end, trajectory = _integrate(f, z, times, step, return_trajectory=return_trajectory)
     return z_end if trajectory is None else (z_end, trajectory)
 
 
@@ -381,7 +384,9 @@ def sample_teacher(
     times = grid[:, None].repeat(1, noise.shape[0])
     f = _field(v_fn, "v_fn", noise.dtype, check_cond(cond))
     with torch.no_grad():
-        z_end, trajectory = _integrate(f, noise, times, step, callback, return_trajectory)
+        z_end, trajectory = _integrate(
+            f, noise, times, step, callback=callback, return_trajectory=return_trajectory
+        )
     return z_end if trajectory is None else (z_end, trajectory)
 
 
@@ -436,7 +441,9 @@ def sample_meanflow(
     grid = _sampling_grid(steps, grid, None, 1, noise)
     cond = check_cond(cond)
     with torch.enable_grad() if enable_grad else torch.no_grad():
-        z_end, trajectory = meanflow_path(u_fn, noise, grid, cond, callback, return_trajectory)
+        z_end, trajectory = meanflow_path(
+            u_fn, noise, grid, cond, callback=callback, return_trajectory=return_trajectory
+        )
     check_finite("the samples (did u_fn return NaN or inf?)", z_end)
     return z_end if trajectory is None else (z_end, trajectory)
 
@@ -446,6 +453,7 @@ def meanflow_path(
     noise: Tensor,
     grid: Tensor,
     cond: dict[str, Any],
+    *,
     callback: Callable[[dict[str, Any]], None] | None = None,
     return_trajectory: bool = False,
 ) -> tuple[Tensor, Tensor | None]:

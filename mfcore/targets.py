@@ -203,7 +203,9 @@ def _ode_secant(
         else:
             v_rows, full = v.index_select(0, rows).to(work), v.to(work)
             evals, start = 0, v_rows if v_is_teacher else None
-        z_r = solve_span(teacher, z, hi, lo, steps, step, sub, dtype, v_start=start)
+        z_r = solve_span(
+            teacher, z, hi, lo, steps=steps, step=step, cond=sub, model_dtype=dtype, v_start=start
+        )
         evals += n * (steps * step.stages - (start is not None))
         gap = _gap(lo, hi, work)
         equal = gap == 0
@@ -388,7 +390,7 @@ class DifferentialTarget:
         rng = None if self.single_forward else rng_state(z_t.device)
         point = FlowPoint(z_t, r, t, v, cond)
         u, dudt = self._jvp(student, point, keep_graph=self.single_forward)
-        pred = u if self.single_forward else _same_draws_forward(student, z_t, r, t, cond, rng)
+        pred = u if self.single_forward else _same_draws_forward(student, point, rng)
         metrics = {"dudt_rms": dudt.detach().float().pow(2).mean().sqrt()}
         return TargetOutput(pred, self._target(z_t, r, t, v, dudt), metrics)
 
@@ -421,12 +423,12 @@ class DifferentialTarget:
         del state
 
 
-def _same_draws_forward(student, z_t, r, t, cond, state: Tensor) -> Tensor:
+def _same_draws_forward(student, point: FlowPoint, state: Tensor) -> Tensor:
     """``student(z_t, r, t)`` drawing the same random numbers (dropout masks) as the forward
     that started from RNG ``state``: the graph forward then differentiates the function
     whose ``du/dt`` made the target. The RNG ends where that second forward leaves it."""
-    restore_rng(state, z_t.device)
-    return student(z_t, r, t, **cond)
+    restore_rng(state, point.z.device)
+    return student(point.z, point.r, point.t, **point.cond)
 
 
 class _DiscreteTarget(ABC):

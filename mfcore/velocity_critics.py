@@ -259,4 +259,6 @@ class MeanFlowCritic(FakeVelocityCritic):
         """The ODE solution of ``v`` from ``s`` back to ``r`` (``ode_steps`` steps), in the
         compute dtype."""
         steps, step, name = self.ode_steps, self._step, "the critic's velocity"
-        return solve_span(v_fn, z_s, s, r, steps, step, cond, z_s.dtype, name)
+        return solve_span(
+            v_fn, z_s, s, r, steps=steps, step=step, cond=cond, model_dtype=z_s.dtype, name=name
+        )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mfcore.attention_reference import reference_forward
+from mfcore.attention_reference import ScoreSpec, reference_forward
 
 
 def _data(b, h, s_q, s_k, d, dtype, *, seed=0, masked=True):
@@ -36,7 +36,7 @@ def _exact(primals, tangents, keep, scale):
     p64 = tuple(x.double() for x in primals)
     t64 = tuple(None if t is None else t.double() for t in tangents)
     kind = "none" if keep is None else "keys"
-    return reference_forward(*p64, t64, kind, keep, scale, None)
+    return reference_forward(*p64, t64, ScoreSpec(kind, keep, scale))
 
 
 def _rel(a, b):

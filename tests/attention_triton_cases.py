@@ -23,6 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 import mfcore.attention as attn_mod  # noqa: E402
 from mfcore.attention import attention  # noqa: E402
 from mfcore.attention_reference import (  # noqa: E402
+    ScoreSpec,
     reference_backward,
     reference_forward,
     reference_tangent,
@@ -89,9 +90,8 @@ def test_tangent_from_lse_matches_reference(fj, which):
     tan = fj.attention_tangent(*primals, out, lse, tangents, key_mask=keep, scale=scale)
     ref_out, ref_lse, _ = _exact(primals, (None,) * 3, keep, scale)
     t64 = [None if t is None else t.double() for t in tangents]
-    ref_tan = reference_tangent(
-        *(x.double() for x in primals), ref_out, ref_lse, *t64, "keys", keep, scale, None
-    )
+    saved = (*(x.double() for x in primals), ref_out, ref_lse)
+    ref_tan = reference_tangent(saved, t64, ScoreSpec("keys", keep, scale))
     assert _rel(tan, ref_tan) < 4e-5
 
 
@@ -143,10 +143,11 @@ def test_backward_uses_the_kernels_logsumexp(fj):
     primals, _, keep = _data(2, 1, 9, 12, 16, torch.float32, seed=4)
     out, lse, _ = fj.attention_forward(*primals, None, key_mask=keep, scale=0.25)
     grad_o = torch.randn_like(out)
-    ours = reference_backward(*primals, out, lse, grad_o, "keys", keep, 0.25, 4)
+    ours = reference_backward((*primals, out, lse), grad_o, ScoreSpec("keys", keep, 0.25, 4))
     p64 = tuple(x.double() for x in primals)
-    ref_out, ref_lse, _ = reference_forward(*p64, None, "keys", keep, 0.25, None)
-    ref = reference_backward(*p64, ref_out, ref_lse, grad_o.double(), "keys", keep, 0.25, None)
+    spec = ScoreSpec("keys", keep, 0.25)
+    ref_out, ref_lse, _ = reference_forward(*p64, None, spec)
+    ref = reference_backward((*p64, ref_out, ref_lse), grad_o.double(), spec)
     for a, r in zip(ours, ref, strict=True):
         assert _rel(a, r) < 1e-4
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from mfcore.attention_reference import reference_tangent  # noqa: E402
+from mfcore.attention_reference import ScoreSpec, reference_tangent  # noqa: E402
 
 pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -79,8 +79,8 @@ def test_full_key_blocks_tangent_from_lse(fj, which, masked):
     ref_out, ref_lse, _ = _exact(primals, (None,) * 3, keep, 0.3)
     t64 = [None if t is None else t.double() for t in tangents]
     kind = "none" if keep is None else "keys"
-    p64 = (x.double() for x in primals)
-    ref_tan = reference_tangent(*p64, ref_out, ref_lse, *t64, kind, keep, 0.3, None)
+    saved = (*(x.double() for x in primals), ref_out, ref_lse)
+    ref_tan = reference_tangent(saved, t64, ScoreSpec(kind, keep, 0.3))
     assert _rel(tan, ref_tan) < 4e-5
 
 
@@ -105,9 +105,9 @@ def test_two_pass_route_equals_reference(fj, monkeypatch, masked):
     modes = []
     launch = fj._launch
 
-    def recording_launch(*args, primal):
-        modes.append(fj._mode(primal, args[5] is not None))
-        return launch(*args, primal=primal)
+    def recording_launch(qkv, tangents, outputs, *, primal, **options):
+        modes.append(fj._mode(primal, outputs[1] is not None))
+        return launch(qkv, tangents, outputs, primal=primal, **options)
 
     monkeypatch.setattr(fj, "_fuses", lambda dtype: False)
     monkeypatch.setattr(fj, "_launch", recording_launch)

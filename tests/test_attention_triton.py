@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mfcore.attention_reference import reference_backward, reference_forward
+from mfcore.attention_reference import ScoreSpec, reference_backward, reference_forward
 from tests._attention_data import TOL, _data, _exact, _rel, run_interpreted
 
 F64 = torch.float64
@@ -64,8 +64,9 @@ def test_compiled_backward_on_cuda(dtype):
     grad_o = torch.randn(out.shape, generator=g, device="cuda").to(dtype)
     grads = fb_cuda.attention_backward(*primals, out, lse, grad_o, key_mask=keep, scale=scale)
     p64 = [x.double() for x in primals]
-    ref_out, ref_lse, _ = reference_forward(*p64, None, "keys", keep, scale, None)
-    ref = reference_backward(*p64, ref_out, ref_lse, grad_o.double(), "keys", keep, scale, None)
+    spec = ScoreSpec("keys", keep, scale)
+    ref_out, ref_lse, _ = reference_forward(*p64, None, spec)
+    ref = reference_backward((*p64, ref_out, ref_lse), grad_o.double(), spec)
     for got, r in zip(grads, ref, strict=True):
         assert got.dtype == dtype and torch.isfinite(got).all()
         assert _rel(got, r) < 2 * TOL[dtype]

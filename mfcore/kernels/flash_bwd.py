@@ -222,8 +222,10 @@ _tuned_dkdv = triton.autotune(configs=tile_configs(_DKDV_SHAPES), key=_TUNE_KEY)
 _tuned_dq = triton.autotune(configs=tile_configs(_DQ_SHAPES), key=_TUNE_KEY)(_dq_kernel)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor):
-    """Raise ``ValueError`` unless the tensors form one attention call's saved state."""
+def _check_inputs(saved: tuple[Tensor, ...], grad_o: Tensor) -> None:
+    """Raise ``ValueError`` unless ``saved = (q, k, v, o, lse)`` and ``grad_o`` form one
+    attention call's saved state."""
+    q, k, v, o, lse = saved
     if q.ndim != 4 or k.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(
             f"q (B, H, S_q, D) and k (B, H, S_k, D) do not match: {tuple(q.shape)}, "
@@ -291,7 +293,7 @@ def attention_backward(
     Raises:
         ValueError: shapes, dtypes or devices that do not fit one forward call.
     """
-    _check_inputs(q, k, v, o, lse, grad_o)
+    _check_inputs((q, k, v, o, lse), grad_o)
     _check_key_mask(key_mask, q, k)
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]

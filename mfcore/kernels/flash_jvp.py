@@ -241,15 +241,19 @@ def _strides(x: Tensor | None, like: Tensor) -> tuple[int, ...]:
 
 
 def _kernel_inputs(
-    q: Tensor, k: Tensor, v: Tensor, tangents: tuple[Tensor | None, ...], o: Tensor,
-    t_out: Tensor | None, lse: Tensor, key_mask: Tensor | None, scale: float, primal: bool,
+    qkv: tuple[Tensor, Tensor, Tensor], tangents: tuple[Tensor | None, ...],
+    outputs: tuple[Tensor, Tensor | None, Tensor], *, key_mask: Tensor | None, scale: float,
+    primal: bool,
 ) -> tuple[tuple, dict]:  # fmt: skip
     """The kernel's positional arguments and compile-time flags (all but the tile sizes and
-    ``EVEN_N``, which depend on the tile; see :func:`_even_n`).
+    ``EVEN_N``, which depend on the tile; see :func:`_even_n`). ``outputs`` is
+    ``(O, dO or None, lse)``.
 
     Also used by ``benchmarks/kernel_resources.py`` to compile the kernel ahead of time
     with exactly the arguments (and so the specialisation) a real launch has.
     """
+    q, k, v = qkv
+    o, t_out, lse = outputs
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     tq, tk, tv = tangents
@@ -274,23 +278,28 @@ def _kernel_inputs(
 
 
 def _launch(
-    q: Tensor, k: Tensor, v: Tensor, tangents: tuple[Tensor | None, ...], o: Tensor,
-    t_out: Tensor | None, lse: Tensor, key_mask: Tensor | None, scale: float, primal: bool,
+    qkv: tuple[Tensor, Tensor, Tensor], tangents: tuple[Tensor | None, ...],
+    outputs: tuple[Tensor, Tensor | None, Tensor], *, key_mask: Tensor | None, scale: float,
+    primal: bool,
 ) -> None:  # fmt: skip
-    """Launch the kernel; ``o``/``lse`` are outputs when ``primal``, inputs otherwise."""
-    args, flags = _kernel_inputs(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal)
-    batch, heads, seq_q, _ = q.shape
+    """Launch the kernel; ``O``/``lse`` of ``outputs`` are outputs when ``primal``, inputs
+    otherwise."""
+    args, flags = _kernel_inputs(
+        qkv, tangents, outputs, key_mask=key_mask, scale=scale, primal=primal
+    )
+    batch, heads, seq_q, _ = qkv[0].shape
+    seq_k = qkv[1].shape[2]
     if interpreting():
-        block = interpreter_block(seq_q, k.shape[2])
+        block = interpreter_block(seq_q, seq_k)
         grid = (triton.cdiv(seq_q, block), batch * heads)
-        even_n = k.shape[2] % block == 0
+        even_n = seq_k % block == 0
         _attn_jvp_kernel[grid](*args, **flags, BLOCK_M=block, BLOCK_N=block, EVEN_N=even_n)
     else:
 
         def grid(meta: dict) -> tuple[int, int]:
             return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
 
-        _TUNED[_mode(primal, t_out is not None)][grid](*args, **flags)
+        _TUNED[_mode(primal, outputs[1] is not None)][grid](*args, **flags)
 
 
 def _check_tangent(name: str, t: Tensor | None, ref: Tensor) -> Tensor | None:
@@ -335,11 +344,12 @@ def attention_forward(
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     wants_tangent = any(t is not None for t in tangents)
     t_out = torch.empty_like(o) if wants_tangent else None
+    options = {"key_mask": key_mask, "scale": scale}
     if wants_tangent and not _fuses(q.dtype):  # two passes: primal, then tangent from lse
-        _launch(q, k, v, (None, None, None), o, None, lse, key_mask, scale, primal=True)
-        _launch(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal=False)
+        _launch((q, k, v), (None,) * 3, (o, None, lse), primal=True, **options)
+        _launch((q, k, v), tangents, (o, t_out, lse), primal=False, **options)
     else:
-        _launch(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal=True)
+        _launch((q, k, v), tangents, (o, t_out, lse), primal=True, **options)
     return o, lse, t_out
 
 
@@ -373,5 +383,6 @@ def attention_tangent(
     t_out = torch.empty(o.shape, dtype=q.dtype, device=q.device)
     if all(t is None for t in tangents):
         return t_out.zero_()
-    _launch(q, k, v, tangents, o, t_out, lse, key_mask, scale, primal=False)
+    outputs = (o, t_out, lse)
+    _launch((q, k, v), tangents, outputs, key_mask=key_mask, scale=scale, primal=False)
     return t_out
