@@ -16,6 +16,8 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+from mfcore.adapters._files import check_file
+
 __all__ = ["sync_file", "sync_tree", "write_atomic", "write_json", "replace_folder"]
 __all__ += ["whole_folders", "read_json"]
 
@@ -91,17 +93,11 @@ def whole_folders(final: str | os.PathLike) -> list[str]:
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """A JSON file's content; ``FileNotFoundError`` if it is missing, ``ValueError`` naming
-    it if it is a folder, not UTF-8 or not JSON."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path} is a folder, not a JSON file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing {what} {path}")
+    """A JSON file's content; :func:`~mfcore.adapters._files.check_file`'s errors if it is
+    missing or a folder, ``ValueError`` naming it if it is not JSON (or not UTF-8)."""
+    path = check_file(path, what)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{what} {path} is not UTF-8 text ({err.reason})") from None
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{what} {path} is not JSON ({err})") from None

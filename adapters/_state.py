@@ -14,10 +14,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from mfcore.adapters._durable import read_json, sync_file, write_json
+from mfcore.adapters._files import check_file
 
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
 _SCALARS = (bool, int, float, str, type(None))
@@ -66,35 +67,27 @@ def save_state(state: Any, stem: str | os.PathLike) -> None:
     write_json(f"{stem}.json", skeleton, allow_nan=True)  # read back by Python only
 
 
-def _check_file(path: str | os.PathLike, what: str) -> None:
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path} is a folder, not a safetensors file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing {what} {path}")
+@contextlib.contextmanager
+def open_tensors(
+    path: str | os.PathLike, what: str = "data file", device: str = "cpu"
+) -> Iterator[Any]:
+    """``safe_open(path)`` (memory-mapped); a missing file raises ``FileNotFoundError`` and a
+    folder, an empty, truncated or corrupt file ``ValueError``, each naming it as ``what``."""
+    path = check_file(path, what)
+    try:
+        handle = safe_open(path, framework="pt", device=device)
+    except SafetensorError as err:
+        raise ValueError(f"{what} {path} is truncated or corrupt ({err})") from None
+    with handle as f:
+        yield f
 
 
 def read_tensors(
     path: str | os.PathLike, device: str = "cpu", what: str = "checkpoint file"
 ) -> dict[str, Tensor]:
-    """The tensors of a safetensors file; a missing file raises ``FileNotFoundError`` and a
-    folder, an empty, truncated or corrupt file ``ValueError``, each naming it as ``what``."""
-    _check_file(path, what)
-    try:
-        return load_file(path, device=device)
-    except SafetensorError as err:
-        raise ValueError(f"{what} {path} is truncated or corrupt ({err})") from None
-
-
-@contextlib.contextmanager
-def open_tensors(path: str | os.PathLike, what: str = "data file") -> Iterator[Any]:
-    """``safe_open(path)`` (memory-mapped, CPU) with :func:`read_tensors`' named errors."""
-    _check_file(path, what)
-    try:
-        handle = safe_open(path, framework="pt")
-    except SafetensorError as err:
-        raise ValueError(f"{what} {path} is truncated or corrupt ({err})") from None
-    with handle as f:
-        yield f
+    """The tensors of a safetensors file, with :func:`open_tensors`' named errors."""
+    with open_tensors(path, what, device) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def load_state(stem: str | os.PathLike) -> Any:

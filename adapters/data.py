@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mfcore._checks import check_positive_int
+from mfcore.adapters._files import check_folder
 from mfcore.adapters._state import open_tensors
 from mfcore.adapters.family import Synthetic, TrainingFamily, get_family
 
@@ -47,9 +48,8 @@ class LatentDataset:
     """
 
     def __init__(self, folder: str | os.PathLike, family: TrainingFamily | None = None) -> None:
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"data folder {folder} does not exist")
-        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        pattern = os.path.join(check_folder(folder, "data folder"), "*.safetensors")
+        files = sorted(glob.glob(pattern))
         if not files:
             raise FileNotFoundError(f"data folder {folder} holds no .safetensors files")
         self.folder = str(folder)

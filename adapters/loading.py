@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mfcore.adapters._durable import read_json
+from mfcore.adapters._files import check_folder
 
 __all__ = [
     "DTYPES",
@@ -41,8 +42,6 @@ def resolve_model(model: str, cache_dir: str | None = None) -> str:
     Raises:
         FileNotFoundError: naming the folder, or saying how to get the model into the cache.
     """
-    if os.path.isdir(model):
-        return model
     if _MODEL_ID.fullmatch(model) and not os.path.exists(model):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -55,7 +54,7 @@ def resolve_model(model: str, cache_dir: str | None = None) -> str:
                 f"is downloaded: run `hf download {model}` (gated models need `hf auth login` "
                 "first), or pass the checkpoint's folder"
             ) from None
-    raise FileNotFoundError(f"model folder {model} does not exist")
+    return check_folder(model, "model folder")
 
 
 def transformer_folder(path: str | os.PathLike) -> str:

@@ -403,9 +403,7 @@ def load_lora(
         ValueError: if the file is corrupt or its keys do not match the model's adapter.
     """
     path = os.path.join(directory, LORA_WEIGHT_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no LoRA weights at {path}")
-    raw = read_tensors(path)
+    raw = read_tensors(path, what="LoRA weights")
     head = "" if prefix is None else prefix + "."
     state = {k[len(head) :]: v for k, v in raw.items() if k.startswith(head)}
     if len(state) != len(raw):

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_positive_int, check_real, cli_int
 from mfcore.adapters._durable import read_json
+from mfcore.adapters._files import check_folder
 from mfcore.adapters._state import load_state, read_tensors
 from mfcore.adapters.checkpoint_files import checkpoint_folders
 from mfcore.adapters.data import LatentDataset
@@ -101,9 +102,7 @@ def _newest_settings(run: str) -> dict[str, Any] | None:
 
 def _locate(path: str | os.PathLike) -> _Source:
     """Resolve ``student`` (see the module docstring) to its weights and run settings."""
-    path = os.path.normpath(os.fspath(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"student {path} does not exist (give a run's student/ folder)")
+    path = check_folder(os.path.normpath(os.fspath(path)), "student folder")
     if os.path.isfile(os.path.join(path, "student.safetensors")):  # a checkpoint
         return _Source(None, path, read_json(os.path.join(path, "config.json"), "checkpoint file"))
     if os.path.isdir(os.path.join(path, _STUDENT)):  # a run folder

@@ -19,6 +19,7 @@ The output is the folder :class:`mfcore.adapters.data.LatentDataset` reads:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_positive_int, check_real, cli_int
+from mfcore.adapters._files import check_file, check_folder
 from mfcore.adapters.data import LatentDataset
 from mfcore.adapters.family import FAMILIES, TrainingFamily, detect_family, get_family
 from mfcore.adapters.generation import seeded_noise, vae_scale_factor
@@ -130,10 +132,9 @@ class PipelinePromptEncoder:
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The non-empty lines of a prompt file (``ValueError`` if there are none)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
+    """The non-empty lines of a prompt file (``FileNotFoundError`` if it is missing,
+    ``ValueError`` if it is a folder or holds none)."""
+    with open(check_file(path, "prompt file"), encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompt (every line is empty)")
@@ -141,12 +142,24 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 def _image_files(folder: str, count: int) -> list[str]:
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(_IMAGE_SUFFIXES))
+    """The images of ``folder`` sorted by name, one for each of ``count`` prompts."""
+    names = os.listdir(check_folder(folder, "image folder"))
+    files = sorted(f for f in names if f.lower().endswith(_IMAGE_SUFFIXES))
     if len(files) != count:
         raise ValueError(f"image folder {folder} holds {len(files)} images for {count} prompts")
     return [os.path.join(folder, f) for f in files]
+
+
+def _caption_row(line: str, caption_column: str) -> tuple[str, str] | None:
+    """``file_name`` and the caption of a ``metadata.jsonl`` line; None unless the line is a
+    JSON object holding both as strings."""
+    with contextlib.suppress(json.JSONDecodeError):
+        row = json.loads(line)
+        if isinstance(row, dict):
+            name, caption = row.get("file_name"), row.get(caption_column)
+            if isinstance(name, str) and isinstance(caption, str):
+                return name, caption
+    return None
 
 
 def read_image_folder(
@@ -162,9 +175,7 @@ def read_image_folder(
         ValueError: a line of ``metadata.jsonl`` without the columns, an image without a
             caption, or no image at all.
     """
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+    folder = check_folder(folder, "image folder")
     meta = os.path.join(folder, "metadata.jsonl")
     pairs: list[tuple[str, str]] = []
     if os.path.isfile(meta):
@@ -172,23 +183,14 @@ def read_image_folder(
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                    name, caption = row["file_name"], row[caption_column]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                row = _caption_row(line, caption_column)
+                if row is None:
                     raise ValueError(
-                        f"{meta} line {n} is not a JSON object with file_name and "
-                        f"{caption_column!r} (--caption-column): {err}"
-                    ) from None
-                if not (isinstance(name, str) and isinstance(caption, str)):
-                    raise ValueError(
-                        f"{meta} line {n}: file_name and {caption_column!r} must be strings, "
-                        f"got {type(name).__name__} and {type(caption).__name__}"
+                        f"{meta} line {n} is not a JSON object holding file_name and "
+                        f"{caption_column!r} (--caption-column) as strings"
                     )
-                path = os.path.join(folder, name)
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{meta} line {n} names {name}, which does not exist")
-                pairs.append((path, caption.strip()))
+                path = check_file(os.path.join(folder, row[0]), f"{meta} line {n}: image")
+                pairs.append((path, row[1].strip()))
     else:
         for name in sorted(os.listdir(folder)):
             if not name.lower().endswith(_IMAGE_SUFFIXES):
@@ -294,6 +296,8 @@ def prepare(
         files, prompts = read_image_folder(images, caption_column)
     else:
         prompts = read_prompts(prompts_file)
+        if images is not None:
+            files = _image_files(images, len(prompts))
     per_file = check_positive_int("per_file", per_file)
     teacher_steps = check_positive_int("teacher_steps", teacher_steps)
     check_real("guidance_scale", guidance_scale)
@@ -313,10 +317,9 @@ def prepare(
         negative = ""  # two-pass CFG needs a negative prompt: the empty one, as the pipelines
     cond = encoder(prompts, size, negative)
     generator = torch.Generator().manual_seed(seed)
-    if images is not None:
+    if files is not None:  # --images
         if vae is None:
             raise FileNotFoundError(f"{model_path} has no vae/ to encode --images with")
-        files = files if files is not None else _image_files(images, len(prompts))
         latents, cropped = encode_images(vae, files, height, width, generator)
         if cropped:
             logger.info("%d of %d images were centre-cropped to %d x %d after resizing",
