@@ -5,18 +5,24 @@ only with alignment, what a checkpoint that predates a setting ran with)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 
-from mfcore._checks import check_choice, check_int64, check_positive_int, check_real
+from mfcore._checks import (
+    check_choice,
+    check_fraction,
+    check_instance,
+    check_int64,
+    check_positive_int,
+    check_real,
+)
+from mfcore.adapters._files import check_file
 from mfcore.adapters.alignment import CRITICS
 from mfcore.adapters.arcflow_objective import STUDENTS
 from mfcore.adapters.family import FAMILIES
 from mfcore.adapters.loading import DTYPES
-from mfcore.adapters.monitor import REPORTERS
+from mfcore.adapters.monitor import check_reporter
 from mfcore.adapters.parallel import (
     MODES,
 )
@@ -125,16 +131,10 @@ class DistillConfig:
                 raise ValueError(
                     "validation_prompts needs a checkpoint with text encoders (model), not tiny"
                 )
-            if not os.path.isfile(self.validation_prompts):
-                raise FileNotFoundError(
-                    f"validation prompt file {self.validation_prompts} does not exist"
-                )
+            check_file(self.validation_prompts, "validation prompt file")
         check_choice("family", self.family, ("auto", *FAMILIES))
         if self.resume_from is not None:
-            if not isinstance(self.resume_from, str):
-                raise TypeError(
-                    f"resume_from must be a checkpoint folder, got {self.resume_from!r}"
-                )
+            check_instance("resume_from", self.resume_from, str, "a checkpoint folder (a str)")
             self.resume = True  # a checkpoint to resume from is a resume
         positive = (
             "steps",
@@ -163,8 +163,7 @@ class DistillConfig:
                 f"grad_clip must be > 0 (inf turns clipping off), got {self.grad_clip!r}"
             )
         check_device(self.device)
-        if self.align not in ("none", *CRITICS):
-            raise ValueError(f"align must be one of {('none', *CRITICS)}, got {self.align!r}")
+        check_choice("align", self.align, ("none", *CRITICS))
         check_choice("switch", self.switch, SWITCHES)
         check_choice("student", self.student, STUDENTS)
         check_choice("r_embedding", self.r_embedding, R_EMBEDDINGS)
@@ -182,20 +181,14 @@ class DistillConfig:
         check_real("guidance_scale", self.guidance_scale)
         check_real("true_cfg_scale", self.true_cfg_scale, minimum=1.0)
         check_choice("teacher_guidance", self.teacher_guidance, GUIDANCE_RULES)
-        check_choice("report_to", self.report_to, REPORTERS)
-        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-            raise ValueError("report_to='wandb' needs wandb: pip install wandb")
+        check_reporter(self.report_to)
         check_real("apg_norm_threshold", self.apg_norm_threshold, minimum=0.0)
         check_real("critic_lr", self.critic_lr, minimum=0.0, strict=True)
-        if self.jvp not in JVP_METHODS:
-            raise ValueError(f"jvp must be one of {JVP_METHODS}, got {self.jvp!r}")
-        if self.weights_dtype not in DTYPES:
-            raise ValueError(f"weights_dtype must be one of {tuple(DTYPES)}")
+        check_choice("jvp", self.jvp, JVP_METHODS)
+        check_choice("weights_dtype", self.weights_dtype, DTYPES)
         check_real("lr", self.lr, minimum=0.0, strict=True)
-        if not check_real("grid_fraction", self.grid_fraction, minimum=0.0) <= 1.0:
-            raise ValueError(f"grid_fraction must lie in [0, 1], got {self.grid_fraction!r}")
-        if not 0.0 <= check_real("ema_decay", self.ema_decay, minimum=0.0) < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        check_fraction("grid_fraction", self.grid_fraction)
+        check_fraction("ema_decay", self.ema_decay, below_one=True)
 
 
 # the sampling grids whose intervals grid_fraction trains (the step counts users sample with)

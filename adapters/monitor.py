@@ -11,6 +11,7 @@ files under ``<output>/previews`` and, with a reporter, as images.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from torch import Tensor
 from mfcore._checks import check_choice
 from mfcore.adapters._durable import write_atomic
 
-__all__ = ["RunLog", "latents_to_images", "truncate_log"]
+__all__ = ["REPORTERS", "check_reporter", "RunLog", "latents_to_images", "truncate_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,15 @@ REPORTERS = ("tensorboard", "wandb", "none")
 """Where :class:`RunLog` reports besides ``metrics.jsonl`` and ``previews/``."""
 
 
+def check_reporter(report_to: object) -> str:
+    """Raise ``ValueError`` unless ``report_to`` is one of :data:`REPORTERS` and, for
+    ``"wandb"``, wandb is installed."""
+    check_choice("report_to", report_to, REPORTERS)
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ValueError("report_to='wandb' needs wandb: pip install wandb")
+    return report_to
+
+
 class RunLog:
     """The run's metrics log and preview writer.
 
@@ -125,7 +135,7 @@ class RunLog:
         report_to: str = "tensorboard",
         settings: dict[str, Any] | None = None,
     ) -> None:
-        check_choice("report_to", report_to, REPORTERS)
+        check_reporter(report_to)
         self.output = output
         self.path = os.path.join(output, "metrics.jsonl")
         truncate_log(self.path, step)
@@ -196,10 +206,8 @@ class RunLog:
 def _wandb_run(output: str, settings: dict[str, Any]):
     """A wandb run logging into ``<output>/wandb``: offline unless ``WANDB_MODE`` is set
     (``wandb sync`` uploads it later); the same run id on every resume of the folder."""
-    try:
-        import wandb
-    except ImportError:
-        raise ValueError("report_to='wandb' needs wandb: pip install wandb") from None
+    import wandb  # installed: check_reporter looked
+
     folder = os.path.join(output, "wandb")
     os.makedirs(folder, exist_ok=True)
     run_id = "mfcore-" + hashlib.sha1(os.path.abspath(output).encode()).hexdigest()[:12]

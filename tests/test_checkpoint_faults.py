@@ -4,6 +4,7 @@ checkpoint naming, --steps and data checks on resume, the metrics log and Tensor
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import logging
 import math
@@ -357,6 +358,8 @@ def test_tensorboard_keeps_the_checkpoint_step_after_resume(tmp_path):
 
 class _FakeWandb:
     """A stand-in for the wandb package (not installed here): records what RunLog calls."""
+
+    __spec__ = importlib.machinery.ModuleSpec("wandb", None)  # found as installed
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
