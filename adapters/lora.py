@@ -35,6 +35,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from mfcore._checks import check_fraction, check_instance, check_positive_int, check_real
 from mfcore.adapters._state import read_tensors
 
 __all__ = [
@@ -68,6 +69,11 @@ class LoraSpec:
             module whose name ends with ``"." + name``); None means the family's default
             targets, filled in when a student is built (:meth:`with_default_targets`).
         dropout: dropout on the LoRA branch input (0 keeps training deterministic).
+
+    Raises:
+        TypeError, ValueError: naming the attribute, unless ``rank`` is an int >= 1,
+            ``alpha`` None or a finite number > 0, ``target_modules`` None or a non-empty
+            sequence of names and ``dropout`` in ``[0, 1)``.
     """
 
     rank: int = 64
@@ -76,16 +82,14 @@ class LoraSpec:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        check_positive_int("rank", self.rank)
+        if self.alpha is not None:
+            check_real("alpha", self.alpha, minimum=0.0, strict=True)
         if self.target_modules is not None:
             if isinstance(self.target_modules, str) or not self.target_modules:
                 raise ValueError("target_modules must be a non-empty sequence of module names")
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        check_fraction("dropout", self.dropout, below_one=True)
 
     def with_default_targets(self, targets: tuple[str, ...]) -> LoraSpec:
         """This spec, with ``targets`` if it names none."""
@@ -136,8 +140,7 @@ def add_lora(
         TypeError: if ``model`` is not an ``nn.Module``.
         ValueError: if no module of ``model`` matches ``spec.target_modules``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_instance("model", model, nn.Module, "an nn.Module")
     before = [layer.active_adapters for layer in _tuner_layers(model)]
     previous = before[0] if before else None
     try:
@@ -192,6 +195,12 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
             layer._disable_adapters = state
 
 
+def _check_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Raise ``ValueError`` unless ``model`` holds the LoRA adapter ``adapter_name``."""
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+
+
 @contextlib.contextmanager
 def lora_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
     """Run ``model`` with the single adapter ``adapter_name`` on inside the block.
@@ -206,8 +215,7 @@ def lora_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
     Raises:
         ValueError: if ``model`` has no adapter named ``adapter_name``.
     """
-    if adapter_name not in getattr(model, "peft_config", {}):
-        raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+    _check_adapter(model, adapter_name)
     layers = _tuner_layers(model)
     saved = [layer._active_adapter for layer in layers]
     try:
@@ -291,16 +299,16 @@ def load_lora_state_dict(
     expected = lora_state_dict(model, adapter_name=adapter_name)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+    shapes = [
+        f"{k} is {tuple(v.shape)}, the model's {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
         raise ValueError(
             f"LoRA state does not match the model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
+            f"unexpected {unexpected[:3]}, other shapes {shapes[:3]}"
         )
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(
-                f"LoRA weight {k} has shape {tuple(v.shape)}, the model {tuple(expected[k].shape)}"
-            )
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
 
 
@@ -317,8 +325,7 @@ def merged_state_dict(model: nn.Module, *, adapter_name: str = "mfcore") -> dict
         detached tensors keyed as the model's ``state_dict`` was before :func:`add_lora`;
         the unchanged ones share storage with the model.
     """
-    if adapter_name not in getattr(model, "peft_config", {}):
-        raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+    _check_adapter(model, adapter_name)
     state = {
         k.replace(".base_layer.", "."): v.detach()
         for k, v in model.state_dict().items()
