@@ -50,13 +50,16 @@ def _described(env: dict[str, str]) -> str:
     return " ".join(f"{k}={env[k]}" for k in REQUIRED if k in env)
 
 
-def _int(env: dict[str, str], name: str) -> int | None:
+def _int(env: dict[str, str], name: str, problems: list[str]) -> int | None:
+    """``env[name]`` as an int; None if it is unset, or not an integer (added to
+    ``problems``)."""
     if name not in env:
         return None
     try:
         return int(env[name])
     except ValueError:
-        raise LaunchError(f"{name} must be an integer, got {env[name]!r}") from None
+        problems.append(f"{name} must be an integer, got {env[name]!r}")
+        return None
 
 
 def launch_env(environ: dict[str, str] | None = None) -> Launch | None:
@@ -64,36 +67,40 @@ def launch_env(environ: dict[str, str] | None = None) -> Launch | None:
 
     Raises:
         LaunchError: when ``WORLD_SIZE`` asks for several processes but a variable of
-            :data:`REQUIRED` is missing, or a value is not an integer or out of range
-            (``RANK`` not in ``[0, WORLD_SIZE)``, ``LOCAL_RANK`` negative or past
-            ``LOCAL_WORLD_SIZE``): the message names the variables.
+            :data:`REQUIRED` is missing, ``RANK`` is set without ``WORLD_SIZE``, or a value
+            is not an integer or out of range (``RANK`` not in ``[0, WORLD_SIZE)``,
+            ``LOCAL_RANK`` negative or past ``LOCAL_WORLD_SIZE``): one error naming every
+            variable that is wrong.
     """
     env = dict(os.environ if environ is None else environ)
-    size = _int(env, "WORLD_SIZE")
-    rank = _int(env, "RANK")
-    local = next((_int(env, k) for k in LOCAL_RANKS if k in env), None)
-    local_size = _int(env, "LOCAL_WORLD_SIZE")
+    problems: list[str] = []
+    size = _int(env, "WORLD_SIZE", problems)
+    rank = _int(env, "RANK", problems)
+    local = next((_int(env, k, problems) for k in LOCAL_RANKS if k in env), None)
+    local_size = _int(env, "LOCAL_WORLD_SIZE", problems)
     if size is not None and size < 1:
-        raise LaunchError(f"WORLD_SIZE must be >= 1, got {size}")
+        problems.append(f"WORLD_SIZE must be >= 1, got {size}")
     if size is not None and rank is not None and not 0 <= rank < size:
-        raise LaunchError(f"RANK={rank} must lie in [0, WORLD_SIZE={size})")
+        problems.append(f"RANK={rank} must lie in [0, WORLD_SIZE={size})")
     if local is not None and (local < 0 or (local_size is not None and local >= local_size)):
-        raise LaunchError(
+        problems.append(
             f"LOCAL_RANK={local} must lie in [0, LOCAL_WORLD_SIZE={local_size or 'any'})"
         )
     missing = [k for k in REQUIRED if k not in env and (k != "LOCAL_RANK" or local is None)]
-    if size is None or (size == 1 and missing):
-        if size is None and rank:
-            raise LaunchError(
-                f"RANK={rank} is set without WORLD_SIZE: launch with torchrun, or unset RANK"
-            )
-        return None  # one process (WORLD_SIZE=1 alone included)
-    if missing:
-        raise LaunchError(
+    if rank and "WORLD_SIZE" not in env:
+        problems.append(
+            f"RANK={rank} is set without WORLD_SIZE: launch with torchrun, or unset RANK"
+        )
+    if size is not None and size > 1 and missing:
+        problems.append(
             f"the environment describes {size} processes ({_described(env)}) but lacks "
             f"{', '.join(missing)}: launch with torchrun, or unset "
             f"{', '.join(k for k in REQUIRED if k in env)} to run one process"
         )
+    if problems:
+        raise LaunchError("; ".join(problems))
+    if size is None or missing:
+        return None  # one process (WORLD_SIZE=1 alone included)
     assert rank is not None and local is not None
     return Launch(rank, size, local)
 

@@ -71,6 +71,11 @@ def test_a_rendezvous_whose_peers_never_come_times_out_by_name():
         ({"RANK": "1"}, "RANK=1 is set without WORLD_SIZE"),
         ({**_STRAY, "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=3"),
         ({"WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "lacks RANK, MASTER_ADDR, MASTER_PORT"),
+        # every wrong variable in one error
+        (
+            {"WORLD_SIZE": "2", "RANK": "one", "LOCAL_RANK": "-1"},
+            "RANK must be an integer.*; LOCAL_RANK=-1 .*; .* lacks MASTER_ADDR, MASTER_PORT",
+        ),
     ],
 )
 def test_an_inconsistent_launch_environment_names_its_variables(env, names):
