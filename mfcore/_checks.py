@@ -132,10 +132,35 @@ def check_cond(cond: object) -> dict[str, Any]:
     return dict(cond)
 
 
-def check_instance(name: str, value: object, kind: type | tuple[type, ...], what: str) -> None:
-    """Raise ``TypeError`` unless ``value`` is a ``kind`` (described as ``what``)."""
-    if not isinstance(value, kind):
+def check_instance(
+    name: str,
+    value: object,
+    kind: type | tuple[type, ...],
+    what: str,
+    *,
+    optional: bool = False,
+) -> None:
+    """Raise ``TypeError`` unless ``value`` is a ``kind`` (described as ``what``), or
+    ``None`` when ``optional``."""
+    if not isinstance(value, kind) and not (optional and value is None):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+
+
+def check_state(owner: str, state: object, keys: Iterable[str]) -> Mapping[str, Any]:
+    """Raise unless ``state`` is a mapping that holds ``keys``: a saved state of ``owner``
+    (``TypeError`` for another type, ``KeyError`` naming the first missing key)."""
+    check_instance(f"the state of {owner}", state, Mapping, "a mapping (a state_dict)")
+    assert isinstance(state, Mapping)
+    for key in keys:
+        if key not in state:
+            raise KeyError(f"{owner} state is missing {key!r}")
+    return state
+
+
+def check_same_device(name: str, x: Tensor, ref: Tensor, ref_name: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is on the device of ``ref``."""
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
 # --------------------------------------------------------------------------- weightings
@@ -238,8 +263,7 @@ def check_like(name: str, x: object, ref: Tensor, ref_name: str = "z") -> Tensor
         raise ValueError(
             f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
         )
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    check_same_device(name, x, ref, ref_name)
     return x
 
 

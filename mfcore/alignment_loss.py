@@ -14,8 +14,10 @@ from mfcore._checks import (
     check_cond,
     check_finite,
     check_grid,
+    check_instance,
     check_like,
     check_positive_int,
+    check_state,
     check_tensor,
     check_weighting,
 )
@@ -93,11 +95,7 @@ class AlignmentLoss:
         critic_updates: int = 1,
         teacher_steps: int = 32,
     ) -> None:
-        if not isinstance(critic, Critic):
-            raise TypeError(
-                "critic must be a mfcore.fields.Critic (FakeVelocityCritic, MeanFlowCritic, "
-                f"KernelCritic, ...), got {type(critic).__name__}"
-            )
+        check_instance("critic", critic, Critic, "a mfcore.fields.Critic (FakeVelocityCritic, ...)")
         if grid is None:
             grid = uniform_grid(check_positive_int("steps", steps), dtype=torch.float64)
         else:
@@ -336,8 +334,6 @@ class AlignmentLoss:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; raises ``KeyError`` naming a missing entry."""
-        for key in ("critic", "updates_done"):
-            if key not in state:
-                raise KeyError(f"AlignmentLoss state is missing {key!r}")
+        check_state("AlignmentLoss", state, ("critic", "updates_done"))
         self.critic.load_state_dict(state["critic"])
         self.updates_done = int(state["updates_done"])

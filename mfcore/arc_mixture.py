@@ -21,6 +21,7 @@ from mfcore._checks import (
     check_instance,
     check_interval,
     check_positive_int,
+    check_same_device,
     check_shape,
     check_tensor,
     check_time,
@@ -77,8 +78,7 @@ class ArcParams:
             _check_mixture_field(name, getattr(self, name), self.m)
         for name in ("m", "weights", "rates"):
             check_values_finite(f"ArcParams.{name}", getattr(self, name))
-        if self.s0.device != self.m.device:
-            raise ValueError(f"s0 is on {self.s0.device} but m is on {self.m.device}")
+        check_same_device("s0", self.s0, self.m, "m")
         _check_rate_range(self.rates)
 
     @property
@@ -117,8 +117,7 @@ def _check_mixture_field(name: str, x: object, m: Tensor) -> None:
     """``x`` must be ``(B, K, *S)`` with ``S`` broadcasting to ``m.shape[2:]`` explicitly."""
     check_tensor(name, x)
     assert isinstance(x, Tensor)
-    if x.device != m.device:
-        raise ValueError(f"{name} is on {x.device} but m is on {m.device}")
+    check_same_device(name, x, m, "m")
     ok = x.ndim == m.ndim and x.shape[:2] == m.shape[:2]
     ok = ok and all(a in (1, b) for a, b in zip(x.shape[2:], m.shape[2:], strict=True))
     if not ok:
@@ -146,8 +145,7 @@ def check_arc_params(params: object, z: Tensor) -> ArcParams:
             f"params.m must have shape (B, K, *z.shape[1:]) = {expected}, got "
             f"{tuple(params.m.shape)}"
         )
-    if params.m.device != z.device:
-        raise ValueError(f"params are on {params.m.device} but z is on {z.device}")
+    check_same_device("params.m", params.m, z, "z")
     return params
 
 
@@ -399,8 +397,7 @@ class ArcFlowHead(nn.Module):
         cls, linear: nn.Linear, num_components: int = 2, *, max_rate: float = 10.0
     ) -> ArcFlowHead:
         """A head whose initial velocity is that of a pretrained projection ``F -> C``."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_instance("linear", linear, nn.Linear, "an nn.Linear")
         head = cls(linear.in_features, linear.out_features, num_components, max_rate=max_rate).to(
             device=linear.weight.device, dtype=linear.weight.dtype
         )

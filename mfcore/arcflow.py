@@ -45,6 +45,7 @@ from mfcore._checks import (
     check_instance,
     check_positive_int,
     check_real,
+    check_state,
     check_tensor,
     check_weighting,
     check_weights,
@@ -215,11 +216,7 @@ class TeacherMixSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a configuration from :meth:`state_dict`."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = {"start", "decay_steps", "power"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}")
+        check_state("TeacherMixSchedule", state, ("start", "decay_steps", "power"))
         self._set(state["start"], state["decay_steps"], state["power"])
 
 
@@ -302,10 +299,7 @@ class ArcFlowDistillationLoss:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        if "num_calls" not in state or "mix_schedule" not in state:
-            raise ValueError("state must hold 'num_calls' and 'mix_schedule'")
+        check_state(type(self).__name__, state, ("num_calls", "mix_schedule"))
         self.num_calls = check_positive_int("num_calls", state["num_calls"], minimum=0)
         self.mix_schedule.load_state_dict(state["mix_schedule"])
 

@@ -46,7 +46,7 @@ from torch import Tensor
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch.autograd import forward_ad as fwAD
 
-from mfcore._checks import check_choice, check_positive_int, check_tensor
+from mfcore._checks import check_choice, check_positive_int, check_same_device, check_tensor
 from mfcore.attention_reference import (
     ScoreSpec,
     reference_backward,
@@ -83,8 +83,7 @@ def _normalize_mask(mask: object, q: Tensor, k: Tensor) -> tuple[str, Tensor | N
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"attn_mask must be boolean or floating point, got {mask.dtype}")
-    if mask.device != q.device:
-        raise ValueError(f"attn_mask is on {mask.device} but q is on {q.device}")
+    check_same_device("attn_mask", mask, q, "q")
     if mask.requires_grad:
         raise ValueError("attn_mask must not require grad: it is treated as a constant")
     batch, heads, s_q = q.shape[:3]
@@ -340,8 +339,7 @@ def _check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+        check_same_device(name, x, q, "q")
         if x.shape[:2] != q.shape[:2]:
             raise ValueError(
                 f"{name} must have the batch and head sizes of q {tuple(q.shape[:2])}, "

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mfcore._checks import check_positive_int, check_real
+from mfcore._checks import check_callable, check_positive_int, check_real
 from mfcore.targets import SplitTarget
 
 __all__ = ["LinearSpan", "HalvingSpan", "SplitCurriculumTarget"]
@@ -125,8 +125,7 @@ class SplitCurriculumTarget(SplitTarget):
         reuse_v: bool = True,
         always_call: bool = False,
     ) -> None:
-        if not callable(span):
-            raise TypeError(f"span must be callable (step -> float), got {type(span).__name__}")
+        check_callable("span", span)
         super().__init__("first", teacher_steps, method, reuse_v=reuse_v, always_call=always_call)
         self.span, self.relative = span, bool(relative)
         self.step = 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mfcore._checks import check_positive_int
+from mfcore._checks import check_instance, check_positive_int
 
 __all__ = ["BatchRows", "draw_normal", "draw_uniform"]
 
@@ -43,8 +43,7 @@ class BatchRows:
     total: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {self.generator!r}")
+        check_instance("generator", self.generator, torch.Generator, "a torch.Generator")
         check_positive_int("start", self.start, minimum=0)
         check_positive_int("stop", self.stop, minimum=self.start + 1)
         check_positive_int("total", self.total, minimum=self.stop)

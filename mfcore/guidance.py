@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_fraction, check_like, check_real
+from mfcore._checks import (
+    check_fraction,
+    check_instance,
+    check_like,
+    check_real,
+    check_same_device,
+)
 
 __all__ = ["cfg_velocity", "apg_velocity", "ClassifierFreeGuidance", "MeanFlowGuidance"]
 
@@ -224,8 +230,7 @@ class MeanFlowGuidance:
             )
             label_dropout = 0.1
         self.label_dropout = check_fraction("label_dropout", label_dropout, below_one=True)
-        if not isinstance(eval_mode, bool):
-            raise TypeError(f"eval_mode must be a bool, got {type(eval_mode).__name__}")
+        check_instance("eval_mode", eval_mode, bool, "a bool")
         self.uncond, self.eval_mode = uncond, eval_mode
 
     def draw_drop(
@@ -339,10 +344,8 @@ def _fill_rows(key: str, value: object, null: object, drop: Tensor | None) -> Te
             f"({batch}, ...) tensor, got {got} (or pass label_dropout=0.0)"
         )
     if isinstance(null, Tensor):
-        if null.ndim > 0 and null.device != value.device:
-            raise ValueError(
-                f"uncond[{key!r}] is on {null.device} but cond[{key!r}] on {value.device}"
-            )
+        if null.ndim > 0:
+            check_same_device(f"uncond[{key!r}]", null, value, f"cond[{key!r}]")
         if not _broadcasts(null.shape, value.shape):
             raise ValueError(
                 f"uncond[{key!r}] of shape {tuple(null.shape)} does not broadcast to "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mfcore._checks import check_bandwidths, check_tensor, check_weights, lookup
+from mfcore._checks import check_bandwidths, check_same_device, check_tensor, check_weights, lookup
 from mfcore.draws import Draws, draw_normal
 from mfcore.fields import Weighting
 from mfcore.path import compute_dtype, expand_time
@@ -96,8 +96,7 @@ def kernel_discrepancy(
         raise ValueError(f"a and b must share the per-sample shape, got {a.shape} and {b.shape}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"a and b need at least 2 points each, got {a.shape[0]}, {b.shape[0]}")
-    if a.device != b.device:
-        raise ValueError(f"a is on {a.device} but b is on {b.device}")
+    check_same_device("a", a, b, "b")
     return _discrepancy(a, b, kernel, check_bandwidths(bandwidths))
 
 

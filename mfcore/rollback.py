@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mfcore._checks import check_instance, check_state
+
 __all__ = ["SwitchRollback"]
 
 
@@ -55,8 +57,7 @@ class SwitchRollback:
         also: tuple[Any, ...] = (),
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        check_instance("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer")
         for obj in also:
             if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
                 raise TypeError(f"also must hold objects with state_dict(), got {obj!r}")
@@ -75,10 +76,7 @@ class SwitchRollback:
         Raises:
             TypeError: unless ``metrics`` is a mapping.
         """
-        if not isinstance(metrics, Mapping):
-            raise TypeError(
-                f"metrics must be a mapping (a step's metrics), got {type(metrics).__name__}"
-            )
+        check_instance("metrics", metrics, Mapping, "a mapping (a step's metrics)")
         if _happened(metrics, "warmup_switched"):
             self.saved = {
                 "params": _clone(self._params(), self.device),
@@ -100,6 +98,5 @@ class SwitchRollback:
         return {"saved": self.saved}
 
     def load_state_dict(self, state: dict) -> None:
-        if "saved" not in state:
-            raise KeyError("SwitchRollback state is missing 'saved'")
+        check_state("SwitchRollback", state, ("saved",))
         self.saved = state["saved"]

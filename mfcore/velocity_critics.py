@@ -33,7 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_like, check_positive_int, check_real, check_weights, lookup
+from mfcore._checks import (
+    check_instance,
+    check_like,
+    check_positive_int,
+    check_real,
+    check_state,
+    check_weights,
+    lookup,
+)
 from mfcore.draws import Draws, draw_normal
 from mfcore.fields import Weighting
 from mfcore.path import compute_dtype, expand_time
@@ -99,14 +107,12 @@ class FakeVelocityCritic:
         lr: float = 1e-3,
         normalize: bool = True,
     ) -> None:
-        if not isinstance(fake, nn.Module):
-            raise TypeError(f"fake must be a torch.nn.Module, got {type(fake).__name__}")
+        check_instance("fake", fake, nn.Module, "a torch.nn.Module")
         if optimizer is None:
             optimizer = torch.optim.Adam(
                 fake.parameters(), lr=check_real("lr", lr, minimum=0.0, strict=True)
             )
-        elif not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        check_instance("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer")
         self.fake = fake
         self.optimizer = optimizer
         self.normalize = bool(normalize)
@@ -217,9 +223,7 @@ class FakeVelocityCritic:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; raises ``KeyError`` naming a missing entry."""
-        for key in ("fake", "optimizer"):
-            if key not in state:
-                raise KeyError(f"critic state is missing {key!r}")
+        check_state(type(self).__name__, state, ("fake", "optimizer"))
         self.fake.load_state_dict(state["fake"])
         # torch's optimiser keeps the given tensors (no copy): copy, so two critics never alias
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))

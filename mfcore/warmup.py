@@ -33,7 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mfcore._checks import check_choice, check_fraction, check_positive_int, check_real
+from mfcore._checks import (
+    check_choice,
+    check_fraction,
+    check_instance,
+    check_positive_int,
+    check_real,
+    check_state,
+)
 from mfcore.fields import DiscreteTarget, TargetOutput
 from mfcore.path import FlowPoint, expand_time
 from mfcore.rollback import SwitchRollback
@@ -186,10 +193,8 @@ class WarmupTarget:
         check_positive_int("min_steps", min_steps, minimum=0)
         check_positive_int("blend_steps", blend_steps, minimum=0)
         check_choice("handover", handover, HANDOVERS)
-        if gate is not None and not isinstance(gate, SwitchGate):
-            raise TypeError(f"gate must be a SwitchGate, got {type(gate).__name__}")
-        if guard is not None and not isinstance(guard, SwitchGuard):
-            raise TypeError(f"guard must be a SwitchGuard, got {type(guard).__name__}")
+        check_instance("gate", gate, SwitchGate, "a SwitchGate", optional=True)
+        check_instance("guard", guard, SwitchGuard, "a SwitchGuard", optional=True)
         if every is None:
             if gate is not None or guard is not None:
                 raise ValueError("a gate or a guard needs every (the cadence of its checks)")
@@ -418,9 +423,8 @@ class WarmupTarget:
         States written before the gate and guard existed (``step``, ``switched_at``,
         ``fit_error``, ``discrete``, ``differential``) load too.
         """
-        for key in ("step", "switched_at", "fit_error", "discrete", "differential"):
-            if key not in state:
-                raise KeyError(f"WarmupTarget state is missing {key!r}")
+        keys = ("step", "switched_at", "fit_error", "discrete", "differential")
+        check_state("WarmupTarget", state, keys)
         self.step = int(state["step"])
         self.switched_at = state["switched_at"]
         fit = state["fit_error"]

@@ -632,9 +632,9 @@ def test_schedule_and_loss_state_round_trip():
     assert m1["mix_probability"].item() == m2["mix_probability"].item()
     assert m1["mix_probability"].item() == pytest.approx(sched(7), rel=1e-6)
     assert resumed.num_calls == loss_fn.num_calls == 8
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(KeyError, match="TeacherMixSchedule state is missing 'decay_steps'"):
         other.load_state_dict({"start": 0.1})
-    with pytest.raises(ValueError, match="num_calls"):
+    with pytest.raises(KeyError, match="state is missing .num_calls."):
         resumed.load_state_dict({"mix_schedule": sched.state_dict()})
 
 

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from mfcore._checks import (
     check_fraction,
     check_grid,
+    check_instance,
     check_interval,
     check_real,
+    check_state,
     check_time,
     lookup,
 )
@@ -110,3 +112,29 @@ def test_check_fraction_accepts_exactly_the_unit_interval(value):
         else:
             with pytest.raises(ValueError, match="p must"):
                 check_fraction("p", value, below_one=below_one)
+
+
+@given(keys=st.sets(st.sampled_from("abcde")), held=st.sets(st.sampled_from("abcde")))
+def test_check_state_accepts_exactly_the_states_holding_every_key(keys, held):
+    state = dict.fromkeys(held, 0)
+    missing = sorted(k for k in "abcde" if k in keys and k not in held)
+    if not missing:
+        assert check_state("Owner", state, sorted(keys)) is state
+    else:
+        with pytest.raises(KeyError, match=f"Owner state is missing '{missing[0]}'"):
+            check_state("Owner", state, sorted(keys))
+
+
+@pytest.mark.parametrize("bad", [None, [("a", 1)], "a"])
+def test_check_state_refuses_what_is_not_a_mapping(bad):
+    with pytest.raises(TypeError, match="the state of Owner must be a mapping"):
+        check_state("Owner", bad, ("a",))
+
+
+def test_check_instance_takes_none_only_when_optional():
+    check_instance("gate", None, int, "an int", optional=True)
+    check_instance("gate", 3, int, "an int", optional=True)
+    with pytest.raises(TypeError, match="gate must be an int, got NoneType"):
+        check_instance("gate", None, int, "an int")
+    with pytest.raises(TypeError, match="gate must be an int, got str"):
+        check_instance("gate", "3", int, "an int", optional=True)
