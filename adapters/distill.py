@@ -240,13 +240,7 @@ def build_run(
     split = Split(
         cfg.batch_size, cfg.micro_batch_size or max(cfg.batch_size // size, 1), rank, size
     )
-    if alignment is not None and (world.distributed or len(split.parts()) > 1):
-        raise ValueError(
-            "an alignment hook of your own runs in one process without micro-batches: "
-            "use cfg.align for multi-process runs and micro_batch_size"
-        )
-    if cfg.student == "arcflow":
-        _check_arcflow(cfg, world, split, alignment)
+    _check_combination(cfg, world, split, alignment)
     if world.mode != "fsdp":  # FSDP2 moves each unit's shards to the device itself
         transformer.to(device)
     loss: Any = None
@@ -266,8 +260,6 @@ def build_run(
             student = MeanFlowStudent(transformer, family, **kwargs)
     if world.mode != "fsdp":
         student.to(device)
-    if cfg.align != "none" and alignment is not None:
-        raise ValueError("give either cfg.align or an alignment term, not both")
     fake = _build_fake(cfg, student) if cfg.align != "none" else None
     if cfg.gradient_checkpointing:
         if hasattr(transformer, "enable_gradient_checkpointing"):
@@ -322,16 +314,25 @@ def build_run(
     )
 
 
-def _check_arcflow(cfg: DistillConfig, world: World, split: Split, alignment: Any) -> None:
-    """What ``--student arcflow`` cannot run (besides a family other than FLUX), refused
-    by name."""
-    if cfg.align != "none" or alignment is not None:
-        raise ValueError("--student arcflow takes no alignment term (--align none)")
-    if world.distributed or len(split.parts()) > 1:
-        raise ValueError(
-            "--student arcflow runs in one process without micro-batches (its rollout draws "
-            "per call): run it without torchrun and --micro-batch-size"
-        )
+def _check_combination(cfg: DistillConfig, world: World, split: Split, alignment: Any) -> None:
+    """Raise one ``ValueError`` naming every setting that the others rule out: ``cfg.align``
+    beside an ``alignment`` term of one's own; such a term, or ``--student arcflow`` (its
+    rollout draws per call), in several processes or micro-batches; an alignment term with
+    ``--student arcflow`` (besides a family other than FLUX, refused before anything loads)."""
+    whole = not world.distributed and len(split.parts()) == 1
+    arcflow = cfg.student == "arcflow"
+    own, align = alignment is not None, cfg.align != "none"
+    wrong = {
+        "give either cfg.align or an alignment term, not both": own and align,
+        "an alignment hook of your own runs in one process without micro-batches: use "
+        "cfg.align for multi-process runs and micro_batch_size": own and not whole,
+        "--student arcflow takes no alignment term (--align none)": arcflow and (own or align),
+        "--student arcflow runs in one process without micro-batches (its rollout draws per "
+        "call): run it without torchrun and --micro-batch-size": arcflow and not whole,
+    }
+    problems = [why for why, refused in wrong.items() if refused]
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _build_fake(cfg: DistillConfig, student: MeanFlowStudent) -> FakeVelocity:

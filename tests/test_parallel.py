@@ -3,6 +3,7 @@ FSDP2 units, the mode rule, and the named errors of the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -112,3 +113,7 @@ def test_an_alignment_hook_of_ones_own_runs_whole_batches_in_one_process(tmp_pat
                         weights_dtype="fp32", lora_rank=2, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="alignment hook of your own"):
         build_run(cfg, alignment=object())
+    # an ArcFlow student refuses the term and the micro-batches too, all named in one error
+    arcflow = dataclasses.replace(cfg, student="arcflow", r_embedding="interval")
+    with pytest.raises(ValueError, match="hook of your own.*; .*no alignment term.*; .*one proc"):
+        build_run(arcflow, alignment=object())
