@@ -22,6 +22,8 @@ from torch import Tensor
 from mfcore._checks import (
     check_batch,
     check_callable,
+    check_generator,
+    check_instance,
     check_interval,
     check_like,
     check_positive_int,
@@ -36,7 +38,7 @@ from mfcore.fields import Target, Weighting
 from mfcore.guidance import MeanFlowGuidance
 from mfcore.path import compute_dtype, sample_path
 from mfcore.targets import DifferentialTarget
-from mfcore.time import LogitNormalTime, TimePairSampler, valid_by_construction
+from mfcore.time import LogitNormalTime, TimePairSampler, draw_from, valid_by_construction
 
 __all__ = [
     "AdaptiveWeight",
@@ -102,6 +104,7 @@ def _sq_error(pred: Tensor, target: Tensor) -> Tensor:
 
 def _prepare(x, noise, generator):
     check_batch("x", x)
+    check_generator(generator, x.device)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     else:
@@ -113,9 +116,10 @@ def _draw(sampler, x: Tensor, generator, *, trusted: bool, check, what: str):
     """A sampler's draw for the batch ``x``; unless ``trusted`` (one of :mod:`mfcore.time`'s
     samplers, valid by construction), ``check(draw, x)`` at once (one sync), naming the
     sampler, before any model runs, rather than deep in a target."""
-    draw = sampler(x.shape[0], device=x.device, dtype=compute_dtype(x.dtype), generator=generator)
+    kw = {"device": x.device, "dtype": compute_dtype(x.dtype), "generator": generator}
     if trusted:
-        return draw
+        return draw_from(sampler, x.shape[0], **kw)
+    draw = sampler(x.shape[0], **kw)
     try:
         return check(draw, x)
     except (TypeError, ValueError) as err:
@@ -213,18 +217,12 @@ class MeanFlowLoss:
         check_callable("time_sampler", time_sampler, optional=True)
         self.time_sampler = time_sampler if time_sampler is not None else TimePairSampler()
         self._trusted = valid_by_construction(self.time_sampler)
-        if target is not None and not isinstance(target, Target):
-            raise TypeError(
-                "target must be a mfcore.fields.Target (phase, __call__, state_dict, "
-                f"load_state_dict), got {type(target).__name__}"
-            )
+        what = "a mfcore.fields.Target (phase, __call__, state_dict, load_state_dict)"
+        check_instance("target", target, Target, what, optional=True)
         self.target = target if target is not None else DifferentialTarget()
         weighting = check_weighting(weighting)
         self.weighting = weighting if weighting is not None else AdaptiveWeight()
-        if guidance is not None and not callable(guidance):
-            raise TypeError(
-                f"guidance must be a MeanFlowGuidance or a callable, got {type(guidance).__name__}"
-            )
+        check_callable("guidance", guidance, optional=True)
         if guidance is not None and not isinstance(guidance, MeanFlowGuidance):
             warnings.warn(
                 "a plain guidance callable is applied to every sample, as guidance(v, student, "

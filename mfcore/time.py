@@ -32,9 +32,10 @@ requested dtype at the end.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -70,6 +71,7 @@ __all__ = [
     "ClampedPairSampler",
     "GridPairSampler",
     "valid_by_construction",
+    "draw_from",
     "shift_time",
     "exponential_shift",
     "resolution_shift_mu",
@@ -105,20 +107,47 @@ class TimeSampler(Protocol):
 # --------------------------------------------------------------------------- validation
 
 
-def _check_draw(
-    batch_size: object, device: object, dtype: object, generator: object
-) -> tuple[int, torch.device, torch.dtype, torch.Generator | None]:
-    """Validate the common arguments of every sampler call."""
-    batch_size = check_positive_int("batch_size", batch_size)
-    dev = check_device(device)
-    return batch_size, dev, check_dtype(dtype), check_generator(generator, dev)
+Gen = torch.Generator | None
+
+
+class _Sampler(ABC):
+    """The public call every sampler here shares: check the arguments once, then
+    :meth:`draw`, which trusts them (and draws from inner samplers the same way)."""
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        device: DeviceLike = None,
+        dtype: torch.dtype = torch.float32,
+        generator: Gen = None,
+    ) -> Any:
+        """Draw ``batch_size`` times (see :class:`TimeSampler`) or pairs (see
+        :class:`TimePairSampler`)."""
+        n = check_positive_int("batch_size", batch_size)
+        dev = check_device(device)
+        gen = check_generator(generator, dev)
+        return self.draw(n, device=dev, dtype=check_dtype(dtype), generator=gen)
+
+    @abstractmethod
+    def draw(self, n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen) -> Any: ...
+
+
+def draw_from(
+    sampler: Callable[..., Any], n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen
+) -> Any:
+    """``sampler``'s draw on checked arguments: :meth:`_Sampler.draw` for a sampler of this
+    module whose call is the shared one (no second check), else its public call."""
+    if isinstance(sampler, _Sampler) and type(sampler).__call__ is _Sampler.__call__:
+        return sampler.draw(n, device=device, dtype=dtype, generator=generator)
+    return sampler(n, device=device, dtype=dtype, generator=generator)
 
 
 # --------------------------------------------------------------------------- samplers
 
 
 @dataclass(frozen=True)
-class UniformTime:
+class UniformTime(_Sampler):
     """Times uniform on ``[low, high]`` (the rectified-flow default).
 
     Args:
@@ -136,22 +165,14 @@ class UniformTime:
         object.__setattr__(self, "low", low)
         object.__setattr__(self, "high", high)
 
-    def __call__(
-        self,
-        batch_size: int,
-        *,
-        device: DeviceLike = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
-        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
-        u = torch.rand(n, device=dev, dtype=compute_dtype(dtype), generator=gen)
+    def draw(self, n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen) -> Tensor:
+        """``n`` times ``(n,)`` on checked arguments (see :class:`TimeSampler`)."""
+        u = torch.rand(n, device=device, dtype=compute_dtype(dtype), generator=generator)
         return (self.low + (self.high - self.low) * u).to(dtype)
 
 
 @dataclass(frozen=True)
-class LogitNormalTime:
+class LogitNormalTime(_Sampler):
     """Logit-normal times ``t = sigmoid(n)``, ``n ~ N(mean, std^2)`` (SD3, arXiv 2403.03206).
 
     MeanFlow (arXiv 2505.13447) uses ``mean = -0.4, std = 1.0``: slightly more mass near the
@@ -169,37 +190,28 @@ class LogitNormalTime:
         object.__setattr__(self, "mean", check_real("mean", self.mean))
         object.__setattr__(self, "std", check_real("std", self.std, minimum=0.0, strict=True))
 
-    def __call__(
-        self,
-        batch_size: int,
-        *,
-        device: DeviceLike = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
-        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
-        normal = torch.randn(n, device=dev, dtype=compute_dtype(dtype), generator=gen)
+    def draw(self, n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen) -> Tensor:
+        """``n`` times ``(n,)`` on checked arguments (see :class:`TimeSampler`)."""
+        normal = torch.randn(n, device=device, dtype=compute_dtype(dtype), generator=generator)
         return torch.sigmoid(self.mean + self.std * normal).to(dtype)
 
 
 def _draw_shifted(
     base: Callable[..., Tensor],
     scale: float,
-    batch_size: int,
+    n: int,
     *,
-    device: DeviceLike,
+    device: torch.device,
     dtype: torch.dtype,
-    generator: torch.Generator | None,
+    generator: Gen,
 ) -> Tensor:
     """Draw from ``base`` in fp32 at least, shift by ``scale``, cast to ``dtype``."""
-    dtype = check_dtype(dtype)
-    t = base(batch_size, device=device, dtype=compute_dtype(dtype), generator=generator)
+    t = draw_from(base, n, device=device, dtype=compute_dtype(dtype), generator=generator)
     return shift_time(t, scale, validate=False).to(dtype)
 
 
 @dataclass(frozen=True)
-class ShiftedTime:
+class ShiftedTime(_Sampler):
     """Times of ``base`` passed through the static shift :func:`shift_time`.
 
     If ``base`` has CDF ``F``, the shifted times have CDF ``F(shift_time(t, 1 / shift))``.
@@ -216,22 +228,15 @@ class ShiftedTime:
         check_callable("base", self.base)
         object.__setattr__(self, "shift", check_real("shift", self.shift, minimum=0.0, strict=True))
 
-    def __call__(
-        self,
-        batch_size: int,
-        *,
-        device: DeviceLike = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
+    def draw(self, n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen) -> Tensor:
+        """``n`` times ``(n,)`` on checked arguments (see :class:`TimeSampler`)."""
         return _draw_shifted(
-            self.base, self.shift, batch_size, device=device, dtype=dtype, generator=generator
+            self.base, self.shift, n, device=device, dtype=dtype, generator=generator
         )
 
 
 @dataclass(frozen=True)
-class ResolutionShiftedTime:
+class ResolutionShiftedTime(_Sampler):
     """Times of ``base`` passed through :func:`exponential_shift` with log-shift ``mu``.
 
     Get ``mu`` for an image from :func:`resolution_shift_mu` (FLUX.1's schedule).
@@ -249,19 +254,10 @@ class ResolutionShiftedTime:
         shift_of_mu(self.mu)
         object.__setattr__(self, "mu", float(self.mu))
 
-    def __call__(
-        self,
-        batch_size: int,
-        *,
-        device: DeviceLike = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Draw ``(batch_size,)`` times (see :class:`TimeSampler`)."""
+    def draw(self, n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen) -> Tensor:
+        """``n`` times ``(n,)`` on checked arguments (see :class:`TimeSampler`)."""
         scale = math.exp(self.mu)
-        return _draw_shifted(
-            self.base, scale, batch_size, device=device, dtype=dtype, generator=generator
-        )
+        return _draw_shifted(self.base, scale, n, device=device, dtype=dtype, generator=generator)
 
 
 def _default_t_sampler() -> LogitNormalTime:
@@ -270,7 +266,7 @@ def _default_t_sampler() -> LogitNormalTime:
 
 
 @dataclass(frozen=True)
-class TimePairSampler:
+class TimePairSampler(_Sampler):
     """Pairs ``(r, t)`` with ``r <= t`` for the average velocity ``u(z_t, r, t)`` (MeanFlow).
 
     Two times are drawn (the first from ``t_sampler``, the second from ``r_sampler``, or
@@ -309,29 +305,15 @@ class TimePairSampler:
         fraction = check_fraction("equal_fraction", self.equal_fraction)
         object.__setattr__(self, "equal_fraction", fraction)
 
-    def __call__(
-        self,
-        batch_size: int,
-        *,
-        device: DeviceLike = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
+    def draw(
+        self, n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen
     ) -> tuple[Tensor, Tensor]:
-        """Draw ``batch_size`` pairs.
-
-        Args:
-            batch_size: number of pairs ``B``.
-            device: device of the result (default: torch's default device).
-            dtype: floating dtype of the result.
-            generator: optional :class:`torch.Generator` on ``device``.
-
-        Returns:
-            ``(r, t)``, each ``(B,)`` in ``[0, 1]`` with ``r <= t``.
-        """
-        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
+        """``n`` pairs ``(r, t)``, each ``(n,)``, on checked arguments (see
+        :class:`TimePairSampler`)."""
+        dev, gen = device, generator
         kw = {"device": dev, "dtype": dtype, "generator": gen}
-        first = self.t_sampler(n, **kw)
-        second = (self.r_sampler or self.t_sampler)(n, **kw)
+        first = draw_from(self.t_sampler, n, **kw)
+        second = draw_from(self.r_sampler or self.t_sampler, n, **kw)
         r, t = torch.minimum(first, second), torch.maximum(first, second)
         return torch.where(self._equal_mask(n, dev, gen), t, r), t
 
@@ -345,7 +327,7 @@ class TimePairSampler:
 
 
 @dataclass(frozen=True)
-class ClampedPairSampler:
+class ClampedPairSampler(_Sampler):
     """Pairs ``(r, t)`` with ``t`` drawn on its own and ``r`` clamped below it.
 
     Per pair: ``t ~ t_sampler`` and ``r' ~ r_sampler``; with probability ``equal_prob``
@@ -392,25 +374,21 @@ class ClampedPairSampler:
         check_callable("r_sampler", self.r_sampler)
         object.__setattr__(self, "equal_prob", check_fraction("equal_prob", self.equal_prob))
 
-    def __call__(
-        self,
-        batch_size: int,
-        *,
-        device: DeviceLike = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
+    def draw(
+        self, n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen
     ) -> tuple[Tensor, Tensor]:
-        """Draw ``batch_size`` pairs ``(r, t)``, each ``(B,)`` (see :class:`TimePairSampler`)."""
-        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
+        """``n`` pairs ``(r, t)``, each ``(n,)``, on checked arguments (see
+        :class:`TimePairSampler`)."""
+        dev, gen = device, generator
         kw = {"device": dev, "dtype": dtype, "generator": gen}
-        t = self.t_sampler(n, **kw)
-        second = self.r_sampler(n, **kw)
+        t = draw_from(self.t_sampler, n, **kw)
+        second = draw_from(self.r_sampler, n, **kw)
         equal = torch.rand(n, device=dev, generator=gen) < self.equal_prob
         return torch.minimum(t, torch.where(equal, t, second)), t
 
 
 @dataclass(frozen=True, eq=False)
-class GridPairSampler:
+class GridPairSampler(_Sampler):
     """Pairs of which a share ``fraction`` are intervals of few-step sampling grids.
 
     Each pair is, with probability ``fraction``, an interval ``[r, t] = [g_{i+1}, g_i]`` of
@@ -459,17 +437,13 @@ class GridPairSampler:
         object.__setattr__(self, "_on", {})  # device -> (steps, table): one copy per device
         object.__setattr__(self, "fraction", check_fraction("fraction", self.fraction))
 
-    def __call__(
-        self,
-        batch_size: int,
-        *,
-        device: DeviceLike = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
+    def draw(
+        self, n: int, *, device: torch.device, dtype: torch.dtype, generator: Gen
     ) -> tuple[Tensor, Tensor]:
-        """Draw ``batch_size`` pairs ``(r, t)``, each ``(B,)`` (see :class:`TimePairSampler`)."""
-        n, dev, dtype, gen = _check_draw(batch_size, device, dtype, generator)
-        r, t = self.base(n, device=dev, dtype=dtype, generator=gen)
+        """``n`` pairs ``(r, t)``, each ``(n,)``, on checked arguments (see
+        :class:`TimePairSampler`)."""
+        dev, gen = device, generator
+        r, t = draw_from(self.base, n, device=dev, dtype=dtype, generator=gen)
         pick = torch.rand(n, device=dev, generator=gen) < self.fraction
         which = torch.randint(len(self.grids), (n,), device=dev, generator=gen)
         if dev not in self._on:  # (a host-to-device copy waits for the device: once)
