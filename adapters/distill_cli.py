@@ -326,10 +326,14 @@ def _train_settings(args: dict[str, Any], argv: Sequence[str] | None, prog: str)
     settings with the flags the command line gave on top (a changed setting that a resume
     may not change is then refused by name, as any)."""
     if args["resume"] is None:
-        if args["data"] is None or (args["model"] is None and not args["tiny"]):
-            raise ValueError("train needs --data and one of --model and --tiny")
-        if args["output"] is None:
-            raise ValueError("train needs --output (the run folder)")
+        needs = {
+            "--data": args["data"] is None,
+            "--model or --tiny": args["model"] is None and not args["tiny"],
+            "--output (the run folder)": args["output"] is None,
+        }
+        missing = [flag for flag, absent in needs.items() if absent]
+        if missing:
+            raise ValueError(f"train needs {'; '.join(missing)}")
         return {**args, "resume": False}
     output, point = resume_target(args["resume"], args["output"])
     given_parser = build_parser(prog, given_only=True)

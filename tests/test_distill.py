@@ -247,6 +247,8 @@ def test_named_errors_before_any_step(tmp_path, capsys, monkeypatch):
     assert "ema_decay" in usage_error(
         ["train", "--tiny", "--data", str(flux), "--ema-decay", "1.5", *out], capsys
     )
+    err = usage_error(["train", "--steps", "1"], capsys)  # every missing flag at once
+    assert "train needs --data; --model or --tiny; --output (the run folder)" in err
     assert not calls
 
 
