@@ -67,42 +67,43 @@ class LatentDataset:
             raise ValueError(f"data folder {folder} holds no samples (every file has N = 0)")
 
     def _scan(self, path: str) -> int:
+        """``path``'s number of samples; one ``ValueError`` naming the file and every way it
+        is not a sample file (a missing key, a scalar, integer or non-4-D latents, keys that
+        disagree on ``N``) or, if it is one, differs from the folder's first file."""
         with open_tensors(path) as f:
             keys = set(f.keys())
-            missing = [k for k in self.required if k not in keys]
-            if missing:
-                raise ValueError(f"{path} lacks {missing}; a sample file needs {self.required}")
-            used = sorted(keys & set(self.required + self.optional))
-            slices = {k: f.get_slice(k) for k in used}
+            slices = {k: f.get_slice(k) for k in sorted(keys & {*self.required, *self.optional})}
             shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
             dtypes = {k: s.get_dtype() for k, s in slices.items()}
-        for k, s in shapes.items():
-            if not s:
-                raise ValueError(f"{path}: {k} is a scalar; every key needs N samples first")
-        if dtypes["latents"] not in _FLOATS:
-            raise ValueError(
-                f"{path}: latents are {dtypes['latents']}, not floating point (VAE latents)"
-            )
-        n = shapes["latents"][0]
-        if any(s[0] != n for s in shapes.values()):
-            raise ValueError(f"{path}: the tensors disagree on the number of samples {shapes}")
-        if len(shapes["latents"]) != 4:
-            raise ValueError(f"{path}: latents must be (N, C, H, W), got {shapes['latents']}")
+        missing = [k for k in self.required if k not in keys]
+        problems = [f"lacks {missing}; a sample file needs {self.required}"] if missing else []
+        scalars = [k for k, s in shapes.items() if not s]
+        problems += [f"{k} is a scalar; every key needs N samples first" for k in scalars]
+        if "latents" in dtypes and dtypes["latents"] not in _FLOATS:
+            problems.append(f"latents are {dtypes['latents']}, not floating point (VAE latents)")
+        if "latents" in shapes and len(shapes["latents"]) != 4:
+            problems.append(f"latents must be (N, C, H, W), got {shapes['latents']}")
+        if len({s[0] for s in shapes.values() if s}) > 1:
+            problems.append(f"the tensors disagree on the number of samples {shapes}")
         per_sample = {k: s[1:] for k, s in shapes.items()}
-        if self.shapes is None or self.dtypes is None:
+        if not problems and self.shapes is not None and self.dtypes is not None:
+            # a sample file of its own: it must match the first one
+            if per_sample != self.shapes:
+                problems.append(
+                    f"per-sample shapes {per_sample}, but {self.files[0]} has {self.shapes}: "
+                    "every sample in a folder must share them"
+                )
+            problems += [
+                f"{k} is {dtypes[k]}, but {self.files[0]} holds it as {self.dtypes.get(k)}: "
+                "every file in a folder must share the dtypes"
+                for k in dtypes
+                if dtypes[k] != self.dtypes.get(k, dtypes[k])
+            ]
+        if problems:
+            raise ValueError(f"{path}: " + "; ".join(problems))
+        if self.shapes is None:
             self.shapes, self.dtypes = per_sample, dtypes
-        elif per_sample != self.shapes:
-            raise ValueError(
-                f"{path} has per-sample shapes {per_sample}, but {self.files[0]} has "
-                f"{self.shapes}: every sample in a folder must share them"
-            )
-        elif dtypes != self.dtypes:
-            k = next(k for k in dtypes if dtypes[k] != self.dtypes[k])
-            raise ValueError(
-                f"{path}: {k} is {dtypes[k]}, but {self.files[0]} holds it as "
-                f"{self.dtypes[k]}: every file in a folder must share the dtypes"
-            )
-        return n
+        return shapes["latents"][0]
 
     def __len__(self) -> int:
         return len(self.index)

@@ -104,8 +104,12 @@ def test_a_key_with_the_wrong_dtype_or_shape_is_named(tmp_path):
     _rewrite(paths[1], latents=latents, pooled_prompt_embeds=torch.tensor(1.0))
     with pytest.raises(ValueError, match=rf"{paths[1]}: pooled_prompt_embeds is a scalar"):
         LatentDataset(tmp_path)
+    _rewrite(paths[1], latents=latents[:, 0].to(torch.int64))  # every fault in one error
+    with pytest.raises(ValueError, match=r"is a scalar.*; latents are I64.*; latents must be"):
+        LatentDataset(tmp_path)
+    _rewrite(paths[1], latents=latents)
     _rewrite(paths[1], pooled_prompt_embeds=torch.zeros(3, 5))
-    with pytest.raises(ValueError, match=rf"{paths[1]} has per-sample shapes"):
+    with pytest.raises(ValueError, match=rf"{paths[1]}: per-sample shapes"):
         LatentDataset(tmp_path)
 
 
