@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice, check_interval, check_real, check_time
+from mfcore._checks import check_choice, check_instance, check_interval, check_real, check_time
 from mfcore.adapters._durable import read_json
 from mfcore.adapters._state import read_tensors
 from mfcore.adapters.family import Family
@@ -60,6 +60,9 @@ __all__ = [
     "load_student",
     "student_kwargs",
     "read_student_config",
+    "read_saved_config",
+    "split_state",
+    "load_exactly",
 ]
 
 INTERVAL_WEIGHT_NAME = "interval_embedding.safetensors"
@@ -238,12 +241,9 @@ class MeanFlowStudent(SharedWeightsStudent):
         attention: str = "auto",
     ) -> None:
         super().__init__()
-        family = family if family is not None else self.default_family
-        if family is None:
-            raise TypeError("family is required (this student class has no default_family)")
+        family = self._family(family)
         family.check_model(transformer)
-        if lora is not None and not isinstance(lora, LoraSpec):
-            raise TypeError(f"lora must be a LoraSpec or None, got {type(lora).__name__}")
+        check_instance("lora", lora, LoraSpec, "a LoraSpec or None", optional=True)
         self._routing = AttentionRouting(attention)
         route_attention(family.attention_modules(transformer), self._routing)
         self.family = family
@@ -256,6 +256,13 @@ class MeanFlowStudent(SharedWeightsStudent):
         self._train_in_fp32()
         self._delta: Tensor | None = None
         self._hooks = [p.register_forward_hook(self._add_interval) for p in points]
+
+    @classmethod
+    def _family(cls, family: Family | None) -> Family:
+        """``family``, else the class's ``default_family`` (``TypeError`` if neither)."""
+        if family is None and cls.default_family is None:
+            raise TypeError("family is required (this student class has no default_family)")
+        return family if family is not None else cls.default_family
 
     @property
     def attention(self) -> str:
@@ -328,18 +335,9 @@ class MeanFlowStudent(SharedWeightsStudent):
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load a :meth:`trainable_state_dict`; every key must match (``ValueError`` otherwise)."""
-        lora = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
-        interval = {k[9:]: v for k, v in state.items() if k.startswith("interval.")}
-        other = [k for k in state if not k.startswith(("lora.", "interval."))]
-        if other:
-            raise ValueError(f"unexpected keys in the student state: {other[:3]}")
+        lora, interval = split_state(state, ("lora.", "interval."))
         load_lora_state_dict(self.transformer, lora, adapter_name=self.adapter_name)
-        self._load_interval(interval)
-
-    def _load_interval(self, state: Mapping[str, Tensor]) -> None:
-        missing, unexpected = self.interval.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"interval state mismatch: missing {missing}, unexpected {unexpected}")
+        load_exactly(self.interval, interval, "interval")
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the trained state to ``directory`` as safetensors plus JSON (no pickle).
@@ -377,33 +375,29 @@ class MeanFlowStudent(SharedWeightsStudent):
         """Load what :meth:`save_pretrained` wrote into this student (same LoRA spec and model)."""
         meta = read_student_config(directory, self.family)
         saved = meta.get("r_embedding", "interval")
-        if saved != self.r_embedding:
-            raise ValueError(
-                f"{directory} holds a student with r_embedding {saved!r}, this one takes "
-                f"{self.r_embedding!r} (load it with load_student)"
-            )
         summary = self.family.config_summary(self.transformer)
+        problems = []
+        if saved != self.r_embedding:
+            problems.append(
+                f"r_embedding {saved!r}, this one takes {self.r_embedding!r} (load it with "
+                "load_student)"
+            )
         if meta["transformer_config"] != summary:
-            raise ValueError(
-                f"{directory} was saved for transformer {meta['transformer_config']}, "
-                f"not this one {summary}"
-            )
+            problems.append(f"transformer {meta['transformer_config']}, not this one {summary}")
         if LoraSpec(**meta["lora"]) != self.lora_spec:
-            raise ValueError(
-                f"{directory} has LoRA {meta['lora']}, this student {self.lora_spec.to_dict()}"
-            )
+            problems.append(f"LoRA {meta['lora']}, this student {self.lora_spec.to_dict()}")
+        if problems:
+            raise ValueError(f"{directory} holds another student: " + "; ".join(problems))
         self.family.load_lora(str(directory), self.transformer, self.adapter_name)
         path = os.path.join(directory, self.interval_file)
-        self._load_interval(read_tensors(path, what="student file"))
+        load_exactly(self.interval, read_tensors(path, what="student file"), "interval")
 
     @classmethod
     def from_pretrained(
         cls, transformer: nn.Module, directory: str | os.PathLike, family: Family | None = None
     ) -> MeanFlowStudent:
         """Build a student on ``transformer`` from a :meth:`save_pretrained` folder."""
-        family = family if family is not None else cls.default_family
-        if family is None:
-            raise TypeError("family is required (this student class has no default_family)")
+        family = cls._family(family)
         student = cls(transformer, family, **student_kwargs(directory, family))
         student.load_pretrained(directory)
         return student
@@ -461,16 +455,53 @@ def read_student_config(directory: str | os.PathLike, family: Family) -> dict[st
         FileNotFoundError: if the folder holds no such config.
         ValueError: if the config is another family's or another format.
     """
-    path = os.path.join(directory, family.student_config_name)
+    return read_saved_config(
+        directory, family.student_config_name, family.student_format, family.label
+    )
+
+
+def read_saved_config(
+    directory: str | os.PathLike, name: str, fmt: str, label: str
+) -> dict[str, Any]:
+    """The JSON config ``name`` of a saved ``label`` student: an object whose ``format`` is
+    ``fmt``.
+
+    Raises:
+        FileNotFoundError: if ``directory`` holds no ``name``.
+        ValueError: if it holds another JSON value or format.
+    """
+    path = os.path.join(directory, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no saved {family.label} student at {directory} (missing {family.student_config_name})"
-        )
+        raise FileNotFoundError(f"no saved {label} student at {directory} (missing {name})")
     meta = read_json(path, "student config")
-    if not isinstance(meta, dict):
-        raise ValueError(f"student config {path} is not a JSON object")
-    if meta.get("format") != family.student_format:
-        raise ValueError(
-            f"{path} is not a saved {family.label} student (format {meta.get('format')!r})"
-        )
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        held = f"format {meta.get('format')!r}" if isinstance(meta, dict) else "no JSON object"
+        raise ValueError(f"{path} is not a saved {label} student ({held})")
     return meta
+
+
+def split_state(state: Mapping[str, Tensor], prefixes: tuple[str, ...]) -> list[dict]:
+    """A saved student state's entries under each of ``prefixes``, the prefix cut off
+    (``ValueError`` naming keys under none)."""
+    other = [k for k in state if not k.startswith(prefixes)]
+    if other:
+        raise ValueError(f"unexpected keys in the student state: {other[:3]}")
+    return [{k[len(p) :]: v for k, v in state.items() if k.startswith(p)} for p in prefixes]
+
+
+def load_exactly(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """Load ``state`` into ``module``: the same keys and shapes, or one ``ValueError`` that
+    names every missing, unexpected and reshaped entry of the ``what`` state."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = [
+        f"{k} {tuple(v.shape)}, this one's {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"{what} state does not fit: missing {missing}, unexpected {unexpected}, "
+            f"shape of {reshaped}"
+        )
+    module.load_state_dict(state)
