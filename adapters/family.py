@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_real, check_tensor
 from mfcore.adapters._durable import read_json
+from mfcore.adapters._shapes import Shape, check_conditions, data_problems
 from mfcore.adapters.interval import diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 
@@ -195,7 +196,8 @@ def guidance_input(
 ) -> Tensor | None:
     """The guidance input ``(B,)`` float32 of a call (``default`` when ``guidance`` is None),
     or None for a checkpoint without a guidance embedding (``embeds`` False), where a given
-    ``guidance`` is a ``ValueError``: such a teacher takes two-pass CFG instead."""
+    ``guidance`` is a ``ValueError``: such a teacher takes two-pass CFG instead. A
+    ``guidance`` that is neither a tensor nor a real number is a ``TypeError``."""
     if not embeds:
         if guidance is not None:
             raise ValueError(
@@ -210,8 +212,6 @@ def guidance_input(
                 f"guidance must be a float or have shape ({z.shape[0]},), got {tuple(g.shape)}"
             )
         return g.to(device=z.device, dtype=torch.float32)
-    if isinstance(g, bool) or not isinstance(g, int | float):
-        raise TypeError(f"guidance must be a float or a tensor, got {type(g).__name__}")
     return torch.full(
         (z.shape[0],), check_real("guidance", g), device=z.device, dtype=torch.float32
     )
@@ -233,7 +233,14 @@ class FamilyBase:
     - ``attention_class``: :meth:`attention_modules`;
     - ``summary_keys``: :meth:`config_summary`;
     - ``shift_key`` / ``default_shift``: a constant sampling shift read from the scheduler
-      config (:meth:`sampling_shift`), the sampling grid and the shifted training times.
+      config (:meth:`sampling_shift`), the sampling grid and the shifted training times;
+    - ``supported``: config entries the adapters need (``{"patch_size": 1}``), which
+      :meth:`check_model` checks;
+    - ``conditions``: the condition tensors of one prompt
+      (:class:`~mfcore.adapters._shapes.Shape`), which :meth:`condition_call` checks in a
+      call (``missing_condition``: the error of a call without a required one) and
+      :meth:`check_data` in a data folder, with ``latent_multiple`` (the latents' height
+      and width must be multiples of it).
 
     And without: latents of ``config.in_channels`` channels (:meth:`latent_channels`), LoRA
     files without a key prefix (a diffusers model's ``save_lora_adapter`` format).
@@ -248,13 +255,24 @@ class FamilyBase:
     shift_key: str = "shift"
     default_shift: float = 1.0
     attention_class: type = nn.Module
+    supported: Mapping[str, Any] = {}
+    conditions: Mapping[str, Shape] = {}
+    missing_condition: type[Exception] = TypeError
+    latent_multiple: int = 1
 
     def check_model(self, model: object) -> nn.Module:
         cls = self.model_class
         assert cls is not None, f"{type(self).__name__} declares no model_class"
         if not isinstance(model, cls):
+            library = cls.__module__.split(".")[0]
             raise TypeError(
-                f"transformer must be a diffusers {cls.__name__}, got {type(model).__name__}"
+                f"transformer must be a {library} {cls.__name__}, got {type(model).__name__}"
+            )
+        found = self.config_summary(model, self.supported)
+        if found != {k: _plain(v) for k, v in self.supported.items()}:
+            raise ValueError(
+                f"mfcore supports {self.label} transformers with {dict(self.supported)} only, "
+                f"got {found}"
             )
         return model
 
@@ -295,14 +313,41 @@ class FamilyBase:
         assert isinstance(z, Tensor)
         c = self.latent_channels(model)
         if z.ndim != 4 or z.shape[1] != c:
-            raise ValueError(f"z must be latents (B, {c}, H, W), got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"z must be latents (B, {c}, H, W) with {c} channels, got shape {tuple(z.shape)}"
+            )
         return z
 
-    def config_summary(self, model: nn.Module) -> dict[str, Any]:
+    def condition_call(
+        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], negative: bool
+    ) -> Call:
+        """The checked :attr:`conditions` of one call, keyed by their declared names (and
+        the negative prompt's when ``negative``)."""
+
+        def prompt(tag: str) -> dict[str, Tensor]:
+            return check_conditions(self.conditions, cond, z, model.config, tag=tag,
+                                    label=self.label, missing=self.missing_condition)  # fmt: skip
+
+        return Call(prompt(""), prompt("negative_") if negative else None)
+
+    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
+        """Raise one ``ValueError`` listing what in a data folder's per-sample ``shapes``
+        does not fit ``model``: the latents ``(C, H, W)`` and :attr:`conditions`."""
+        c, m = self.latent_channels(model), self.latent_multiple
+        channels, h, w = shapes["latents"]
+        problems = [] if channels == c else [f"latents have {channels} channels, not {c}"]
+        if h % m or w % m:
+            problems.append(f"latents need a height and width divisible by {m}, got {h}x{w}")
+        problems += data_problems(self.conditions, shapes, model.config)
+        if problems:
+            raise ValueError(f"this {self.label} takes no such data: " + "; ".join(problems))
+
+    def config_summary(self, model: nn.Module, keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """The config entries ``keys`` (default ``summary_keys``), tuples as lists."""
         cfg = model.config
         get = cfg.get if isinstance(cfg, Mapping) else lambda k: getattr(cfg, k)
-        values = {k: get(k) for k in self.summary_keys}
-        return {k: (list(v) if isinstance(v, tuple | list) else v) for k, v in values.items()}
+        values = {k: get(k) for k in (self.summary_keys if keys is None else keys)}
+        return {k: _plain(v) for k, v in values.items()}
 
     def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
         from mfcore.adapters.lora import save_lora
@@ -343,6 +388,11 @@ class FamilyBase:
         if "mu" in shift:
             return ResolutionShiftedTime(base, shift["mu"])
         return ShiftedTime(base, shift["shift"])
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON holds it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 # name -> module that defines FAMILY

@@ -35,7 +35,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import Tensor, nn
 
 from mfcore._checks import check_positive_int, check_tensor
-from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
+from mfcore.adapters.conditions import PooledTextConditions
+from mfcore.adapters.family import Call, FamilyBase, guidance_input
 from mfcore.adapters.interval import IntervalEmbedding
 from mfcore.adapters.lora import load_lora, save_lora
 from mfcore.adapters.prepare import PipelinePrompts
@@ -62,7 +63,6 @@ __all__ = [
     "latent_image_ids",
     "text_ids",
     "flux_mu",
-    "check_flux_transformer",
     "ATTENTION_MODES",
     "attention_mode_for",
     "IntervalEmbedding",
@@ -126,23 +126,22 @@ _FORMAT = "mfcore.adapters.flux.FluxStudent"
 # --------------------------------------------------------------------------- latents and ids
 
 
-def _check_latents(
-    name: str, z: object, transformer: FluxTransformer2DModel | None = None
-) -> Tensor:
+def _check_latents(name: str, z: object) -> Tensor:
+    """``z`` if it is a floating ``(B, C, H, W)`` tensor with an even ``H`` and ``W``."""
     check_tensor(name, z)
     assert isinstance(z, Tensor)
-    if z.ndim != 4:
-        raise ValueError(f"{name} must be VAE latents (B, C, H, W), got shape {tuple(z.shape)}")
-    if z.shape[2] % 2 or z.shape[3] % 2:
+    if z.ndim != 4 or z.shape[2] % 2 or z.shape[3] % 2:
         raise ValueError(
-            f"{name} needs an even height and width for 2x2 packing, got {tuple(z.shape)}"
-        )
-    if transformer is not None and 4 * z.shape[1] != transformer.config.in_channels:
-        raise ValueError(
-            f"{name} has {z.shape[1]} channels but the transformer takes "
-            f"{transformer.config.in_channels} (4 x C packed channels)"
+            f"{name} must be VAE latents (B, C, H, W) with an even height and width for 2x2 "
+            f"packing, got shape {tuple(z.shape)}"
         )
     return z
+
+
+def _check_even(name: str, n: object) -> int:
+    if check_positive_int(name, n) % 2:
+        raise ValueError(f"{name} must be even, got {n}")
+    return int(n)
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -170,13 +169,12 @@ def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
         latents ``(B, C, H, W)``.
     """
     check_tensor("tokens", tokens)
-    if tokens.ndim != 3 or tokens.shape[2] % 4:
-        raise ValueError(f"tokens must have shape (B, N, 4C), got {tuple(tokens.shape)}")
-    for name, n in (("height", height), ("width", width)):
-        if check_positive_int(name, n) % 2:
-            raise ValueError(f"{name} must be even, got {n}")
-    if tokens.shape[1] * 4 != height * width:
-        raise ValueError(f"tokens hold {tokens.shape[1]} patches, not {height}x{width}/4")
+    n = _check_even("height", height) * _check_even("width", width) // 4
+    if tokens.ndim != 3 or tokens.shape[1] != n or tokens.shape[2] % 4:
+        raise ValueError(
+            f"tokens must be (B, {n}, 4C), the {n} patches of a {height}x{width} latent, got "
+            f"shape {tuple(tokens.shape)}"
+        )
     return FluxPipeline._unpack_latents(tokens, height, width, 1)
 
 
@@ -192,9 +190,8 @@ def latent_image_ids(
     Returns:
         ids ``(H W / 4, 3)``: ``(0, row, column)`` of each 2x2 patch.
     """
-    for name, n in (("height", height), ("width", width)):
-        if check_positive_int(name, n) % 2:
-            raise ValueError(f"{name} must be even, got {n}")
+    _check_even("height", height)
+    _check_even("width", width)
     return FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
 
 
@@ -225,65 +222,6 @@ def flux_mu(image_seq_len: int, scheduler_config: Mapping[str, Any] | None = Non
 # --------------------------------------------------------------------------- one transformer call
 
 
-def check_flux_transformer(transformer: object) -> FluxTransformer2DModel:
-    """Raise ``TypeError`` unless ``transformer`` is a diffusers ``FluxTransformer2DModel``."""
-    if not isinstance(transformer, FluxTransformer2DModel):
-        raise TypeError(
-            "transformer must be a diffusers FluxTransformer2DModel, "
-            f"got {type(transformer).__name__}"
-        )
-    if transformer.config.patch_size != 1:
-        raise ValueError(
-            f"only patch_size 1 (FLUX.1's 2x2 latent packing) is supported, "
-            f"got {transformer.config.patch_size}"
-        )
-    return transformer
-
-
-def _check_prompt(
-    transformer: FluxTransformer2DModel,
-    z: Tensor,
-    prompt_embeds: object,
-    pooled: object,
-    tag: str = "",
-) -> None:
-    names = (f"{tag}prompt_embeds", f"{tag}pooled_prompt_embeds")
-    check_tensor(names[0], prompt_embeds)
-    check_tensor(names[1], pooled)
-    assert isinstance(prompt_embeds, Tensor) and isinstance(pooled, Tensor)
-    cfg = transformer.config
-    if prompt_embeds.ndim != 3 or prompt_embeds.shape[2] != cfg.joint_attention_dim:
-        raise ValueError(
-            f"{names[0]} must have shape (B, L, {cfg.joint_attention_dim}), "
-            f"got {tuple(prompt_embeds.shape)}"
-        )
-    if pooled.ndim != 2 or pooled.shape[1] != cfg.pooled_projection_dim:
-        raise ValueError(
-            f"{names[1]} must have shape (B, {cfg.pooled_projection_dim}), "
-            f"got {tuple(pooled.shape)}"
-        )
-    for name, x in zip(names, (prompt_embeds, pooled), strict=True):
-        if x.shape[0] != z.shape[0]:
-            raise ValueError(f"{name} has batch {x.shape[0]} but z has batch {z.shape[0]}")
-        if x.device != z.device:
-            raise ValueError(f"{name} is on {x.device} but z is on {z.device}")
-
-
-def _checked_call(
-    tr: FluxTransformer2DModel,
-    z: Tensor,
-    prompt_embeds: Tensor,
-    pooled: Tensor,
-    guidance: float | Tensor | None,
-    default_guidance: float,
-) -> Tensor | None:
-    """Check one call's latents and prompt (times are the caller's); return the guidance
-    tensor ``(B,)`` (``default_guidance`` for guidance-distilled checkpoints), or None."""
-    _check_latents("z", z, tr)
-    _check_prompt(tr, z, prompt_embeds, pooled)
-    return guidance_input(tr.config.guidance_embeds, guidance, default_guidance, z, "FLUX")
-
-
 def _flux_velocity(
     transformer: FluxTransformer2DModel,
     z: Tensor,
@@ -308,40 +246,24 @@ def _flux_velocity(
     return unpack_latents(out, h, w).to(z.dtype)
 
 
-def _required(cond: Mapping[str, Any], *names: str) -> list[Any]:
-    missing = [n for n in names if cond.get(n) is None]
-    if missing:
-        raise TypeError(f"a FLUX call needs {', '.join(missing)}")
-    return [cond[n] for n in names]
-
-
 # --------------------------------------------------------------------------- the family
 
 
-class FluxFamily(PipelinePrompts, FamilyBase):
+class FluxFamily(PipelinePrompts, PooledTextConditions, FamilyBase):
     """FLUX.1's conventions for the adapter core (:class:`mfcore.adapters.family.Family`)."""
 
     name = "flux"
     label = "FLUX"
     class_names = ("FluxTransformer2DModel",)
-    cond_keys = frozenset(
-        {
-            "prompt_embeds",
-            "pooled_prompt_embeds",
-            "guidance",
-            "negative_prompt_embeds",
-            "negative_pooled_prompt_embeds",
-        }
-    )
+    cond_keys = PooledTextConditions.cond_keys | {"guidance"}
+    supported = {"patch_size": 1}  # FLUX.1's 2x2 latent packing
+    missing_condition = TypeError  # like a missing keyword argument
     student_config_name = STUDENT_CONFIG_NAME
     student_format = _FORMAT
     summary_keys = tuple(sorted(TINY_FLUX_CONFIG))
     attention_class = FluxAttention
     model_class, vae_class, pipeline_class = FluxTransformer2DModel, AutoencoderKL, FluxPipeline
     time_embedding = "time_text_embed"
-
-    def check_model(self, model: object) -> FluxTransformer2DModel:
-        return check_flux_transformer(model)
 
     def check_call(
         self,
@@ -351,21 +273,13 @@ class FluxFamily(PipelinePrompts, FamilyBase):
         guidance: float,
         negative: bool,
     ) -> Call:
-        pe, pooled = _required(cond, "prompt_embeds", "pooled_prompt_embeds")
-        g = _checked_call(model, z, pe, pooled, cond.get("guidance"), guidance)
-        inputs = {"prompt_embeds": pe, "pooled": pooled, "guidance": g}
-        if not negative:
-            return Call(inputs)
-        neg, neg_pooled = (
-            cond.get("negative_prompt_embeds"),
-            cond.get("negative_pooled_prompt_embeds"),
-        )
-        if neg is None or neg_pooled is None:
-            raise ValueError(
-                "true_cfg_scale > 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds"
-            )
-        _check_prompt(model, z, neg, neg_pooled, "negative_")
-        return Call(inputs, {"prompt_embeds": neg, "pooled": neg_pooled, "guidance": g})
+        self.check_latents(model, z)
+        _check_latents("z", z)
+        embeds = model.config.guidance_embeds
+        g = guidance_input(embeds, cond.get("guidance"), guidance, z, self.label)
+        call = self.text_call(model, z, cond, negative)
+        neg = None if call.negative is None else {**call.negative, "guidance": g}
+        return Call({**call.inputs, "guidance": g}, neg)
 
     def velocity(
         self, model: FluxTransformer2DModel, z: Tensor, t: Tensor, inputs: dict[str, Any]
@@ -392,44 +306,7 @@ class FluxFamily(PipelinePrompts, FamilyBase):
     # ----------------------------------------------------------------------- entry point
 
     latent_multiple = 2  # latents are packed in 2x2 patches: even heights and widths
-    data_keys = ("prompt_embeds", "pooled_prompt_embeds")
-    optional_keys = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
-    negative_key = "negative_prompt_embeds"
     tiny_dims = {"channels": 1, "joint_attention_dim": 32, "pooled_projection_dim": 32}
-
-    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
-        cfg = model.config
-        c, h, w = shapes["latents"]
-        if 4 * c != cfg.in_channels:
-            raise ValueError(
-                f"latents have {c} channels; this FLUX takes {cfg.in_channels // 4} "
-                f"({cfg.in_channels} packed)"
-            )
-        if h % 2 or w % 2:
-            raise ValueError(f"latents need an even height and width, got {h}x{w}")
-        pe = shapes["prompt_embeds"]
-        if len(pe) != 2 or pe[1] != cfg.joint_attention_dim:
-            raise ValueError(
-                f"prompt_embeds must be (N, L, {cfg.joint_attention_dim}), got (N, *{pe})"
-            )
-        if shapes["pooled_prompt_embeds"] != (cfg.pooled_projection_dim,):
-            raise ValueError(
-                f"pooled_prompt_embeds must be (N, {cfg.pooled_projection_dim}), "
-                f"got (N, *{shapes['pooled_prompt_embeds']})"
-            )
-
-    def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
-        r, g = request, request.generator
-        n, jd, pd = r.n, r.dims["joint_attention_dim"], r.dims["pooled_projection_dim"]
-        data = {
-            "latents": torch.randn(n, r.dims["channels"], r.height, r.width, generator=g),
-            "prompt_embeds": torch.randn(n, r.seq_len, jd, generator=g),
-            "pooled_prompt_embeds": torch.randn(n, pd, generator=g),
-        }
-        if r.negatives:
-            data["negative_prompt_embeds"] = torch.randn(n, r.seq_len, jd, generator=g)
-            data["negative_pooled_prompt_embeds"] = torch.randn(n, pd, generator=g)
-        return data
 
     def tiny_model(self, seed: int, dtype: torch.dtype, guidance: bool) -> nn.Module:
         torch.manual_seed(seed)

@@ -39,14 +39,12 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
-from mfcore._checks import check_real, check_time
-from mfcore.adapters._durable import read_json
+from mfcore._checks import check_instance, check_real, check_time
 from mfcore.adapters._state import read_tensors
 from mfcore.adapters.flux import (
     FAMILY,
     FLUX_LORA_TARGETS,
     SharedWeightsStudent,
-    check_flux_transformer,
     latent_image_ids,
     pack_latents,
     text_ids,
@@ -60,6 +58,7 @@ from mfcore.adapters.lora import (
     lora_state_dict,
     pinned_checkpointing,
 )
+from mfcore.adapters.student import load_exactly, read_saved_config, split_state
 from mfcore.arcflow import ArcFlowHead, ArcParams, sample_arcflow, split_arc_output
 
 __all__ = ["arcflow_lora_targets", "FluxArcFlowStudent", "ARCFLOW_CONFIG_NAME"]
@@ -88,7 +87,7 @@ def arcflow_lora_targets(transformer: FluxTransformer2DModel) -> tuple[str, ...]
     Returns:
         module-name suffixes for :class:`~mfcore.adapters.lora.LoraSpec`.
     """
-    check_flux_transformer(transformer)
+    FAMILY.check_model(transformer)
     n_single = len(transformer.single_transformer_blocks)
     single = tuple(f"single_transformer_blocks.{i}.{_OUTPUT_NAME}" for i in range(n_single))
     return tuple(t for t in FLUX_LORA_TARGETS if t != _OUTPUT_NAME) + single
@@ -106,10 +105,10 @@ def _check_output_layer(transformer: FluxTransformer2DModel) -> nn.Linear:
 
 def _arcflow_spec(spec: object, transformer: FluxTransformer2DModel) -> LoraSpec:
     """``spec`` with a bare ``"proj_out"`` target narrowed to the single-stream blocks' ones."""
+    check_instance("lora", spec, LoraSpec, "a LoraSpec or None", optional=True)
     if spec is None:
         return LoraSpec(target_modules=arcflow_lora_targets(transformer))
-    if not isinstance(spec, LoraSpec):
-        raise TypeError(f"lora must be a LoraSpec or None, got {type(spec).__name__}")
+    assert isinstance(spec, LoraSpec)
     if spec.target_modules is None:
         return spec.with_default_targets(arcflow_lora_targets(transformer))
     if _OUTPUT_NAME not in spec.target_modules:
@@ -191,7 +190,7 @@ class FluxArcFlowStudent(SharedWeightsStudent):
         adapter_name: str = "mfcore",
     ) -> None:
         super().__init__()
-        check_flux_transformer(transformer)
+        FAMILY.check_model(transformer)
         output = _check_output_layer(transformer)
         self.lora_spec = _arcflow_spec(lora, transformer)
         self.head = ArcFlowHead.from_velocity_projection(output, num_components, max_rate=max_rate)
@@ -295,22 +294,9 @@ class FluxArcFlowStudent(SharedWeightsStudent):
 
     def load_trainable_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a :meth:`trainable_state_dict`; every key must match (``ValueError`` otherwise)."""
-        other = [k for k in state if not k.startswith(("lora.", "head."))]
-        if other:
-            raise ValueError(f"unexpected keys in the student state: {other[:3]}")
-        lora = {k[len("lora.") :]: v for k, v in state.items() if k.startswith("lora.")}
-        head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
-        expected = set(self.head.state_dict())
-        if set(head) != expected:
-            raise ValueError(f"head state has keys {sorted(head)}, expected {sorted(expected)}")
-        for k, v in head.items():
-            if tuple(v.shape) != tuple(self.head.state_dict()[k].shape):
-                raise ValueError(
-                    f"head.{k} has shape {tuple(v.shape)}, this student's "
-                    f"{tuple(self.head.state_dict()[k].shape)} (another K or channel count?)"
-                )
+        lora, head = split_state(state, ("lora.", "head."))
         load_lora_state_dict(self.transformer, lora, adapter_name=self.adapter_name)
-        self.head.load_state_dict(head)
+        load_exactly(self.head, head, "head")
 
     # ----------------------------------------------------------------------- saved students
 
@@ -348,14 +334,7 @@ class FluxArcFlowStudent(SharedWeightsStudent):
             FileNotFoundError: the folder holds no saved ArcFlow student.
             ValueError: it was saved for another transformer.
         """
-        path = os.path.join(directory, ARCFLOW_CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"no saved ArcFlow student at {directory} (no {ARCFLOW_CONFIG_NAME})"
-            )
-        meta = read_json(path, "student config")
-        if not isinstance(meta, dict) or meta.get("format") != _ARC_FORMAT:
-            raise ValueError(f"{path} is not a saved FLUX ArcFlow student")
+        meta = read_saved_config(directory, ARCFLOW_CONFIG_NAME, _ARC_FORMAT, "FLUX ArcFlow")
         if meta["transformer_config"] != FAMILY.config_summary(transformer):
             raise ValueError(f"{directory} was saved for transformer {meta['transformer_config']}")
         student = cls(

@@ -42,7 +42,8 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from mfcore._checks import check_real, check_tensor, check_time
+from mfcore._checks import check_real, check_time
+from mfcore.adapters._shapes import Shape
 from mfcore.adapters.family import Call, FamilyBase, Synthetic, guidance_input
 from mfcore.adapters.lora import lora_disabled
 from mfcore.adapters.native_meanflow import NativeMeanFlowStudent
@@ -131,67 +132,31 @@ def lora_targets(config: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def check_hunyuan2_transformer(model: object) -> HunyuanImageTransformer2DModel:
-    """Raise ``TypeError`` unless ``model`` is a diffusers ``HunyuanImageTransformer2DModel``."""
-    if not isinstance(model, HunyuanImageTransformer2DModel):
-        raise TypeError(
-            "transformer must be a diffusers HunyuanImageTransformer2DModel, "
-            f"got {type(model).__name__}"
-        )
-    if len(model.config.patch_size) == 3:  # the stage-2 refiner: 3-D patches of video latents
-        raise ValueError(
-            "this is HunyuanImage 2.1's refiner (patch_size "
-            f"{list(model.config.patch_size)}, {model.config.in_channels} input channels), "
-            "which mfcore does not support: distil the base text-to-image checkpoint"
-        )
-    if tuple(model.config.patch_size) != (1, 1):
-        raise ValueError(f"only patch_size (1, 1) is supported, got {model.config.patch_size}")
-    return model
-
-
-def _check_text(model: nn.Module, z: Tensor, cond: Mapping[str, Any], tag: str) -> dict:
-    """The checked text inputs of one prompt (``tag`` ``""`` or ``"negative_"``)."""
-    cfg = model.config
-    name = f"{tag}prompt_embeds"
-    pe = cond.get(name)
-    if pe is None:
-        raise (ValueError if tag else TypeError)(f"a HunyuanImage 2.1 call needs {name}")
-    check_tensor(name, pe)
-    if pe.ndim != 3 or pe.shape[2] != cfg.text_embed_dim or pe.shape[0] != z.shape[0]:
-        raise ValueError(
-            f"{name} must have shape ({z.shape[0]}, L, {cfg.text_embed_dim}), got {tuple(pe.shape)}"
-        )
-    mask = _mask(cond, f"{tag}prompt_attention_mask", pe)
-    out = {"encoder_hidden_states": pe, "encoder_attention_mask": mask}
-    pe2 = cond.get(f"{tag}prompt_embeds_2")
-    if cfg.text_embed_2_dim is None or pe2 is None:
-        return out
-    name2 = f"{tag}prompt_embeds_2"
-    check_tensor(name2, pe2)
-    if pe2.ndim != 3 or pe2.shape[2] != cfg.text_embed_2_dim or pe2.shape[0] != z.shape[0]:
-        raise ValueError(
-            f"{name2} must have shape ({z.shape[0]}, L2, {cfg.text_embed_2_dim}), "
-            f"got {tuple(pe2.shape)}"
-        )
-    out["encoder_hidden_states_2"] = pe2
-    out["encoder_attention_mask_2"] = _mask(cond, f"{tag}prompt_attention_mask_2", pe2)
+def _model_inputs(checked: dict[str, Tensor], guidance: Tensor | None) -> dict[str, Any]:
+    """The transformer's keyword inputs from one prompt's checked conditions: a missing mask
+    keeps every token; the ByT5 pair only where the model and the prompt have it."""
+    out: dict[str, Any] = {"guidance": guidance}
+    for i in ("", "_2"):
+        pe = checked.get(f"prompt_embeds{i}")
+        if pe is not None:
+            mask = checked.get(f"prompt_attention_mask{i}")
+            if mask is None:
+                mask = torch.ones(pe.shape[:2], dtype=torch.long, device=pe.device)
+            out[f"encoder_hidden_states{i}"], out[f"encoder_attention_mask{i}"] = pe, mask
     return out
 
 
-def _mask(cond: Mapping[str, Any], name: str, embeds: Tensor) -> Tensor:
-    mask = cond.get(name)
-    if mask is None:
-        return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    if not isinstance(mask, Tensor) or mask.shape != embeds.shape[:2]:
-        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"{name} must have shape {tuple(embeds.shape[:2])}, got {shape}")
-    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
-        odd = mask[(mask != 0) & (mask != 1)][0].item()  # the error path
-        raise ValueError(
-            f"{name} must hold only 0 and 1 (a key-padding mask: 1 keeps a token), got "
-            f"{odd!r}: a fractional mask would be read as 1"
-        )
-    return mask
+def _check_masks(checked: dict[str, Tensor], tag: str) -> None:
+    """Raise unless every floating mask holds only 0 and 1 (one host sync per mask)."""
+    floating = {k: m for k, m in checked.items() if "mask" in k and m.is_floating_point()}
+    for key, mask in floating.items():
+        binary = (mask == 0) | (mask == 1)
+        if not bool(binary.all()):
+            odd = mask[~binary][0].item()  # the error path
+            raise ValueError(
+                f"{tag}{key} must hold only 0 and 1 (a key-padding mask: 1 keeps a token), got "
+                f"{odd!r}: a fractional mask would be read as 1"
+            )
 
 
 def _call(
@@ -225,8 +190,14 @@ class HunyuanImage2Family(PipelinePrompts, FamilyBase):
     name = "hunyuanimage2"
     label = "HunyuanImage 2.1"
     class_names = ("HunyuanImageTransformer2DModel",)
-    _text = ("prompt_embeds", "prompt_attention_mask", "prompt_embeds_2", "prompt_attention_mask_2")
-    cond_keys = frozenset({*_text, *(f"negative_{k}" for k in _text), "guidance"})
+    conditions = {
+        "prompt_embeds": Shape(("B", "L", "text_embed_dim")),
+        "prompt_attention_mask": Shape(("B", "L"), "any", required=False),
+        "prompt_embeds_2": Shape(("B", "L2", "text_embed_2_dim"), required=False),
+        "prompt_attention_mask_2": Shape(("B", "L2"), "any", required=False),
+    }
+    cond_keys = frozenset({*conditions, *(f"negative_{k}" for k in conditions), "guidance"})
+    supported = {"patch_size": (1, 1)}
     student_config_name = "mfcore_hunyuanimage2_student.json"
     student_format = "mfcore.adapters.hunyuanimage2.HunyuanImage2Student"
     shift_key, default_shift, attention_class = "shift", DEFAULT_SHIFT, Attention
@@ -235,7 +206,13 @@ class HunyuanImage2Family(PipelinePrompts, FamilyBase):
     summary_keys = tuple(sorted({*TINY_HY21_CONFIG, "mlp_ratio"}))
 
     def check_model(self, model: object) -> HunyuanImageTransformer2DModel:
-        return check_hunyuan2_transformer(model)
+        if isinstance(model, HunyuanImageTransformer2DModel) and len(model.config.patch_size) == 3:
+            raise ValueError(  # the stage-2 refiner: 3-D patches of video latents
+                "this is HunyuanImage 2.1's refiner (patch_size "
+                f"{list(model.config.patch_size)}, {model.config.in_channels} input channels), "
+                "which mfcore does not support: distil the base text-to-image checkpoint"
+            )
+        return super().check_model(model)
 
     def check_call(
         self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
@@ -243,10 +220,12 @@ class HunyuanImage2Family(PipelinePrompts, FamilyBase):
         self.check_latents(model, z)
         embeds = model.config.guidance_embeds
         g = guidance_input(embeds, cond.get("guidance"), guidance, z, self.label)
-        inputs = {**_check_text(model, z, cond, ""), "guidance": g}
-        if not negative:
-            return Call(inputs)
-        return Call(inputs, {**_check_text(model, z, cond, "negative_"), "guidance": g})
+        call = self.condition_call(model, z, cond, negative)
+        _check_masks(call.inputs, "")
+        if call.negative is None:
+            return Call(_model_inputs(call.inputs, g))
+        _check_masks(call.negative, "negative_")
+        return Call(_model_inputs(call.inputs, g), _model_inputs(call.negative, g))
 
     def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
         return _call(model, z, t, inputs)
@@ -263,28 +242,11 @@ class HunyuanImage2Family(PipelinePrompts, FamilyBase):
     optional_keys = (
         "prompt_embeds_2",
         "prompt_attention_mask_2",
-        *(f"negative_{k}" for k in _text),
+        *(f"negative_{k}" for k in conditions),
     )
     negative_key = "negative_prompt_embeds"
     tiny_dims = {"channels": 4, "text_embed_dim": 24}
     vae_factor = 32
-
-    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
-        cfg = model.config
-        if shapes["latents"][0] != cfg.in_channels:
-            raise ValueError(
-                f"latents have {shapes['latents'][0]} channels; this HunyuanImage 2.1 takes "
-                f"{cfg.in_channels}"
-            )
-        for tag in ("", "negative_"):
-            pe = shapes.get(f"{tag}prompt_embeds")
-            if pe is not None and (len(pe) != 2 or pe[1] != cfg.text_embed_dim):
-                raise ValueError(
-                    f"{tag}prompt_embeds must be (N, L, {cfg.text_embed_dim}), got (N, *{pe})"
-                )
-            mask = shapes.get(f"{tag}prompt_attention_mask")
-            if pe is not None and mask != pe[:1]:
-                raise ValueError(f"{tag}prompt_attention_mask must be (N, {pe[0]}), got {mask}")
 
     def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
         n, seq_len, dims, g = request.n, request.seq_len, request.dims, request.generator
@@ -383,7 +345,7 @@ class HunyuanMeanFlow(nn.Module):
 
     def __init__(self, transformer: HunyuanImageTransformer2DModel, *, guidance_scale=3.25):
         super().__init__()
-        check_hunyuan2_transformer(transformer)
+        FAMILY.check_model(transformer)
         if not transformer.config.use_meanflow:
             raise ValueError("transformer is not a use_meanflow checkpoint (no timestep_r input)")
         self.transformer = transformer

@@ -51,6 +51,8 @@ from nemo_automodel.components.models.hunyuan_image3.model import HunyuanImage3F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from mfcore.adapters._durable import read_json
+from mfcore.adapters._shapes import Shape
 from mfcore.adapters.family import Call, FamilyBase, Synthetic
 from mfcore.adapters.interval import IntervalEmbedding
 from mfcore.adapters.student import MeanFlowStudent
@@ -173,51 +175,37 @@ def build_model(config: Mapping[str, Any], dtype: torch.dtype, seed: int = 0):
     return make_jvp_ready(model)
 
 
-def _ids(
-    cond: Mapping[str, Any], z: Tensor, tag: str, image_id: int, vocab: int
-) -> dict[str, Tensor]:
-    name = f"{tag}input_ids"
-    ids = cond.get(name)
-    if ids is None:
-        raise (ValueError if tag else TypeError)(f"a HunyuanImage 3.0 call needs {name}")
-    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.ndim != 2:
-        raise ValueError(f"{name} must be integer token ids (B, S), got {ids!r:.80}")
-    if ids.shape[0] != z.shape[0] or ids.device != z.device:
-        raise ValueError(f"{name} must have z's batch {z.shape[0]} and device {z.device}")
-    n = z.shape[2] * z.shape[3]
-    images_ok = ((ids == image_id).sum(1) == n).all() & ((ids >= 0) & (ids < vocab)).all()
-    out = {"input_ids": ids}
-    lengths = cond.get(f"{tag}valid_lengths")
-    if lengths is None:
-        if not bool(images_ok):
-            raise _ids_error(name, n, z, ids, vocab)
-        return out
-    lname = f"{tag}valid_lengths"
-    if not isinstance(lengths, Tensor) or lengths.shape != (z.shape[0],):
-        raise ValueError(f"{lname} must have shape ({z.shape[0]},)")
-    if lengths.is_floating_point() or lengths.dtype == torch.bool:
-        raise ValueError(f"{lname} must hold integer lengths, got {lengths.dtype}")
-    lengths_ok = ((lengths >= 1) & (lengths <= ids.shape[1])).all()
-    if not bool(images_ok & lengths_ok):  # one sync for both checks
-        if not bool(images_ok):
-            raise _ids_error(name, n, z, ids, vocab)
-        raise ValueError(
-            f"{lname} must lie in [1, {ids.shape[1]}] (the length of {name}), got "
-            f"{lengths.tolist()}: each is the unpadded length of its row"
-        )
-    out["valid_lengths"] = lengths
-    return out
-
-
-def _ids_error(name: str, n: int, z: Tensor, ids: Tensor, vocab: int) -> ValueError:
-    if not bool(((ids >= 0) & (ids < vocab)).all()):
-        return ValueError(
+def _check_tokens(
+    checked: dict[str, Tensor], z: Tensor, tag: str, image_id: int, vocab: int
+) -> None:
+    """Raise unless every id of one prompt's (shape-checked) ``input_ids`` is in the
+    vocabulary, every row holds one ``<img>`` per latent pixel of ``z`` and every
+    ``valid_lengths`` lies in ``[1, S]``: one host sync when they do."""
+    ids, lengths, n = checked["input_ids"], checked.get("valid_lengths"), z.shape[2] * z.shape[3]
+    in_vocab = ((ids >= 0) & (ids < vocab)).all()
+    images = ((ids == image_id).sum(1) == n).all()
+    ok = in_vocab & images
+    if lengths is not None:
+        fits = ((lengths >= 1) & (lengths <= ids.shape[1])).all()
+        ok = ok & fits
+    if bool(ok):
+        return
+    name, problems = f"{tag}input_ids", []
+    if not bool(in_vocab):
+        problems.append(
             f"{name} must hold token ids in [0, {vocab}) (the model's vocab_size), got ids in "
             f"[{ids.min().item()}, {ids.max().item()}]"
         )
-    return ValueError(
-        f"every row of {name} needs {n} <img> tokens for {tuple(z.shape[2:])} latents"
-    )
+    elif not bool(images):
+        problems.append(
+            f"every row of {name} needs {n} <img> tokens for {tuple(z.shape[2:])} latents"
+        )
+    if lengths is not None and not bool(fits):
+        problems.append(
+            f"{tag}valid_lengths must lie in [1, {ids.shape[1]}] (the length of {name}), got "
+            f"{lengths.tolist()}: each is the unpadded length of its row"
+        )
+    raise ValueError("; ".join(problems))
 
 
 class HunyuanImage3Family(FamilyBase):
@@ -226,9 +214,12 @@ class HunyuanImage3Family(FamilyBase):
     name = "hunyuanimage3"
     label = "HunyuanImage 3.0"
     class_names = ("HunyuanImage3ForCausalMM", "hunyuan_image_3_moe")
-    cond_keys = frozenset(
-        {"input_ids", "valid_lengths", "negative_input_ids", "negative_valid_lengths"}
-    )
+    model_class = HunyuanImage3ForCausalMM
+    conditions = {
+        "input_ids": Shape(("B", "S"), "int"),
+        "valid_lengths": Shape(("B",), "int", required=False),
+    }
+    cond_keys = frozenset({*conditions, *(f"negative_{k}" for k in conditions)})
     student_config_name = "mfcore_hunyuanimage3_student.json"
     student_format = "mfcore.adapters.hunyuanimage3.HunyuanImage3Student"
     shift_key, default_shift, attention_class = "flow_shift", DEFAULT_SHIFT, HunyuanImage3Attention
@@ -236,22 +227,20 @@ class HunyuanImage3Family(FamilyBase):
     summary_keys += ("num_key_value_heads", "attention_head_dim", "num_experts", "latent_channels")
 
     def check_model(self, model: object) -> HunyuanImage3ForCausalMM:
-        if not isinstance(model, HunyuanImage3ForCausalMM):
-            raise TypeError(
-                "transformer must be NeMo Automodel's HunyuanImage3ForCausalMM, "
-                f"got {type(model).__name__}"
-            )
-        return make_jvp_ready(model)
+        return make_jvp_ready(super().check_model(model))
 
     def check_call(
         self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
     ) -> Call:
+        """The checked token ids; ``guidance`` is unused (no guidance embedding: a
+        ``guidance`` keyword is refused with the other unknown ones, by the caller)."""
         self.check_latents(model, z)
-        if cond.get("guidance") is not None:
-            raise ValueError("HunyuanImage 3.0 has no guidance embedding: use true_cfg_scale")
+        call = self.condition_call(model, z, cond, negative)
         image, vocab = model.config.image_token_id, model.config.vocab_size
-        inputs = _ids(cond, z, "", image, vocab)
-        return Call(inputs, _ids(cond, z, "negative_", image, vocab) if negative else None)
+        for tag, checked in (("", call.inputs), ("negative_", call.negative or {})):
+            if checked:
+                _check_tokens(checked, z, tag, image, vocab)
+        return call
 
     def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
         dtype = next(model.parameters()).dtype
@@ -288,17 +277,6 @@ class HunyuanImage3Family(FamilyBase):
     tiny_dims = {"channels": 4, "vocab_size": 64}
     vae_factor = 16
 
-    def check_data(self, shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> None:
-        c = self.latent_channels(model)
-        if shapes["latents"][0] != c:
-            raise ValueError(
-                f"latents have {shapes['latents'][0]} channels; this HunyuanImage 3.0 takes {c}"
-            )
-        for tag in ("", "negative_"):
-            ids = shapes.get(f"{tag}input_ids")
-            if ids is not None and len(ids) != 1:
-                raise ValueError(f"{tag}input_ids must be (N, S), got (N, *{ids})")
-
     def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
         n, seq_len, dims, g = request.n, request.seq_len, request.dims, request.generator
         size = (request.height, request.width)
@@ -322,11 +300,7 @@ class HunyuanImage3Family(FamilyBase):
         return build_model(TINY_HY3_CONFIG, dtype, seed)
 
     def load_model(self, path: str, dtype: torch.dtype) -> tuple[nn.Module, dict[str, Any]]:
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{path} is not a checkpoint folder: no config.json")
-        with open(config_path) as f:
-            config = json.load(f)
+        config = read_json(os.path.join(path, "config.json"), "checkpoint config")
         if config.get("model_type") not in self.class_names:
             raise ValueError(
                 f"{path} holds a {config.get('model_type')} checkpoint, not {self.label}"

@@ -158,7 +158,7 @@ def test_bad_calls_name_the_input():
         student(z, t, t, prompt_embeds=cond["prompt_embeds"])
     with pytest.raises(ValueError, match="even height"):
         student(z[..., :3], t, t, **cond)
-    with pytest.raises(ValueError, match="width 16"):
+    with pytest.raises(ValueError, match=r"prompt_embeds must have shape \(2, L, 16\)"):
         student(z, t, t, **{**cond, "prompt_embeds": cond["prompt_embeds"][..., :8]})
     with pytest.raises(ValueError, match="guidance embedding"):
         FAMILY.tiny_model(0, torch.float32, True)
