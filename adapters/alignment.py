@@ -34,7 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice, check_positive_int, check_real, check_time
+from mfcore._checks import (
+    check_choice,
+    check_instance,
+    check_positive_int,
+    check_real,
+    check_time,
+)
 from mfcore.adapters.lora import LoraSpec, adapter_parameters, add_lora, lora_active
 from mfcore.adapters.student import SharedWeightsStudent, check_cond_keys, pinned_velocity
 from mfcore.critics import AlignmentLoss, FakeVelocityCritic, MeanFlowCritic
@@ -70,10 +76,7 @@ class FakeVelocity(nn.Module):
         adapter_name: str = "mfcore_fake",
     ) -> None:
         super().__init__()
-        if not isinstance(student, SharedWeightsStudent):
-            raise TypeError(
-                f"student must be a shared-weights student, got {type(student).__name__}"
-            )
+        check_instance("student", student, SharedWeightsStudent, "a shared-weights student")
         if not isinstance(adapter_name, str) or not adapter_name:
             raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
         tr = student.transformer
@@ -157,8 +160,7 @@ class Alignment:
         critic_lead: int = 0,
         seed: int = 0,
     ) -> None:
-        if not isinstance(fake, FakeVelocity):
-            raise TypeError(f"fake must be a FakeVelocity, got {type(fake).__name__}")
+        check_instance("fake", fake, FakeVelocity, "a FakeVelocity")
         check_choice("critic", critic, CRITICS)
         weight = check_real("weight", weight, minimum=0.0)
         lr = check_real("lr", lr, minimum=0.0, strict=True)

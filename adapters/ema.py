@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from mfcore._checks import check_real
+from mfcore._checks import check_fraction
 
 __all__ = ["EMA"]
 
@@ -28,9 +28,7 @@ class EMA:
     """
 
     def __init__(self, params: Sequence[nn.Parameter], decay: float = 0.999) -> None:
-        decay = check_real("ema_decay", decay, minimum=0.0)
-        if decay >= 1.0:
-            raise ValueError(f"ema_decay must be < 1, got {decay!r}")
+        decay = check_fraction("ema_decay", decay, below_one=True)
         self.params = list(params)
         self.decay = decay
         self.reset()

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from mfcore._checks import check_choice
 from mfcore.adapters.launch import launch_env, rendezvous
 from mfcore.adapters.student import MeanFlowStudent
 
@@ -227,8 +228,7 @@ def choose_mode(requested: str, size: int, model: nn.Module, device: torch.devic
         ValueError: for an unknown mode, ``none`` with several processes, or ``ddp``/``fsdp``
             without a process group.
     """
-    if requested not in MODES:
-        raise ValueError(f"parallel must be one of {MODES}, got {requested!r}")
+    check_choice("parallel", requested, MODES)
     grouped = dist.is_available() and dist.is_initialized()
     if requested == "none" and size > 1:
         raise ValueError(f"parallel 'none' cannot run {size} processes: pass ddp or fsdp")
