@@ -148,10 +148,14 @@ def latest_checkpoint(output: str | os.PathLike) -> str | None:
     return folders[-1][1] if folders else None
 
 
-def _check_finite(tensors: dict[str, Tensor], where: str) -> None:
+def _check_finite(
+    tensors: dict[str, Tensor], where: str, error: type[Exception] = ValueError
+) -> None:
+    """Raise ``error`` naming ``where`` and the first keys of ``tensors`` that hold a NaN or
+    an infinity."""
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
-        raise ValueError(f"{where} holds non-finite values in {bad[:3]}")
+        raise error(f"{where} holds non-finite values in {bad[:3]}")
 
 
 def _verify(path: str, rank: int) -> dict:
@@ -239,13 +243,13 @@ def _resume_from(run: Run, path: str) -> tuple[str, dict]:
 
 
 def check_resume(cfg: DistillConfig, path: str, found: dict, data: LatentDataset) -> None:
-    """Raise ``ValueError`` unless ``cfg`` may continue checkpoint ``path``: the same
-    settings, steps left to train (or the same count: a warning), the same data files (or a
-    warning with ``--allow-data-change``)."""
-    _check_settings(cfg, path, found["config"])
+    """Raise one ``ValueError`` naming everything that keeps ``cfg`` from continuing
+    checkpoint ``path``: changed settings, no steps left to train (the same count is a
+    warning), changed data files (a warning with ``--allow-data-change``)."""
+    problems = _changed_settings(cfg, found["config"])
     step = found["step"]
     if cfg.steps < step:
-        raise ValueError(
+        problems.append(
             f"--steps {cfg.steps} is below the step {step} of checkpoint {path}: "
             f"pass --steps above {step} to train on, or use its exported student/"
         )
@@ -253,15 +257,18 @@ def check_resume(cfg: DistillConfig, path: str, found: dict, data: LatentDataset
         logger.warning("%s is at --steps %d already: nothing to train, exporting it", path, step)
     if found["data"] is None:
         logger.info("%s records no data fingerprint (older checkpoint): not compared", path)
-        return
-    diff = data_difference(found["data"], data.fingerprint())
+        diff = ""
+    else:
+        diff = data_difference(found["data"], data.fingerprint())
     if diff and not cfg.allow_data_change:
-        raise ValueError(
+        problems.append(
             f"the data folder {data.folder} changed since checkpoint {path} ({diff}): "
             "restore it, or pass --allow-data-change to resume anyway"
         )
-    if diff:
+    elif diff:
         logger.warning("the data folder %s changed since %s: %s", data.folder, path, diff)
+    if problems:
+        raise ValueError(f"cannot resume {path}: " + "; ".join(problems))
 
 
 def _filled(saved: dict) -> dict:
@@ -292,16 +299,15 @@ def saved_settings(output: str | os.PathLike, path: str | None = None) -> tuple[
     raise FileNotFoundError(f"--resume given but {output} has no checkpoint{why}")
 
 
-def _check_settings(cfg: DistillConfig, path: str, saved: dict) -> None:
-    """Raise ``ValueError`` naming every setting ``cfg`` changes from checkpoint ``path``'s
-    (``saved``, its ``config.json``)."""
+def _changed_settings(cfg: DistillConfig, saved: dict) -> list[str]:
+    """The settings ``cfg`` changes from a checkpoint's (``saved``, its ``config.json``) that
+    a resume may not change, as one problem naming each (none: an empty list)."""
     now = dataclasses.asdict(cfg)
     saved = _filled(saved)
     ignored = set(RESUMABLE) | (ALIGN_ONLY if now["align"] == "none" else set())
     changed = sorted(k for k in now if k not in ignored and saved[k] != now[k])
-    if changed:
-        diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume {path} with different settings ({diffs})")
+    diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+    return [f"different settings ({diffs})"] if changed else []
 
 
 def load_checkpoint(run: Run, path: str, found: dict) -> None:
@@ -346,10 +352,8 @@ def export_student(student: MeanFlowStudent, folder: str) -> None:
             (a previous run's student is not overwritten), and the run fails rather than
             ending as if it had exported.
     """
-    try:
-        _check_finite(student.trainable_state_dict(), "the trained student")
-    except ValueError as err:
-        raise FloatingPointError(f"{err}: not exported, {folder} is left as it was") from None
+    where = f"the trained student (not exported, {folder} is left as it was)"
+    _check_finite(student.trainable_state_dict(), where, FloatingPointError)
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)

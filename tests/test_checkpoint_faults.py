@@ -282,6 +282,9 @@ def test_resume_refuses_changed_data_or_warns_with_allow_data_change(tmp_path, f
     shutil.copy(tmp_path / "more" / "samples-00002.safetensors", flux_data)
     with pytest.raises(ValueError, match=r"changed since .* \(added samples-00002.safetensors\)"):
         distill(config(tmp_path, steps=4, resume=True))
+    # with too few --steps as well: both in one error
+    with pytest.raises(ValueError, match=r"--steps 1 is below the step 2 .*; the data folder"):
+        distill(config(tmp_path, steps=1, resume=True))
     with caplog.at_level(logging.WARNING, logger="mfcore.adapters.distill"):
         distill(config(tmp_path, steps=4, resume=True, allow_data_change=True))
     assert "added samples-00002.safetensors" in caplog.text
