@@ -162,6 +162,15 @@ def _caption_row(line: str, caption_column: str) -> tuple[str, str] | None:
     return None
 
 
+def _caption_file(folder: str, image: str) -> str:
+    """The caption in the ``.txt`` beside ``image`` (``""`` if there is none)."""
+    text = os.path.join(folder, os.path.splitext(image)[0] + ".txt")
+    if not os.path.isfile(text):
+        return ""
+    with open(text, encoding="utf-8") as f:
+        return f.read().strip()
+
+
 def read_image_folder(
     folder: str | os.PathLike, caption_column: str = "text"
 ) -> tuple[list[str], list[str]]:
@@ -172,8 +181,8 @@ def read_image_folder(
 
     Raises:
         FileNotFoundError: the folder, or an image that ``metadata.jsonl`` names, is missing.
-        ValueError: a line of ``metadata.jsonl`` without the columns, an image without a
-            caption, or no image at all.
+        ValueError: a line of ``metadata.jsonl`` without the columns, images without a
+            caption or with an empty one (naming them), or no image at all.
     """
     folder = check_folder(folder, "image folder")
     meta = os.path.join(folder, "metadata.jsonl")
@@ -193,22 +202,17 @@ def read_image_folder(
                 pairs.append((path, row[1].strip()))
     else:
         for name in sorted(os.listdir(folder)):
-            if not name.lower().endswith(_IMAGE_SUFFIXES):
-                continue
-            text = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
-            if not os.path.isfile(text):
-                raise ValueError(
-                    f"image {name} in {folder} has no caption: give each image a .txt beside "
-                    "it, or a metadata.jsonl (file_name and a caption column), or --prompts"
-                )
-            with open(text, encoding="utf-8") as f:
-                pairs.append((os.path.join(folder, name), f.read().strip()))
+            if name.lower().endswith(_IMAGE_SUFFIXES):
+                pairs.append((os.path.join(folder, name), _caption_file(folder, name)))
     pairs.sort(key=lambda pair: os.path.basename(pair[0]))
     if not pairs:
         raise ValueError(f"image folder {folder} holds no image ({', '.join(_IMAGE_SUFFIXES)})")
     empty = [os.path.basename(p) for p, c in pairs if not c]
     if empty:
-        raise ValueError(f"images {empty[:3]} in {folder} have an empty caption")
+        raise ValueError(
+            f"images {empty[:3]} in {folder} have no caption or an empty one: give each image "
+            "a .txt beside it, or a metadata.jsonl (file_name and a caption column), or --prompts"
+        )
     return [p for p, _ in pairs], [c for _, c in pairs]
 
 

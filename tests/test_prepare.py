@@ -196,7 +196,7 @@ def test_image_folder_captions_in_diffusers_convention(tmp_path):
     (txt / "cat.txt").write_text("a cat\n")
     assert read_image_folder(txt)[1] == ["a cat"]
     _image(txt / "dog.png", (8, 8))
-    with pytest.raises(ValueError, match="dog.png .* has no caption"):
+    with pytest.raises(ValueError, match=r"\['dog.png'\] .* have no caption"):
         read_image_folder(txt)
     (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "x"}))
     with pytest.raises(FileNotFoundError, match="gone.png"):
