@@ -8,6 +8,7 @@ are ``(B,)`` tensors.
 
 - :mod:`mfcore.fields`: the model contracts ``VelocityField`` and ``MeanVelocityField``, and
   the typed roles ``Target``, ``Critic`` and ``Weighting``;
+- :mod:`mfcore.path`: the rectified-flow path and ``FlowPoint``, a point on it;
 - :mod:`mfcore.time`: time samplers, shifts, ``(r, t)`` pairs and sampling grids;
 - :mod:`mfcore.jvp`: the total derivative ``du/dt`` along ``(v, 0, 1)``;
 - :mod:`mfcore.attention`: attention that forward-mode AD can differentiate;
@@ -48,6 +49,7 @@ from mfcore.fields import (
 from mfcore.guidance import ClassifierFreeGuidance, MeanFlowGuidance, apg_velocity, cfg_velocity
 from mfcore.jvp import total_derivative
 from mfcore.losses import AdaptiveWeight, FlowMatchingLoss, MeanFlowLoss
+from mfcore.path import FlowPoint, sample_path
 from mfcore.solvers import odeint, sample_meanflow, sample_teacher
 from mfcore.targets import (
     DifferentialTarget,
@@ -82,6 +84,9 @@ __all__ = [
     "TrainedCritic",
     "SampleCritic",
     "Weighting",
+    # the path
+    "FlowPoint",
+    "sample_path",
     # losses
     "MeanFlowLoss",
     "FlowMatchingLoss",

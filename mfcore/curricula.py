@@ -106,11 +106,12 @@ class SplitCurriculumTarget(SplitTarget):
 
     Example:
         >>> import torch
+        >>> from mfcore import FlowPoint
         >>> target = SplitCurriculumTarget(LinearSpan(1.0, 0.1, steps=100))
         >>> z, r, t = torch.ones(2, 1), torch.tensor([0.0, 0.5]), torch.tensor([1.0, 0.5])
         >>> v = -z
-        >>> target.compute(lambda z, r, t: 0 * z, z, r, t, v, teacher=lambda z, t: -z,
-        ...                cond={}, generator=None)  # a = 1: flow matching, the target is v
+        >>> point = FlowPoint(z, r, t, v)
+        >>> target.compute(lambda z, r, t: 0 * z, point, teacher=lambda z, t: -z)  # a = 1: v
         tensor([[-1.],
                 [-1.]])
     """
@@ -137,14 +138,10 @@ class SplitCurriculumTarget(SplitTarget):
             raise ValueError(f"a relative span must lie in (0, 1], got {a} at step {step}")
         return float(a)
 
-    def __call__(
-        self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
-    ):
+    def __call__(self, student, point, *, teacher=None, generator=None, step=None):
         if step is not None:
             self.step = check_positive_int("step", step, minimum=0)
-        return super().__call__(
-            student, z_t, r, t, v, teacher=teacher, cond=cond, generator=generator
-        )
+        return super().__call__(student, point, teacher=teacher, generator=generator)
 
     def split_point(self, r: Tensor, t: Tensor, generator: torch.Generator | None) -> Tensor:
         """``s = t - a (t - r)`` or ``t - min(t - r, a)`` at the current step's ``a``."""

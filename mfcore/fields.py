@@ -23,12 +23,14 @@ own construction arguments are checked when it is built).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from mfcore.path import FlowPoint
 
 __all__ = [
     "VelocityField",
@@ -121,10 +123,10 @@ class TargetOutput:
 class Target(Protocol):
     """A MeanFlow target (:mod:`mfcore.targets`, :class:`mfcore.warmup.WarmupTarget`).
 
-    Called by :class:`~mfcore.losses.MeanFlowLoss` as ``target(student, z_t, r, t, v, *,
-    teacher, cond, generator, step) -> TargetOutput`` with checked arguments: ``z_t`` and
-    ``v`` ``(B, ...)``, ``r <= t`` ``(B,)`` in ``[0, 1]``, ``cond`` a dict, ``step`` an int
-    ``>= 0`` or ``None``.
+    Called by :class:`~mfcore.losses.MeanFlowLoss` as ``target(student, point, *, teacher,
+    generator, step) -> TargetOutput`` with checked arguments: ``point`` a
+    :class:`~mfcore.path.FlowPoint` (``z_t`` and ``v`` ``(B, ...)``, ``r <= t`` ``(B,)`` in
+    ``[0, 1]``, ``cond`` a dict), ``step`` an int ``>= 0`` or ``None``.
 
     Attributes:
         phase: what the next call regresses on: ``"discrete"`` (a target that needs no
@@ -138,13 +140,9 @@ class Target(Protocol):
     def __call__(
         self,
         student: Callable[..., Tensor],
-        z_t: Tensor,
-        r: Tensor,
-        t: Tensor,
-        v: Tensor,
+        point: FlowPoint,
         *,
         teacher: Callable[..., Tensor] | None = None,
-        cond: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
         step: int | None = None,
     ) -> TargetOutput: ...
@@ -159,20 +157,16 @@ class DiscreteTarget(Target, Protocol):
     """A :class:`Target` whose ``phase`` is ``"discrete"``, which also gives the detached
     target alone (the warm-up switch blends it and keeps it for its guard).
 
-    ``compute(student, z_t, r, t, v, *, teacher, cond, generator) -> (B, ...)``.
+    ``compute(student, point, *, teacher, generator) -> (B, ...)``.
     """
 
     def compute(
         self,
         student: Callable[..., Tensor],
-        z_t: Tensor,
-        r: Tensor,
-        t: Tensor,
-        v: Tensor,
+        point: FlowPoint,
         *,
-        teacher: Callable[..., Tensor] | None,
-        cond: Mapping[str, Any] | None,
-        generator: torch.Generator | None,
+        teacher: Callable[..., Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor: ...
 
 

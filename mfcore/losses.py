@@ -36,7 +36,7 @@ from mfcore._checks import (
 )
 from mfcore.fields import Target, Weighting
 from mfcore.guidance import MeanFlowGuidance
-from mfcore.path import compute_dtype, sample_path
+from mfcore.path import FlowPoint, compute_dtype, sample_path
 from mfcore.targets import DifferentialTarget
 from mfcore.time import LogitNormalTime, TimePairSampler, draw_from, valid_by_construction
 
@@ -273,17 +273,8 @@ class MeanFlowLoss:
         v0, v, student_cond, extra = self._guided(
             student, teacher, z_t, t, cond, drop, path=(x, noise)
         )
-        out = self.target(
-            student,
-            z_t,
-            r,
-            t,
-            v,
-            teacher=teacher,
-            cond=student_cond,
-            generator=generator,
-            step=step,
-        )
+        point = FlowPoint(z_t, r, t, v, student_cond)
+        out = self.target(student, point, teacher=teacher, generator=generator, step=step)
         sq_err = _sq_error(out.pred, out.target)
         weight = check_weights(self.weighting(sq_err, r, t), sq_err)
 

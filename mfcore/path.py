@@ -8,7 +8,7 @@ the state, the two times, the flow's velocity there and the conditioning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,14 +21,22 @@ __all__ = ["FlowPoint", "sample_path", "expand_time", "compute_dtype"]
 
 @dataclass(frozen=True)
 class FlowPoint:
-    """Where ``du/dt`` is taken: the state ``z (B, ...)`` at times ``t (B,)``, the end times
-    ``r (B,)``, the flow's velocity ``v = dz/dt (B, ...)`` and the conditioning."""
+    """A point of the flow, what a target and the JVP take: the state ``z (B, ...)`` at times
+    ``t (B,)``, the end times ``r (B,)`` of the interval ``[r, t]``, the flow's velocity
+    ``v = dz/dt (B, ...)`` there and the conditioning (keyword arguments of the models).
+
+    Example:
+        >>> import torch
+        >>> point = FlowPoint(torch.ones(2, 3), torch.zeros(2), torch.ones(2), torch.zeros(2, 3))
+        >>> point.cond, tuple(point.z.shape)
+        ({}, (2, 3))
+    """
 
     z: Tensor
     r: Tensor
     t: Tensor
     v: Tensor
-    cond: dict[str, Any]
+    cond: dict[str, Any] = field(default_factory=dict)
 
 
 def sample_path(x: Tensor, noise: Tensor, t: Tensor, *, validate: bool = True) -> Tensor:

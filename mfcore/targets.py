@@ -22,8 +22,8 @@ that make it safe.
 Pure functions come first (each checks its arguments); the target objects on top are
 :class:`~mfcore.fields.Target` s (the discrete ones :class:`~mfcore.fields.DiscreteTarget` s),
 called by :class:`~mfcore.losses.MeanFlowLoss` with arguments it has checked:
-``target(student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None)
--> TargetOutput``.
+``target(student, point, *, teacher=None, generator=None, step=None) -> TargetOutput``, the
+point a :class:`~mfcore.path.FlowPoint` ``(z_t, r, t, v, cond)``.
 """
 
 from __future__ import annotations
@@ -347,13 +347,13 @@ class DifferentialTarget:
         ``v - (t - r) (t v + z)``.
 
         >>> import torch
-        >>> from mfcore import DifferentialTarget
+        >>> from mfcore import DifferentialTarget, FlowPoint
         >>> target = DifferentialTarget("func")
         >>> target.phase
         'differential'
         >>> z, v = torch.ones(3, 2), torch.full((3, 2), 2.0)
         >>> r, t = torch.zeros(3), torch.full((3,), 0.5)
-        >>> out = target(lambda z, r, t: t[:, None] * z, z, r, t, v)
+        >>> out = target(lambda z, r, t: t[:, None] * z, FlowPoint(z, r, t, v))
         >>> out.target[0], out.pred[0]
         (tensor([1., 1.]), tensor([0.5000, 0.5000]))
     """
@@ -384,28 +384,27 @@ class DifferentialTarget:
         self.detach_tangents = bool(detach_tangents)
 
     def __call__(
-        self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
+        self, student, point: FlowPoint, *, teacher=None, generator=None, step=None
     ) -> TargetOutput:
-        cond = cond or {}
-        rng = None if self.single_forward else rng_state(z_t.device)
-        point = FlowPoint(z_t, r, t, v, cond)
+        rng = None if self.single_forward else rng_state(point.z.device)
         u, dudt = self._jvp(student, point, keep_graph=self.single_forward)
         pred = u if self.single_forward else _same_draws_forward(student, point, rng)
         metrics = {"dudt_rms": dudt.detach().float().pow(2).mean().sqrt()}
-        return TargetOutput(pred, self._target(z_t, r, t, v, dudt), metrics)
+        return TargetOutput(pred, self._target(point, dudt), metrics)
 
-    def compute(self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None) -> Tensor:
+    def compute(self, student, point: FlowPoint, *, teacher=None, generator=None) -> Tensor:
         """The detached target alone, from one JVP that keeps no graph (e.g. to compare it
         with a discrete target on the same batch)."""
-        _, dudt = self._jvp(student, FlowPoint(z_t, r, t, v, cond or {}), keep_graph=False)
-        return self._target(z_t, r, t, v, dudt)
+        _, dudt = self._jvp(student, point, keep_graph=False)
+        return self._target(point, dudt)
 
     def _jvp(self, student, point: FlowPoint, *, keep_graph: bool) -> tuple[Tensor, Tensor]:
         options = JvpOptions(keep_graph, self.fd_step, self.route_sdpa, self.detach_tangents)
         return along_flow(self._backend, student, point, options)
 
-    def _target(self, z_t, r, t, v, dudt) -> Tensor:
+    def _target(self, point: FlowPoint, dudt: Tensor) -> Tensor:
         """``v - (t - r) du/dt`` with the optional tangent normalisation and clamp."""
+        z_t, r, t, v = point.z, point.r, point.t, point.v
         work = compute_dtype(z_t.dtype)
         tangent = expand_time(_gap(r, t, work), z_t) * dudt.to(work)
         if self.tangent_norm is not None:
@@ -442,19 +441,20 @@ class _DiscreteTarget(ABC):
     def _compute(self, student, point: FlowPoint, teacher, generator) -> tuple[Tensor, int]:
         """The detached target ``(B, ...)`` at ``point`` and the teacher evaluations it made."""
 
-    def compute(self, student, z_t, r, t, v, *, teacher, cond, generator) -> Tensor:
+    def compute(self, student, point: FlowPoint, *, teacher=None, generator=None) -> Tensor:
         """The detached target ``(B, ...)`` (no student prediction)."""
-        return self._compute(student, FlowPoint(z_t, r, t, v, cond or {}), teacher, generator)[0]
+        return self._compute(student, point, teacher, generator)[0]
 
     def __call__(
-        self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
+        self, student, point: FlowPoint, *, teacher=None, generator=None, step=None
     ) -> TargetOutput:
         """The prediction, the target and the metric ``teacher_evals_per_sample``: the
         teacher's evaluations per sample for this target, counting the loss's ``v`` at
         ``(z_t, t)`` as one when there is a teacher (a host number: no sync)."""
-        cond = cond or {}
-        target, evals = self._compute(student, FlowPoint(z_t, r, t, v, cond), teacher, generator)
-        pred = check_like("the student's output", student(z_t, r, t, **cond), z_t)
+        target, evals = self._compute(student, point, teacher, generator)
+        z_t = point.z
+        u = student(z_t, point.r, point.t, **point.cond)
+        pred = check_like("the student's output", u, z_t)
         per_sample = (teacher is not None) + evals / z_t.shape[0]
         metrics = {"teacher_evals_per_sample": torch.full((), float(per_sample), device=z_t.device)}
         return TargetOutput(pred, target, metrics)
@@ -493,12 +493,12 @@ class TeacherODETarget(_DiscreteTarget):
 
     Example:
         >>> import torch
-        >>> from mfcore import TeacherODETarget
+        >>> from mfcore import FlowPoint, TeacherODETarget
         >>> target = TeacherODETarget(steps=16, method="rk4")
         >>> target.phase
         'discrete'
         >>> z, r, t = torch.ones(2, 1), torch.tensor([0.0, 0.5]), torch.tensor([1.0, 0.5])
-        >>> target.compute(None, z, r, t, z, teacher=lambda z, t: z, cond={}, generator=None)
+        >>> target.compute(None, FlowPoint(z, r, t, z), teacher=lambda z, t: z)
         tensor([[0.6321],
                 [1.0000]])
     """

@@ -28,6 +28,7 @@ decide alike.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -264,21 +265,20 @@ class WarmupTarget:
 
     # ------------------------------------------------------------------ call
     def __call__(
-        self, student, z_t, r, t, v, *, teacher=None, cond=None, generator=None, step=None
+        self, student, point: FlowPoint, *, teacher=None, generator=None, step=None
     ) -> TargetOutput:
         self.step = self.step + 1 if step is None else check_positive_int("step", step, minimum=0)
-        kwargs = dict(teacher=teacher, cond=cond, generator=generator)
-        point = FlowPoint(z_t, r, t, v, cond or {})
+        kwargs = dict(teacher=teacher, generator=generator)
         events: dict[str, float] = {}
         if self.switched_at is None and not self._locked() and self._may_switch():
             self._switch(student, point, teacher)
             events["warmup_switched"] = 1.0
         phase = self.phase
         if phase == "discrete":
-            out = self.discrete_target(student, z_t, r, t, v, step=self.step, **kwargs)
+            out = self.discrete_target(student, point, step=self.step, **kwargs)
             extra = self._watch_discrete(out, student, point)
         else:
-            out = self.differential_target(student, z_t, r, t, v, **kwargs)
+            out = self.differential_target(student, point, **kwargs)
             alpha = self.blend_weight()
             if alpha < 1.0:
                 out = self._hand_over(out, alpha, student, point, kwargs)
@@ -297,16 +297,17 @@ class WarmupTarget:
 
     def _hand_over(self, out, alpha, student, point: FlowPoint, kwargs) -> TargetOutput:
         """The target during the hand-over, at differential weight ``alpha`` in ``[0, 1)``."""
-        z_t, r, t, v = point.z, point.r, point.t, point.v
+        z_t, r, t = point.z, point.r, point.t
         work = out.target.dtype
         if self.handover == "blend":
-            disc = self.discrete_target.compute(student, z_t, r, t, v, **kwargs)
+            disc = self.discrete_target.compute(student, point, **kwargs)
             mixed = alpha * out.target + (1.0 - alpha) * disc.to(work)
             return TargetOutput(out.pred, mixed, out.metrics)
         # "gap": the differential target on the intervals up to alpha long; the discrete one
         # integrates only the longer ones (the others are passed as r = t: no solve)
         short = (t.to(torch.float64) - r.to(torch.float64)) <= alpha
-        disc = self.discrete_target.compute(student, z_t, torch.where(short, t, r), t, v, **kwargs)
+        long_only = replace(point, r=torch.where(short, t, r))
+        disc = self.discrete_target.compute(student, long_only, **kwargs)
         mixed = torch.where(expand_time(short, z_t), out.target, disc.to(work))
         return TargetOutput(out.pred, mixed, out.metrics)
 
@@ -329,12 +330,18 @@ class WarmupTarget:
             return
         keep = self.guard.batch
         cut = slice(None) if keep is None else slice(0, keep)
-        z, rr, tt, vv = point.z[cut].detach(), point.r[cut], point.t[cut], point.v[cut]
-        cond = _detached(point.cond, keep)
-        target = self.discrete_target.compute(
-            student, z, rr, tt, vv, teacher=teacher, cond=cond, generator=None
-        )
-        self._held = {"z": z, "r": rr, "t": tt, "cond": cond, "target": target.detach()}
+        held = FlowPoint(
+            point.z[cut].detach(), point.r[cut], point.t[cut], point.v[cut],
+            _detached(point.cond, keep),
+        )  # fmt: skip
+        target = self.discrete_target.compute(student, held, teacher=teacher)
+        self._held = {
+            "z": held.z,
+            "r": held.r,
+            "t": held.t,
+            "cond": held.cond,
+            "target": target.detach(),
+        }
         err, ref = self._held_error(student)
         self._held["ref"] = err / ref if ref > 0 else 0.0
 
@@ -381,9 +388,9 @@ class WarmupTarget:
         stats = [torch.stack([self._fit.to(work), torch.ones((), dtype=work, device=e.device)])]
         watch = not self._locked()
         if watch:
-            z_t, r, t, v = point.z, point.r, point.t, point.v
-            u_diff = self.differential_target.compute(student, z_t, r, t, v, cond=point.cond)
-            sums = agreement_sums(pred, target, u_diff, r, t, edges=self._edges.to(pred.device))
+            u_diff = self.differential_target.compute(student, point)
+            edges = self._edges.to(pred.device)
+            sums = agreement_sums(pred, target, u_diff, point.r, point.t, edges=edges)
             stats.append(sums.flatten().to(work))
         host = self._sum(torch.cat(stats)).tolist()
         fit_sum, ranks = host[:2]

@@ -34,6 +34,7 @@ from mfcore.losses import (
     per_sample_sq_error,
     sample_path,
 )
+from mfcore.path import FlowPoint
 from mfcore.solvers import odeint, sample_meanflow, sample_teacher
 from mfcore.targets import (
     DifferentialTarget,
@@ -312,7 +313,7 @@ CASES = [
     api(
         "WarmupTarget step -1",
         lambda: WarmupTarget(TeacherODETarget(), switch_step=3)(
-            STUDENT, Z, R, T, V, teacher=teacher, step=-1
+            STUDENT, FlowPoint(Z, R, T, V), teacher=teacher, step=-1
         ),
         ValueError,
         "step",

@@ -17,6 +17,7 @@ from mfcore import (
     WarmupTarget,
     split_target,
 )
+from mfcore.path import FlowPoint
 
 from .test_warmup import F64, exact_u, velocity
 
@@ -44,7 +45,7 @@ def _draw(seed: int, n: int = 64):
 
 
 def _compute(target, z, r, t, teacher=velocity, student=exact_u):
-    return target.compute(student, z, r, t, teacher(z, t), teacher=teacher, cond={}, generator=None)
+    return target.compute(student, FlowPoint(z, r, t, teacher(z, t)), teacher=teacher)
 
 
 @settings(max_examples=50, deadline=None)
@@ -96,7 +97,7 @@ def test_a_shrinking_span_approaches_the_differential_target():
     target falls like a (one Euler step of length a (t - r))."""
     z, r, t = _draw(0, n=256)
     exact = exact_u(z, r, t)
-    diff = DifferentialTarget().compute(exact_u, z, r, t, velocity(z, t))
+    diff = DifferentialTarget().compute(exact_u, FlowPoint(z, r, t, velocity(z, t)))
     torch.testing.assert_close(diff, exact, rtol=1e-9, atol=1e-9)  # the fixed point
     errors = []
     for a in (1e-1, 1e-2, 1e-3):
@@ -110,7 +111,7 @@ def test_one_euler_step_costs_no_teacher_evaluation_beyond_v():
     z, r, t = _draw(1)
     teacher = Counting()
     out = SplitCurriculumTarget(LinearSpan(0.5, 0.5, 1))(
-        exact_u, z, r, t, velocity(z, t), teacher=teacher, step=0
+        exact_u, FlowPoint(z, r, t, velocity(z, t)), teacher=teacher, step=0
     )
     assert teacher.points == 0
     assert out.metrics["teacher_evals_per_sample"].item() == 1.0
@@ -121,7 +122,7 @@ def test_the_warm_up_passes_its_step_to_a_curriculum():
     warm = WarmupTarget(curriculum, switch_step=100, every=None)
     z, r, t = _draw(2)
     for step in (0, 7):
-        warm(exact_u, z, r, t, velocity(z, t), teacher=velocity, step=step)
+        warm(exact_u, FlowPoint(z, r, t, velocity(z, t)), teacher=velocity, step=step)
         assert curriculum.step == step
     state = curriculum.state_dict()
     fresh = SplitCurriculumTarget(LinearSpan(1.0, 0.5, 10))
@@ -142,9 +143,7 @@ def test_bad_curricula_are_refused_by_name():
     with pytest.raises(ValueError, match="span"):
         _compute(SplitCurriculumTarget(lambda step: float("nan")), z, r, t)
     with pytest.raises(ValueError, match="teacher"):
-        SplitCurriculumTarget(LinearSpan()).compute(
-            exact_u, z, r, t, velocity(z, t), teacher=None, cond={}, generator=None
-        )
+        SplitCurriculumTarget(LinearSpan()).compute(exact_u, FlowPoint(z, r, t, velocity(z, t)))
 
 
 @settings(max_examples=20, deadline=None)
@@ -162,15 +161,14 @@ def test_the_gap_hand_over_takes_short_intervals_first(seed, blend, into):
         return exact_u(z, r, t) + 0.1 * (t - r)[:, None] * z
 
     teacher = Counting()
-    warm(student, z, r, t, velocity(z, t), teacher=teacher, step=0)  # the switch
+    point = FlowPoint(z, r, t, velocity(z, t))
+    warm(student, point, teacher=teacher, step=0)  # the switch
     teacher.points = 0
-    out = warm(student, z, r, t, velocity(z, t), teacher=teacher, step=into)
+    out = warm(student, point, teacher=teacher, step=into)
     alpha = warm.blend_weight()
     short = (t - r) <= alpha
-    diff = DifferentialTarget().compute(student, z, r, t, velocity(z, t))
-    disc = discrete.compute(
-        student, z, r, t, velocity(z, t), teacher=velocity, cond={}, generator=None
-    )
+    diff = DifferentialTarget().compute(student, point)
+    disc = discrete.compute(student, point, teacher=velocity)
     want = torch.where(short[:, None], diff, disc)
     torch.testing.assert_close(out.target, want, rtol=1e-10, atol=1e-10)
     long = int((~short).sum())

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mfcore.path import FlowPoint
 from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.warmup import SwitchGate, SwitchGuard, WarmupTarget, target_agreement
 from tests import _distributed as D
@@ -69,7 +70,7 @@ def _events(make, student, batch, steps, hook=None):
     for step in range(steps):
         if hook is not None:
             hook(step, student)
-        target(student, *batch, teacher=teacher, step=step)
+        target(student, FlowPoint(*batch), teacher=teacher, step=step)
     return target.events
 
 
@@ -77,8 +78,9 @@ def warmup_worker(rank: int, folder: str) -> None:
     z, r, t, v = batch = _batch(rank)
     student, disc, diff = Student(), TeacherODETarget(steps=2), DifferentialTarget("func")
     pred = student(z, r, t).detach()
-    u_disc = disc.compute(student, z, r, t, v, teacher=teacher, cond=None, generator=None)
-    u_diff = diff.compute(student, z, r, t, v)
+    point = FlowPoint(z, r, t, v)
+    u_disc = disc.compute(student, point, teacher=teacher)
+    u_diff = diff.compute(student, point)
     sq = {"gap": (u_diff - u_disc).square().sum().item(), "disc": u_disc.square().sum().item()}
     delta = target_agreement(pred, u_disc, u_diff, r, t).delta
     pooled = (_total(sq["gap"]) / _total(sq["disc"])) ** 0.5

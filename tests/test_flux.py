@@ -36,6 +36,7 @@ from mfcore.adapters.generation import decode_latents, generate_latents
 from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec, lora_disabled
 from mfcore.adapters.pipeline import MeanFlowPipeline
 from mfcore.jvp import JVP_METHODS, total_derivative
+from mfcore.path import FlowPoint
 from mfcore.targets import DifferentialTarget
 from mfcore.time import uniform_grid
 from tests._rules_check import assert_rules_change_nothing
@@ -475,7 +476,7 @@ def test_differential_target_gradients_with_checkpointing(method, single_forward
         if checkpointing:
             student.transformer.enable_gradient_checkpointing()
         target = DifferentialTarget(method, single_forward=single_forward)
-        out = target(student, z, r, t, v, cond=cond)
+        out = target(student, FlowPoint(z, r, t, v, cond))
         ((out.pred - out.target) ** 2).mean().backward()
         grads.append([p.grad.clone() for p in student.trainable_parameters()])
     for a, b in zip(*grads, strict=True):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mfcore.guidance import ClassifierFreeGuidance, MeanFlowGuidance, apg_velocity, cfg_velocity
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss, per_sample_sq_error, sample_path
+from mfcore.path import FlowPoint
 from mfcore.targets import DifferentialTarget
 from tests._cfg_peers import (
     F64,
@@ -165,7 +166,7 @@ def _run(guidance, case, drop):
     z_t = sample_path(d["x"], d["eps"], d["t"])
     v_tilde = guidance(d["eps"] - d["x"], student, z_t, d["t"], cond, drop=drop)
     student_cond = guidance.condition(cond, drop)
-    out = DifferentialTarget()(student, z_t, d["r"], d["t"], v_tilde, cond=student_cond)
+    out = DifferentialTarget()(student, FlowPoint(z_t, d["r"], d["t"], v_tilde, student_cond))
     return loss, out.target, v_tilde
 
 

@@ -24,6 +24,7 @@ from mfcore.adapters.lora import LORA_WEIGHT_NAME, LoraSpec
 from mfcore.adapters.routing import attention_mode_for, enable_gradient_checkpointing
 from mfcore.adapters.student import Teacher, load_student
 from mfcore.jvp import JVP_METHODS, total_derivative
+from mfcore.path import FlowPoint
 from mfcore.targets import DifferentialTarget
 from tests._close import FP64, assert_close_to
 from tests._rules_check import assert_rules_change_nothing
@@ -244,9 +245,8 @@ def test_checkpointing_with_keyword_block_arguments(method, single_forward):
             enable_gradient_checkpointing(student.transformer)
         z, r, t, cond = batch(seed=3)
         v = torch.randn_like(z)
-        out = DifferentialTarget(method, single_forward=single_forward)(
-            student, z, r, t, v, cond=cond
-        )
+        target = DifferentialTarget(method, single_forward=single_forward)
+        out = target(student, FlowPoint(z, r, t, v, cond))
         ((out.pred - out.target) ** 2).mean().backward()
         grads.append([p.grad.clone() for p in student.trainable_parameters()])
     for a, b in zip(*grads, strict=True):

@@ -14,6 +14,7 @@ from mfcore.losses import (
     per_sample_sq_error,
     sample_path,
 )
+from mfcore.path import FlowPoint
 from mfcore.solvers import sample_meanflow
 from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.time import TimePairSampler, UniformTime
@@ -209,7 +210,8 @@ def test_unguided_loss_matches_every_peer_and_the_equations(key):
         student, d["x"], noise=d["eps"], cond={"y": d["y"]}, r=d["r"], t=d["t"]
     )
     z_t = sample_path(d["x"], d["eps"], d["t"])
-    out = DifferentialTarget()(student, z_t, d["r"], d["t"], d["eps"] - d["x"], cond={"y": d["y"]})
+    point = FlowPoint(z_t, d["r"], d["t"], d["eps"] - d["x"], {"y": d["y"]})
+    out = DifferentialTarget()(student, point)
     for peer, ref in case["peers"].items():
         expected = torch.tensor(ref["loss"], dtype=F64)
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0, msg=peer)

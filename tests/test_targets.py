@@ -14,6 +14,7 @@ from scipy.integrate import solve_ivp
 
 from mfcore.jvp import total_derivative
 from mfcore.losses import MeanFlowLoss
+from mfcore.path import FlowPoint
 from mfcore.solvers import odeint
 from mfcore.targets import (
     DifferentialTarget,
@@ -142,11 +143,11 @@ def test_target_objects_shapes_and_detach():
         SplitTarget(),
         SplitTarget("none"),
     ):
-        out = target(student, z, r, t, v, teacher=gmm)
+        out = target(student, FlowPoint(z, r, t, v), teacher=gmm)
         assert out.pred.shape == z.shape and out.pred.requires_grad
         assert out.target.shape == z.shape and not out.target.requires_grad
     with pytest.raises(ValueError, match="teacher"):
-        TeacherODETarget()(student, z, r, t, v)
+        TeacherODETarget()(student, FlowPoint(z, r, t, v))
 
 
 def test_differential_target_options():
@@ -156,9 +157,9 @@ def test_differential_target_options():
     expected = v - (t - r)[:, None] * dudt
     torch.testing.assert_close(differential_target(u, dudt, v, r, t), expected)
     student = lambda z, r, t: 50.0 * t[:, None] * z  # noqa: E731  du/dt = 50 z + 50 t v
-    clamped = DifferentialTarget(clamp=2.0)(student, z, r, t, v)
+    clamped = DifferentialTarget(clamp=2.0)(student, FlowPoint(z, r, t, v))
     assert clamped.target.abs().max() <= 2.0
-    normed = DifferentialTarget(tangent_norm=1e-3)(student, z, r, t, v)
+    normed = DifferentialTarget(tangent_norm=1e-3)(student, FlowPoint(z, r, t, v))
     tangent = v - normed.target
     rms = tangent.pow(2).mean(1).sqrt()
     torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-2, atol=1e-2)
@@ -175,7 +176,7 @@ def test_warmup_switches_at_step_and_resumes():
     w = WarmupTarget(TeacherODETarget(steps=2), switch_step=3, blend_steps=2)
     phases = []
     for step in range(1, 8):
-        out = w(student, z, r, t, v, teacher=gmm, step=step)
+        out = w(student, FlowPoint(z, r, t, v), teacher=gmm, step=step)
         phases.append((w.phase, round(float(out.metrics["warmup_alpha"]), 3)))
     assert [p for p, _ in phases] == ["discrete"] * 2 + ["blend"] * 2 + ["differential"] * 3
     assert [a for _, a in phases] == [0.0, 0.0, 0.333, 0.667, 1.0, 1.0, 1.0]
@@ -187,9 +188,9 @@ def test_warmup_switches_at_step_and_resumes():
 def test_blend_mixes_the_two_targets():
     gmm, student, z, r, t, v = _setup()
     w = WarmupTarget(TeacherODETarget(steps=2), switch_step=1, blend_steps=1)
-    out = w(student, z, r, t, v, teacher=gmm, step=1)  # alpha = 1/2
+    out = w(student, FlowPoint(z, r, t, v), teacher=gmm, step=1)  # alpha = 1/2
     disc = teacher_ode_target(gmm, z, r, t, steps=2, method="heun", v=v)
-    diff = DifferentialTarget()(student, z, r, t, v).target
+    diff = DifferentialTarget()(student, FlowPoint(z, r, t, v)).target
     torch.testing.assert_close(out.target, 0.5 * disc + 0.5 * diff)
 
 
@@ -197,11 +198,12 @@ def test_warmup_automatic_criterion():
     gmm, _, z, r, t, v = _setup()
     exact = _exact_u(gmm)
     w = WarmupTarget(TeacherODETarget(steps=32, method="rk4"), threshold=1e-3, ema=0.0, every=1)
-    w(lambda z, r, t: torch.zeros_like(z), z, r, t, v, teacher=gmm)
+    point = FlowPoint(z, r, t, v)
+    w(lambda z, r, t: torch.zeros_like(z), point, teacher=gmm)
     assert w.phase == "discrete" and w.fit_error == pytest.approx(1.0)
-    w(exact, z, r, t, v, teacher=gmm)  # fits: switches from the next step on
+    w(exact, point, teacher=gmm)  # fits: switches from the next step on
     assert w.fit_error < 1e-3 and w.phase == "discrete"
-    w(exact, z, r, t, v, teacher=gmm)
+    w(exact, point, teacher=gmm)
     assert w.phase == "differential" and w.switched_at == w.step == 3
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from mfcore.fields import TargetOutput
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
+from mfcore.path import FlowPoint
 from mfcore.solvers import SOLVERS, odeint
 from mfcore.targets import SplitTarget, TeacherODETarget, split_target, teacher_ode_target
 from mfcore.warmup import WarmupTarget
@@ -83,7 +84,7 @@ def test_no_wasted_teacher_calls_the_target_equals_the_full_batch_solve(batch, m
         TeacherODETarget(steps, method),
         TeacherODETarget(steps, method, always_call=True),
     ):
-        obj = target.compute(None, z, r, t, v, teacher=teacher, cond=cond, generator=None)
+        obj = target.compute(None, FlowPoint(z, r, t, v, cond), teacher=teacher)
         torch.testing.assert_close(obj, old, **FP64_TOL)
 
 
@@ -133,7 +134,7 @@ def test_no_wasted_teacher_calls_counts_the_teacher_rows(method, equal, always_c
     k = max(k, 1) if always_call else k
     counting = Counting()
     target = TeacherODETarget(steps, method, always_call=always_call)
-    out = target(MLPStudent(2).to(F64), z, r, t, v, teacher=counting)
+    out = target(MLPStudent(2).to(F64), FlowPoint(z, r, t, v), teacher=counting)
     assert counting.rows == ([k] * (steps * stages - 1) if k else [])
     expected = 1.0 + k * (steps * stages - 1) / b
     assert out.metrics["teacher_evals_per_sample"].item() == pytest.approx(expected)
@@ -150,7 +151,8 @@ def test_no_wasted_teacher_calls_split_both_on_r_equal_t_pairs_only(always_call)
     z = torch.randn(4, 2, generator=gen, dtype=F64)
     v, counting = teacher(z, t), Counting()
     target = SplitTarget("both", 2, "heun", always_call=always_call)
-    out = target(MLPStudent(2).to(F64), z, t, t, v, teacher=counting, generator=gen)
+    point = FlowPoint(z, t, t, v)
+    out = target(MLPStudent(2).to(F64), point, teacher=counting, generator=gen)
     k = 1 if always_call else 0
     assert counting.rows == ([k] * (3 + 4) if k else [])  # [s, t], then v at s and [r, s]
     assert torch.equal(out.target, v)
@@ -168,7 +170,7 @@ def test_no_wasted_teacher_calls_heun4_at_a_quarter_of_the_pairs_costs_2_75_not_
     student = MLPStudent(2).to(F64)
     for reuse, cost in ((True, 2.75), (False, 3.0)):
         target = TeacherODETarget(4, "heun", reuse_v=reuse)
-        out = target(student, z, r, t, teacher(z, t), teacher=teacher)
+        out = target(student, FlowPoint(z, r, t, teacher(z, t)), teacher=teacher)
         assert out.metrics["teacher_evals_per_sample"].item() == cost
 
 
@@ -181,10 +183,10 @@ def test_no_wasted_teacher_calls_reuse_v_false_integrates_the_teacher_alone():
     z = torch.randn(6, 2, generator=gen, dtype=F64)
     guided = teacher(z, t) + 0.7
     old = full_batch_secant(z, r, t, 3, "heun", guided, {})
-    kw = {"teacher": teacher, "cond": {}, "generator": None}
-    new = TeacherODETarget(3, "heun", reuse_v=False).compute(None, z, r, t, guided, **kw)
+    kw = {"teacher": teacher}
+    new = TeacherODETarget(3, "heun", reuse_v=False).compute(None, FlowPoint(z, r, t, guided), **kw)
     torch.testing.assert_close(new, old, **FP64_TOL)
-    reused = TeacherODETarget(3, "heun").compute(None, z, r, t, guided, **kw)
+    reused = TeacherODETarget(3, "heun").compute(None, FlowPoint(z, r, t, guided), **kw)
     assert not torch.allclose(reused[::2], old[::2])  # its first stage is this v
 
 
@@ -193,8 +195,9 @@ class FullBatchTarget:
 
     phase = "discrete"
 
-    def __call__(self, student, z_t, r, t, v, *, teacher=None, cond=None, **_):
-        target = full_batch_secant(z_t, r, t, 4, "heun", v, cond or {})
+    def __call__(self, student, point, *, teacher=None, **_):
+        z_t, r, t = point.z, point.r, point.t
+        target = full_batch_secant(z_t, r, t, 4, "heun", point.v, point.cond)
         return TargetOutput(student(z_t, r, t), target.detach(), {})
 
     def state_dict(self):
@@ -232,7 +235,7 @@ def test_no_wasted_teacher_calls_reaches_the_warmup_and_its_blend():
     v = teacher(z, t)
     student = MLPStudent(2).to(F64)
     warm = WarmupTarget(TeacherODETarget(4, "heun"), switch_step=10, every=None)
-    out = warm(student, z, r, t, v, teacher=teacher, step=1)
+    out = warm(student, FlowPoint(z, r, t, v), teacher=teacher, step=1)
     assert out.metrics["teacher_evals_per_sample"].item() == pytest.approx(1 + 3 * 7 / 8)
     torch.testing.assert_close(out.target, full_batch_secant(z, r, t, 4, "heun", v, {}))
 
@@ -246,7 +249,7 @@ def test_no_wasted_teacher_calls_reads_the_host_once_for_the_row_count():
     v = teacher(z, t)
     for target in (TeacherODETarget(4), SplitTarget("both", 2)):
         with count_host_reads() as reads:
-            target.compute(MLPStudent(2), z, r, t, v, teacher=teacher, cond={}, generator=gen)
+            target.compute(MLPStudent(2), FlowPoint(z, r, t, v), teacher=teacher, generator=gen)
         assert reads == ["aten.nonzero"]
 
 

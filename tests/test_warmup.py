@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
+from mfcore.path import FlowPoint
 from mfcore.switch_signals import agreement_sums
 from mfcore.targets import DifferentialTarget, TeacherODETarget
 from mfcore.time import TimePairSampler, UniformTime
@@ -109,8 +110,8 @@ def test_exact_field_gives_delta_near_zero_and_rho_one():
     z = (1 - t)[:, None] * x + t[:, None] * noise
     v = velocity(z, t)
     pred = exact_u(z, r, t)
-    u_disc = DISCRETE.compute(None, z, r, t, v, teacher=velocity, cond=None, generator=None)
-    u_diff = DifferentialTarget().compute(exact_u, z, r, t, v)
+    u_disc = DISCRETE.compute(None, FlowPoint(z, r, t, v), teacher=velocity)
+    u_diff = DifferentialTarget().compute(exact_u, FlowPoint(z, r, t, v))
     sig = target_agreement(pred, u_disc, u_diff, r, t)
     assert sig.delta < 1e-6  # the RK4 secant's own error
     assert sig.rho == pytest.approx(1.0, abs=1e-6)  # u_diff = u exactly

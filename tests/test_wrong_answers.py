@@ -21,6 +21,7 @@ from mfcore.losses import (
     per_sample_sq_error,
     sample_path,
 )
+from mfcore.path import FlowPoint
 from mfcore.targets import (
     DifferentialTarget,
     SplitTarget,
@@ -99,7 +100,7 @@ def test_1_1_split_target_object_in_bf16():
     t = torch.full((8,), 0.5)
     r = t - 1e-3
     out = SplitTarget("both", teacher_steps=2)(
-        lambda z, r, t: torch.zeros_like(z), z, r, t, decay(z, t), teacher=decay
+        lambda z, r, t: torch.zeros_like(z), FlowPoint(z, r, t, decay(z, t)), teacher=decay
     )
     exact = exact_decay_u(z, r, t)
     assert (out.target.double() - exact).norm() / exact.norm() < 2e-2
@@ -127,7 +128,7 @@ def test_1_1_teacher_ode_target_object_gives_fp32_targets_for_bf16_data():
     t = torch.full((8,), 0.5)
     r = t - 1e-3
     out = TeacherODETarget(steps=2)(
-        lambda z, r, t: torch.zeros_like(z), z, r, t, decay(z, t), teacher=decay
+        lambda z, r, t: torch.zeros_like(z), FlowPoint(z, r, t, decay(z, t)), teacher=decay
     )
     assert out.target.dtype == F32
     exact = exact_decay_u(z, r, t)
@@ -146,7 +147,7 @@ def test_1_2_discrete_targets_check_the_students_output_shape():
 
     for target in (TeacherODETarget(steps=1), SplitTarget("both")):
         with pytest.raises(ValueError, match="student's output"):
-            target(narrow, z, r, t, decay(z, t), teacher=decay)
+            target(narrow, FlowPoint(z, r, t, decay(z, t)), teacher=decay)
 
 
 def test_1_2_a_weighting_must_return_one_weight_per_sample():
@@ -235,7 +236,7 @@ def test_1_5_negative_steps_are_refused():
     z, t = torch.randn(2, 2), torch.full((2,), 0.5)
     warm = WarmupTarget(TeacherODETarget(steps=1), switch_step=3)
     with pytest.raises(ValueError, match="step must be >= 0"):
-        warm(MLPStudent(2), z, t - 0.1, t, decay(z, t), teacher=decay, step=-1)
+        warm(MLPStudent(2), FlowPoint(z, t - 0.1, t, decay(z, t)), teacher=decay, step=-1)
     loss = MeanFlowLoss(target=TeacherODETarget(steps=1))
     with pytest.raises(ValueError, match="step must be >= 0"):
         loss(MLPStudent(2), z, teacher=decay, step=-1)
@@ -377,7 +378,7 @@ def test_1_8_two_forward_differential_target_uses_one_dropout_mask():
     t = torch.full((16,), 0.7, dtype=F64)
     r, v = t - 0.3, torch.randn(16, 2, dtype=F64)
     torch.manual_seed(1)
-    out = DifferentialTarget("func", single_forward=False)(student, z, r, t, v)
+    out = DifferentialTarget("func", single_forward=False)(student, FlowPoint(z, r, t, v))
     torch.manual_seed(1)
     u, dudt = total_derivative(student, z, r, t, v, method="func")
     torch.testing.assert_close(out.pred.detach(), u, rtol=0, atol=0)

@@ -50,6 +50,7 @@ from mfcore.curricula import HalvingSpan, LinearSpan, SplitCurriculumTarget
 from mfcore.fields import Target
 from mfcore.jvp import JVP_METHODS
 from mfcore.losses import AdaptiveWeight, MeanFlowLoss
+from mfcore.path import FlowPoint
 from mfcore.solvers import ODE_METHODS, sample_meanflow, sample_teacher
 from mfcore.targets import DifferentialTarget, SplitTarget, TeacherODETarget
 from mfcore.time import (
@@ -493,7 +494,7 @@ def _derivative_step(cfg, student, teacher, mf_loss, gen) -> torch.Tensor:
         v = teacher(z, t)
     target = mf_loss.target.discrete_target if hasattr(mf_loss.target, "discrete_target") else None
     discrete = target if target is not None else _discrete_target(cfg)
-    u_disc = discrete.compute(student, z, r, t, v, teacher=teacher, cond=None, generator=gen)
+    u_disc = discrete.compute(student, FlowPoint(z, r, t, v), teacher=teacher, generator=gen)
     return derivative_loss(student, z, r, t, v, u_disc)
 
 
