@@ -51,7 +51,10 @@ never (the discrete target throughout)."""
 
 @dataclass
 class DistillConfig:
-    """Everything a run depends on (recorded in each checkpoint; see ``train --help``)."""
+    """Everything a run depends on (recorded in each checkpoint; see ``train --help``).
+
+    Built, it checks each setting (an error naming it) and the settings that rule each
+    other out (one ``ValueError`` naming them all)."""
 
     data: str
     output: str
@@ -124,13 +127,18 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if (self.model is None) == (not self.tiny):
-            raise ValueError("give exactly one of model (a checkpoint folder) and tiny")
-        if self.validation_prompts is not None:
-            if self.tiny:
-                raise ValueError(
-                    "validation_prompts needs a checkpoint with text encoders (model), not tiny"
-                )
+        tiny, prompts = bool(self.tiny), self.validation_prompts is not None
+        one_source = tiny != (self.model is not None)
+        arcflow_r = self.student == "arcflow" and self.r_embedding != "interval"
+        ruled_out = [  # settings that rule each other out, named together
+            (not one_source, "give exactly one of model (a checkpoint folder) and tiny"),
+            (tiny and prompts, "validation_prompts needs a model with text encoders, not tiny"),
+            (arcflow_r, "student 'arcflow' takes r_embedding 'interval' only"),
+        ]
+        problems = [why for wrong, why in ruled_out if wrong]
+        if problems:
+            raise ValueError("; ".join(problems))
+        if prompts:
             check_file(self.validation_prompts, "validation prompt file")
         check_choice("family", self.family, ("auto", *FAMILIES))
         if self.resume_from is not None:
@@ -167,8 +175,6 @@ class DistillConfig:
         check_choice("switch", self.switch, SWITCHES)
         check_choice("student", self.student, STUDENTS)
         check_choice("r_embedding", self.r_embedding, R_EMBEDDINGS)
-        if self.student == "arcflow" and self.r_embedding != "interval":
-            raise ValueError("student 'arcflow' takes r_embedding 'interval' only")
         check_choice("parallel", self.parallel, MODES)
         if self.micro_batch_size is not None:
             check_positive_int("micro_batch_size", self.micro_batch_size)

@@ -247,6 +247,8 @@ def test_named_errors_before_any_step(tmp_path, capsys, monkeypatch):
     assert "ema_decay" in usage_error(
         ["train", "--tiny", "--data", str(flux), "--ema-decay", "1.5", *out], capsys
     )
+    with pytest.raises(ValueError, match="with text encoders, not tiny; student 'arcflow' takes"):
+        config(tmp_path, "flux", validation_prompts="p", student="arcflow", r_embedding="native")
     err = usage_error(["train", "--steps", "1"], capsys)  # every missing flag at once
     assert "train needs --data; --model or --tiny; --output (the run folder)" in err
     assert not calls
