@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mfcore._checks import check_choice, check_positive_int, check_real, cli_int
+from mfcore._checks import check_choice, check_instance, check_positive_int, check_real, cli_int
 from mfcore.adapters._durable import read_json
 from mfcore.adapters._files import check_folder
 from mfcore.adapters._state import load_state, read_tensors
@@ -205,11 +205,8 @@ class MeanFlowPipeline:
         scheduler: Mapping[str, Any] | None = None,
         default_size: tuple[int, int] = (1024, 1024),
     ) -> None:
-        if not isinstance(student, SharedWeightsStudent):
-            raise TypeError(
-                f"student must be a MeanFlowStudent (or an ArcFlow student), got "
-                f"{type(student).__name__}"
-            )
+        what = "a MeanFlowStudent (or an ArcFlow student)"
+        check_instance("student", student, SharedWeightsStudent, what)
         self.student = student
         self.family: TrainingFamily = student.family  # type: ignore[assignment]
         self.vae = vae
