@@ -39,6 +39,7 @@ from mfcore._checks import (
     check_instance,
     check_positive_int,
     check_real,
+    check_state,
     check_time,
 )
 from mfcore.adapters.lora import LoraSpec, adapter_parameters, add_lora, lora_active
@@ -117,7 +118,7 @@ class FakeVelocity(nn.Module):
         """
         check_cond_keys(self.family, cond)
         tr = self._transformer
-        call = self.family.check_call(tr, z, cond, self.guidance_scale, False)
+        call = self.family.call_inputs(tr, z, cond, self.guidance_scale, False)
         check_time("t", t, z)
         with self.active():
             return pinned_velocity(self.family, tr, z, t, call.inputs)
@@ -262,8 +263,6 @@ class Alignment:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; raises ``KeyError`` naming a missing entry."""
-        for key in ("loss", "generator"):
-            if key not in state:
-                raise KeyError(f"Alignment state is missing {key!r}")
+        check_state("Alignment", state, ("loss", "generator"))
         self.loss.load_state_dict(state["loss"])
         self.generator.set_state(state["generator"])
