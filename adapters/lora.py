@@ -294,7 +294,7 @@ def load_lora_state_dict(
     """Copy LoRA weights (as from :func:`lora_state_dict`) into ``model``; every key must match.
 
     Raises:
-        ValueError: on a missing or unexpected LoRA key, or a shape mismatch.
+        ValueError: naming the missing and unexpected LoRA keys and the shape mismatches.
     """
     expected = lora_state_dict(model, adapter_name=adapter_name)
     missing = sorted(set(expected) - set(state))
@@ -304,11 +304,10 @@ def load_lora_state_dict(
         for k, v in state.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    found = {"missing": missing, "unexpected": unexpected, "other shapes": shapes}
     if missing or unexpected or shapes:
-        raise ValueError(
-            f"LoRA state does not match the model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, other shapes {shapes[:3]}"
-        )
+        wrong = "; ".join(f"{what} {keys[:3]}" for what, keys in found.items() if keys)
+        raise ValueError(f"LoRA state does not match the model: {wrong}")
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
 
 

@@ -108,10 +108,10 @@ REPORTERS = ("tensorboard", "wandb", "none")
 def check_reporter(report_to: object) -> str:
     """Raise ``ValueError`` unless ``report_to`` is one of :data:`REPORTERS` and, for
     ``"wandb"``, wandb is installed."""
-    check_choice("report_to", report_to, REPORTERS)
-    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+    name = check_choice("report_to", report_to, REPORTERS)
+    if name == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ValueError("report_to='wandb' needs wandb: pip install wandb")
-    return report_to
+    return name
 
 
 class RunLog:
