@@ -76,17 +76,21 @@ def check_conditions(
     tag: str,
     label: str,
     missing: type[Exception] = TypeError,
+    validate: bool = True,
 ) -> dict[str, Tensor]:
     """The tensors of ``spec`` that one prompt's ``cond`` holds (``tag`` ``""``, or
     ``"negative_"`` for the negative prompt's ``negative_<name>``), keyed by their names in
     ``spec``, once each fits: its dims with ``B = z.shape[0]``, its kind of values, ``z``'s
-    device.
+    device. ``validate=False`` picks them without a check (arguments checked already).
 
     Raises:
         TypeError: a value is not a tensor, or a required one is missing (``missing``;
             always ``ValueError`` for the negative prompt, which two-pass guidance needs).
         ValueError: listing every tensor of the wrong shape, dtype or device.
     """
+    if not validate:
+        picked = {k: cond.get(tag + k) for k, s in spec.items() if _present(s, config)}
+        return {k: x for k, x in picked.items() if x is not None}
     absent = [tag + k for k, s in spec.items() if s.required and cond.get(tag + k) is None]
     if absent:
         why = "two-pass guidance (true_cfg_scale > 1) needs" if tag else "a call needs"

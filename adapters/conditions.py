@@ -49,10 +49,17 @@ class PooledTextConditions:
     negative_key = "negative_prompt_embeds"
 
     def text_call(
-        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], negative: bool
+        self,
+        model: nn.Module,
+        z: Tensor,
+        cond: Mapping[str, Any],
+        negative: bool,
+        *,
+        validate: bool = True,
     ) -> Call:
-        """The checked text inputs of one call (the negative prompt's when ``negative``)."""
-        call = self.condition_call(model, z, cond, negative)  # type: ignore[attr-defined]
+        """The text inputs of one call (the negative prompt's when ``negative``), checked
+        unless ``validate`` is False."""
+        call = self.condition_call(model, z, cond, negative, validate=validate)  # type: ignore[attr-defined]
         neg = None if call.negative is None else _inputs(call.negative)
         return Call(_inputs(call.inputs), neg)
 

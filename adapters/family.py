@@ -90,11 +90,20 @@ class Family(Protocol):
         """Return ``model`` if it is this family's transformer; ``TypeError`` otherwise."""
         ...
 
-    def check_call(
-        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
+    def call_inputs(
+        self,
+        model: nn.Module,
+        z: Tensor,
+        cond: Mapping[str, Any],
+        guidance: float,
+        negative: bool,
+        *,
+        validate: bool = True,
     ) -> Call:
-        """Validate one call's latents and condition (not its times); with ``negative`` the
-        negative prompt is required (``ValueError`` naming it otherwise)."""
+        """The inputs of one call from its latents and condition; with ``negative`` the
+        negative prompt's too. ``validate`` checks them first (not the times): a negative
+        prompt that ``negative`` needs and ``cond`` lacks is a ``ValueError`` naming it;
+        ``validate=False`` trusts arguments checked already (a training loop's data)."""
         ...
 
     def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
@@ -319,14 +328,21 @@ class FamilyBase:
         return z
 
     def condition_call(
-        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], negative: bool
+        self,
+        model: nn.Module,
+        z: Tensor,
+        cond: Mapping[str, Any],
+        negative: bool,
+        *,
+        validate: bool = True,
     ) -> Call:
-        """The checked :attr:`conditions` of one call, keyed by their declared names (and
-        the negative prompt's when ``negative``)."""
+        """The :attr:`conditions` of one call, keyed by their declared names (and the
+        negative prompt's when ``negative``), checked unless ``validate`` is False."""
 
         def prompt(tag: str) -> dict[str, Tensor]:
             return check_conditions(self.conditions, cond, z, model.config, tag=tag,
-                                    label=self.label, missing=self.missing_condition)  # fmt: skip
+                                    label=self.label, missing=self.missing_condition,
+                                    validate=validate)  # fmt: skip
 
         return Call(prompt(""), prompt("negative_") if negative else None)
 

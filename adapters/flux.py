@@ -144,30 +144,35 @@ def _check_even(name: str, n: object) -> int:
     return int(n)
 
 
-def pack_latents(latents: Tensor) -> Tensor:
+def pack_latents(latents: Tensor, *, validate: bool = True) -> Tensor:
     """Pack VAE latents into FLUX's 2x2 patch tokens (``FluxPipeline._pack_latents``).
 
     Args:
         latents: ``(B, C, H, W)`` with even ``H`` and ``W``.
+        validate: check ``latents`` (off for latents checked already).
 
     Returns:
         tokens ``(B, H W / 4, 4 C)``, row-major over the ``(H/2, W/2)`` patch grid.
     """
-    b, c, h, w = _check_latents("latents", latents).shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
+    if validate:
+        _check_latents("latents", latents)
+    return FluxPipeline._pack_latents(latents, *latents.shape)
 
 
-def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
+def unpack_latents(tokens: Tensor, height: int, width: int, *, validate: bool = True) -> Tensor:
     """Inverse of :func:`pack_latents` (``FluxPipeline._unpack_latents`` at latent resolution).
 
     Args:
         tokens: ``(B, height * width / 4, 4 C)``.
         height: latent height ``H`` (even).
         width: latent width ``W`` (even).
+        validate: check the arguments (off for arguments checked already).
 
     Returns:
         latents ``(B, C, H, W)``.
     """
+    if not validate:
+        return FluxPipeline._unpack_latents(tokens, height, width, 1)
     check_tensor("tokens", tokens)
     n = _check_even("height", height) * _check_even("width", width) // 4
     if tokens.ndim != 3 or tokens.shape[1] != n or tokens.shape[2] % 4:
@@ -179,27 +184,40 @@ def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
 
 
 def latent_image_ids(
-    height: int, width: int, *, device: torch.device | str | None = None, dtype=torch.float32
+    height: int,
+    width: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype=torch.float32,
+    validate: bool = True,
 ) -> Tensor:
     """Position ids of the packed image tokens (``FluxPipeline._prepare_latent_image_ids``).
 
     Args:
         height: latent height ``H`` (even).
         width: latent width ``W`` (even).
+        validate: check the sizes (off for sizes checked already).
 
     Returns:
         ids ``(H W / 4, 3)``: ``(0, row, column)`` of each 2x2 patch.
     """
-    _check_even("height", height)
-    _check_even("width", width)
+    if validate:
+        _check_even("height", height)
+        _check_even("width", width)
     return FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
 
 
 def text_ids(
-    seq_len: int, *, device: torch.device | str | None = None, dtype=torch.float32
+    seq_len: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype=torch.float32,
+    validate: bool = True,
 ) -> Tensor:
-    """Position ids of the text tokens: zeros ``(seq_len, 3)``, as the pipeline's."""
-    return torch.zeros(check_positive_int("seq_len", seq_len), 3, device=device, dtype=dtype)
+    """Position ids of the text tokens: zeros ``(seq_len, 3)``, as the pipeline's (``validate``
+    checks ``seq_len``)."""
+    n = check_positive_int("seq_len", seq_len) if validate else seq_len
+    return torch.zeros(n, 3, device=device, dtype=dtype)
 
 
 def flux_mu(image_seq_len: int, scheduler_config: Mapping[str, Any] | None = None) -> float:
@@ -230,20 +248,22 @@ def _flux_velocity(
     pooled: Tensor,
     guidance: Tensor | None,
 ) -> Tensor:
-    """One call of the transformer on unpacked latents; output in ``z``'s dtype."""
+    """One call of the transformer on unpacked latents, checked by the caller; output in
+    ``z``'s dtype."""
     _, _, h, w = z.shape
     dtype = transformer.dtype
+    ids = {"device": z.device, "dtype": dtype, "validate": False}
     out = transformer(
-        hidden_states=pack_latents(z.to(dtype)),
+        hidden_states=pack_latents(z.to(dtype), validate=False),
         encoder_hidden_states=prompt_embeds.to(dtype),
         pooled_projections=pooled.to(dtype),
         timestep=t,
-        img_ids=latent_image_ids(h, w, device=z.device, dtype=dtype),
-        txt_ids=text_ids(prompt_embeds.shape[1], device=z.device, dtype=dtype),
+        img_ids=latent_image_ids(h, w, **ids),
+        txt_ids=text_ids(prompt_embeds.shape[1], **ids),
         guidance=guidance,
         return_dict=False,
     )[0]
-    return unpack_latents(out, h, w).to(z.dtype)
+    return unpack_latents(out, h, w, validate=False).to(z.dtype)
 
 
 # --------------------------------------------------------------------------- the family
@@ -265,19 +285,22 @@ class FluxFamily(PipelinePrompts, PooledTextConditions, FamilyBase):
     model_class, vae_class, pipeline_class = FluxTransformer2DModel, AutoencoderKL, FluxPipeline
     time_embedding = "time_text_embed"
 
-    def check_call(
+    def call_inputs(
         self,
         model: FluxTransformer2DModel,
         z: Tensor,
         cond: Mapping[str, Any],
         guidance: float,
         negative: bool,
+        *,
+        validate: bool = True,
     ) -> Call:
-        self.check_latents(model, z)
-        _check_latents("z", z)
+        if validate:
+            self.check_latents(model, z)
+            _check_latents("z", z)
         embeds = model.config.guidance_embeds
         g = guidance_input(embeds, cond.get("guidance"), guidance, z, self.label)
-        call = self.text_call(model, z, cond, negative)
+        call = self.text_call(model, z, cond, negative, validate=validate)
         neg = None if call.negative is None else {**call.negative, "guidance": g}
         return Call({**call.inputs, "guidance": g}, neg)
 

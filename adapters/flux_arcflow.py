@@ -255,7 +255,7 @@ class FluxArcFlowStudent(SharedWeightsStudent):
         cond = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
         if guidance is not None:
             cond["guidance"] = guidance
-        g = FAMILY.check_call(tr, z, cond, self.guidance_scale, False).inputs["guidance"]
+        g = FAMILY.call_inputs(tr, z, cond, self.guidance_scale, False).inputs["guidance"]
         check_time("s0", s0, z)
         with self._head_on():
             raw = self._transformer_tokens(z, s0, prompt_embeds, pooled_prompt_embeds, g)
@@ -271,14 +271,15 @@ class FluxArcFlowStudent(SharedWeightsStudent):
         tr = self.transformer
         _, _, h, w = z.shape
         dtype = tr.dtype
+        ids = {"device": z.device, "dtype": dtype, "validate": False}  # checked by forward
         with lora_active(tr, self.adapter_name), pinned_checkpointing(tr):
             return tr(
-                hidden_states=pack_latents(z.to(dtype)),
+                hidden_states=pack_latents(z.to(dtype), validate=False),
                 encoder_hidden_states=prompt_embeds.to(dtype),
                 pooled_projections=pooled.to(dtype),
                 timestep=s0,
-                img_ids=latent_image_ids(h, w, device=z.device, dtype=dtype),
-                txt_ids=text_ids(prompt_embeds.shape[1], device=z.device, dtype=dtype),
+                img_ids=latent_image_ids(h, w, **ids),
+                txt_ids=text_ids(prompt_embeds.shape[1], **ids),
                 guidance=g,
                 return_dict=False,
             )[0]

@@ -214,18 +214,27 @@ class HunyuanImage2Family(PipelinePrompts, FamilyBase):
             )
         return super().check_model(model)
 
-    def check_call(
-        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
+    def call_inputs(
+        self,
+        model: nn.Module,
+        z: Tensor,
+        cond: Mapping[str, Any],
+        guidance: float,
+        negative: bool,
+        *,
+        validate: bool = True,
     ) -> Call:
-        self.check_latents(model, z)
+        if validate:
+            self.check_latents(model, z)
         embeds = model.config.guidance_embeds
         g = guidance_input(embeds, cond.get("guidance"), guidance, z, self.label)
-        call = self.condition_call(model, z, cond, negative)
-        _check_masks(call.inputs, "")
-        if call.negative is None:
-            return Call(_model_inputs(call.inputs, g))
-        _check_masks(call.negative, "negative_")
-        return Call(_model_inputs(call.inputs, g), _model_inputs(call.negative, g))
+        call = self.condition_call(model, z, cond, negative, validate=validate)
+        if validate:
+            _check_masks(call.inputs, "")
+            if call.negative is not None:
+                _check_masks(call.negative, "negative_")
+        neg = None if call.negative is None else _model_inputs(call.negative, g)
+        return Call(_model_inputs(call.inputs, g), neg)
 
     def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
         return _call(model, z, t, inputs)
@@ -355,7 +364,7 @@ class HunyuanMeanFlow(nn.Module):
     def forward(self, z: Tensor, r: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Average velocity over ``[r, t]`` ``(B, C, H, W)``; ``r``, ``t`` ``(B,)``."""
         check_cond_keys(FAMILY, cond)
-        call = FAMILY.check_call(self.transformer, z, cond, self.guidance_scale, False)
+        call = FAMILY.call_inputs(self.transformer, z, cond, self.guidance_scale, False)
         check_time("r", r, z)
         check_time("t", t, z)
         with lora_disabled(self.transformer):

@@ -229,13 +229,22 @@ class HunyuanImage3Family(FamilyBase):
     def check_model(self, model: object) -> HunyuanImage3ForCausalMM:
         return make_jvp_ready(super().check_model(model))
 
-    def check_call(
-        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
+    def call_inputs(
+        self,
+        model: nn.Module,
+        z: Tensor,
+        cond: Mapping[str, Any],
+        guidance: float,
+        negative: bool,
+        *,
+        validate: bool = True,
     ) -> Call:
-        """The checked token ids; ``guidance`` is unused (no guidance embedding: a
-        ``guidance`` keyword is refused with the other unknown ones, by the caller)."""
+        """The token ids; ``guidance`` is unused (no guidance embedding: a ``guidance``
+        keyword is refused with the other unknown ones, by the caller)."""
+        call = self.condition_call(model, z, cond, negative, validate=validate)
+        if not validate:
+            return call
         self.check_latents(model, z)
-        call = self.condition_call(model, z, cond, negative)
         image, vocab = model.config.image_token_id, model.config.vocab_size
         for tag, checked in (("", call.inputs), ("negative_", call.negative or {})):
             if checked:

@@ -68,15 +68,15 @@ class SD3Family(PipelinePrompts, PooledTextConditions, FamilyBase):
     latent_multiple, vae_factor = 2, 8
     tiny_dims = {"channels": 4, "joint_attention_dim": 16, "pooled_projection_dim": 8}
 
-    def check_call(
-        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float, negative: bool
-    ) -> Call:
-        self.check_latents(model, z)
-        if z.shape[2] % 2 or z.shape[3] % 2:
-            raise ValueError(f"z needs an even height and width (2x2 patches), got {z.shape}")
-        if cond.get("guidance") is not None:
-            raise ValueError("guidance was given, but SD3 has no guidance embedding")
-        return self.text_call(model, z, cond, negative)
+    def call_inputs(
+        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float,
+        negative: bool, *, validate: bool = True,
+    ) -> Call:  # fmt: skip
+        if validate:
+            self.check_latents(model, z)
+            if z.shape[2] % 2 or z.shape[3] % 2:
+                raise ValueError(f"z needs an even height and width (2x2 patches), got {z.shape}")
+        return self.text_call(model, z, cond, negative, validate=validate)
 
     def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
         dtype = model.dtype

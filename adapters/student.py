@@ -112,6 +112,8 @@ class Teacher:
             2.1's release guides after its first steps.
         apg_norm_threshold: APG's largest norm of ``v_pos - v_neg`` per sample (0: none; the
             2.1 release's is 10).
+        validate: check each call's arguments; off, the call trusts them (see
+            :attr:`SharedWeightsStudent.validate`).
     """
 
     def __init__(
@@ -123,20 +125,33 @@ class Teacher:
         true_cfg_scale: float = 1.0,
         rule: str = "cfg",
         apg_norm_threshold: float = 10.0,
+        validate: bool = True,
     ) -> None:
         self.family = family
+        self.validate = bool(validate)
         self.transformer = family.check_model(transformer)
         self.guidance_scale = check_real("guidance_scale", guidance_scale)
         self.true_cfg_scale = check_real("true_cfg_scale", true_cfg_scale, minimum=1.0)
         self.rule = check_choice("rule", rule, GUIDANCE_RULES)
         self.apg_norm_threshold = check_real("apg_norm_threshold", apg_norm_threshold, minimum=0.0)
 
+    def check_inputs(self, z: Tensor, cond: Mapping[str, Any]) -> None:
+        """Check a batch's latents ``z`` and condition as each call of this teacher (and of
+        its student, which takes a subset) would: the one check per batch of a training loop
+        whose calls skip theirs (``validate=False``)."""
+        check_cond_keys(self.family, cond)
+        cfg = self.true_cfg_scale != 1.0
+        self.family.call_inputs(self.transformer, z, cond, self.guidance_scale, cfg)
+
     def __call__(self, z: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Velocity ``v(z, t) = eps - x`` of the (guided) teacher, ``z``'s shape and dtype."""
-        check_cond_keys(self.family, cond)
         tr, cfg = self.transformer, self.true_cfg_scale != 1.0
-        call = self.family.check_call(tr, z, cond, self.guidance_scale, cfg)
-        check_time("t", t, z)
+        if self.validate:
+            check_cond_keys(self.family, cond)
+            check_time("t", t, z)
+        call = self.family.call_inputs(
+            tr, z, cond, self.guidance_scale, cfg, validate=self.validate
+        )
         with torch.no_grad(), lora_disabled(tr):
             v = pinned_velocity(self.family, tr, z, t, call.inputs)
             if cfg:
@@ -155,12 +170,21 @@ class SharedWeightsStudent(nn.Module):
     family, and the teacher on the same base weights.
 
     Subclasses set ``transformer``, ``family``, ``guidance_scale`` and ``adapter_name``.
+
+    Attributes:
+        validate: check each call's arguments (the default), as a public entry should. A
+            training loop whose data were checked once, when they were read (mfcore-distill:
+            the data folder against the model, the times by the loss), turns it off for the
+            student and its :meth:`teacher`: the calls then skip the condition checks, and
+            the time checks that each read the host once (``torch.distributions``'
+            ``validate_args`` in spirit).
     """
 
     transformer: nn.Module
     family: Family
     guidance_scale: float
     adapter_name: str
+    validate: bool = True
 
     def teacher(
         self, *, true_cfg_scale: float = 1.0, rule: str = "cfg", apg_norm_threshold: float = 10.0
@@ -174,6 +198,7 @@ class SharedWeightsStudent(nn.Module):
             true_cfg_scale=true_cfg_scale,
             rule=rule,
             apg_norm_threshold=apg_norm_threshold,
+            validate=self.validate,
         )
 
     def _train_in_fp32(self) -> None:
@@ -310,10 +335,13 @@ class MeanFlowStudent(SharedWeightsStudent):
         Returns:
             ``u`` ``(B, C, H, W)`` in ``z``'s dtype.
         """
-        check_cond_keys(self.family, cond)
         tr = self.transformer
-        call = self.family.check_call(tr, z, cond, self.guidance_scale, False)
-        check_interval(r, t, z)
+        if self.validate:
+            check_cond_keys(self.family, cond)
+            check_interval(r, t, z)
+        call = self.family.call_inputs(
+            tr, z, cond, self.guidance_scale, False, validate=self.validate
+        )
         jvp_graph = torch.is_grad_enabled() and has_tangent(z, t)
         with (
             self._interval_on(t - r),

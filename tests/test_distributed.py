@@ -142,7 +142,7 @@ def _lora_output(folder, x, cond, t):
         text_encoder_2=None, tokenizer_2=None, transformer=plain,
     )  # fmt: skip
     pipe.load_lora_weights(str(folder), adapter_name="distilled")
-    call = family.check_call(plain, x, cond, 3.5, False)
+    call = family.call_inputs(plain, x, cond, 3.5, False)
     with torch.no_grad():
         return family.velocity(plain, x, t, call.inputs)
 

@@ -202,7 +202,7 @@ def test_the_stock_flux_pipeline_loads_only_the_students_instantaneous_velocity(
     z, t = torch.randn(2, 1, 8, 8, generator=g), torch.tensor([0.7, 0.4])
     cond = {"prompt_embeds": torch.randn(2, 5, 32, generator=g),
             "pooled_prompt_embeds": torch.randn(2, 32, generator=g)}  # fmt: skip
-    call = fam.check_call(stock.transformer, z, cond, student.guidance_scale, False)
+    call = fam.call_inputs(stock.transformer, z, cond, student.guidance_scale, False)
     with torch.no_grad():
         v_stock = fam.velocity(stock.transformer, z, t, call.inputs)
         at_t, below = student(z, t, t, **cond), student(z, 0.5 * t, t, **cond)

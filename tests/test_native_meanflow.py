@@ -141,7 +141,7 @@ def test_merged_state_dict_is_the_lora_model():
     fresh = FAMILY.tiny_model(1, torch.float64, False)
     fresh.load_state_dict(merged)
     z, t, cond = _inputs()
-    call = FAMILY.check_call(tr, z, cond, 3.5, False)
+    call = FAMILY.call_inputs(tr, z, cond, 3.5, False)
     with torch.no_grad(), lora_active(tr, "a"):
         expected = FAMILY.velocity(tr, z, t, call.inputs)
     with torch.no_grad():
