@@ -212,6 +212,26 @@ def build_run(
 
     Raises:
         ValueError: for a setting the data, the model or the world size cannot run.
+
+    Example:
+        One step of a tiny random FLUX on synthetic data:
+
+        >>> import tempfile
+        >>> from mfcore.adapters.data import make_synthetic_data
+        >>> from mfcore.adapters.distill import build_run
+        >>> from mfcore.adapters.distill_config import DistillConfig
+        >>> from mfcore.adapters.step import train_step
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = make_synthetic_data(folder + "/data", family="flux", num_files=1, per_file=2,
+        ...                         height=4, width=4, seq_len=4)
+        >>> cfg = DistillConfig(data=folder + "/data", output=folder + "/run", tiny=True,
+        ...                     family="flux", steps=1, lora_rank=2, device="cpu",
+        ...                     weights_dtype="fp32", progress=False, preview_every=0,
+        ...                     report_to="none", batch_size=2)
+        >>> run = build_run(cfg)
+        >>> metrics = train_step(run)
+        >>> run.step, metrics["phase"], sorted(metrics)[:3]
+        (1, 'discrete', ['frac_r_neq_t', 'grad_norm', 'loss'])
     """
     if cfg.student == "arcflow" and cfg.family != "flux":
         raise ValueError(f"--student arcflow runs on FLUX only, not {cfg.family}")

@@ -77,6 +77,23 @@ class Family(Protocol):
         cond_keys: every keyword a call accepts (others raise ``TypeError``).
         student_config_name: file name of a saved student's JSON config.
         student_format: the ``format`` tag in that file.
+
+    Example:
+        One call of a tiny random SD3 transformer, as the teacher and student make it:
+
+        >>> import torch
+        >>> from mfcore.adapters.family import Synthetic, get_family
+        >>> family = get_family("sd3")
+        >>> model = family.tiny_model(0, torch.float32, False)
+        >>> request = Synthetic(1, 4, 4, 3, torch.Generator().manual_seed(0), False,
+        ...                     family.tiny_dims)
+        >>> cond = family.synthetic_sample(request)
+        >>> z = cond.pop("latents")
+        >>> call = family.call_inputs(model, z, cond, 3.5, False)
+        >>> sorted(call.inputs)
+        ['pooled', 'prompt_embeds']
+        >>> family.velocity(model, z, torch.full((1,), 0.5), call.inputs).shape
+        torch.Size([1, 4, 4, 4])
     """
 
     name: str

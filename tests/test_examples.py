@@ -28,6 +28,10 @@ MODULES = (
     "mfcore.kernel_critic",
     "mfcore.alignment_loss",
     "mfcore.curricula",
+    "mfcore.path",
+    "mfcore.adapters.family",
+    "mfcore.adapters.distill",
+    "mfcore.adapters.step",
 )
 #: The names whose docstrings must hold an example (``module.qualname``).
 DOCUMENTED = {
@@ -58,6 +62,10 @@ DOCUMENTED = {
     "mfcore.curricula.HalvingSpan",
     "mfcore.curricula.SplitCurriculumTarget",
     "mfcore.guidance.apg_velocity",
+    "mfcore.path.FlowPoint",
+    "mfcore.adapters.family.Family",
+    "mfcore.adapters.distill.build_run",
+    "mfcore.adapters.step.train_step",
 }
 
 
