@@ -82,6 +82,15 @@ class AdaptiveWeight:
         return f"AdaptiveWeight(p={self.p}, c={self.c})"
 
 
+def _weigh(weighting: Weighting | None, sq_err: Tensor, r: Tensor, t: Tensor) -> Tensor:
+    """``weighting(sq_err, r, t)``, ``(B,)``: checked unless it is an :class:`AdaptiveWeight`,
+    whose weight has ``sq_err``'s shape by construction; ones without a weighting."""
+    if weighting is None:
+        return torch.ones_like(sq_err)
+    weight = weighting(sq_err, r, t)
+    return weight if type(weighting) is AdaptiveWeight else check_weights(weight, sq_err)
+
+
 def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
     """``||pred - target||^2`` summed over all but the batch dimension (fp32 at least).
 
@@ -276,7 +285,7 @@ class MeanFlowLoss:
         point = FlowPoint(z_t, r, t, v, student_cond)
         out = self.target(student, point, teacher=teacher, generator=generator, step=step)
         sq_err = _sq_error(out.pred, out.target)
-        weight = check_weights(self.weighting(sq_err, r, t), sq_err)
+        weight = _weigh(self.weighting, sq_err, r, t)
 
         def suspects() -> list:
             return [
@@ -401,10 +410,7 @@ class FlowMatchingLoss:
         pred = model(z_t, t, **cond)
         check_like("model output", pred, z_t, "z_t")
         sq_err = _sq_error(pred, target)
-        if self.weighting is None:
-            weight = torch.ones_like(sq_err)
-        else:
-            weight = check_weights(self.weighting(sq_err, t, t), sq_err)
+        weight = _weigh(self.weighting, sq_err, t, t)
 
         def suspects() -> list:
             return [
