@@ -23,6 +23,9 @@ from mfcore.adapters.data import make_synthetic_data
 from mfcore.adapters.distill import DistillConfig, distill, latest_checkpoint
 from mfcore.adapters.distill_cli import main
 from mfcore.adapters.monitor import RunLog
+from mfcore.toys.checkpoints import save_checkpoint
+from mfcore.toys.gmm import preset
+from mfcore.toys.recipe import student_net
 
 TOY = dict(
     steps=4,
@@ -125,11 +128,11 @@ def test_toy_kill_during_save_leaves_the_old_or_the_new_checkpoint(tmp_path, mon
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     monkeypatch.setattr(_durable, "sync_tree", sync)
     with pytest.raises(Killed):
-        toy._save_checkpoint(run_dir, newer)
+        save_checkpoint(run_dir, newer)
     monkeypatch.undo()
     assert toy.read_checkpoint(cfg)["step"] in (4, 5)
     # and the next save tidies up whatever the kill left
-    toy._save_checkpoint(run_dir, dict(state, step=6))
+    save_checkpoint(run_dir, dict(state, step=6))
     assert toy.read_checkpoint(cfg)["step"] == 6
     assert sorted(os.listdir(run_dir / "checkpoint")) == ["state.json", "state.safetensors"]
 
@@ -233,11 +236,11 @@ def test_non_finite_weights_are_refused_on_load_and_never_overwrite_a_finite_stu
     with pytest.raises(ValueError, match="non-finite"):
         toy_run(tmp_path, resume=True)
     # the writer refuses too: a collapsed student never replaces a finite one
-    student = toy._student(toy.ToyConfig(**TOY), toy.preset("ring8"), None)
+    student = student_net(toy.ToyConfig(**TOY), preset("ring8"), None)
     with torch.no_grad():
         next(iter(student.parameters())).fill_(math.inf)
     cfg = toy.ToyConfig(**dict(TOY, out_dir=str(tmp_path), name="toy"))
-    toy._write(cfg, {}, {}, toy.preset("ring8"), student)
+    toy._write(cfg, {}, {}, preset("ring8"), student)
     now = load_file(str(run_dir / "student.safetensors"))
     assert all(torch.equal(good[k], now[k]) for k in good)
 

@@ -167,13 +167,14 @@ def test_networks_check_inputs_and_keep_shapes():
 def test_a_resumed_run_continues_exactly(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    import mfcore.toys.loop as loop
     import mfcore.toys.train as toy
 
     # the warm-up switch fires at step 6 (its guard keeps a held-out batch), the critics
     # start at step 4: a checkpoint at step 8 holds all of that
     cfg = dict(TINY, out_dir=str(tmp_path), figures=False, save_every=4)
     full = run(dict(cfg, name="full"))
-    real, calls = toy._train_step, []
+    real, calls = loop.train_step, []
 
     def killed_after_9(*args, **kwargs):
         if len(calls) == 9:
@@ -181,10 +182,10 @@ def test_a_resumed_run_continues_exactly(tmp_path, monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(toy, "_train_step", killed_after_9)
+    monkeypatch.setattr(loop, "train_step", killed_after_9)
     with pytest.raises(KeyboardInterrupt):
         run(dict(cfg, name="killed"))
-    monkeypatch.setattr(toy, "_train_step", real)
+    monkeypatch.setattr(loop, "train_step", real)
     assert toy.read_checkpoint(ToyConfig(**dict(cfg, name="killed")))["step"] == 8
     resumed = run(dict(cfg, name="killed", resume=True, progress=True))
     assert resumed["student"] == full["student"]
