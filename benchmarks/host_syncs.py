@@ -91,6 +91,11 @@ def _paths() -> dict[str, tuple]:
         ),
         "guided (MeanFlowGuidance)": (MeanFlowLoss(guidance=guidance), {"cond": {"y": y}}, None),
         "fixed times r=, t=": (MeanFlowLoss(), {"r": r, "t": r + 0.5}, None),
+        "fixed times, validate=False (mfcore-distill's step)": (
+            MeanFlowLoss(),
+            {"r": r, "t": r + 0.5, "validate": False},
+            None,
+        ),
         "a foreign time sampler": (MeanFlowLoss(time_sampler=foreign_pairs), {}, None),
     }
 
@@ -113,7 +118,10 @@ def count() -> dict[str, dict]:
         warm_step, step = steps if steps is not None else (None, None)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(BATCH, DIM, generator=gen)
-        loss_fn(student, x, step=warm_step, generator=gen, **kwargs)[0].backward()
+        try:
+            loss_fn(student, x, step=warm_step, generator=gen, **kwargs)[0].backward()
+        except TypeError:  # a keyword the counted tree's loss does not take yet: no row
+            continue
         with count_host_reads() as reads:
             loss_fn(student, x, step=step, generator=gen, **kwargs)
         out[name] = {"syncs": len(reads), "ops": dict(Counter(reads))}

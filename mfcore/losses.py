@@ -111,14 +111,13 @@ def _sq_error(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.to(work) - target.to(work)).pow(2).flatten(1).sum(1)
 
 
-def _prepare(x, noise, generator):
-    check_batch("x", x)
-    check_generator(generator, x.device)
+def _prepare(x, noise, generator, validate: bool):
+    if validate:
+        check_batch("x", x)
+        check_generator(generator, x.device)
     if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    else:
-        check_like("noise", noise, x, "x")
-    return noise
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return check_like("noise", noise, x, "x") if validate else noise
 
 
 def _draw(sampler, x: Tensor, generator, *, trusted: bool, check, what: str):
@@ -193,10 +192,13 @@ class MeanFlowLoss:
             -> v`` is applied to every sample, as before (it warns once, when built).
 
     Call: ``loss, metrics = mf(student, x, teacher=None, noise=None, cond=None, r=None,
-    t=None, cond_drop=None, step=None, generator=None)`` with ``x`` of shape ``(B, ...)``;
-    ``r`` and ``t`` ``(B,)`` (``r <= t``) fix the times instead of the sampler;
-    ``cond_drop`` ``(B,)`` bool fixes which conditions are dropped (with a
-    ``MeanFlowGuidance``) instead of drawing them from ``generator``.
+    t=None, cond_drop=None, step=None, generator=None, validate=True)`` with ``x`` of shape
+    ``(B, ...)``; ``r`` and ``t`` ``(B,)`` (``r <= t``) fix the times instead of the
+    sampler; ``cond_drop`` ``(B,)`` bool fixes which conditions are dropped (with a
+    ``MeanFlowGuidance``) instead of drawing them from ``generator``. ``validate=False``
+    trusts ``x``, ``noise``, the fixed times and ``step`` (a caller that checked or drew
+    them itself, as mfcore-distill's step draws its times with a sampler of
+    :mod:`mfcore.time`): fixed times are then not checked (one sync fewer).
 
     A call checks its inputs once and then trusts them: the default path (a sampler of
     :mod:`mfcore.time`, the differential target) reads the host once, to check that the
@@ -263,9 +265,10 @@ class MeanFlowLoss:
         cond_drop: Tensor | None = None,
         step: int | None = None,
         generator: torch.Generator | None = None,
+        validate: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        noise = _prepare(x, noise, generator)
-        if step is not None:
+        noise = _prepare(x, noise, generator, validate)
+        if step is not None and validate:
             check_positive_int("step", step, minimum=0)
         cond = dict(cond or {})
         if r is None and t is None:
@@ -275,7 +278,7 @@ class MeanFlowLoss:
             )  # fmt: skip
         elif r is None or t is None:
             raise ValueError("pass r and t together (fixed times), or neither (sampled times)")
-        else:
+        elif validate:
             r, t = check_interval(r, t, x)
         drop = self._drop(cond_drop, x, generator)
         z_t = sample_path(x, noise, t, validate=False)
@@ -398,7 +401,7 @@ class FlowMatchingLoss:
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss on clean samples ``x`` ``(B, ...)``; ``t`` ``(B,)`` overrides the sampler."""
-        noise = _prepare(x, noise, generator)
+        noise = _prepare(x, noise, generator, True)
         cond = dict(cond or {})
         if t is None:
             t = _draw(self.time_sampler, x, generator, trusted=self._trusted, check=_times,

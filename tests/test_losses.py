@@ -300,3 +300,18 @@ def test_a_default_call_reads_the_host_once_and_a_foreign_sampler_twice():
         MeanFlowLoss(target=TeacherODETarget(steps=2))(student, x, teacher=lambda z, t: -z)
     # + the count of the pairs with r < t, the only ones the teacher integrates (issue 19)
     assert reads == ["aten.nonzero", "aten._local_scalar_dense"], reads
+
+
+def test_trusted_fixed_times_give_the_same_loss_without_their_check():
+    from tests._syncs import count_host_reads
+
+    student, x = MLPStudent(2).double(), torch.randn(16, 2, dtype=torch.float64)
+    noise, t = torch.randn_like(x), torch.rand(16, dtype=torch.float64)
+    r = t * torch.rand(16, dtype=torch.float64)
+    checked, _ = MeanFlowLoss()(student, x, noise=noise, r=r, t=t, step=3)
+    with count_host_reads() as reads:
+        trusted, _ = MeanFlowLoss()(student, x, noise=noise, r=r, t=t, step=3, validate=False)
+    assert reads == ["aten._local_scalar_dense"]  # the finite-loss check alone
+    assert torch.equal(trusted, checked)
+    with pytest.raises(ValueError, match="r must satisfy r <= t"):
+        MeanFlowLoss()(student, x, noise=noise, r=t, t=r)
