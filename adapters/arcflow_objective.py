@@ -39,8 +39,9 @@ _COND = ("prompt_embeds", "pooled_prompt_embeds", "guidance")
 class ArcFlowObjective:
     """:class:`~mfcore.arcflow.ArcFlowDistillationLoss` called as the training step calls a
     :class:`~mfcore.losses.MeanFlowLoss`: ``(student, x, teacher=, noise=, cond=, r=, t=,
-    step=, generator=)``; ``x``, ``r`` and ``t`` are unused (the rollout starts at the noise
-    and draws its own times from ``generator``)."""
+    step=, generator=, validate=)``; ``x``, ``r``, ``t`` and ``validate`` are unused (the
+    rollout starts at the noise, draws its own times from ``generator`` and checks what it
+    is given)."""
 
     time_sampler = None  # the step draws no time pairs for it
     target = None  # no warm-up target, switch or guard
@@ -61,6 +62,7 @@ class ArcFlowObjective:
         t: Tensor,
         step: int,
         generator: torch.Generator,
+        validate: bool = True,
     ) -> tuple[Tensor, dict[str, Any]]:
         student_cond = {k: v for k, v in cond.items() if k in _COND or k.startswith("negative_")}
         return self.loss(student, teacher, noise, cond=student_cond, step=step, generator=generator)
