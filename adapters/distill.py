@@ -504,6 +504,7 @@ def distill(
         if main:
             export_student(run.student, os.path.join(cfg.output, "student"))
     run.world.barrier()
+    run.student.validate = True  # the caller's student checks its calls again
     return run.student
 
 

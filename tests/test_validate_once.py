@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mfcore.adapters._shapes import Shape, check_conditions, data_problems
 from mfcore.adapters.data import make_synthetic_data
-from mfcore.adapters.distill import build_run, train_step
+from mfcore.adapters.distill import build_run, distill, train_step
 from mfcore.adapters.distill_config import DistillConfig
 from mfcore.adapters.family import Synthetic
 from mfcore.adapters.flux import FAMILY as FLUX
@@ -139,3 +139,19 @@ def test_a_training_step_checks_its_batch_once_and_its_calls_trust_it(tmp_path, 
     monkeypatch.setattr(run.data, "batch", fractional_mask)
     with pytest.raises(ValueError, match="prompt_attention_mask must hold only 0 and 1"):
         train_step(run)
+
+
+def test_the_student_distill_returns_checks_its_calls_again(tmp_path):
+    make_synthetic_data(tmp_path / "data", family="flux", num_files=1, per_file=2, height=4,
+                        width=4, seq_len=3)  # fmt: skip
+    cfg = DistillConfig(data=str(tmp_path / "data"), output=str(tmp_path / "out"), tiny=True,
+                        family="flux", steps=1, lora_rank=2, device="cpu", weights_dtype="fp32",
+                        progress=False, preview_every=0, report_to="none", batch_size=2,
+                        align="none")  # fmt: skip
+    student = distill(cfg)
+    assert student.validate is True and student.teacher().validate is True
+    z, cond = _batch(FLUX)
+    with pytest.raises(ValueError, match="t must lie in"):
+        student.teacher()(
+            z.float(), torch.full((2,), 2.0), **{k: v.float() for k, v in cond.items()}
+        )
