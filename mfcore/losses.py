@@ -83,12 +83,11 @@ class AdaptiveWeight:
 
 
 def _weigh(weighting: Weighting | None, sq_err: Tensor, r: Tensor, t: Tensor) -> Tensor:
-    """``weighting(sq_err, r, t)``, ``(B,)``: checked unless it is an :class:`AdaptiveWeight`,
-    whose weight has ``sq_err``'s shape by construction; ones without a weighting."""
+    """``weighting(sq_err, r, t)``, ``(B,)`` and checked (a shape comparison, no sync); ones
+    without a weighting."""
     if weighting is None:
         return torch.ones_like(sq_err)
-    weight = weighting(sq_err, r, t)
-    return weight if type(weighting) is AdaptiveWeight else check_weights(weight, sq_err)
+    return check_weights(weighting(sq_err, r, t), sq_err)
 
 
 def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
