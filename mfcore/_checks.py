@@ -148,12 +148,12 @@ def check_instance(
 
 def check_state(owner: str, state: object, keys: Iterable[str]) -> Mapping[str, Any]:
     """Raise unless ``state`` is a mapping that holds ``keys``: a saved state of ``owner``
-    (``TypeError`` for another type, ``KeyError`` naming the first missing key)."""
+    (``TypeError`` for another type, one ``KeyError`` naming every missing key)."""
     check_instance(f"the state of {owner}", state, Mapping, "a mapping (a state_dict)")
     assert isinstance(state, Mapping)
-    for key in keys:
-        if key not in state:
-            raise KeyError(f"{owner} state is missing {key!r}")
+    missing = [repr(k) for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"{owner} state is missing {', '.join(missing)}")
     return state
 
 

@@ -121,8 +121,9 @@ def test_check_state_accepts_exactly_the_states_holding_every_key(keys, held):
     if not missing:
         assert check_state("Owner", state, sorted(keys)) is state
     else:
-        with pytest.raises(KeyError, match=f"Owner state is missing '{missing[0]}'"):
+        with pytest.raises(KeyError, match=f"Owner state is missing '{missing[0]}'") as err:
             check_state("Owner", state, sorted(keys))
+        assert all(f"'{k}'" in str(err.value) for k in missing)  # every one, in one error
 
 
 @pytest.mark.parametrize("bad", [None, [("a", 1)], "a"])
