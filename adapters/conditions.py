@@ -63,6 +63,22 @@ class PooledTextConditions:
         neg = None if call.negative is None else _inputs(call.negative)
         return Call(_inputs(call.inputs), neg)
 
+    def call_inputs(
+        self,
+        model: nn.Module,
+        z: Tensor,
+        cond: Mapping[str, Any],
+        guidance: float,
+        negative: bool,
+        *,
+        validate: bool = True,
+    ) -> Call:
+        """The text inputs of one call, its latents checked too unless ``validate`` is False;
+        ``guidance`` is unused (a model without a guidance embedding: SD3)."""
+        if validate:
+            self.check_latents(model, z)  # type: ignore[attr-defined]
+        return self.text_call(model, z, cond, negative, validate=validate)
+
     def synthetic_sample(self, request: Synthetic) -> dict[str, Tensor]:
         r, g = request, request.generator
         jd, pd = r.dims["joint_attention_dim"], r.dims["pooled_projection_dim"]

@@ -334,13 +334,15 @@ class FamilyBase:
         )
 
     def check_latents(self, model: nn.Module, z: object) -> Tensor:
-        """``z`` if it is a floating ``(B, C, H, W)`` tensor with the model's ``C``."""
+        """``z`` if it is a floating ``(B, C, H, W)`` tensor with the model's ``C``, its
+        ``H`` and ``W`` multiples of :attr:`latent_multiple`."""
         check_tensor("z", z)
         assert isinstance(z, Tensor)
-        c = self.latent_channels(model)
-        if z.ndim != 4 or z.shape[1] != c:
+        c, m = self.latent_channels(model), self.latent_multiple
+        if z.ndim != 4 or z.shape[1] != c or z.shape[2] % m or z.shape[3] % m:
             raise ValueError(
-                f"z must be latents (B, {c}, H, W) with {c} channels, got shape {tuple(z.shape)}"
+                f"z must be latents (B, {c}, H, W) with {c} channels and a height and width "
+                f"divisible by {m}, got shape {tuple(z.shape)}"
             )
         return z
 

@@ -297,7 +297,6 @@ class FluxFamily(PipelinePrompts, PooledTextConditions, FamilyBase):
     ) -> Call:
         if validate:
             self.check_latents(model, z)
-            _check_latents("z", z)
         embeds = model.config.guidance_embeds
         g = guidance_input(embeds, cond.get("guidance"), guidance, z, self.label)
         call = self.text_call(model, z, cond, negative, validate=validate)

@@ -21,7 +21,6 @@ Its conventions, converted here and nowhere else (checked on diffusers 0.42.1 ag
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -29,7 +28,7 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from mfcore.adapters.conditions import PooledTextConditions
-from mfcore.adapters.family import Call, FamilyBase
+from mfcore.adapters.family import FamilyBase
 from mfcore.adapters.lora import load_lora, save_lora
 from mfcore.adapters.prepare import PipelinePrompts
 from mfcore.adapters.student import MeanFlowStudent
@@ -67,16 +66,6 @@ class SD3Family(PipelinePrompts, PooledTextConditions, FamilyBase):
     shift_key, default_shift = "shift", 3.0
     latent_multiple, vae_factor = 2, 8
     tiny_dims = {"channels": 4, "joint_attention_dim": 16, "pooled_projection_dim": 8}
-
-    def call_inputs(
-        self, model: nn.Module, z: Tensor, cond: Mapping[str, Any], guidance: float,
-        negative: bool, *, validate: bool = True,
-    ) -> Call:  # fmt: skip
-        if validate:
-            self.check_latents(model, z)
-            if z.shape[2] % 2 or z.shape[3] % 2:
-                raise ValueError(f"z needs an even height and width (2x2 patches), got {z.shape}")
-        return self.text_call(model, z, cond, negative, validate=validate)
 
     def velocity(self, model: nn.Module, z: Tensor, t: Tensor, inputs: dict[str, Any]) -> Tensor:
         dtype = model.dtype

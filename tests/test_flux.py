@@ -211,7 +211,7 @@ def test_teacher_input_errors():
         FluxTeacher(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="channels"):
         teacher(torch.randn(3, 2, 4, 6, dtype=F64), t, **cond)
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="height and width divisible by 2"):
         teacher(torch.randn(3, 1, 5, 6, dtype=F64), t, **cond)
     with pytest.raises(ValueError, match="prompt_embeds"):
         teacher(

@@ -156,7 +156,7 @@ def test_bad_calls_name_the_input():
     z, t, cond = _batch(torch.float32)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         student(z, t, t, prompt_embeds=cond["prompt_embeds"])
-    with pytest.raises(ValueError, match="even height"):
+    with pytest.raises(ValueError, match="height and width divisible by 2"):
         student(z[..., :3], t, t, **cond)
     with pytest.raises(ValueError, match=r"prompt_embeds must have shape \(2, L, 16\)"):
         student(z, t, t, **{**cond, "prompt_embeds": cond["prompt_embeds"][..., :8]})
