@@ -146,17 +146,24 @@ def _model_inputs(checked: dict[str, Tensor], guidance: Tensor | None) -> dict[s
     return out
 
 
-def _check_masks(checked: dict[str, Tensor], tag: str) -> None:
-    """Raise unless every floating mask holds only 0 and 1 (one host sync per mask)."""
-    floating = {k: m for k, m in checked.items() if "mask" in k and m.is_floating_point()}
-    for key, mask in floating.items():
-        binary = (mask == 0) | (mask == 1)
-        if not bool(binary.all()):
-            odd = mask[~binary][0].item()  # the error path
-            raise ValueError(
-                f"{tag}{key} must hold only 0 and 1 (a key-padding mask: 1 keeps a token), got "
-                f"{odd!r}: a fractional mask would be read as 1"
-            )
+def _check_masks(call: Call) -> None:
+    """Raise unless every floating mask of ``call`` (the prompt's and the negative prompt's)
+    holds only 0 and 1: one host sync for all of them."""
+    floating = {
+        tag + k: m
+        for tag, checked in (("", call.inputs), ("negative_", call.negative or {}))
+        for k, m in checked.items()
+        if "mask" in k and m.is_floating_point()
+    }
+    binary = {k: (m == 0) | (m == 1) for k, m in floating.items()}
+    if not binary or bool(torch.stack([b.all() for b in binary.values()]).all()):
+        return
+    key = next(k for k, b in binary.items() if not bool(b.all()))  # the error path
+    odd = floating[key][~binary[key]][0].item()
+    raise ValueError(
+        f"{key} must hold only 0 and 1 (a key-padding mask: 1 keeps a token), got {odd!r}: a "
+        "fractional mask would be read as 1"
+    )
 
 
 def _call(
@@ -230,9 +237,7 @@ class HunyuanImage2Family(PipelinePrompts, FamilyBase):
         g = guidance_input(embeds, cond.get("guidance"), guidance, z, self.label)
         call = self.condition_call(model, z, cond, negative, validate=validate)
         if validate:
-            _check_masks(call.inputs, "")
-            if call.negative is not None:
-                _check_masks(call.negative, "negative_")
+            _check_masks(call)
         neg = None if call.negative is None else _model_inputs(call.negative, g)
         return Call(_model_inputs(call.inputs, g), neg)
 

@@ -155,3 +155,18 @@ def test_the_student_distill_returns_checks_its_calls_again(tmp_path):
         student.teacher()(
             z.float(), torch.full((2,), 2.0), **{k: v.float() for k, v in cond.items()}
         )
+
+
+def test_hunyuanimage2_checks_all_its_masks_with_one_host_read():
+    model = HY21.tiny_model(0, F64, False)
+    gen = torch.Generator().manual_seed(0)
+    data = HY21.synthetic_sample(Synthetic(2, 4, 4, 3, gen, True, HY21.tiny_dims))
+    z, cond = data.pop("latents").to(F64), {k: v.to(F64) for k, v in data.items()}
+    masks = [k for k in cond if "mask" in k]
+    assert len(masks) >= 2  # the prompt's and the negative prompt's
+    with count_host_reads() as reads:
+        HY21.call_inputs(model, z, cond, 3.5, True)
+    assert reads == ["aten._local_scalar_dense"]
+    bad = {**cond, masks[-1]: cond[masks[-1]] * 0.5}
+    with pytest.raises(ValueError, match=f"{masks[-1]} must hold only 0 and 1"):
+        HY21.call_inputs(model, z, bad, 3.5, True)
