@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mfcore._checks import check_tensor
 
-__all__ = ["Shape", "check_conditions", "data_problems"]
+__all__ = ["Shape", "check_conditions", "data_problems", "config_value"]
 
 
 @dataclass(frozen=True)
@@ -46,20 +46,21 @@ def _text(items: tuple | list) -> str:
     return "(" + ", ".join(map(str, items)) + ("," if len(items) == 1 else "") + ")"
 
 
-def _config(config: Any, key: str) -> Any:
+def config_value(config: Any, key: str) -> Any:
+    """Entry ``key`` of a model config, a mapping or an object with attributes."""
     return config.get(key) if isinstance(config, Mapping) else getattr(config, key)
 
 
 def _present(shape: Shape, config: Any) -> bool:
     """Whether the model takes this tensor (none of its config widths is None)."""
     names = [d for d in shape.dims if isinstance(d, str) and not d.isupper()]
-    return all(_config(config, d) is not None for d in names)
+    return all(config_value(config, d) is not None for d in names)
 
 
 def _mismatch(dims: tuple, got: tuple, sizes: dict[str, int], config: Any) -> list | None:
     """``dims`` with every known size filled in if ``got`` does not fit them; else None, and
     the free symbols are bound to ``got``'s sizes in ``sizes``."""
-    want = [d if isinstance(d, int) else sizes.get(d) if d.isupper() else _config(config, d)
+    want = [d if isinstance(d, int) else sizes.get(d) if d.isupper() else config_value(config, d)
             for d in dims]  # fmt: skip
     if len(got) == len(dims) and all(w in (None, g) for w, g in zip(want, got, strict=True)):
         sizes.update({d: g for d, g in zip(dims, got, strict=True) if str(d).isupper()})

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mfcore._checks import check_choice, check_real, check_tensor
 from mfcore.adapters._durable import read_json
-from mfcore.adapters._shapes import Shape, check_conditions, data_problems
+from mfcore.adapters._shapes import Shape, check_conditions, config_value, data_problems
 from mfcore.adapters.interval import diffusers_interval_embedding
 from mfcore.adapters.loading import load_scheduler_config, load_transformer, load_vae
 
@@ -379,9 +379,8 @@ class FamilyBase:
 
     def config_summary(self, model: nn.Module, keys: Iterable[str] | None = None) -> dict[str, Any]:
         """The config entries ``keys`` (default ``summary_keys``), tuples as lists."""
-        cfg = model.config
-        get = cfg.get if isinstance(cfg, Mapping) else lambda k: getattr(cfg, k)
-        values = {k: get(k) for k in (self.summary_keys if keys is None else keys)}
+        keys = self.summary_keys if keys is None else keys
+        values = {k: config_value(model.config, k) for k in keys}
         return {k: _plain(v) for k, v in values.items()}
 
     def save_lora(self, directory: str, model: nn.Module, adapter_name: str) -> None:
